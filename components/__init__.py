@@ -1,0 +1,1 @@
+"""Pipeline steps as plain functions: paths and typed config in, results out. No KFP here."""

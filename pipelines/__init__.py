@@ -1,0 +1,1 @@
+"""The retraining DAG, its configuration model and the `tumorflow` command line."""

@@ -1,0 +1,35 @@
+"""`tumorflow bench input|serving`: benchmarks that print ratios against a baseline of the same run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _run_input(args: argparse.Namespace) -> int:
+    from tumorflow.components import input_bench
+
+    return input_bench.run(args)
+
+
+def _run_serving(args: argparse.Namespace) -> int:
+    from tumorflow.serving import bench
+
+    return bench.run(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from tumorflow.components.input_bench import add_arguments as add_input_arguments
+    from tumorflow.serving.bench import add_arguments as add_serving_arguments
+
+    parser = subparsers.add_parser("bench", help="measure the input pipeline or the server")
+    which = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    input_parser = which.add_parser(
+        "input", help="training input pipeline vs the Keras baseline and bare decoding"
+    )
+    add_input_arguments(input_parser)
+    input_parser.set_defaults(handler=_run_input)
+    serving_parser = which.add_parser(
+        "serving", help="gRPC Predict vs in-process calls and a Flask baseline"
+    )
+    add_serving_arguments(serving_parser)
+    serving_parser.set_defaults(handler=_run_serving)

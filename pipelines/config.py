@@ -1,0 +1,286 @@
+"""The one typed configuration of a retraining run: defaults, YAML presets and CLI overrides.
+
+Each pipeline step receives only the section it needs (`DatasetConfig`, `SplitConfig`,
+`TrainConfig`, ...). A YAML file holds any subset of the fields; `--set a.b=value` overrides one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tumorflow.components.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PhantomConfig(_Section):
+    """The synthetic CT-like dataset used for the offline demo and the tests."""
+
+    per_class: int = Field(100, ge=4)
+    size: int = Field(96, ge=32, le=1024)
+    seed: int = 0
+    slices_per_patient: int = Field(4, ge=1)
+
+
+class DatasetConfig(_Section):
+    """Where the images come from and how folder names map to labels."""
+
+    name: str = "phantom-kidney-ct"
+    # phantom | a local folder | a .zip/.tar.gz | kaggle:<owner>/<slug>[/versions/N] | gs://bucket/prefix
+    source: str = "phantom"
+    modality: Literal["ct", "mri"] = "ct"
+    # Folder inside the downloaded root that holds the class (or split) folders, if any.
+    subdir: str = ""
+    # Class-folder name -> label. Empty: every class folder is its own label (lower-cased).
+    class_map: dict[str, str] = Field(default_factory=dict)
+    # Predefined split folders -> split (train | val | test). Empty: no predefined split.
+    split_dirs: dict[str, str] = Field(default_factory=dict)
+    # Labels in index order. Empty: the sorted set of labels found.
+    classes: list[str] = Field(default_factory=list)
+    # Label whose recall matters most (the gate's default sensitivity rule).
+    positive_class: str = "tumor"
+    phantom: PhantomConfig = Field(default_factory=PhantomConfig)
+
+
+class SplitConfig(_Section):
+    """Validation and leakage-aware splitting."""
+
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 42
+    # Hamming distance between 64-bit perceptual hashes at or under which two images are grouped.
+    phash_max_distance: int = Field(5, ge=0, le=32)
+    # Also group numbered files with consecutive numbers (`Stone- (816).jpg`, `(817)`) per class.
+    group_consecutive_numbers: bool = False
+    # Keep a dataset's own train/test folders (split_dirs) instead of re-splitting everything.
+    keep_predefined: bool = True
+    min_test_per_class: int = Field(2, ge=1)
+    shard_size: int = Field(1024, ge=1)
+
+
+class StageConfig(_Section):
+    epochs: int = Field(5, ge=0)
+    learning_rate: float = Field(1e-3, gt=0)
+
+
+class AugmentConfig(_Section):
+    flip_horizontal: bool = True
+    flip_vertical: bool = False
+    rotation_degrees: float = Field(10.0, ge=0, le=180)
+    zoom: float = Field(0.1, ge=0, lt=1)
+    brightness: float = Field(0.1, ge=0, lt=1)
+    contrast: float = Field(0.1, ge=0, lt=1)
+
+
+class TrainConfig(_Section):
+    """Two-stage fine-tuning: frozen backbone warm-up, then the top layers at a lower rate."""
+
+    backbone: Literal["vgg16", "resnet50v2", "mobilenetv2", "efficientnetb0", "custom_cnn"] = (
+        "custom_cnn"
+    )
+    # imagenet | none | a path to a weights file
+    weights: str = "none"
+    # Input side in pixels; 0 means the backbone's default.
+    image_size: int = Field(0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    stage1: StageConfig = Field(default_factory=lambda: StageConfig(epochs=5, learning_rate=1e-3))
+    stage2: StageConfig = Field(default_factory=lambda: StageConfig(epochs=5, learning_rate=1e-4))
+    unfreeze_top_layers: int = Field(20, ge=0)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    early_stopping_patience: int = Field(3, ge=1)
+    reduce_lr_patience: int = Field(2, ge=1)
+    reduce_lr_factor: float = Field(0.3, gt=0, lt=1)
+    use_class_weights: bool = True
+    # auto: mixed_float16 when a GPU is present
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    seed: int = 1
+
+
+class GateRule(_Section):
+    """One rule of the evaluation gate: `metric` compared with `threshold`.
+
+    `metric` names a value of the evaluation (accuracy, macro_f1, macro_roc_auc, ece,
+    recall:<class>, precision:<class>, f1:<class>, specificity:<class>). `bound` chooses the point
+    estimate or the bootstrap lower/upper confidence bound.
+    """
+
+    metric: str
+    op: Literal[">=", "<="] = ">="
+    threshold: float
+    bound: Literal["point", "lower", "upper"] = "point"
+
+
+class ChampionRule(_Section):
+    """Non-inferiority against the champion: challenger >= champion - margin (or better by `min_gain`)."""
+
+    metric: str
+    margin: float = Field(0.01, ge=0)
+    # When set, the challenger must beat the champion by at least this much on this metric.
+    min_gain: float | None = None
+    higher_is_better: bool = True
+
+
+class GateConfig(_Section):
+    rules: list[GateRule] = Field(
+        default_factory=lambda: [
+            GateRule(metric="accuracy", threshold=0.80),
+            GateRule(metric="macro_f1", threshold=0.80),
+            GateRule(metric="recall:tumor", threshold=0.80),
+        ]
+    )
+    champion_rules: list[ChampionRule] = Field(
+        default_factory=lambda: [
+            ChampionRule(metric="macro_f1", margin=0.02),
+            ChampionRule(metric="recall:tumor", margin=0.02),
+        ]
+    )
+    bootstrap_resamples: int = Field(500, ge=0)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    seed: int = 7
+    approval: Literal["auto", "manual"] = "auto"
+    approval_timeout_s: float = Field(3600.0, gt=0)
+    approval_poll_s: float = Field(5.0, gt=0)
+
+
+class DeployConfig(_Section):
+    model_name: str = "kidney-ct"
+    # Where TF Serving reads `<model_base_path>/<model_name>/<version>/`; local path or gs://.
+    # Empty: `<run_root>/serving/models`.
+    model_base_path: str = ""
+    # TF Serving version policy written to models.config: serve the latest N versions.
+    keep_versions: int = Field(2, ge=1)
+
+
+class TrackingConfig(_Section):
+    # Empty: a SQLite store inside the run folder (`<run_root>/mlflow.db`).
+    tracking_uri: str = ""
+    experiment: str = "tumorflow"
+
+
+class DriftConfig(_Section):
+    # Share of drifted feature columns at or above which the dataset counts as drifted.
+    drift_share: float = Field(0.3, gt=0, le=1)
+    embedding_components: int = Field(8, ge=0, le=64)
+    # Sample rate of served requests logged for drift.
+    request_sample_rate: float = Field(1.0, ge=0, le=1)
+    # Recent window (hours) that `tumorflow monitor` checks.
+    window_hours: float = Field(24.0, gt=0)
+
+
+class RuntimeConfig(_Section):
+    """How the compiled pipeline runs on a cluster (ignored by kfp.local, kept in the YAML)."""
+
+    image: str = "ghcr.io/tumorflow/tumorflow-python:0.1.0"
+    accelerator_type: str = "NVIDIA_L4"
+    accelerator_count: int = Field(1, ge=0)
+    train_cpu: str = "8"
+    train_memory: str = "32G"
+
+
+class PipelineConfig(_Section):
+    """Everything a retraining run needs; each step gets only its section."""
+
+    # Local folder holding kfp.local's pipeline root, the MLflow store and the serving models.
+    run_root: str = "runs"
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("run_root")
+    @classmethod
+    def _run_root_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("run_root must name a folder")
+        return value
+
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        return f"sqlite:///{(Path(self.run_root) / 'mlflow.db').resolve()}"
+
+    def resolved_model_base_path(self) -> str:
+        if self.deploy.model_base_path:
+            return self.deploy.model_base_path
+        return str((Path(self.run_root) / "serving" / "models").resolve())
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn `train.stage1.epochs=3` into `{"train": {"stage1": {"epochs": 3}}}` (value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    path: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> PipelineConfig:
+    """Defaults, then a preset, then a YAML file, then `key=value` overrides, validated once."""
+    data: dict[str, Any] = {}
+    if preset:
+        preset_path = PRESETS_DIR / f"{preset}.yaml"
+        if not preset_path.exists():
+            raise ConfigError(
+                f"unknown dataset preset {preset!r}; choose one of: {', '.join(list_presets())}"
+            )
+        data = _deep_merge(data, _read_yaml(preset_path))
+    if path:
+        data = _deep_merge(data, _read_yaml(Path(path)))
+    for override in overrides or []:
+        data = _deep_merge(data, parse_override(override))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,1 @@
+"""Everything that answers requests: model repository, TF Serving gRPC/REST API, batching, client."""
