@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,5 +103,4 @@ def read_records(split_dir: Path, split: str) -> Iterator[Record]:
         )
 
 
-def count_records(records: Iterable[Record]) -> int:
-    return sum(1 for _ in records)
+
