@@ -101,6 +101,3 @@ def read_records(split_dir: Path, split: str) -> Iterator[Record]:
             path=parsed[PATH].numpy().decode(),
             group=parsed[GROUP].numpy().decode(),
         )
-
-
-
