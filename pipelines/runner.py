@@ -1,0 +1,210 @@
+"""Thin runners of the one pipeline: locally with kfp.local, compiled for Kubeflow / Vertex AI, or
+submitted to a Kubeflow Pipelines endpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tumorflow.components.errors import TumorflowError
+from tumorflow.pipelines.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class PipelineRunError(TumorflowError):
+    """A task of the pipeline failed; its own log (printed above) says why."""
+
+
+@dataclass
+class RunSummary:
+    """What a local run did: where it wrote, how long each task took, what the gate decided."""
+
+    run_name: str
+    run_dir: Path
+    task_seconds: dict[str, float]
+    gate: dict[str, Any] | None
+    approval: dict[str, Any] | None
+    deployed_version: int | None
+    model_base_path: str
+    tracking_uri: str
+    trigger_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_name": self.run_name,
+            "run_dir": str(self.run_dir),
+            "task_seconds": self.task_seconds,
+            "gate": self.gate,
+            "approval": self.approval,
+            "deployed_version": self.deployed_version,
+            "model_base_path": self.model_base_path,
+            "tracking_uri": self.tracking_uri,
+            "trigger_reason": self.trigger_reason,
+        }
+
+
+class _TaskTimer(logging.Filter):
+    """Reads kfp.local's own task log lines to time each task (kfp.local reports no durations)."""
+
+    _start = re.compile(r"Executing task '?([\w-]+)'?")
+    _end = re.compile(r"Task '?([\w-]+)'? finished with status")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI.sub("", str(record.getMessage()))
+        if match := self._start.search(message):
+            self.started[match.group(1)] = record.created
+        elif match := self._end.search(message):
+            task = match.group(1)
+            if task in self.started:
+                self.seconds[task] = round(record.created - self.started[task], 1)
+        return True
+
+
+def _newest_run_dir(pipeline_root: Path, pipeline_name: str, not_before: float) -> Path:
+    candidates = [
+        p
+        for p in pipeline_root.glob(f"{pipeline_name}-*")
+        if p.is_dir() and p.stat().st_mtime >= not_before - 1
+    ]
+    if not candidates:
+        raise PipelineRunError(f"the run left no folder under {pipeline_root}")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _task_parameter(run_dir: Path, task: str, name: str) -> Any:
+    """An output parameter of a finished task, from kfp.local's executor_output.json."""
+    for output in run_dir.glob(f"{task}*/executor_output.json"):
+        values = json.loads(output.read_text()).get("parameterValues", {})
+        if name in values:
+            return values[name]
+    return None
+
+
+def run_local(
+    config: PipelineConfig,
+    *,
+    trigger_reason: str | None = None,
+    enable_caching: bool = True,
+) -> RunSummary:
+    """Run the whole DAG on this machine with kfp.local (subprocesses, no cluster, no Docker)."""
+    from kfp import local
+
+    from tumorflow.pipelines.pipeline import (
+        PIPELINE_NAME,
+        pipeline_arguments,
+        retrain_pipeline,
+    )
+
+    run_root = Path(config.run_root).resolve()
+    pipeline_root = run_root / "pipeline_root"
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        enable_caching=enable_caching,
+    )
+    arguments = pipeline_arguments(config, local=True)
+    timer = _TaskTimer()
+    root_logger = logging.getLogger()
+    root_logger.addFilter(timer)
+    started = time.time()
+    try:
+        retrain_pipeline(**arguments)
+    except RuntimeError as exc:
+        raise PipelineRunError(
+            f"{_ANSI.sub('', str(exc))} The failing task's log above says why; outputs so far are "
+            f"under {pipeline_root}."
+        ) from None
+    finally:
+        root_logger.removeFilter(timer)
+    run_dir = _newest_run_dir(pipeline_root, PIPELINE_NAME, started)
+    if trigger_reason:
+        (run_dir / "trigger.json").write_text(
+            json.dumps(
+                {"reason": trigger_reason, "at": datetime.now(UTC).isoformat()}, indent=2
+            )
+        )
+    version = _task_parameter(run_dir, "deploy", "version")
+    return RunSummary(
+        run_name=run_dir.name,
+        run_dir=run_dir,
+        task_seconds=timer.seconds,
+        gate=_read_json(run_dir / "gate" / "decision" / "decision.json"),
+        approval=_read_json(run_dir / "approval" / "record" / "approval.json"),
+        deployed_version=int(version) if version is not None else None,
+        model_base_path=arguments["model_base_path"],
+        tracking_uri=arguments["tracking_uri"],
+        trigger_reason=trigger_reason,
+    )
+
+
+def compile_pipeline(output: Path, *, image: str | None = None) -> Path:
+    """Write the pipeline spec YAML that Kubeflow Pipelines and Vertex AI Pipelines run."""
+    import yaml
+    from kfp import compiler
+
+    from tumorflow.pipelines import steps
+    from tumorflow.pipelines.pipeline import retrain_pipeline
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(retrain_pipeline, package_path=str(output))
+    if image and image != steps.PROJECT_IMAGE:
+        spec = yaml.safe_load(output.read_text())
+        for executor in spec["deploymentSpec"]["executors"].values():
+            container = executor.get("container", {})
+            if container.get("image") == steps.PROJECT_IMAGE:
+                container["image"] = image
+        output.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return output
+
+
+def submit(
+    config: PipelineConfig,
+    host: str,
+    *,
+    trigger_reason: str | None = None,
+    image: str | None = None,
+) -> str:
+    """Submit one run of the compiled pipeline to a Kubeflow Pipelines endpoint; return its id."""
+    import tempfile
+
+    import kfp
+
+    from tumorflow.pipelines.pipeline import pipeline_arguments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "pipeline.yaml", image=image)
+        try:
+            client = kfp.Client(host=host)
+            run = client.create_run_from_pipeline_package(
+                str(package),
+                arguments=pipeline_arguments(config, local=False),
+                run_name=f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}",
+                experiment_name=config.tracking.experiment,
+            )
+        except Exception as exc:
+            raise PipelineRunError(
+                f"could not submit to Kubeflow Pipelines at {host}: {exc}"
+            ) from None
+    if trigger_reason:
+        log.info("submitted run %s (trigger: %s)", run.run_id, trigger_reason)
+    return run.run_id

@@ -1,0 +1,253 @@
+"""KFP v2 components: a few lines each that unpack artifacts, call one plain function, write outputs.
+
+Every component runs in the one project image (`infra/Dockerfile`); bodies import the project
+inside the function, so the same component runs under kfp.local's SubprocessRunner (the installed
+package) and on Kubeflow / Vertex AI (the image). Configuration arrives as the JSON of one config
+section and is validated by the same pydantic model the CLI uses.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import (
+    HTML,
+    Artifact,
+    ClassificationMetrics,
+    Dataset,
+    Input,
+    Markdown,
+    Metrics,
+    Model,
+    Output,
+)
+
+# The project image; `tumorflow compile --image` rewrites it in the compiled spec.
+PROJECT_IMAGE = "ghcr.io/tumorflow/tumorflow-python:0.1.0"
+
+component = dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
+
+
+@component
+def download(source: str, dataset: dict, raw: Output[Dataset]):
+    """Fetch the images (phantom, folder, archive, kaggle:, gs://) and write their manifest."""
+    from pathlib import Path
+
+    from tumorflow.components.download import download_dataset
+    from tumorflow.pipelines.config import DatasetConfig
+
+    result = download_dataset(source, Path(raw.path), DatasetConfig.model_validate(dataset))
+    raw.metadata.update(result.summary())
+
+
+@component
+def validate_and_split(
+    raw: Input[Dataset],
+    split_config: dict,
+    classes: list,
+    split: Output[Dataset],
+    report: Output[Markdown],
+):
+    """Decode and quarantine, group near-duplicates, split by groups, write TFRecord shards."""
+    from pathlib import Path
+
+    from tumorflow.components.split import split_report_markdown
+    from tumorflow.components.validate import validate_and_split as run
+    from tumorflow.pipelines.config import SplitConfig
+
+    result = run(Path(raw.path), Path(split.path), SplitConfig.model_validate(split_config), classes)
+    split.metadata.update(result.summary())
+    Path(report.path).write_text(split_report_markdown(Path(split.path)))
+
+
+@component
+def train(
+    split: Input[Dataset],
+    train_config: dict,
+    checkpoint_root: str,
+    tracking_uri: str,
+    experiment: str,
+    pipeline_run: str,
+    model: Output[Model],
+):
+    """Two-stage fine-tuning; resumes from `checkpoint_root` when the same inputs ran before."""
+    from pathlib import Path
+
+    from tumorflow.components.train import checkpoint_key, train_model
+    from tumorflow.pipelines.config import TrainConfig
+
+    config = TrainConfig.model_validate(train_config)
+    result = train_model(
+        Path(split.path),
+        Path(model.path),
+        config,
+        checkpoint_dir=Path(checkpoint_root) / checkpoint_key(Path(split.path), config),
+        tracking_uri=tracking_uri or None,
+        experiment=experiment,
+        run_tags={"tumorflow.pipeline_run": pipeline_run},
+    )
+    model.metadata.update(result.summary())
+
+
+@component
+def evaluate(
+    model: Input[Model],
+    split: Input[Dataset],
+    tracking_uri: str,
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+    classification: Output[ClassificationMetrics],
+):
+    """Score the held-out test split; log to MLflow and to the pipeline UI."""
+    import json
+    from pathlib import Path
+
+    from tumorflow.components.evaluate import evaluate_model, log_kfp_metrics
+
+    info = json.loads((Path(model.path) / "model_info.json").read_text())
+    result = evaluate_model(
+        Path(model.path),
+        Path(split.path),
+        Path(evaluation.path),
+        tracking_uri=tracking_uri or None,
+        mlflow_run_id=info.get("mlflow_run_id"),
+    )
+    log_kfp_metrics(result, Path(evaluation.path), metrics, classification)
+
+
+@component
+def drift_reference(split: Input[Dataset], model: Input[Model], reference: Output[Dataset]):
+    """Drift features of the training split, stored with the model version when it deploys."""
+    from pathlib import Path
+
+    from tumorflow.components.drift_features import build_reference
+
+    build_reference(Path(split.path), Path(model.path), Path(reference.path))
+
+
+@component
+def drift_report(
+    split: Input[Dataset],
+    model_base_path: str,
+    model_name: str,
+    drift_share: float,
+    tracking_uri: str,
+    report: Output[HTML],
+    verdict: Output[Artifact],
+):
+    """Compare the new training data with the deployed model's reference (Evidently report)."""
+    from pathlib import Path
+
+    from tumorflow.components.drift import drift_against_served_model
+
+    drift_against_served_model(
+        Path(split.path),
+        model_base_path,
+        model_name,
+        Path(verdict.path),
+        drift_share=drift_share,
+        html_path=Path(report.path),
+        tracking_uri=tracking_uri or None,
+    )
+
+
+class GateOutputs(NamedTuple):
+    passed: bool
+
+
+@component
+def gate(
+    evaluation: Input[Artifact],
+    split: Input[Dataset],
+    gate_config: dict,
+    tracking_uri: str,
+    model_name: str,
+    decision: Output[Artifact],
+    report: Output[Markdown],
+    champion_classification: Output[ClassificationMetrics],
+) -> GateOutputs:
+    """Absolute thresholds plus champion/challenger on the same test images: the blessing."""
+    from pathlib import Path
+
+    from tumorflow.components.gate import run_gate
+    from tumorflow.pipelines.config import GateConfig
+
+    result = run_gate(
+        Path(evaluation.path),
+        Path(split.path),
+        GateConfig.model_validate(gate_config),
+        tracking_uri=tracking_uri or None,
+        model_name=model_name,
+        output_dir=Path(decision.path),
+    )
+    Path(report.path).write_text(result.markdown)
+    result.log_champion_classification(champion_classification)
+    decision.metadata.update({"passed": result.passed})
+    return GateOutputs(passed=result.passed)
+
+
+class ApprovalOutputs(NamedTuple):
+    approved: bool
+
+
+@component
+def approval(
+    decision: Input[Artifact],
+    model: Input[Model],
+    gate_config: dict,
+    tracking_uri: str,
+    model_name: str,
+    pipeline_run: str,
+    record: Output[Artifact],
+) -> ApprovalOutputs:
+    """Register the candidate; in manual mode wait for `tumorflow approve|reject RUN`."""
+    from pathlib import Path
+
+    from tumorflow.components.approval import run_approval
+    from tumorflow.pipelines.config import GateConfig
+
+    result = run_approval(
+        Path(decision.path),
+        Path(model.path),
+        GateConfig.model_validate(gate_config),
+        tracking_uri=tracking_uri or None,
+        model_name=model_name,
+        pipeline_run=pipeline_run,
+        output_dir=Path(record.path),
+    )
+    record.metadata.update(result.summary())
+    return ApprovalOutputs(approved=result.approved)
+
+
+class DeployOutputs(NamedTuple):
+    version: int
+
+
+@component
+def deploy(
+    model: Input[Model],
+    decision: Input[Artifact],
+    record: Input[Artifact],
+    reference: Input[Dataset],
+    model_base_path: str,
+    model_name: str,
+    keep_versions: int,
+    tracking_uri: str,
+    pipeline_run: str,
+) -> DeployOutputs:
+    """Export the TF Serving SavedModel as a new version, atomically; move the registry aliases."""
+    from pathlib import Path
+
+    from tumorflow.components.deploy import deploy_model
+
+    result = deploy_model(
+        Path(model.path),
+        Path(decision.path) / "decision.json",
+        model_base_path,
+        model_name,
+        keep_versions=keep_versions,
+        tracking_uri=tracking_uri or None,
+        pipeline_run=pipeline_run,
+        drift_reference=Path(reference.path),
+        approval_dir=Path(record.path),
+    )
+    return DeployOutputs(version=result.version)
