@@ -1,0 +1,185 @@
+"""Export a trained Keras model as the TF Serving SavedModel of docs/artifacts.md.
+
+The served signature takes encoded image bytes (JPEG/PNG/BMP/GIF, any size, gray or colour), so
+clients never need to know the model's input size, and decoding happens in one place for every
+client. Undecodable bytes make the call fail with `InvalidArgumentError`, which TF Serving and our
+own servers answer as gRPC `INVALID_ARGUMENT`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tumorflow.components.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SIGNATURE = "serving_default"
+INPUT = "image_bytes"
+EMBEDDING_LAYER = "embedding"
+ASSETS_EXTRA = "assets.extra"
+INFO_FILE = "tumorflow.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+# Matches the training input pipeline: bilinear resize of the decoded RGB image, float32 0..255.
+RESIZE_METHOD = "bilinear"
+
+
+def read_model_info(model_dir: Path) -> dict[str, Any]:
+    """The `model_info.json` of a model folder, checked for the fields serving needs."""
+    info_path = Path(model_dir) / "model_info.json"
+    if not (Path(model_dir) / "model.keras").exists() or not info_path.exists():
+        raise ModelError(
+            f"{model_dir} is not a model folder: it needs model.keras and model_info.json "
+            "(the output of the train step)"
+        )
+    info = json.loads(info_path.read_text())
+    missing = [key for key in ("classes", "image_size") if not info.get(key)]
+    if missing:
+        raise ModelError(f"{info_path} lacks {', '.join(missing)}; re-run the train step")
+    return info
+
+
+def decode_for_model(image_bytes: Any, image_size: tuple[int, int]) -> Any:
+    """Decode one encoded image to float32 [H, W, 3] with values 0..255, as the model expects."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
+    image = tf.image.resize(image, image_size, method=RESIZE_METHOD)
+    return tf.cast(image, tf.float32)
+
+
+def _warmup_png(image_size: tuple[int, int]) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(*image_size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_warmup(path: Path, png: bytes, model_name: str) -> None:
+    """One `PredictionLog` record in the TFRecord file TF Serving replays before serving."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    request = predict_pb2.PredictRequest(
+        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=SIGNATURE)
+    )
+    request.inputs[INPUT].CopyFrom(tf.make_tensor_proto([png], dtype=tf.string))
+    record = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+    )
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(record.SerializeToString())
+
+
+def _serving_module(model: Any, classes: list[str], image_size: tuple[int, int]) -> Any:
+    import keras
+    import tensorflow as tf
+
+    try:
+        embedding = model.get_layer(EMBEDDING_LAYER).output
+    except ValueError:
+        raise ModelError(
+            f"the model has no layer named {EMBEDDING_LAYER!r} (pooled features); "
+            "re-train it with the project's train step"
+        ) from None
+    dual = keras.Model(model.inputs, [model.outputs[0], embedding])
+    class_names = tf.constant(classes)
+    height, width = image_size
+
+    module = tf.Module()
+    module.model = dual
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)])
+    def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = tf.map_fn(
+            lambda one: decode_for_model(one, image_size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
+        )
+        scores, features = dual(images, training=False)
+        scores = tf.cast(scores, tf.float32)
+        batch = tf.shape(image_bytes)[0]
+        index = tf.argmax(scores, axis=1, output_type=tf.int64)
+        return {
+            "scores": scores,
+            "classes": tf.tile(class_names[tf.newaxis, :], [batch, 1]),
+            "predicted_class": tf.gather(class_names, index),
+            "predicted_index": index,
+            "embedding": tf.cast(features, tf.float32),
+        }
+
+    module.serve = serve
+    return module
+
+
+def export_serving_model(
+    model_dir: Path, export_dir: Path, *, model_name: str = "model", extra_info: dict | None = None
+) -> None:
+    """Write the SavedModel of `model_dir` (a train-step model folder) into `export_dir`.
+
+    `export_dir` gets saved_model.pb, variables/, and assets.extra/ with tumorflow.json (classes,
+    image size, backbone, MLflow ids, plus `extra_info`) and the TF Serving warm-up request. The
+    export is reloaded and checked against `model.predict` before this returns.
+    """
+    import keras
+    import tensorflow as tf
+
+    info = read_model_info(model_dir)
+    classes = list(info["classes"])
+    image_size = (int(info["image_size"][0]), int(info["image_size"][1]))
+    try:
+        model = keras.saving.load_model(Path(model_dir) / "model.keras", compile=False)
+    except Exception as exc:
+        raise ModelError(f"{model_dir}/model.keras cannot be loaded: {exc}") from exc
+    if model.outputs[0].shape[-1] != len(classes):
+        raise ModelError(
+            f"the model outputs {model.outputs[0].shape[-1]} scores but model_info.json lists "
+            f"{len(classes)} classes"
+        )
+    export_dir = Path(export_dir)
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    module = _serving_module(model, classes, image_size)
+    tf.saved_model.save(module, str(export_dir), signatures={SIGNATURE: module.serve})
+
+    assets = export_dir / ASSETS_EXTRA
+    assets.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "classes": classes,
+        "image_size": list(image_size),
+        "backbone": info.get("backbone"),
+        "mlflow_run_id": info.get("mlflow_run_id"),
+        **(extra_info or {}),
+    }
+    (assets / INFO_FILE).write_text(json.dumps(meta, indent=2))
+    png = _warmup_png(image_size)
+    _write_warmup(assets / WARMUP_FILE, png, model_name)
+    _check_export(export_dir, model, png, image_size)
+    log.info(
+        "exported %s to %s (%d classes, input %s)", model_dir, export_dir, len(classes), image_size
+    )
+
+
+def _check_export(export_dir: Path, model: Any, png: bytes, image_size: tuple[int, int]) -> None:
+    """Reload the SavedModel and compare its scores with `model.predict` on the same pixels."""
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(export_dir)).signatures[SIGNATURE]
+    scores = served(image_bytes=tf.constant([png]))["scores"].numpy()
+    pixels = decode_for_model(tf.constant(png), image_size).numpy()[np.newaxis]
+    expected = np.asarray(model.predict(pixels, verbose=0), dtype=np.float32)
+    if not np.allclose(scores, expected, atol=1e-4):
+        raise ModelError(
+            f"the exported SavedModel in {export_dir} disagrees with the Keras model "
+            f"(max difference {np.abs(scores - expected).max():.2e})"
+        )

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tumorflow.components.errors import ModelError
+from tumorflow.components.export import export_serving_model
+
+pytestmark = pytest.mark.slow
+
+
+def _encode(pixels: np.ndarray, fmt: str, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture()
+def exported(make_model_dir, tmp_path):
+    import tensorflow as tf
+
+    model_dir = make_model_dir(run_id="abc123")
+    export_dir = tmp_path / "export"
+    export_serving_model(
+        model_dir, export_dir, model_name="kidney-ct", extra_info={"pipeline_run": "r1"}
+    )
+    return model_dir, export_dir, tf.saved_model.load(str(export_dir))
+
+
+def test_signature_matches_the_contract(exported):
+    import tensorflow as tf
+
+    _, _, loaded = exported
+    signature = loaded.signatures["serving_default"]
+    (spec,) = signature.structured_input_signature[1].values()
+    assert spec.name == "image_bytes" and spec.dtype == tf.string and spec.shape.as_list() == [None]
+    outputs = signature.structured_outputs
+    assert {name: outputs[name].dtype for name in outputs} == {
+        "scores": tf.float32,
+        "classes": tf.string,
+        "predicted_class": tf.string,
+        "predicted_index": tf.int64,
+        "embedding": tf.float32,
+    }
+    assert outputs["scores"].shape.as_list() == [None, 4]
+
+
+def test_any_format_size_and_colour_gives_the_keras_prediction(exported):
+    import keras
+    import tensorflow as tf
+
+    model_dir, _, loaded = exported
+    model = keras.saving.load_model(model_dir / "model.keras")
+    rng = np.random.default_rng(1)
+    images, encoded = [], []
+    for level, size, fmt, mode in [
+        (40, (50, 70), "PNG", "RGB"),
+        (100, (33, 33), "JPEG", "RGB"),
+        (160, (64, 17), "PNG", "L"),
+        (220, (90, 45), "BMP", "RGB"),
+        (160, (20, 20), "GIF", "L"),
+    ]:
+        pixels = np.clip(level + rng.normal(0, 5, (*size, 3)), 0, 255).astype(np.uint8)
+        data = _encode(pixels, fmt, mode)
+        encoded.append(data)
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+        images.append(tf.image.resize(decoded, (32, 32), method="bilinear").numpy())
+    result = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded))
+    expected = model.predict(np.stack(images), verbose=0)
+    # PIL and TensorFlow decode JPEG with slightly different IDCTs: scores agree to 1e-3.
+    np.testing.assert_allclose(result["scores"].numpy(), expected, atol=1e-3)
+    assert result["predicted_index"].numpy().tolist() == [0, 1, 2, 3, 2]
+    assert [c.decode() for c in result["predicted_class"].numpy()] == [
+        "cyst",
+        "normal",
+        "stone",
+        "tumor",
+        "stone",
+    ]
+    assert result["classes"].numpy()[0].tolist() == [b"cyst", b"normal", b"stone", b"tumor"]
+    assert result["embedding"].numpy().shape == (5, 3)
+
+
+def test_garbage_bytes_raise_invalid_argument(exported):
+    import tensorflow as tf
+
+    _, _, loaded = exported
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        loaded.signatures["serving_default"](image_bytes=tf.constant([b"not an image at all"]))
+
+
+def test_assets_extra_holds_metadata_and_a_parseable_warmup(exported):
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    _, export_dir, loaded = exported
+    meta = json.loads((export_dir / "assets.extra" / "tumorflow.json").read_text())
+    assert meta["classes"] == ["cyst", "normal", "stone", "tumor"]
+    assert meta["image_size"] == [32, 32]
+    assert meta["mlflow_run_id"] == "abc123" and meta["pipeline_run"] == "r1"
+    records = list(
+        tf.data.TFRecordDataset(str(export_dir / "assets.extra" / "tf_serving_warmup_requests"))
+    )
+    assert len(records) == 1
+    log = prediction_log_pb2.PredictionLog.FromString(records[0].numpy())
+    request = log.predict_log.request
+    assert request.model_spec.name == "kidney-ct"
+    assert request.model_spec.signature_name == "serving_default"
+    warm = tf.make_ndarray(request.inputs["image_bytes"])
+    result = loaded.signatures["serving_default"](image_bytes=tf.constant(warm))
+    assert result["scores"].shape == (1, 4)
+
+
+def test_a_folder_without_a_model_is_refused(tmp_path):
+    with pytest.raises(ModelError, match=r"model\.keras"):
+        export_serving_model(tmp_path, tmp_path / "out")
