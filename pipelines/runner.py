@@ -139,9 +139,7 @@ def run_local(
     run_dir = _newest_run_dir(pipeline_root, PIPELINE_NAME, started)
     if trigger_reason:
         (run_dir / "trigger.json").write_text(
-            json.dumps(
-                {"reason": trigger_reason, "at": datetime.now(UTC).isoformat()}, indent=2
-            )
+            json.dumps({"reason": trigger_reason, "at": datetime.now(UTC).isoformat()}, indent=2)
         )
     version = _task_parameter(run_dir, "deploy", "version")
     return RunSummary(

@@ -54,7 +54,9 @@ def validate_and_split(
     from tumorflow.components.validate import validate_and_split as run
     from tumorflow.pipelines.config import SplitConfig
 
-    result = run(Path(raw.path), Path(split.path), SplitConfig.model_validate(split_config), classes)
+    result = run(
+        Path(raw.path), Path(split.path), SplitConfig.model_validate(split_config), classes
+    )
     split.metadata.update(result.summary())
     Path(report.path).write_text(split_report_markdown(Path(split.path)))
 

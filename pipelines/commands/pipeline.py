@@ -63,7 +63,9 @@ def _print_summary(summary) -> None:
     else:
         print("deployed       nothing (the gate or the approval did not pass)")
     print(f"mlflow         {summary.tracking_uri}")
-    print(f"serve it       tumorflow serve --model_config_file {summary.model_base_path}/models.config")
+    print(
+        f"serve it       tumorflow serve --model_config_file {summary.model_base_path}/models.config"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
