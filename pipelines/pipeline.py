@@ -18,6 +18,10 @@ from tumorflow.pipelines.config import PipelineConfig
 
 PIPELINE_NAME = "tumorflow-retrain"
 _DEFAULTS = PipelineConfig()
+_DATASET = _DEFAULTS.dataset.model_dump(exclude_none=True)
+_SPLIT = _DEFAULTS.split.model_dump(exclude_none=True)
+_TRAIN = _DEFAULTS.train.model_dump(exclude_none=True)
+_GATE = _DEFAULTS.gate.model_dump(exclude_none=True)
 
 
 @dsl.pipeline(
@@ -27,10 +31,10 @@ _DEFAULTS = PipelineConfig()
 )
 def retrain_pipeline(
     source: str = _DEFAULTS.dataset.source,
-    dataset: dict = _DEFAULTS.dataset.model_dump(exclude_none=True),
-    split_config: dict = _DEFAULTS.split.model_dump(exclude_none=True),
-    train_config: dict = _DEFAULTS.train.model_dump(exclude_none=True),
-    gate_config: dict = _DEFAULTS.gate.model_dump(exclude_none=True),
+    dataset: dict = _DATASET,
+    split_config: dict = _SPLIT,
+    train_config: dict = _TRAIN,
+    gate_config: dict = _GATE,
     classes: list = _DEFAULTS.dataset.classes,
     model_name: str = _DEFAULTS.deploy.model_name,
     model_base_path: str = "gs://tumorflow-models/serving",
