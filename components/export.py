@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from tumorflow.components.errors import ModelError
+from tumorflow.components.input_pipeline import resize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ EMBEDDING_LAYER = "embedding"
 ASSETS_EXTRA = "assets.extra"
 INFO_FILE = "tumorflow.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
-# Matches the training input pipeline: bilinear resize of the decoded RGB image, float32 0..255.
-RESIZE_METHOD = "bilinear"
 
 
 def read_model_info(model_dir: Path) -> dict[str, Any]:
@@ -46,20 +45,20 @@ def read_model_info(model_dir: Path) -> dict[str, Any]:
     return info
 
 
-def decode_for_model(image_bytes: Any, image_size: tuple[int, int]) -> Any:
-    """Decode one encoded image to float32 [H, W, 3] with values 0..255, as the model expects."""
+def decode_for_model(image_bytes: Any, image_size: int) -> Any:
+    """Decode one encoded image to float32 [S, S, 3] with values 0..255, exactly as training does."""
     import tensorflow as tf
 
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
-    image = tf.image.resize(image, image_size, method=RESIZE_METHOD)
-    return tf.cast(image, tf.float32)
+    image.set_shape([None, None, 3])
+    return tf.cast(resize_pixels(image, image_size), tf.float32)
 
 
-def _warmup_png(image_size: tuple[int, int]) -> bytes:
+def _warmup_png(image_size: int) -> bytes:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(*image_size, 3), dtype=np.uint8)
+    pixels = rng.integers(0, 256, size=(image_size, image_size, 3), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -81,7 +80,7 @@ def _write_warmup(path: Path, png: bytes, model_name: str) -> None:
         writer.write(record.SerializeToString())
 
 
-def _serving_module(model: Any, classes: list[str], image_size: tuple[int, int]) -> Any:
+def _serving_module(model: Any, classes: list[str], image_size: int) -> Any:
     import keras
     import tensorflow as tf
 
@@ -94,7 +93,6 @@ def _serving_module(model: Any, classes: list[str], image_size: tuple[int, int])
         ) from None
     dual = keras.Model(model.inputs, [model.outputs[0], embedding])
     class_names = tf.constant(classes)
-    height, width = image_size
 
     module = tf.Module()
     module.model = dual
@@ -104,7 +102,7 @@ def _serving_module(model: Any, classes: list[str], image_size: tuple[int, int])
         images = tf.map_fn(
             lambda one: decode_for_model(one, image_size),
             image_bytes,
-            fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32),
+            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
         scores, features = dual(images, training=False)
         scores = tf.cast(scores, tf.float32)
@@ -136,7 +134,10 @@ def export_serving_model(
 
     info = read_model_info(model_dir)
     classes = list(info["classes"])
-    image_size = (int(info["image_size"][0]), int(info["image_size"][1]))
+    height, width = (int(side) for side in info["image_size"])
+    if height != width:
+        raise ModelError(f"model_info.json image_size {[height, width]} is not square")
+    image_size = height
     try:
         model = keras.saving.load_model(Path(model_dir) / "model.keras", compile=False)
     except Exception as exc:
@@ -156,7 +157,7 @@ def export_serving_model(
     assets.mkdir(parents=True, exist_ok=True)
     meta = {
         "classes": classes,
-        "image_size": list(image_size),
+        "image_size": [image_size, image_size],
         "backbone": info.get("backbone"),
         "mlflow_run_id": info.get("mlflow_run_id"),
         **(extra_info or {}),
@@ -170,7 +171,7 @@ def export_serving_model(
     )
 
 
-def _check_export(export_dir: Path, model: Any, png: bytes, image_size: tuple[int, int]) -> None:
+def _check_export(export_dir: Path, model: Any, png: bytes, image_size: int) -> None:
     """Reload the SavedModel and compare its scores with `model.predict` on the same pixels."""
     import tensorflow as tf
 
