@@ -1,0 +1,204 @@
+"""Classifier models: a Keras application backbone (or a small CNN) with a softmax head.
+
+Every model takes float32 `[batch, H, W, 3]` pixel values in 0..255 and applies its backbone's own
+`preprocess_input` inside (a `preprocess` sub-model built from Keras ops only, so `model.keras`
+loads without custom objects). The pooled features before the head are the layer `embedding`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tumorflow.components.errors import ConfigError, WeightsUnavailableError
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_LAYER = "embedding"
+OUTPUT_LAYER = "scores"
+CUSTOM_CNN = "custom_cnn"
+
+
+@dataclass(frozen=True)
+class _Application:
+    """How to build one `keras.applications` backbone and where its ImageNet weights live."""
+
+    constructor: str
+    preprocess_module: str
+    imagenet_notop_file: Callable[[int], str]
+
+
+_APPLICATIONS: dict[str, _Application] = {
+    "vgg16": _Application(
+        "VGG16", "vgg16", lambda size: "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    ),
+    "resnet50v2": _Application(
+        "ResNet50V2",
+        "resnet_v2",
+        lambda size: "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "mobilenetv2": _Application(
+        "MobileNetV2",
+        "mobilenet_v2",
+        lambda size: (
+            "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_"
+            f"{size if size in (96, 128, 160, 192, 224) else 224}_no_top.h5"
+        ),
+    ),
+    "efficientnetb0": _Application(
+        "EfficientNetB0", "efficientnet", lambda size: "efficientnetb0_notop.h5"
+    ),
+}
+
+BACKBONES: tuple[str, ...] = (*_APPLICATIONS, CUSTOM_CNN)
+
+
+def default_image_size(backbone: str) -> int:
+    """The input side a backbone is usually trained at (224 for the ImageNet applications)."""
+    _check_backbone(backbone)
+    return 96 if backbone == CUSTOM_CNN else 224
+
+
+def _check_backbone(backbone: str) -> None:
+    if backbone not in BACKBONES:
+        raise ConfigError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
+
+
+def keras_weights_cache() -> Path:
+    """Where Keras looks for downloaded application weights (`$KERAS_HOME/models`)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def _preprocess_model(backbone: str, image_size: int) -> keras.Model:
+    """The backbone's own input preprocessing as a sub-model of Keras ops (0..255 RGB in)."""
+    import keras
+
+    inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="pixels")
+    if backbone == CUSTOM_CNN:
+        outputs = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    else:
+        module = getattr(keras.applications, _APPLICATIONS[backbone].preprocess_module)
+        outputs = module.preprocess_input(inputs)
+    return keras.Model(inputs, outputs, name="preprocess")
+
+
+def _custom_cnn(image_size: int) -> keras.Model:
+    """A small from-scratch CNN (four conv blocks) for quick runs and the offline demo."""
+    import keras
+
+    inputs = keras.Input((image_size, image_size, 3), name="cnn_input")
+    x = inputs
+    for filters in (32, 64, 128, 192):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.Activation("relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+    return keras.Model(inputs, x, name=CUSTOM_CNN)
+
+
+def _application(backbone: str, image_size: int, weights: str) -> keras.Model:
+    import keras
+
+    spec = _APPLICATIONS[backbone]
+    constructor = getattr(keras.applications, spec.constructor)
+    keras_weights: str | None = {"none": None, "imagenet": "imagenet"}.get(weights, weights)
+    try:
+        return constructor(
+            include_top=False,
+            weights=keras_weights,
+            input_shape=(image_size, image_size, 3),
+        )
+    except Exception as exc:
+        if keras_weights == "imagenet" and "URL fetch failure" in str(exc):
+            file_name = spec.imagenet_notop_file(image_size)
+            raise WeightsUnavailableError(
+                f"cannot download the ImageNet weights of {backbone} (offline?). Either set "
+                f"`train.weights` to a local weights file (the Keras no-top file "
+                f"{file_name}, or a .weights.h5 saved from this backbone), or put {file_name} "
+                f"into the Keras cache {keras_weights_cache()} (set KERAS_HOME to use another "
+                f"folder) on a machine where this backbone was built once with network access."
+            ) from exc
+        if keras_weights not in (None, "imagenet"):
+            raise WeightsUnavailableError(
+                f"cannot load weights file {weights} into the {backbone} backbone at "
+                f"{image_size}x{image_size}: {exc}. Give a no-top weights file of this backbone."
+            ) from exc
+        raise
+
+
+def _load_backbone_weights(backbone: keras.Model, name: str, path: str) -> None:
+    try:
+        backbone.load_weights(path)
+    except Exception as exc:
+        raise WeightsUnavailableError(
+            f"cannot load weights file {path} into the {name} backbone: {exc}. "
+            f"Give a weights file saved from this backbone at this image size."
+        ) from exc
+
+
+def build_backbone(backbone: str, image_size: int, weights: str) -> keras.Model:
+    """The feature extractor alone: `[batch, H, W, 3]` preprocessed pixels to a feature map.
+
+    `weights` is `none` (random init), `imagenet` (Keras download / cache) or a weights file path.
+    """
+    _check_backbone(backbone)
+    if image_size < 32:
+        raise ConfigError(f"image_size must be at least 32 pixels, got {image_size}")
+    if weights not in ("none", "imagenet") and not Path(weights).is_file():
+        raise WeightsUnavailableError(
+            f"weights file {weights} does not exist; give the path of a weights file "
+            f"(.h5 / .weights.h5), `imagenet` or `none`"
+        )
+    if backbone != CUSTOM_CNN:
+        return _application(backbone, image_size, weights)
+    if weights == "imagenet":
+        raise ConfigError(
+            "custom_cnn has no ImageNet weights: use `train.weights=none` or a weights file"
+        )
+    model = _custom_cnn(image_size)
+    if weights != "none":
+        _load_backbone_weights(model, backbone, weights)
+    return model
+
+
+def build_classifier(
+    backbone: str, num_classes: int, image_size: int, weights: str, dropout: float
+) -> tuple[keras.Model, keras.Model]:
+    """The full classifier and its backbone sub-model (the part frozen in stage 1).
+
+    The backbone is called with `training=False`, so its BatchNormalization layers stay in
+    inference mode even when unfrozen for fine-tuning. The softmax output is float32 under
+    mixed precision too.
+    """
+    import keras
+
+    if num_classes < 2:
+        raise ConfigError(f"a classifier needs at least two classes, got {num_classes}")
+    base = build_backbone(backbone, image_size, weights)
+    inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
+    x = _preprocess_model(backbone, image_size)(inputs)
+    x = base(x, training=False)
+    embedding = keras.layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(x)
+    x = keras.layers.Dropout(dropout, name="head_dropout")(embedding)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name=OUTPUT_LAYER
+    )(x)
+    model = keras.Model(inputs, outputs, name=f"{backbone}_classifier")
+    log.info(
+        "built %s classifier: %dx%d input, %d classes, weights=%s, %d parameters",
+        backbone,
+        image_size,
+        image_size,
+        num_classes,
+        weights,
+        model.count_params(),
+    )
+    return model, base

@@ -1,0 +1,121 @@
+"""The tf.data input pipeline: shapes, augmentation that respects the config, seeded order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tumorflow.components.errors import DatasetError
+from tumorflow.components.input_bench import write_synthetic_split
+from tumorflow.components.input_pipeline import augment_batch, decoded_examples, make_dataset
+from tumorflow.pipelines.config import AugmentConfig
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory):
+    return write_synthetic_split(
+        tmp_path_factory.mktemp("split"), {"train": 6, "val": 2}, size=40, seed=3, shard_size=7
+    )
+
+
+def _first_epoch(dataset):
+    return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+
+def test_batches_have_the_model_input_shape_and_dtype(split_dir):
+    ds = make_dataset(split_dir, "train", 32, 5, AugmentConfig(), training=True, seed=0)
+    batches = _first_epoch(ds)
+
+    assert sum(len(y) for _, y in batches) == 24
+    images, labels = batches[0]
+    assert images.shape == (5, 32, 32, 3) and images.dtype == np.float32
+    assert labels.dtype == np.int32 and set(np.concatenate([y for _, y in batches])) == {0, 1, 2, 3}
+    assert images.min() >= 0.0 and images.max() <= 255.0 and images.max() > 100.0
+
+
+def test_evaluation_batches_keep_manifest_order_and_pixels(split_dir):
+    ds = make_dataset(split_dir, "val", 40, 3, AugmentConfig(), training=False, seed=0)
+    images = np.concatenate([x for x, _ in _first_epoch(ds)])
+    examples = list(decoded_examples(split_dir, "val", 40).as_numpy_iterator())
+
+    assert [e["path"].decode() for e in examples][:2] == [
+        "cyst/val-00000.png",
+        "normal/val-00001.png",
+    ]
+    np.testing.assert_array_equal(
+        images, np.stack([e["image"] for e in examples]).astype("float32")
+    )
+
+
+def test_same_seed_same_batches_and_epochs_reshuffle(split_dir):
+    def make(seed):
+        return make_dataset(split_dir, "train", 32, 8, AugmentConfig(), training=True, seed=seed)
+
+    first = make(7)
+    epoch1, epoch2 = _first_epoch(first), _first_epoch(first)
+    again = _first_epoch(make(7))
+    other = _first_epoch(make(8))
+
+    for (xa, ya), (xb, yb) in zip(epoch1, again, strict=True):
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_allclose(xa, xb, atol=1e-3)
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(epoch1, epoch2, strict=True))
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(epoch1, other, strict=True))
+
+
+def _top_bright_batch(n: int):
+    import tensorflow as tf
+
+    image = np.zeros((16, 16, 3), np.float32)
+    image[:8] = 200.0
+    image[:8, :4] = 250.0
+    return tf.constant(np.repeat(image[None], n, axis=0))
+
+
+def _flips_only(vertical: bool) -> AugmentConfig:
+    return AugmentConfig(
+        flip_horizontal=True,
+        flip_vertical=vertical,
+        rotation_degrees=0,
+        zoom=0,
+        brightness=0,
+        contrast=0,
+    )
+
+
+def test_no_vertical_flip_unless_configured():
+    import tensorflow as tf
+
+    batch = _top_bright_batch(64)
+    upright = []
+    left_bright = []
+    for draw in range(20):
+        out = augment_batch(batch, _flips_only(False), tf.constant([0, draw], tf.int64)).numpy()
+        upright.append(out[:, :8].mean(axis=(1, 2, 3)) > out[:, 8:].mean(axis=(1, 2, 3)))
+        left_bright.append(
+            out[:, :8, :4].mean(axis=(1, 2, 3)) > out[:, :8, 12:].mean(axis=(1, 2, 3))
+        )
+
+    assert np.all(upright), "an image was flipped vertically although flip_vertical is off"
+    assert 0.3 < np.mean(left_bright) < 0.7, "horizontal flips should happen about half the time"
+
+    flipped = augment_batch(batch, _flips_only(True), tf.constant([0, 1], tf.int64)).numpy()
+    assert np.any(flipped[:, :8].mean(axis=(1, 2, 3)) < flipped[:, 8:].mean(axis=(1, 2, 3)))
+
+
+def test_rotation_zoom_brightness_contrast_change_pixels_within_range():
+    import tensorflow as tf
+
+    batch = _top_bright_batch(8)
+    config = AugmentConfig(flip_horizontal=False, rotation_degrees=20, zoom=0.2)
+    out = augment_batch(batch, config, tf.constant([1, 2], tf.int64)).numpy()
+
+    assert out.shape == batch.shape
+    assert out.min() >= 0.0 and out.max() <= 255.0
+    assert np.abs(out - batch.numpy()).mean() > 1.0
+    assert len({round(float(v), 3) for v in out.mean(axis=(1, 2, 3))}) == 8
+
+
+def test_empty_or_missing_split_is_a_dataset_error(split_dir):
+    with pytest.raises(DatasetError, match="no 'test' split"):
+        make_dataset(split_dir, "test", 32, 4, None, training=False, seed=0)
