@@ -48,6 +48,8 @@ class DatasetConfig(_Section):
     # Label whose recall matters most (the gate's default sensitivity rule).
     positive_class: str = "tumor"
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)
+    # Refuse archives that would unpack to more than this (zip bombs).
+    max_archive_bytes: int = Field(20 * 2**30, ge=1)
 
 
 class SplitConfig(_Section):
@@ -60,6 +62,9 @@ class SplitConfig(_Section):
     phash_max_distance: int = Field(5, ge=0, le=32)
     # Also group numbered files with consecutive numbers (`Stone- (816).jpg`, `(817)`) per class.
     group_consecutive_numbers: bool = False
+    # ...but only where the two slices also look alike (pHash distance at most this): a run of
+    # numbers breaks where one patient's series ends and the next begins.
+    consecutive_max_distance: int = Field(12, ge=0, le=64)
     # Keep a dataset's own train/test folders (split_dirs) instead of re-splitting everything.
     keep_predefined: bool = True
     min_test_per_class: int = Field(2, ge=1)

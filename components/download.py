@@ -1,0 +1,336 @@
+"""Download step: fetch a dataset from any supported source into the "Raw dataset" folder.
+
+Sources: `phantom` (the synthetic generator), a local folder, a local archive (.zip, .tar,
+.tar.gz, .tgz, ... extracted safely), `kaggle:<owner>/<slug>[/versions/N]` (kagglehub) and
+`gs://bucket/prefix` (the storage layer). The output (docs/artifacts.md "Raw dataset"):
+`files/<original relative path>`, `manifest.csv` (path,label,sha256,bytes,source_split) and
+`source.json`.
+
+Which files are listed: files with an image extension (see `IMAGE_EXTENSIONS`) under a class
+folder, at any depth below it. Hidden files and folders (`.DS_Store`, `._x.jpg`, `__MACOSX`) and
+files with other extensions are skipped and counted in the log. A broken file with an image
+extension is still listed: validation quarantines it with a reason. DICOM is not listed (Pillow
+cannot decode it); convert it to PNG first.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tumorflow.components import archive, storage
+from tumorflow.components.errors import DatasetError, SourceUnavailableError
+from tumorflow.components.phantom import generate_phantom
+from tumorflow.pipelines.config import DatasetConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+MANIFEST_CSV = "manifest.csv"
+SOURCE_JSON = "source.json"
+FILES = "files"
+MANIFEST_COLUMNS = ("path", "label", "sha256", "bytes", "source_split")
+_KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+(/versions/(\d+))?$")
+_STAGING = ".staging"
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One listed image of the raw dataset."""
+
+    path: str
+    label: str
+    sha256: str
+    bytes: int
+    source_split: str
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What `download_dataset` wrote: the raw dataset folder and a summary of it."""
+
+    output_dir: Path
+    rows: list[ManifestRow]
+    source: dict
+    skipped_folders: list[str] = field(default_factory=list)
+
+    @property
+    def label_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(row.label for row in self.rows).items()))
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    root: Path
+    resolved: str
+    version: str | None
+    extra: dict = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _fetch_kaggle(handle: str) -> _Fetched:
+    import kagglehub
+    import kagglehub.exceptions as kaggle_errors
+    import requests
+
+    match = _KAGGLE_HANDLE.match(handle)
+    if not match:
+        raise SourceUnavailableError(
+            f"kaggle:{handle} is not a dataset handle; write kaggle:<owner>/<slug>[/versions/N]"
+        )
+    try:
+        resolved = kagglehub.dataset_download(handle)
+    except requests.exceptions.RequestException as exc:
+        if isinstance(exc, kaggle_errors.KaggleApiHTTPError):
+            raise SourceUnavailableError(
+                f"Kaggle refused kaggle:{handle} ({exc}); check the handle and version, and your "
+                "credentials (~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY)"
+            ) from None
+        raise SourceUnavailableError(
+            f"Kaggle is unreachable ({type(exc).__name__}). Download kaggle:{handle} on a machine with "
+            f"internet (`kagglehub.dataset_download('{handle}')`) and give that folder or a .zip of it as "
+            "SOURCE, or copy its kagglehub cache here and set KAGGLEHUB_CACHE (pin /versions/N so the "
+            "cache is used without asking Kaggle)"
+        ) from None
+    except (kaggle_errors.CredentialError, kaggle_errors.UnauthenticatedError) as exc:
+        raise SourceUnavailableError(
+            f"Kaggle needs credentials for kaggle:{handle} ({exc}); put them in ~/.kaggle/kaggle.json "
+            "or KAGGLE_USERNAME/KAGGLE_KEY"
+        ) from None
+    except (
+        kaggle_errors.NotFoundError,
+        kaggle_errors.BackendError,
+        kaggle_errors.DataCorruptionError,
+    ) as exc:
+        raise SourceUnavailableError(f"kagglehub could not fetch kaggle:{handle}: {exc}") from None
+    version = match.group(2)
+    if version is None:
+        found = re.search(r"versions[/\\](\d+)", str(resolved))
+        version = found.group(1) if found else None
+    return _Fetched(Path(resolved), str(resolved), version)
+
+
+def _fetch(source: str, staging: Path, dataset: DatasetConfig) -> _Fetched:
+    """Bring the source to a local folder (in `staging` when it must be made or copied)."""
+    if source == "phantom":
+        phantom = dataset.phantom
+        root = generate_phantom(
+            staging / "phantom",
+            phantom.per_class,
+            phantom.size,
+            phantom.seed,
+            phantom.slices_per_patient,
+        )
+        return _Fetched(root, "phantom", None, {"phantom": phantom.model_dump()})
+    if source.startswith("kaggle:"):
+        return _fetch_kaggle(source.removeprefix("kaggle:").strip("/"))
+    if storage.is_remote(source):
+        storage.download_tree(source, staging / "gcs")
+        return _Fetched(staging / "gcs", source, None)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _Fetched(path, str(path.resolve()), None)
+    if archive.is_archive(path):
+        archive.extract_archive(path, staging / "archive", dataset.max_archive_bytes)
+        return _Fetched(
+            staging / "archive", str(path.resolve()), None, {"sha256": sha256_file(path)}
+        )
+    if path.exists():
+        raise SourceUnavailableError(
+            f"{path} is neither a folder nor a supported archive ({', '.join(archive.ARCHIVE_SUFFIXES)})"
+        )
+    raise SourceUnavailableError(
+        f"dataset source {source!r} does not exist; give phantom, a folder, an archive, "
+        "kaggle:<owner>/<slug>[/versions/N] or gs://bucket/prefix"
+    )
+
+
+def _dataset_base(root: Path, dataset: DatasetConfig) -> Path:
+    """The folder holding the class (or split) folders; descends through lone wrapper folders."""
+    subdir = dataset.subdir.strip("/")
+    known = {name.lower() for name in (*dataset.split_dirs, *dataset.class_map)}
+    current = root
+    while True:
+        if subdir and (current / subdir).is_dir():
+            return current / subdir
+        children = [c for c in current.iterdir() if not _is_hidden(c.name)]
+        lone = children[0] if len(children) == 1 and children[0].is_dir() else None
+        if not subdir and (lone is None or lone.name.lower() in known):
+            return current
+        if lone is None:
+            raise DatasetError(
+                f"the dataset has no folder {subdir!r} under {root}; fix dataset.subdir"
+            )
+        logger.info("descending into %s, the only folder of %s", lone.name, current)
+        current = lone
+
+
+def _class_folders(
+    base: Path, dataset: DatasetConfig
+) -> tuple[list[tuple[Path, str, str]], list[str]]:
+    """(class folder, label, source_split) for every labelled folder, and the skipped folders."""
+    split_names = {name.lower(): split for name, split in dataset.split_dirs.items()}
+    children = sorted(c for c in base.iterdir() if c.is_dir() and not _is_hidden(c.name))
+    containers = [
+        (c, split_names[c.name.lower()]) for c in children if c.name.lower() in split_names
+    ]
+    if split_names and not containers:
+        logger.warning(
+            "none of the split folders %s is under %s: treating its folders as classes",
+            sorted(dataset.split_dirs),
+            base,
+        )
+    if not containers:
+        containers = [(base, "")]
+    class_map = {name.lower(): label for name, label in dataset.class_map.items()}
+    folders, skipped = [], []
+    for container, split in containers:
+        for folder in sorted(
+            c for c in container.iterdir() if c.is_dir() and not _is_hidden(c.name)
+        ):
+            label = class_map.get(folder.name.lower()) if class_map else folder.name.lower()
+            if label is None:
+                logger.info(
+                    "skipping folder %s: not in dataset.class_map", folder.relative_to(base)
+                )
+                skipped.append(folder.relative_to(base).as_posix())
+                continue
+            folders.append((folder, label, split))
+    return folders, skipped
+
+
+def _list_images(folder: Path) -> tuple[list[Path], int]:
+    """Image-extension files under a class folder (any depth) and how many others were skipped."""
+    images, skipped = [], 0
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).parts
+        if not path.is_file() or any(_is_hidden(part) for part in relative):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            skipped += 1
+    return images, skipped
+
+
+def _prepare_output(output_dir: Path) -> None:
+    """Make `output_dir` an empty raw dataset folder, replacing an earlier raw dataset only."""
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not (output_dir / MANIFEST_CSV).exists():
+            raise SourceUnavailableError(
+                f"{output_dir} is not empty and is not a raw dataset; choose a new folder"
+            )
+        for name in (FILES, _STAGING):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+        for name in (MANIFEST_CSV, SOURCE_JSON):
+            (output_dir / name).unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_manifest(rows: list[ManifestRow], path: Path) -> None:
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        for row in rows:
+            writer.writerow([row.path, row.label, row.sha256, row.bytes, row.source_split])
+
+
+def read_manifest(raw_dir: Path) -> list[ManifestRow]:
+    """The rows of a raw dataset's manifest.csv."""
+    path = Path(raw_dir) / MANIFEST_CSV
+    if not path.exists():
+        raise DatasetError(
+            f"{raw_dir} is not a raw dataset: {MANIFEST_CSV} is missing; run the download step"
+        )
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
+        if missing:
+            raise DatasetError(f"{path} lacks the columns {sorted(missing)}")
+        return [
+            ManifestRow(
+                r["path"], r["label"], r["sha256"], int(r["bytes"]), r["source_split"] or ""
+            )
+            for r in reader
+        ]
+
+
+def download_dataset(source: str, output_dir: Path, dataset: DatasetConfig) -> DownloadResult:
+    """Fetch `source`, copy its labelled images to `output_dir/files/`, write the manifest."""
+    output_dir = Path(output_dir)
+    _prepare_output(output_dir)
+    staging = output_dir / _STAGING
+    try:
+        fetched = _fetch(source.strip(), staging, dataset)
+        base = _dataset_base(fetched.root, dataset)
+        folders, skipped_folders = _class_folders(base, dataset)
+        if not folders:
+            raise DatasetError(
+                f"no class folders under {base}; check dataset.subdir, split_dirs and class_map"
+            )
+        rows, skipped_files = [], 0
+        files_dir = output_dir / FILES
+        for folder, label, split in folders:
+            images, skipped = _list_images(folder)
+            skipped_files += skipped
+            for image in tqdm(
+                images, desc=f"copy {folder.name}", unit="img", disable=None, leave=False
+            ):
+                relative = image.relative_to(fetched.root).as_posix()
+                target = files_dir / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if staging in image.parents:
+                    image.replace(target)
+                else:
+                    shutil.copyfile(image, target)
+                rows.append(
+                    ManifestRow(relative, label, sha256_file(target), target.stat().st_size, split)
+                )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not rows:
+        raise DatasetError(
+            f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under the class folders of {source}"
+        )
+    rows.sort(key=lambda row: row.path)
+    write_manifest(rows, output_dir / MANIFEST_CSV)
+    source_info = {
+        "source": source,
+        "resolved": fetched.resolved,
+        "version": fetched.version,
+        "downloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **fetched.extra,
+    }
+    (output_dir / SOURCE_JSON).write_text(json.dumps(source_info, indent=2) + "\n")
+    result = DownloadResult(output_dir, rows, source_info, skipped_folders)
+    logger.info(
+        "raw dataset: %d images %s from %s (%d non-image files skipped) -> %s",
+        len(rows),
+        result.label_counts,
+        source,
+        skipped_files,
+        output_dir,
+    )
+    return result
