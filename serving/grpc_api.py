@@ -1,0 +1,195 @@
+"""TF Serving's gRPC services (PredictionService, ModelService) over the inference core.
+
+Messages are the generated ones of tensorflow-serving-api, so the official client stubs talk to
+this server exactly as they talk to `tensorflow_model_server`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from tumorflow.components.errors import ConfigError
+from tumorflow.serving.inference import InferenceService
+from tumorflow.serving.repository import VersionStatus
+from tumorflow.serving.servable import Servable
+from tumorflow.serving.status import ServingError, invalid_argument
+
+logger = logging.getLogger(__name__)
+
+
+def _spec_choice(spec: model_pb2.ModelSpec) -> tuple[int | None, str | None]:
+    choice = spec.WhichOneof("version_choice")
+    if choice == "version":
+        return spec.version.value, None
+    if choice == "version_label":
+        return None, spec.version_label
+    return None, None
+
+
+def _fill_spec(spec: model_pb2.ModelSpec, servable: Servable, signature_name: str = "") -> None:
+    spec.name = servable.name
+    spec.version.value = servable.version
+    if signature_name:
+        spec.signature_name = signature_name
+
+
+def status_proto(version: int, status: VersionStatus) -> get_model_status_pb2.ModelVersionStatus:
+    proto = get_model_status_pb2.ModelVersionStatus(version=version, state=status.state)
+    proto.status.error_code = status.error_code.value[0]
+    proto.status.error_message = status.error_message
+    return proto
+
+
+@contextmanager
+def _answer(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turn a ServingError into the gRPC status of the call; unexpected errors into INTERNAL."""
+    try:
+        yield
+    except ServingError as exc:
+        context.abort(exc.code, exc.message)
+    except ConfigError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except Exception as exc:
+        logger.exception("request failed")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """tensorflow.serving.PredictionService: Predict, Classify, GetModelMetadata."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+
+    def _tracked(
+        self, request: Any, api: str, context: grpc.ServicerContext, body: Callable[[], Any]
+    ) -> Any:
+        with _answer(context), self.service.metrics.track(request.model_spec.name, api, "grpc"):
+            return body()
+
+    def Predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext
+    ) -> predict_pb2.PredictResponse:
+        def body() -> predict_pb2.PredictResponse:
+            inputs = {}
+            for key, proto in request.inputs.items():
+                try:
+                    inputs[key] = tf.make_ndarray(proto)
+                except (TypeError, ValueError) as exc:
+                    raise invalid_argument(
+                        f"input '{key}' is not a valid TensorProto: {exc}"
+                    ) from exc
+            version, label = _spec_choice(request.model_spec)
+            prediction = self.service.predict(
+                request.model_spec.name,
+                inputs,
+                version=version,
+                label=label,
+                signature_name=request.model_spec.signature_name,
+                output_filter=list(request.output_filter),
+            )
+            response = predict_pb2.PredictResponse()
+            _fill_spec(response.model_spec, prediction.servable, prediction.signature_name)
+            for key, array in prediction.outputs.items():
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(array))
+            return response
+
+        return self._tracked(request, "predict", context, body)
+
+    def Classify(
+        self, request: classification_pb2.ClassificationRequest, context: grpc.ServicerContext
+    ) -> classification_pb2.ClassificationResponse:
+        def body() -> classification_pb2.ClassificationResponse:
+            kind = request.input.WhichOneof("kind")
+            if kind == "example_list":
+                examples = list(request.input.example_list.examples)
+            elif kind == "example_list_with_context":
+                context_example = request.input.example_list_with_context.context
+                examples = []
+                for example in request.input.example_list_with_context.examples:
+                    merged = tf.train.Example()
+                    merged.CopyFrom(context_example)
+                    merged.MergeFrom(example)
+                    examples.append(merged)
+            else:
+                raise invalid_argument("ClassificationRequest.input holds no examples")
+            version, label = _spec_choice(request.model_spec)
+            result = self.service.classify(
+                request.model_spec.name,
+                examples,
+                version=version,
+                label=label,
+                signature_name=request.model_spec.signature_name,
+            )
+            response = classification_pb2.ClassificationResponse()
+            _fill_spec(response.model_spec, result.servable, result.signature_name)
+            for pairs in result.results:
+                classifications = response.result.classifications.add()
+                for name, score in pairs:
+                    classifications.classes.add(label=name, score=score)
+            return response
+
+        return self._tracked(request, "classify", context, body)
+
+    def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.ServicerContext
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        def body() -> get_model_metadata_pb2.GetModelMetadataResponse:
+            fields = list(request.metadata_field)
+            if fields != ["signature_def"]:
+                raise invalid_argument(
+                    f"Metadata field {fields[0] if fields else '(none)'} is not supported; "
+                    "request metadata_field 'signature_def'"
+                )
+            version, label = _spec_choice(request.model_spec)
+            servable = self.service.metadata(request.model_spec.name, version=version, label=label)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            _fill_spec(response.model_spec, servable)
+            response.metadata["signature_def"].Pack(servable.signature_def_map())
+            return response
+
+        return self._tracked(request, "metadata", context, body)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """tensorflow.serving.ModelService: GetModelStatus and HandleReloadConfigRequest."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+
+    def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.ServicerContext
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        with _answer(context):
+            version, label = _spec_choice(request.model_spec)
+            statuses = self.service.status(request.model_spec.name, version=version, label=label)
+            response = get_model_status_pb2.GetModelStatusResponse()
+            for number, status in statuses.items():
+                response.model_version_status.append(status_proto(number, status))
+            return response
+
+    def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest, context: grpc.ServicerContext
+    ) -> model_management_pb2.ReloadConfigResponse:
+        response = model_management_pb2.ReloadConfigResponse()
+        try:
+            self.service.repository.reload_config(request.config)
+        except ConfigError as exc:
+            response.status.error_code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            response.status.error_message = str(exc)
+        return response
