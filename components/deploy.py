@@ -1,0 +1,418 @@
+"""Deploy: a blessed model becomes the next integer version that TF Serving serves as `stable`.
+
+Local model base paths: the SavedModel is exported into `<base>/<name>/.tmp-<uuid>/` and renamed to
+`<base>/<name>/<version>/`; `rename` onto an existing version fails, so two concurrent deploys take
+distinct versions and a reader never sees half a version (TF Serving ignores non-integer names).
+gs:// base paths have no rename: the files are uploaded into `<version>/` with `saved_model.pb`
+last, and TF Serving only loads a version once `saved_model.pb` exists; run one deploy per model at
+a time there (the pipeline does).
+
+`<base>/models.config` (TF Serving ModelServerConfig, text proto) lists the versions to load as a
+`specific` policy: `stable` (the registry's `champion`), `previous`, and the newest others up to
+`keep_versions`. Labels always point at loaded versions, as TF Serving requires. Older version
+folders stay on disk (not loaded) so that `tumorflow rollback --to N` can bring them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import getpass
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tumorflow.components import storage
+from tumorflow.components.errors import TumorflowError
+
+log = logging.getLogger(__name__)
+
+MODELS_CONFIG = "models.config"
+STABLE = "stable"
+PREVIOUS = "previous"
+SAVED_MODEL = "saved_model.pb"
+
+
+class DeployRefused(TumorflowError):
+    """The model may not be deployed: the gate failed or approval was not given."""
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    version: int
+    path: str
+    registered_version: str | None
+
+
+def served_versions(model_base_path: str, model_name: str) -> list[int]:
+    """Integer versions under `<base>/<name>/` that hold a complete SavedModel, ascending."""
+    root = storage.join(model_base_path, model_name)
+    if not storage.exists(root):
+        return []
+    return sorted(
+        int(parts[0])
+        for parts in (name.split("/") for name in storage.list_files(root))
+        if parts[0].isdigit() and parts[1:] == [SAVED_MODEL]
+    )
+
+
+def _taken_versions(root: str) -> set[int]:
+    if not storage.exists(root):
+        return set()
+    return {int(n.split("/")[0]) for n in storage.list_files(root) if n.split("/")[0].isdigit()}
+
+
+def read_serving_config(model_base_path: str) -> Any:
+    """The ModelServerConfig of `<base>/models.config` (empty when there is none)."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    path = storage.join(model_base_path, MODELS_CONFIG)
+    if storage.exists(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            text = storage.download_file(path, Path(tmp) / MODELS_CONFIG).read_text()
+        text_format.Parse(text, config)
+    return config
+
+
+def serving_labels(model_base_path: str, model_name: str) -> tuple[dict[str, int], list[int]]:
+    """(version labels, versions to load) of one model in models.config."""
+    for entry in read_serving_config(model_base_path).model_config_list.config:
+        if entry.name == model_name:
+            return dict(entry.version_labels), list(entry.model_version_policy.specific.versions)
+    return {}, []
+
+
+@contextlib.contextmanager
+def _config_lock(model_base_path: str) -> Iterator[None]:
+    """Serialise read-modify-write of models.config between processes (local paths)."""
+    if storage.is_remote(model_base_path):
+        yield
+        return
+    Path(model_base_path).mkdir(parents=True, exist_ok=True)
+    with open(Path(model_base_path) / ".models.config.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_serving_config(
+    model_base_path: str, model_name: str, stable: int, previous: int | None, keep_versions: int
+) -> list[int]:
+    """Point `stable`/`previous` of `model_name` in models.config; return the versions loaded.
+
+    Other models' entries are kept. The file is replaced atomically (local) so TF Serving's
+    config poller never reads half of it.
+    """
+    from google.protobuf import text_format
+
+    available = served_versions(model_base_path, model_name)
+    loaded = {stable} | ({previous} if previous is not None else set())
+    for version in reversed(available):
+        if len(loaded) >= keep_versions:
+            break
+        loaded.add(version)
+    config = read_serving_config(model_base_path)
+    entries = config.model_config_list.config
+    entry = next((e for e in entries if e.name == model_name), None) or entries.add()
+    entry.Clear()
+    entry.name = model_name
+    base = storage.join(model_base_path, model_name)
+    entry.base_path = base if storage.is_remote(base) else str(Path(base).resolve())
+    entry.model_platform = "tensorflow"
+    entry.model_version_policy.specific.versions.extend(sorted(loaded))
+    entry.version_labels[STABLE] = stable
+    if previous is not None:
+        entry.version_labels[PREVIOUS] = previous
+    text = text_format.MessageToString(config)
+    target = storage.join(model_base_path, MODELS_CONFIG)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=None if storage.is_remote(target) else model_base_path, delete=False, suffix=".tmp"
+    ) as tmp:
+        tmp.write(text)
+    if storage.is_remote(target):
+        storage.upload_file(Path(tmp.name), target)
+        os.unlink(tmp.name)
+    else:
+        os.replace(tmp.name, target)
+    log.info(
+        "models.config: %s stable=%s previous=%s loads %s",
+        model_name,
+        stable,
+        previous,
+        sorted(loaded),
+    )
+    return sorted(loaded)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not Path(path).exists():
+        raise DeployRefused(f"no {what} at {path}: deploy needs the gate's decision")
+    return json.loads(Path(path).read_text())
+
+
+def check_deployable(decision: dict[str, Any], approval: dict[str, Any] | None) -> None:
+    """Raise DeployRefused unless the gate passed (or a recorded override approves it)."""
+    if approval is not None and approval.get("status") != "approved":
+        raise DeployRefused(
+            f"approval is {approval.get('status')!r}: {approval.get('reason') or approval.get('comment') or 'not approved'}"
+        )
+    if not decision.get("passed") and not (approval and approval.get("override")):
+        failed = [r["name"] for r in decision.get("rules", []) if not r.get("passed")]
+        raise DeployRefused(
+            f"the gate failed ({'; '.join(failed) or 'no passing decision'}); nothing deployed. "
+            "To deploy anyway, record an override: tumorflow approve RUN --override --reason ..."
+        )
+
+
+def _copy_drift_reference(reference: Path, assets: Path) -> None:
+    from tumorflow.components.drift_features import (
+        PROJECTION_FILE,
+        REFERENCE_FILE,
+        projection_path_for,
+    )
+
+    reference = Path(reference)
+    if reference.is_dir():
+        reference = reference / REFERENCE_FILE
+    if not reference.is_file():
+        raise DeployRefused(f"the drift reference {reference} does not exist")
+    shutil.copyfile(reference, assets / REFERENCE_FILE)
+    projection = projection_path_for(reference)
+    if projection.exists():
+        shutil.copyfile(projection, assets / PROJECTION_FILE)
+
+
+def _publish(local_version: Path, model_base_path: str, model_name: str) -> int:
+    """Move/upload an exported version into place under the next free integer; return it."""
+    root = storage.join(model_base_path, model_name)
+    while True:
+        version = max(_taken_versions(root), default=0) + 1
+        target = storage.join(root, str(version))
+        if storage.is_remote(root):
+            names = storage.list_files(local_version)
+            for name in sorted(names, key=lambda n: n == SAVED_MODEL):
+                storage.upload_file(local_version / name, storage.join(target, name))
+            return version
+        try:
+            os.rename(local_version, target)
+            return version
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            log.info("version %d was taken by a concurrent deploy; trying the next", version)
+
+
+def deploy_model(
+    model_dir: Path,
+    decision_path: Path,
+    model_base_path: str,
+    model_name: str,
+    *,
+    keep_versions: int,
+    tracking_uri: str | None,
+    pipeline_run: str,
+    drift_reference: Path | None = None,
+    approval_dir: Path | None = None,
+) -> DeployResult:
+    """Export the model as the next served version, move `stable`/`champion`, keep `previous`.
+
+    Refuses (nothing written) unless the decision passed or the approval record in
+    `approval_dir/approval.json` is an approved override.
+    """
+    from tumorflow.components import registry
+    from tumorflow.components.export import ASSETS_EXTRA, export_serving_model
+
+    decision = _read_json(Path(decision_path), "decision")
+    approval = (
+        _read_json(Path(approval_dir) / "approval.json", "approval") if approval_dir else None
+    )
+    check_deployable(decision, approval)
+
+    client = model_version = None
+    if tracking_uri:
+        client = registry.connect(tracking_uri)
+        model_version = registry.find_version_by_run(client, pipeline_run, model_name)
+        if model_version is None:
+            model_version = registry.register_model_version(
+                client,
+                model_name,
+                model_dir,
+                {
+                    registry.TAG_PIPELINE_RUN: pipeline_run,
+                    registry.TAG_GATE_PASSED: str(bool(decision["passed"])).lower(),
+                },
+            )
+    root = storage.join(model_base_path, model_name)
+    staging_parent = Path(tempfile.mkdtemp()) if storage.is_remote(root) else Path(root)
+    staging_parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_parent / f".tmp-{uuid.uuid4().hex}"
+    try:
+        export_serving_model(
+            model_dir,
+            staging,
+            model_name=model_name,
+            extra_info={
+                "model_name": model_name,
+                "registered_version": model_version.version if model_version else None,
+                "pipeline_run": pipeline_run,
+                "gate_passed": bool(decision["passed"]),
+                "deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            },
+        )
+        if drift_reference is not None:
+            _copy_drift_reference(drift_reference, staging / ASSETS_EXTRA)
+        with _config_lock(model_base_path):
+            version = _publish(staging, model_base_path, model_name)
+            labels, _ = serving_labels(model_base_path, model_name)
+            old_stable = labels.get(STABLE)
+            write_serving_config(model_base_path, model_name, version, old_stable, keep_versions)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if storage.is_remote(root):
+            shutil.rmtree(staging_parent, ignore_errors=True)
+    path = storage.join(root, str(version))
+    if client is not None and model_version is not None:
+        tags = {
+            registry.TAG_SERVING_VERSION: str(version),
+            registry.TAG_SERVING_PATH: path
+            if storage.is_remote(path)
+            else str(Path(path).resolve()),
+            registry.TAG_GATE_PASSED: str(bool(decision["passed"])).lower(),
+            registry.TAG_PIPELINE_RUN: pipeline_run,
+        }
+        if approval is not None:
+            tags.update(approval_tags(approval))
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, model_version.version, key, value)
+        registry.move_champion(client, model_name, model_version.version)
+    log.info("deployed %s version %d to %s", model_name, version, path)
+    return DeployResult(version, path, model_version.version if model_version else None)
+
+
+def approval_tags(approval: dict[str, Any]) -> dict[str, str]:
+    """Model-version tags of an approval record (docs/artifacts.md "MLflow conventions")."""
+    return {
+        f"approval.{key}": str(approval[key]).lower()
+        if isinstance(approval[key], bool)
+        else str(approval[key])
+        for key in ("status", "by", "at", "comment", "override")
+        if approval.get(key) not in (None, "")
+    }
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    stable: int
+    replaced: int | None
+    champion_version: str | None
+
+
+def rollback(
+    tracking_uri: str | None,
+    model_name: str,
+    model_base_path: str,
+    to_version: int | None = None,
+    *,
+    keep_versions: int = 2,
+    by: str | None = None,
+) -> RollbackResult:
+    """Serve an earlier version again: `stable` label and `champion` alias go back, no retraining.
+
+    `to_version` is a served (directory) version; by default the one labelled `previous`.
+    """
+    from tumorflow.components import registry
+
+    labels, _ = serving_labels(model_base_path, model_name)
+    current = labels.get(STABLE)
+    target = to_version if to_version is not None else labels.get(PREVIOUS)
+    if target is None:
+        raise DeployRefused(
+            f"{model_name} has no previous served version to roll back to; pass --to VERSION "
+            f"(on disk: {served_versions(model_base_path, model_name) or 'none'})"
+        )
+    if target not in served_versions(model_base_path, model_name):
+        raise DeployRefused(
+            f"{model_name} version {target} is not on disk under {model_base_path}; "
+            f"choose one of {served_versions(model_base_path, model_name)}"
+        )
+    if target == current:
+        raise DeployRefused(f"{model_name} version {target} is already the stable version")
+    champion_version = None
+    if tracking_uri:
+        client = registry.connect(tracking_uri)
+        found = client.search_model_versions(
+            f"name = '{model_name}' and tags.`{registry.TAG_SERVING_VERSION}` = '{target}'"
+        )
+        if not found:
+            raise DeployRefused(
+                f"no registered version of {model_name} is tagged serving_version={target}"
+            )
+        champion_version = max(found, key=lambda mv: int(mv.version)).version
+        registry.move_champion(client, model_name, champion_version)
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        for key, value in {
+            "rollback.at": now,
+            "rollback.by": by or getpass.getuser(),
+            "rollback.from_serving_version": str(current),
+        }.items():
+            client.set_model_version_tag(model_name, champion_version, key, value)
+    with _config_lock(model_base_path):
+        write_serving_config(model_base_path, model_name, target, current, keep_versions)
+    log.info("rolled %s back from version %s to %s", model_name, current, target)
+    return RollbackResult(target, current, champion_version)
+
+
+def model_status(
+    tracking_uri: str | None, model_name: str, model_base_path: str, last: int = 10
+) -> dict[str, Any]:
+    """What `tumorflow status` shows: served versions and labels, aliases, recent model versions."""
+    from tumorflow.components import registry
+
+    labels, loaded = serving_labels(model_base_path, model_name)
+    status: dict[str, Any] = {
+        "model_name": model_name,
+        "model_base_path": model_base_path,
+        "serving": {
+            "on_disk": served_versions(model_base_path, model_name),
+            "loaded": loaded,
+            "labels": labels,
+        },
+        "aliases": {},
+        "versions": [],
+    }
+    if tracking_uri:
+        client = registry.connect(tracking_uri)
+        status["aliases"] = registry.aliases(client, model_name)
+        status["versions"] = [
+            {
+                "version": mv.version,
+                "created": dt.datetime.fromtimestamp(
+                    mv.creation_timestamp / 1000, dt.UTC
+                ).isoformat(timespec="seconds"),
+                "pipeline_run": mv.tags.get(registry.TAG_PIPELINE_RUN),
+                "gate_passed": mv.tags.get(registry.TAG_GATE_PASSED),
+                "serving_version": mv.tags.get(registry.TAG_SERVING_VERSION),
+                "approval": {
+                    k.split(".", 1)[1]: v for k, v in mv.tags.items() if k.startswith("approval.")
+                },
+                "rollback": {
+                    k.split(".", 1)[1]: v for k, v in mv.tags.items() if k.startswith("rollback.")
+                },
+                "aliases": sorted(a for a, v in status["aliases"].items() if v == mv.version),
+            }
+            for mv in registry.list_versions(client, model_name)[:last]
+        ]
+    return status

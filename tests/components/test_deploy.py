@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tumorflow.components.deploy import (
+    DeployRefused,
+    deploy_model,
+    model_status,
+    rollback,
+    serving_labels,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _decision(tmp_path: Path, passed: bool) -> Path:
+    path = tmp_path / f"decision-{passed}.json"
+    rule = {"name": "accuracy >= 0.8 (point)", "passed": passed}
+    path.write_text(json.dumps({"passed": passed, "rules": [rule]}))
+    return path
+
+
+def _registry(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _parse_config(base: Path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    return text_format.Parse(
+        (base / "models.config").read_text(), model_server_config_pb2.ModelServerConfig()
+    )
+
+
+def test_a_failed_gate_deploys_nothing(make_model_dir, tmp_path, mlflow_server):
+    name = f"m-{uuid.uuid4().hex[:6]}"
+    base = tmp_path / "models"
+    base.mkdir()
+    with pytest.raises(DeployRefused, match="--override"):
+        deploy_model(
+            make_model_dir(),
+            _decision(tmp_path, passed=False),
+            str(base),
+            name,
+            keep_versions=2,
+            tracking_uri=mlflow_server,
+            pipeline_run="run-failed",
+        )
+    assert list(base.iterdir()) == []
+    assert _registry(mlflow_server).search_model_versions(f"name = '{name}'") == []
+
+
+def test_versions_increase_and_aliases_and_labels_follow(make_model_dir, tmp_path, mlflow_server):
+    name = f"m-{uuid.uuid4().hex[:6]}"
+    base = tmp_path / "models"
+    reference = tmp_path / "reference" / "drift_reference.parquet"
+    reference.parent.mkdir()
+    pd.DataFrame({"mean_intensity": [1.0, 2.0]}).to_parquet(reference)
+    results = [
+        deploy_model(
+            make_model_dir(f"model{i}"),
+            _decision(tmp_path, passed=True),
+            str(base),
+            name,
+            keep_versions=2,
+            tracking_uri=mlflow_server,
+            pipeline_run=f"run-{i}",
+            drift_reference=reference,
+        )
+        for i in range(3)
+    ]
+    assert [r.version for r in results] == [1, 2, 3]
+    assert sorted(p.name for p in (base / name).iterdir()) == ["1", "2", "3"]
+    assets = base / name / "3" / "assets.extra"
+    meta = json.loads((assets / "tumorflow.json").read_text())
+    assert meta["registered_version"] == results[2].registered_version
+    assert (assets / "drift_reference.parquet").exists()
+
+    (entry,) = _parse_config(base).model_config_list.config
+    assert entry.name == name and entry.base_path == str((base / name).resolve())
+    assert dict(entry.version_labels) == {"stable": 3, "previous": 2}
+    assert list(entry.model_version_policy.specific.versions) == [2, 3]
+
+    aliases = _registry(mlflow_server).get_registered_model(name).aliases
+    assert aliases == {
+        "champion": results[2].registered_version,
+        "previous": results[1].registered_version,
+    }
+    version = _registry(mlflow_server).get_model_version(name, results[2].registered_version)
+    assert (
+        version.tags["serving_version"] == "3" and version.tags["tumorflow.pipeline_run"] == "run-2"
+    )
+
+    back = rollback(mlflow_server, name, str(base), by="tester")
+    assert (back.stable, back.replaced) == (2, 3)
+    assert serving_labels(str(base), name) == ({"stable": 2, "previous": 3}, [2, 3])
+    aliases = _registry(mlflow_server).get_registered_model(name).aliases
+    assert aliases["champion"] == results[1].registered_version
+    assert aliases["previous"] == results[2].registered_version
+
+    to_first = rollback(mlflow_server, name, str(base), to_version=1)
+    assert serving_labels(str(base), name) == ({"stable": 1, "previous": 2}, [1, 2])
+    with pytest.raises(DeployRefused, match="not on disk"):
+        rollback(mlflow_server, name, str(base), to_version=9)
+
+    status = model_status(mlflow_server, name, str(base))
+    assert status["serving"] == {
+        "on_disk": [1, 2, 3],
+        "loaded": [1, 2],
+        "labels": {"stable": 1, "previous": 2},
+    }
+    assert status["aliases"]["champion"] == to_first.champion_version
+    assert [v["pipeline_run"] for v in status["versions"]] == ["run-2", "run-1", "run-0"]
+    assert status["versions"][2]["rollback"]["from_serving_version"] == "2"
+
+
+def test_concurrent_deploys_get_distinct_versions(make_model_dir, tmp_path):
+    base = tmp_path / "models"
+    decision = _decision(tmp_path, passed=True)
+    models = [make_model_dir(f"model{i}") for i in range(3)]
+    versions, errors = [], []
+
+    def deploy(model_dir: Path, run: str) -> None:
+        try:
+            result = deploy_model(
+                model_dir,
+                decision,
+                str(base),
+                "kidney",
+                keep_versions=5,
+                tracking_uri=None,
+                pipeline_run=run,
+            )
+            versions.append(result.version)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deploy, args=(m, f"r{i}")) for i, m in enumerate(models)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(versions) == [1, 2, 3]
+    assert sorted(p.name for p in (base / "kidney").iterdir()) == ["1", "2", "3"]
+    labels, loaded = serving_labels(str(base), "kidney")
+    assert loaded == [1, 2, 3] and labels["stable"] in (1, 2, 3)
+
+
+def test_gate_against_the_registry_champion(make_model_dir, split_dir, tmp_path, mlflow_server):
+    """A worse challenger is rejected and nothing changes; a better one is deployed."""
+    from tumorflow.components.export import export_serving_model
+    from tumorflow.components.gate import evaluate_champion, run_gate
+    from tumorflow.pipelines.config import ChampionRule, GateConfig, GateRule
+
+    name = f"m-{uuid.uuid4().hex[:6]}"
+    base = tmp_path / "models"
+    config = GateConfig(
+        rules=[GateRule(metric="accuracy", threshold=0.3)],
+        champion_rules=[ChampionRule(metric="macro_f1", margin=0.02)],
+        bootstrap_resamples=50,
+    )
+
+    def evaluation_of(model_dir: Path) -> Path:
+        export_serving_model(model_dir, tmp_path / f"{model_dir.name}-export")
+        scored = evaluate_champion(tmp_path / f"{model_dir.name}-export", split_dir)
+        folder = tmp_path / f"{model_dir.name}-evaluation"
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(scored.metrics))
+        frame = pd.DataFrame(scored.probs, columns=[f"p_{c}" for c in scored.classes])
+        frame.insert(0, "label_index", scored.y_true)
+        frame.insert(0, "path", scored.paths)
+        frame.to_csv(folder / "predictions.csv", index=False)
+        return folder
+
+    def gate_and_deploy(model_dir: Path, run: str):
+        result = run_gate(
+            evaluation_of(model_dir),
+            split_dir,
+            config,
+            tracking_uri=mlflow_server,
+            model_name=name,
+            output_dir=tmp_path / f"{run}-decision",
+        )
+        try:
+            deployed = deploy_model(
+                model_dir,
+                result.decision_path,
+                str(base),
+                name,
+                keep_versions=2,
+                tracking_uri=mlflow_server,
+                pipeline_run=run,
+            )
+        except DeployRefused:
+            deployed = None
+        return result, deployed
+
+    medium = make_model_dir("medium", confusion=1)
+    first, deployed = gate_and_deploy(medium, "run-medium")
+    assert first.passed and first.decision.champion_version is None and deployed.version == 1
+
+    worse = make_model_dir("worse", confusion=2)
+    second, deployed = gate_and_deploy(worse, "run-worse")
+    assert not second.passed and deployed is None
+    assert second.decision.champion_version == "1"
+    assert sorted(p.name for p in (base / name).iterdir()) == ["1"]
+    assert (tmp_path / "run-worse-decision" / "reliability.png").exists()
+
+    better = make_model_dir("better", confusion=0)
+    third, deployed = gate_and_deploy(better, "run-better")
+    assert third.passed and deployed.version == 2
+    assert third.decision.rules[1].champion_value < third.decision.rules[1].value
+    aliases = _registry(mlflow_server).get_registered_model(name).aliases
+    assert aliases == {"champion": deployed.registered_version, "previous": "1"}
