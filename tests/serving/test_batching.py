@@ -1,0 +1,126 @@
+"""The batch scheduler: merging, splitting, bounded queues, isolation of a bad request."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from tumorflow.components.errors import ConfigError
+from tumorflow.serving.batching import BatchingParameters, BatchScheduler
+from tumorflow.serving.status import ServingError, invalid_argument
+
+
+def test_parameters_parse_tf_serving_text_proto() -> None:
+    parameters = BatchingParameters.from_text(
+        "max_batch_size { value: 32 }\nbatch_timeout_micros { value: 5000 }\n"
+        "max_enqueued_batches { value: 3 }\nnum_batch_threads { value: 2 }\n"
+        "allowed_batch_sizes: 8\nallowed_batch_sizes: 32\npad_variable_length_inputs: true\n"
+    )
+    assert parameters == BatchingParameters(32, 5000, 3, 2, (8, 32))
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        BatchingParameters.from_text("max_batch_size { value: 0 }")
+    with pytest.raises(ConfigError, match="invalid batching parameters"):
+        BatchingParameters.from_text("max_batch { value: 3 }")
+    with pytest.raises(ConfigError, match="allowed_batch_sizes"):
+        BatchingParameters.from_text("max_batch_size { value: 8 }\nallowed_batch_sizes: 4")
+
+
+def run_concurrently(scheduler: BatchScheduler, runner, payloads: list[np.ndarray]) -> list[object]:
+    results: list[object] = [None] * len(payloads)
+    barrier = threading.Barrier(len(payloads))
+
+    def call(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = scheduler.run("key", runner, {"x": payloads[index]})
+        except ServingError as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+def test_concurrent_calls_are_merged_and_split_back() -> None:
+    sizes: list[int] = []
+
+    def runner(inputs):
+        sizes.append(len(inputs["x"]))
+        return {"double": inputs["x"] * 2}
+
+    scheduler = BatchScheduler(
+        BatchingParameters(8, 50_000, 10, 1, (4, 8)), on_batch=lambda k, n: None
+    )
+    try:
+        payloads = [np.array([i, i + 100]) for i in range(6)]
+        results = run_concurrently(scheduler, runner, payloads)
+    finally:
+        scheduler.stop()
+    for payload, result in zip(payloads, results, strict=True):
+        np.testing.assert_array_equal(result["double"], payload * 2)
+    assert max(sizes) == 8, "12 examples in batches of at most 8, padded to an allowed size"
+    assert all(size in (4, 8) for size in sizes)
+
+
+def test_a_failing_merged_batch_reruns_members_alone() -> None:
+    def runner(inputs):
+        if (inputs["x"] < 0).any():
+            raise invalid_argument("negative input")
+        return {"y": inputs["x"] + 1}
+
+    scheduler = BatchScheduler(BatchingParameters(16, 50_000, 10, 1))
+    try:
+        results = run_concurrently(
+            scheduler, runner, [np.array([1]), np.array([-1]), np.array([3])]
+        )
+    finally:
+        scheduler.stop()
+    assert (
+        isinstance(results[1], ServingError) and results[1].code == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    np.testing.assert_array_equal(results[0]["y"], [2])
+    np.testing.assert_array_equal(results[2]["y"], [4])
+
+
+def test_full_queue_answers_resource_exhausted_and_recovers() -> None:
+    release = threading.Event()
+
+    def slow(inputs):
+        release.wait(10)
+        return {"y": inputs["x"]}
+
+    scheduler = BatchScheduler(BatchingParameters(1, 0, 2, 1))
+    try:
+        threads = [
+            threading.Thread(target=scheduler.run, args=("key", slow, {"x": np.array([i])}))
+            for i in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
+        with pytest.raises(ServingError) as caught:
+            scheduler.run("key", slow, {"x": np.array([9])})
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        np.testing.assert_array_equal(scheduler.run("key", slow, {"x": np.array([5])})["y"], [5])
+    finally:
+        release.set()
+        scheduler.stop()
+
+
+def test_a_request_larger_than_the_max_batch_is_invalid() -> None:
+    scheduler = BatchScheduler(BatchingParameters(2, 0, 2, 1))
+    try:
+        with pytest.raises(ServingError, match="larger than maximum input batch size 2"):
+            scheduler.run("key", lambda inputs: inputs, {"x": np.zeros(3)})
+    finally:
+        scheduler.stop()
