@@ -168,7 +168,9 @@ def make_dataset(
     if training:
         buffer = min(split_size(Path(split_dir), split), SHUFFLE_BUFFER_MAX)
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    # The manifest's count as the cardinality: Keras shows progress and a wrong count fails loudly.
+    n_batches = -(-split_size(Path(split_dir), split) // batch_size)
+    ds = ds.batch(batch_size).apply(tf.data.experimental.assert_cardinality(n_batches))
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     if training and augment is not None:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)

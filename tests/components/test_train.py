@@ -1,0 +1,196 @@
+"""Two-stage fine-tuning: stages, freezing, resuming after a kill, and the MLflow record."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tumorflow.components.backbones import build_classifier
+from tumorflow.components.input_bench import write_synthetic_split
+from tumorflow.components.train import (
+    LATEST,
+    _set_stage_trainable,
+    checkpoint_key,
+    flatten_config,
+    train_model,
+)
+from tumorflow.pipelines.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory):
+    return write_synthetic_split(
+        tmp_path_factory.mktemp("split"), {"train": 4, "val": 2}, size=40, seed=5
+    )
+
+
+def _config(**overrides) -> TrainConfig:
+    values = {
+        "backbone": "mobilenetv2",
+        "image_size": 32,
+        "batch_size": 8,
+        "stage1": {"epochs": 2, "learning_rate": 1e-3},
+        "stage2": {"epochs": 2, "learning_rate": 1e-4},
+        "unfreeze_top_layers": 12,
+        **overrides,
+    }
+    return TrainConfig.model_validate(values)
+
+
+def test_stage2_opens_only_the_top_layers_and_never_batchnorm():
+    import keras
+
+    model, base = build_classifier("mobilenetv2", 3, 32, "none", 0.1)
+    _set_stage_trainable(model, base, "mobilenetv2", 1, 12)
+    head_only = len(model.trainable_weights)
+    assert head_only == 2
+
+    _set_stage_trainable(model, base, "mobilenetv2", 2, 12)
+    top, bottom = base.layers[-12:], base.layers[:-12]
+    assert any(layer.trainable for layer in top if layer.weights)
+    assert not any(layer.trainable for layer in bottom if layer.weights)
+    assert not any(
+        layer.trainable
+        for layer in base.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    assert head_only < len(model.trainable_weights) < len(model.weights)
+
+
+def test_checkpoint_key_follows_data_and_config(split_dir):
+    assert checkpoint_key(split_dir, _config()) == checkpoint_key(split_dir, _config())
+    assert checkpoint_key(split_dir, _config()) != checkpoint_key(split_dir, _config(seed=9))
+    assert flatten_config(_config())["stage2.learning_rate"] == 1e-4
+
+
+@pytest.mark.slow
+def test_two_stages_write_the_model_folder_and_a_rerun_resumes(split_dir, tmp_path, caplog):
+    import keras
+
+    result = train_model(split_dir, tmp_path / "model", _config(), tmp_path / "ckpt")
+
+    stages = [(row["stage"], row["epoch"]) for row in result.history]
+    assert stages == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    stage1_lr = {row["learning_rate"] for row in result.history if row["stage"] == 1}
+    stage2_lr = {row["learning_rate"] for row in result.history if row["stage"] == 2}
+    assert max(stage2_lr) < min(stage1_lr)
+    for name in ("model.keras", "model_info.json", "history.csv", "training_curves.png"):
+        assert (tmp_path / "model" / name).stat().st_size > 0
+    info = json.loads((tmp_path / "model" / "model_info.json").read_text())
+    assert info["image_size"] == [32, 32] and info["epochs_run"] == {"stage1": 2, "stage2": 2}
+    assert info["classes"] == ["cyst", "normal", "stone", "tumor"]
+    with (tmp_path / "model" / "history.csv").open() as handle:
+        assert [row["stage"] for row in csv.DictReader(handle)] == ["1", "1", "2", "2"]
+    model = keras.models.load_model(tmp_path / "model" / "model.keras")
+    assert model.output_shape == (None, 4)
+
+    caplog.set_level("INFO")
+    again = train_model(split_dir, tmp_path / "model2", _config(), tmp_path / "ckpt")
+    assert "resuming from stage 2 epoch 2" in caplog.text
+    assert again.history == result.history
+
+
+_CHILD = """
+import logging, sys, time
+logging.basicConfig(level=logging.INFO)
+from pathlib import Path
+from tumorflow.components import train
+from tumorflow.pipelines.config import TrainConfig
+
+original = train._stage_callback_class
+def slow_callback_class():
+    base = original()
+    class Slow(base):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            time.sleep(float(sys.argv[4]))
+    return Slow
+train._stage_callback_class = slow_callback_class
+config = TrainConfig.model_validate_json(sys.argv[3])
+train.train_model(Path(sys.argv[1]), Path(sys.argv[2]) / "model", config, Path(sys.argv[2]) / "ckpt")
+"""
+
+
+def _train_in_subprocess(split_dir: Path, workdir: Path, config: TrainConfig, pause: float):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(_CHILD),
+            str(split_dir),
+            str(workdir),
+            config.model_dump_json(),
+            str(pause),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_the_next_epoch(split_dir, tmp_path):
+    config = _config(
+        backbone="custom_cnn",
+        stage1={"epochs": 3, "learning_rate": 1e-3},
+        stage2={"epochs": 1, "learning_rate": 1e-4},
+    )
+    child = _train_in_subprocess(split_dir, tmp_path, config, pause=30)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "ckpt" / LATEST).exists():
+        assert child.poll() is None, child.communicate()[0]
+        assert time.monotonic() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.1)
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    assert not (tmp_path / "model" / "model.keras").exists()
+
+    rerun = _train_in_subprocess(split_dir, tmp_path, config, pause=0)
+    output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode == 0, output
+    assert "resuming from stage 1 epoch 1" in output
+    assert "Epoch 1/3" not in output
+    assert "Epoch 2/3" in output and "Epoch 3/3" in output
+    info = json.loads((tmp_path / "model" / "model_info.json").read_text())
+    assert info["epochs_run"] == {"stage1": 3, "stage2": 1}
+
+
+@pytest.mark.slow
+def test_mlflow_run_has_both_stages_per_epoch_and_the_curves(split_dir, tmp_path, mlflow_server):
+    import mlflow
+
+    result = train_model(
+        split_dir,
+        tmp_path / "model",
+        _config(backbone="custom_cnn"),
+        tmp_path / "ckpt",
+        tracking_uri=mlflow_server,
+        experiment="test-train",
+        run_tags={"tumorflow.pipeline_run": "run-42"},
+    )
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["tumorflow.pipeline_run"] == "run-42"
+    assert run.data.params["backbone"] == "custom_cnn"
+    assert run.data.params["stage2.learning_rate"] == "0.0001"
+    assert run.data.params["data.train_count"] == "16"
+    stage1 = client.get_metric_history(run.info.run_id, "stage1_loss")
+    stage2 = client.get_metric_history(run.info.run_id, "stage2_val_accuracy")
+    assert sorted(m.step for m in stage1) == [0, 1]
+    assert sorted(m.step for m in stage2) == [2, 3]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/training_curves.png", "model/model.keras"} <= artifacts
+    info = json.loads((tmp_path / "model" / "model_info.json").read_text())
+    assert info["mlflow_run_id"] == run.info.run_id
