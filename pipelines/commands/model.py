@@ -1,0 +1,174 @@
+"""`tumorflow approve|reject|status|rollback`: decisions on candidates and the served model's state."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+
+from tumorflow.pipelines.commands.pipeline import add_config_arguments, config_from_args
+
+
+def _store(args: argparse.Namespace) -> tuple[str, str, str, int]:
+    """(tracking URI, model name, model base path, versions kept) from flags and configuration."""
+    config = config_from_args(args)
+    return (
+        args.tracking_uri or config.resolved_tracking_uri(),
+        getattr(args, "model_name", None) or config.deploy.model_name,
+        getattr(args, "model_base_path", None) or config.resolved_model_base_path(),
+        config.deploy.keep_versions,
+    )
+
+
+def _decide(args: argparse.Namespace, status: str) -> int:
+    from tumorflow.components.approval import record_decision
+
+    tracking_uri, _, _, _ = _store(args)
+    text = "; ".join(t for t in (args.reason, getattr(args, "comment", None)) if t)
+    decision = record_decision(
+        tracking_uri,
+        args.run,
+        status,
+        args.by or getpass.getuser(),
+        text or None,
+        override=getattr(args, "override", False),
+        model_name=args.model_name,
+    )
+    override = " (override of a failed gate)" if decision.override else ""
+    print(
+        f"{decision.model_name} version {decision.model_version} of run {args.run}: "
+        f"{decision.status}{override} by {decision.by} at {decision.at}"
+    )
+    return 0
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from tumorflow.components.errors import TumorflowError
+
+    if args.reason and not args.override:
+        raise TumorflowError("--reason goes with --override; use --comment for a note")
+    return _decide(args, "approved")
+
+
+def _reject(args: argparse.Namespace) -> int:
+    return _decide(args, "rejected")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from tumorflow.components.deploy import model_status
+
+    tracking_uri, model_name, base, _ = _store(args)
+    status = model_status(tracking_uri, model_name, base, last=args.last)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    serving = status["serving"]
+    labels = ", ".join(f"{k}={v}" for k, v in sorted(serving["labels"].items())) or "none"
+    print(f"model          {model_name}")
+    print(f"served from    {base}")
+    print(f"on disk        {serving['on_disk'] or 'no versions'}")
+    print(f"loaded         {serving['loaded'] or 'none'}   labels: {labels}")
+    aliases = ", ".join(f"{k}={v}" for k, v in sorted(status["aliases"].items())) or "none"
+    print(f"registry       {tracking_uri}   aliases: {aliases}")
+    if not status["versions"]:
+        print("no registered versions yet")
+        return 0
+    print(
+        f"{'version':>7}  {'served':>6}  {'gate':<6} {'approval':<10} {'by':<12} {'at':<26} run / why"
+    )
+    for v in status["versions"]:
+        approval = v["approval"]
+        gate = {"true": "pass", "false": "FAIL"}.get(v["gate_passed"] or "", "-")
+        decision = approval.get("status", "-") + ("*" if approval.get("override") == "true" else "")
+        marks = f" [{', '.join(v['aliases'])}]" if v["aliases"] else ""
+        print(
+            f"{v['version']:>7}  {v['serving_version'] or '-':>6}  {gate:<6} {decision:<10} "
+            f"{approval.get('by', '-'):<12} {approval.get('at', '-'):<26} "
+            f"{v['pipeline_run'] or '-'}{marks}"
+            + (f" — {approval['comment']}" if approval.get("comment") else "")
+        )
+        if v["rollback"]:
+            print(
+                f"{'':>17}rolled back to by {v['rollback'].get('by')} at {v['rollback'].get('at')}"
+            )
+    print("(* = approved as an override of a failed gate)")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from tumorflow.components.deploy import rollback
+
+    tracking_uri, model_name, base, keep_versions = _store(args)
+    result = rollback(
+        tracking_uri,
+        model_name,
+        base,
+        args.to,
+        keep_versions=keep_versions,
+        by=args.by or getpass.getuser(),
+    )
+    champion = (
+        f", registry champion -> version {result.champion_version}"
+        if result.champion_version
+        else ""
+    )
+    print(
+        f"{model_name}: stable -> served version {result.stable} (was {result.replaced}){champion}"
+    )
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser, *, model_name_help: str) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: from the configuration)"
+    )
+    parser.add_argument("--model-name", "--model_name", dest="model_name", help=model_name_help)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    approve = subparsers.add_parser("approve", help="approve the candidate model of a pipeline run")
+    approve.add_argument("run", metavar="RUN", help="pipeline run id (tumorflow.pipeline_run)")
+    approve.add_argument("--comment", help="a note stored with the approval")
+    approve.add_argument("--override", action="store_true", help="approve although the gate failed")
+    approve.add_argument(
+        "--reason", help="why the failed gate is overridden (required with --override)"
+    )
+    approve.add_argument("--by", help="who approves (default: the current user)")
+    _common(approve, model_name_help="restrict the search to this registered model")
+    approve.set_defaults(handler=_approve)
+
+    reject = subparsers.add_parser("reject", help="reject the candidate model of a pipeline run")
+    reject.add_argument("run", metavar="RUN", help="pipeline run id (tumorflow.pipeline_run)")
+    reject.add_argument("--reason", required=True, help="why the model is rejected")
+    reject.add_argument("--by", help="who rejects (default: the current user)")
+    _common(reject, model_name_help="restrict the search to this registered model")
+    reject.set_defaults(handler=_reject)
+
+    status = subparsers.add_parser("status", help="served versions, labels, aliases, recent runs")
+    status.add_argument(
+        "--last", type=int, default=10, help="how many recent model versions to list"
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument(
+        "--model-base-path", help="TF Serving model base path (default: from the configuration)"
+    )
+    _common(
+        status, model_name_help="registered model / served model name (default: deploy.model_name)"
+    )
+    status.set_defaults(handler=_status)
+
+    back = subparsers.add_parser(
+        "rollback", help="serve an earlier version again, without retraining"
+    )
+    back.add_argument(
+        "--to", type=int, metavar="VERSION", help="served version to restore (default: previous)"
+    )
+    back.add_argument("--by", help="who rolls back (default: the current user)")
+    back.add_argument(
+        "--model-base-path", help="TF Serving model base path (default: from the configuration)"
+    )
+    _common(
+        back, model_name_help="registered model / served model name (default: deploy.model_name)"
+    )
+    back.set_defaults(handler=_rollback)
