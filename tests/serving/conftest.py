@@ -170,3 +170,9 @@ def image() -> object:
 @pytest.fixture(scope="session")
 def classes() -> tuple[str, ...]:
     return CLASSES
+
+
+@pytest.fixture()
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    return free_port()

@@ -1,0 +1,137 @@
+"""`tumorflow serve` (a TF-Serving-compatible model server) and `tumorflow predict` (its client).
+
+`serve` takes `tensorflow_model_server`'s flags, in its `--flag=value` form too, so that it is a
+drop-in; it runs the real binary when that is on PATH (or `--backend tfserving`), else serves
+in-process. Unlike TF Serving it binds loopback unless `--host` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tumorflow.components.errors import ConfigError
+
+
+def _flag(text: str) -> bool:
+    """TF Serving's boolean flags: `--enable_batching`, `--enable_batching=true|false`."""
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `tensorflow_model_server` flags `tumorflow serve` understands."""
+    add = parser.add_argument
+    add("--port", type=int, default=8500, help="gRPC port (default 8500)")
+    add("--rest_api_port", type=int, default=8501, help="REST port (default 8501; 0 disables REST)")
+    add("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 for all)")
+    add("--model_name", default="default", help="model name with --model_base_path")
+    add(
+        "--model_base_path",
+        default="",
+        help="folder (or gs:// URI) holding <version>/saved_model.pb",
+    )
+    add(
+        "--model_config_file",
+        default="",
+        help="ModelServerConfig text proto: models, policies, labels",
+    )
+    add(
+        "--model_config_file_poll_wait_seconds",
+        type=float,
+        default=0.0,
+        help="re-read the config file (0: never)",
+    )
+    add(
+        "--file_system_poll_wait_seconds",
+        type=float,
+        default=1.0,
+        help="look for new versions every N s",
+    )
+    add(
+        "--enable_batching",
+        type=_flag,
+        nargs="?",
+        const=True,
+        default=False,
+        help="merge concurrent requests",
+    )
+    add("--batching_parameters_file", default="", help="BatchingParameters text proto")
+    add("--grpc_max_threads", type=int, default=64, help="gRPC worker threads")
+    add("--rest_api_num_threads", type=int, default=16, help="REST worker threads")
+    add(
+        "--max_receive_message_length",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest request in bytes (gRPC message and REST body)",
+    )
+    add("--request_log_dir", default="", help="log sampled requests for drift under this URI")
+    add("--request_log_sample_rate", type=float, default=1.0, help="fraction of requests logged")
+    add(
+        "--backend",
+        choices=("auto", "inprocess", "tfserving"),
+        default="auto",
+        help="auto: tensorflow_model_server when on PATH, else in-process",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tumorflow.serving.server import ServerOptions, serve
+
+    fields = ServerOptions.__dataclass_fields__
+    options = ServerOptions(**{name: getattr(args, name) for name in fields if hasattr(args, name)})
+    return serve(options)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tumorflow.serving.client import ModelTarget, predict_grpc, predict_rest
+
+    images = []
+    for path in args.images:
+        try:
+            images.append(Path(path).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read image {path}: {exc.strerror}") from None
+    target = ModelTarget(
+        args.model_name, args.model_version, args.version_label, args.signature_name
+    )
+    call = predict_rest if args.rest else predict_grpc
+    predictions = call(args.server, images, target, timeout=args.timeout)
+    for path, prediction in zip(args.images, predictions, strict=True):
+        probabilities = "  ".join(f"{name}={p:.4f}" for name, p in prediction.probabilities.items())
+        version = f" (v{prediction.model_version})" if prediction.model_version else ""
+        print(f"{path}: {prediction.predicted_class}{version}  {probabilities}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve_parser = subparsers.add_parser(
+        "serve",
+        help="serve SavedModels with TF Serving's gRPC and REST APIs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(handler=_serve)
+
+    predict_parser = subparsers.add_parser(
+        "predict", help="classify images with a running model server"
+    )
+    predict_parser.add_argument("images", nargs="+", metavar="IMAGE", help="encoded image files")
+    predict_parser.add_argument(
+        "--server", default="127.0.0.1:8500", help="HOST:PORT (gRPC, or REST with --rest)"
+    )
+    predict_parser.add_argument("--model_name", default="kidney-ct", help="served model name")
+    which = predict_parser.add_mutually_exclusive_group()
+    which.add_argument("--model_version", type=int, help="a specific version")
+    which.add_argument("--version_label", help="a version label such as stable or canary")
+    predict_parser.add_argument("--signature_name", default="", help="default: serving_default")
+    predict_parser.add_argument(
+        "--rest", action="store_true", help="use the REST API instead of gRPC"
+    )
+    predict_parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    predict_parser.set_defaults(handler=_predict)

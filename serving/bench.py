@@ -1,0 +1,382 @@
+"""`tumorflow bench serving`: gRPC Predict vs the in-process call and the seeds' Flask endpoint.
+
+One process tree, one exported model, the same images: (a) the in-process signature call at
+batch 1, (b) gRPC Predict at batch 1 with 1, 8 and 32 concurrent clients against `tumorflow
+serve` with batching on (a subprocess), (c) a Flask endpoint taking base64 JSON that decodes with
+PIL and calls `model.predict` per request (the seeds' design, a subprocess). Every loop is
+bounded in requests and seconds; everything listens on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tumorflow.components.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "bench"
+CONCURRENCY = (1, 8, 32)
+FLASK_CLIENTS = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="a Keras model (model.keras of a training run; float [H,W,3] 0..255 in); "
+        "default: a small CNN built here",
+    )
+    parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
+    parser.add_argument("--images", type=int, default=16, help="distinct test images")
+    parser.add_argument("--image-size", type=int, default=64, help="model input size (built model)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="time cap per measurement")
+
+
+@dataclass
+class Measurement:
+    name: str
+    latencies: list[float]
+    wall: float
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) / self.wall if self.wall else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q) * 1000) if self.latencies else float("nan")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _build_keras_model(image_size: int, classes: int = 4):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((image_size, image_size, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def export_bytes_model(model, path: Path) -> None:
+    """Wrap a Keras image model in an `image_bytes` string signature (decode, resize, classify)."""
+    import tensorflow as tf
+
+    height, width = model.input_shape[1:3]
+    classes = tf.constant([f"class{i}" for i in range(model.output_shape[-1])])
+
+    class Served(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serve(self, image_bytes):
+            def decode(data):
+                image = tf.io.decode_image(data, channels=3, expand_animations=False)
+                return tf.image.resize(tf.cast(image, tf.float32), [height, width])
+
+            scores = self.model(tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32))
+            index = tf.argmax(scores, axis=1)
+            return {
+                "scores": scores,
+                "classes": tf.tile(classes[tf.newaxis], [tf.shape(image_bytes)[0], 1]),
+                "predicted_class": tf.gather(classes, index),
+                "predicted_index": index,
+            }
+
+    served = Served()
+    tf.saved_model.save(served, str(path), signatures={"serving_default": served.serve})
+
+
+def _images(count: int) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    result = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(buffer, "PNG")
+        result.append(buffer.getvalue())
+    return result
+
+
+def _measure(
+    name: str,
+    call: Callable[[int, bytes], None],
+    images: list[bytes],
+    total: int,
+    clients: int,
+    cap: float,
+) -> Measurement:
+    """Run `total` calls split over `clients` threads (each stops at the time cap)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + cap
+
+    def client(index: int) -> None:
+        own = []
+        for n in range(index, total, clients):
+            if time.monotonic() > deadline:
+                break
+            start = time.perf_counter()
+            call(index, images[n % len(images)])
+            own.append(time.perf_counter() - start)
+        with lock:
+            latencies.extend(own)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return Measurement(name, latencies, time.perf_counter() - start)
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with log.open("w") as handle:
+        return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _wait_ready(
+    check: Callable[[], bool], process: subprocess.Popen, log: Path, timeout: float = 120
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ConfigError(f"benchmark server exited early; its log:\n{log.read_text()[-2000:]}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise ConfigError(f"benchmark server did not start within {timeout:.0f}s; see {log}")
+
+
+def flask_baseline_app(model_path: str):
+    """The seeds' endpoint: base64 JSON in, PIL decode and `model.predict` per request."""
+    import keras
+    from flask import Flask, jsonify, request
+    from PIL import Image
+
+    model = keras.saving.load_model(model_path)
+    height, width = model.input_shape[1:3]
+    app = Flask("baseline")
+
+    @app.post("/predict")
+    def predict():
+        data = base64.b64decode(request.get_json()["image"])
+        image = Image.open(io.BytesIO(data)).convert("RGB").resize((width, height))
+        batch = np.asarray(image, dtype="float32")[np.newaxis]
+        return jsonify({"scores": model.predict(batch, verbose=0)[0].tolist()})
+
+    app.add_url_rule("/health", "health", lambda: "ok")
+    return app
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+    import keras
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    if args.requests < 1 or args.images < 1:
+        raise ConfigError("--requests and --images must be positive")
+    work = Path(tempfile.mkdtemp(prefix="tumorflow-bench-"))
+    if args.model_dir:
+        keras_path = args.model_dir / "model.keras" if args.model_dir.is_dir() else args.model_dir
+        if not keras_path.exists():
+            raise ConfigError(f"no Keras model at {keras_path}; give a model.keras or its folder")
+        model = keras.saving.load_model(keras_path)
+    else:
+        model = _build_keras_model(args.image_size)
+        keras_path = work / "model.keras"
+        model.save(keras_path)
+    version_dir = work / "models" / MODEL_NAME / "1"
+    export_bytes_model(model, version_dir)
+    images = _images(args.images)
+    cap = args.max_seconds
+    results: list[Measurement] = []
+
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    for image in images:
+        signature(image_bytes=tf.constant([image]))
+    results.append(
+        _measure(
+            "in-process call, batch 1",
+            lambda _, b: signature(image_bytes=tf.constant([b])),
+            images,
+            args.requests,
+            1,
+            cap,
+        )
+    )
+
+    port = _free_port()
+    batching = work / "batching.config"
+    batching.write_text(
+        "max_batch_size { value: 32 }\nbatch_timeout_micros { value: 0 }\n"
+        "max_enqueued_batches { value: 1000 }\nnum_batch_threads { value: 2 }\n"
+    )
+    server_log = work / "server.log"
+    server = _start(
+        [
+            sys.executable,
+            "-m",
+            "tumorflow.pipelines.cli",
+            "serve",
+            "--backend=inprocess",
+            f"--port={port}",
+            "--rest_api_port=0",
+            f"--model_name={MODEL_NAME}",
+            f"--model_base_path={version_dir.parent}",
+            "--enable_batching",
+            f"--batching_parameters_file={batching}",
+            "--file_system_poll_wait_seconds=30",
+        ],
+        server_log,
+    )
+    flask_port = _free_port()
+    flask_log = work / "flask.log"
+    flask = _start(
+        [sys.executable, "-m", "tumorflow.serving.bench", str(keras_path), str(flask_port)],
+        flask_log,
+    )
+    try:
+        channel_check = grpc.insecure_channel(f"127.0.0.1:{port}")
+        _wait_ready(lambda: _grpc_ready(channel_check), server, server_log)
+        channel_check.close()
+        for clients in CONCURRENCY:
+            channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(clients)]
+            stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
+
+            def grpc_call(client: int, data: bytes, stubs=stubs) -> None:
+                request = predict_pb2.PredictRequest()
+                request.model_spec.name = MODEL_NAME
+                request.inputs["image_bytes"].CopyFrom(
+                    tf.make_tensor_proto([data], dtype=tf.string)
+                )
+                stubs[client].Predict(request, timeout=30)
+
+            for client in range(clients):
+                grpc_call(client, images[client % len(images)])
+            results.append(
+                _measure(
+                    f"gRPC Predict, {clients} client(s)",
+                    grpc_call,
+                    images,
+                    args.requests,
+                    clients,
+                    cap,
+                )
+            )
+            for channel in channels:
+                channel.close()
+
+        def flask_ready() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{flask_port}/health", timeout=2) as r:
+                return r.status == 200
+
+        _wait_ready(flask_ready, flask, flask_log)
+
+        def flask_call(_: int, data: bytes) -> None:
+            body = json.dumps({"image": base64.b64encode(data).decode()}).encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{flask_port}/predict",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+
+        flask_call(0, images[0])
+        results.append(
+            _measure(
+                f"Flask baseline, {FLASK_CLIENTS} clients",
+                flask_call,
+                images,
+                max(args.requests // 2, 1),
+                FLASK_CLIENTS,
+                cap,
+            )
+        )
+    finally:
+        _stop(server)
+        _stop(flask)
+    _report(results)
+    return 0
+
+
+def _grpc_ready(channel) -> bool:
+    import grpc
+
+    try:
+        grpc.channel_ready_future(channel).result(timeout=1)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
+
+
+def _report(results: list[Measurement]) -> None:
+    print(f"{'measurement':36s} {'n':>6s} {'p50 ms':>9s} {'p99 ms':>9s} {'req/s':>9s}")
+    for m in results:
+        print(
+            f"{m.name:36s} {len(m.latencies):6d} {m.percentile(50):9.2f} {m.percentile(99):9.2f} {m.throughput:9.1f}"
+        )
+    inprocess = results[0]
+    single = next(m for m in results if m.name.startswith("gRPC") and " 1 client" in m.name)
+    many = next(m for m in results if m.name.startswith("gRPC") and "32 clients" in m.name)
+    flask = results[-1]
+    gap = single.percentile(50) - inprocess.percentile(50)
+    print()
+    print(
+        f"gRPC batch-1 p50 - in-process p50: {gap:+.2f} ms (target <= 2 ms): {'met' if gap <= 2 else 'missed'}"
+    )
+    ratio = many.throughput / inprocess.throughput
+    print(
+        f"gRPC 32 clients / sequential in-process throughput: {ratio:.2f}x (target >= 3x): {'met' if ratio >= 3 else 'missed'}"
+    )
+    ratio = many.throughput / flask.throughput
+    print(
+        f"gRPC 32 clients / Flask baseline throughput: {ratio:.2f}x (target >= 5x): {'met' if ratio >= 5 else 'missed'}"
+    )
+
+
+if __name__ == "__main__":
+    flask_baseline_app(sys.argv[1]).run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)

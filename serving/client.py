@@ -1,0 +1,128 @@
+"""Client of a TF Serving endpoint (ours or the real one): encoded images in, classes out.
+
+gRPC uses the official tensorflow-serving-api stubs; REST uses TF Serving's JSON API. Only the
+encoded image bytes travel: the model decodes them (signature input `image_bytes`).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tumorflow.components.errors import TumorflowError
+
+IMAGE_INPUT = "image_bytes"
+
+
+class ServerUnavailableError(TumorflowError):
+    """The model server cannot be reached or refused the request."""
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """One image's answer: the arg-max class and the probability of every class."""
+
+    predicted_class: str
+    probabilities: dict[str, float]
+    model_version: int | None
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """Which model version and signature a request is for (TF Serving's ModelSpec)."""
+
+    name: str
+    version: int | None = None
+    label: str | None = None
+    signature_name: str = ""
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _rows(scores: Sequence, classes: Sequence, version: int | None) -> list[ImagePrediction]:
+    results = []
+    for row_scores, row_classes in zip(scores, classes, strict=True):
+        probabilities = {_text(c): float(s) for c, s in zip(row_classes, row_scores, strict=True)}
+        best = max(probabilities, key=probabilities.__getitem__)
+        results.append(ImagePrediction(best, probabilities, version))
+    return results
+
+
+def predict_grpc(
+    server: str, images: Sequence[bytes], target: ModelTarget, timeout: float = 10.0
+) -> list[ImagePrediction]:
+    """Predict over gRPC with PredictionService.Predict; ServerUnavailableError on failure."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = target.name
+    request.model_spec.signature_name = target.signature_name
+    if target.version is not None:
+        request.model_spec.version.value = target.version
+    elif target.label:
+        request.model_spec.version_label = target.label
+    request.inputs[IMAGE_INPUT].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
+    request.output_filter.extend(["scores", "classes"])
+    with grpc.insecure_channel(server) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            response = stub.Predict(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ServerUnavailableError(
+                    f"no model server answers at {server} ({exc.code().name}); start one with "
+                    "`tumorflow serve` or check --server"
+                ) from None
+            raise ServerUnavailableError(
+                f"{server} refused the request: {exc.code().name}: {exc.details()}"
+            ) from None
+    scores = tf.make_ndarray(response.outputs["scores"])
+    classes = tf.make_ndarray(response.outputs["classes"])
+    return _rows(scores, classes, response.model_spec.version.value)
+
+
+def predict_rest(
+    server: str, images: Sequence[bytes], target: ModelTarget, timeout: float = 10.0
+) -> list[ImagePrediction]:
+    """Predict over TF Serving's REST API (`:predict`, row format, b64 images)."""
+    path = f"/v1/models/{target.name}"
+    if target.version is not None:
+        path += f"/versions/{target.version}"
+    elif target.label:
+        path += f"/labels/{target.label}"
+    body: dict[str, object] = {
+        "instances": [{IMAGE_INPUT: {"b64": base64.b64encode(i).decode()}} for i in images]
+    }
+    if target.signature_name:
+        body["signature_name"] = target.signature_name
+    request = urllib.request.Request(
+        f"http://{server}{path}:predict",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            detail = json.loads(detail)["error"]
+        raise ServerUnavailableError(
+            f"{server} refused the request: HTTP {exc.code}: {detail}"
+        ) from None
+    except OSError as exc:
+        raise ServerUnavailableError(
+            f"no model server answers at http://{server} ({exc}); start one with `tumorflow serve` "
+            "or check --server"
+        ) from None
+    rows = answer["predictions"]
+    return _rows([r["scores"] for r in rows], [r["classes"] for r in rows], target.version)
