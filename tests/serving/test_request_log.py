@@ -1,0 +1,200 @@
+"""The request log: rows with drift features after close, sampling, overload, embedding projection."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tumorflow.components.drift_features import IMAGE_FEATURES, EmbeddingProjection
+from tumorflow.components.errors import ConfigError
+from tumorflow.serving.request_log import RequestLogger
+
+
+def png(level: int, size: int = 32) -> bytes:
+    rng = np.random.default_rng(level)
+    pixels = np.clip(rng.normal(level, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def predict_outputs(n: int) -> dict[str, np.ndarray]:
+    scores = np.tile(np.array([[0.2, 0.8]], dtype=np.float32), (n, 1))
+    return {
+        "scores": scores,
+        "classes": np.array([[b"normal", b"tumor"]] * n, dtype=object),
+        "predicted_class": np.array([b"tumor"] * n, dtype=object),
+        "predicted_index": np.ones(n, dtype=np.int64),
+        "embedding": np.arange(n * 4, dtype=np.float32).reshape(n, 4),
+    }
+
+
+def read_log(root: Path) -> pd.DataFrame:
+    parts = sorted(root.rglob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else None
+
+
+def test_every_logged_request_image_becomes_a_row_with_drift_features(tmp_path: Path):
+    request_log = RequestLogger(str(tmp_path))
+    for index in range(20):
+        request_log.log(
+            model_name="kidney-ct",
+            model_version=3,
+            inputs={"image_bytes": np.array([png(60 + index)], dtype=object)},
+            outputs=predict_outputs(1),
+        )
+    request_log.log(
+        model_name="kidney-ct",
+        model_version=3,
+        inputs={"image_bytes": np.array([png(10), png(20), png(30)], dtype=object)},
+        outputs=predict_outputs(3),
+    )
+    request_log.close()
+    today = datetime.now(UTC).date().isoformat()
+    parts = list((tmp_path / "kidney-ct" / f"date={today}").glob("part-*.parquet"))
+    assert parts
+    table = read_log(tmp_path)
+    assert len(table) == 23
+    assert set(IMAGE_FEATURES) <= set(table.columns)
+    assert (table["model_name"] == "kidney-ct").all() and (table["model_version"] == 3).all()
+    assert (table["predicted_class"] == "tumor").all()
+    assert table["confidence"].tolist() == pytest.approx([0.8] * 23)
+    assert table["request_id"].nunique() == 21
+    assert table["intensity_mean"].iloc[0] == pytest.approx(60, abs=3)
+    assert not any(c.startswith("embedding_pc") for c in table.columns)
+    assert request_log.stats["rows"] == 23 and request_log.stats["dropped"] == 0
+
+
+def test_pixel_tensors_of_third_party_models_are_logged_and_other_inputs_skipped(tmp_path: Path):
+    request_log = RequestLogger(str(tmp_path))
+    pixels = np.full((2, 24, 24, 3), 0.5, dtype=np.float32)
+    request_log.log(
+        model_name="other",
+        model_version=1,
+        inputs={"input_1": pixels},
+        outputs={"probabilities": np.array([[0.3, 0.7], [0.9, 0.1]], dtype=np.float32)},
+    )
+    request_log.log(
+        model_name="other",
+        model_version=1,
+        inputs={"tabular": np.zeros((2, 5), dtype=np.float32)},
+        outputs={"y": np.zeros((2, 1), dtype=np.float32)},
+    )
+    request_log.log(
+        model_name="other",
+        model_version=1,
+        inputs={"image_bytes": np.array([b"not an image"], dtype=object)},
+        outputs=predict_outputs(1),
+    )
+    request_log.close()
+    table = read_log(tmp_path)
+    assert len(table) == 2
+    assert table["intensity_mean"].tolist() == pytest.approx([127.5, 127.5], abs=1)
+    assert table["predicted_class"].tolist() == ["1", "0"]
+    assert table["confidence"].tolist() == pytest.approx([0.7, 0.9])
+    assert request_log.stats["skipped"] == 2
+
+
+def test_embeddings_are_projected_with_the_served_versions_projection(tmp_path: Path):
+    version_dir = tmp_path / "models" / "kidney-ct" / "4"
+    projection = EmbeddingProjection.fit(np.random.default_rng(0).normal(size=(50, 4)), 2)
+    projection.save(version_dir / "assets.extra" / "drift_projection.npz")
+    lookups = []
+
+    def lookup(name: str, version: int) -> Path:
+        lookups.append((name, version))
+        return version_dir
+
+    request_log = RequestLogger(str(tmp_path / "log"), model_dir_lookup=lookup)
+    outputs = predict_outputs(2)
+    for _ in range(3):
+        request_log.log(
+            model_name="kidney-ct",
+            model_version=4,
+            inputs={"image_bytes": np.array([png(90), png(91)], dtype=object)},
+            outputs=outputs,
+        )
+    request_log.close()
+    table = read_log(tmp_path / "log")
+    expected = projection.transform(outputs["embedding"])
+    np.testing.assert_allclose(table[["embedding_pc1", "embedding_pc2"]].to_numpy()[:2], expected)
+    assert lookups == [("kidney-ct", 4)]
+
+
+def test_the_sample_rate_is_respected(tmp_path: Path):
+    request_log = RequestLogger(str(tmp_path), sample_rate=0.25, seed=0, flush_interval_s=60)
+    inputs = {"image_bytes": np.array([png(50, size=8)], dtype=object)}
+    for _ in range(800):
+        request_log.log(model_name="m", model_version=1, inputs=inputs, outputs=predict_outputs(1))
+    request_log.close()
+    rows = len(read_log(tmp_path))
+    assert 150 <= rows <= 250  # binomial(800, 0.25): mean 200, sd 12
+    assert request_log.stats["sampled_out"] == 800 - rows
+
+    silent = RequestLogger(str(tmp_path / "off"), sample_rate=0.0)
+    silent.log(model_name="m", model_version=1, inputs=inputs, outputs=predict_outputs(1))
+    silent.close()
+    assert not (tmp_path / "off").exists()
+    with pytest.raises(ConfigError, match=r"within 0\.\.1"):
+        RequestLogger(str(tmp_path), sample_rate=1.5)
+
+
+def test_a_full_queue_drops_requests_without_blocking_them(tmp_path: Path):
+    release = threading.Event()
+
+    def stuck_lookup(name: str, version: int) -> None:
+        release.wait(30)
+
+    request_log = RequestLogger(str(tmp_path), model_dir_lookup=stuck_lookup, max_queue=3)
+    inputs = {"image_bytes": np.array([png(70)], dtype=object)}
+    costs = []
+    for _ in range(50):
+        started = time.perf_counter()
+        request_log.log(model_name="m", model_version=1, inputs=inputs, outputs=predict_outputs(1))
+        costs.append(time.perf_counter() - started)
+    assert max(costs) < 0.05
+    stats = request_log.stats
+    assert stats["dropped"] >= 46
+    assert stats["enqueued"] + stats["dropped"] == 50
+    release.set()
+    request_log.close()
+    assert len(read_log(tmp_path)) == request_log.stats["enqueued"]
+    request_log.log(model_name="m", model_version=1, inputs=inputs, outputs=predict_outputs(1))
+    assert request_log.stats["dropped"] == stats["dropped"] + 1
+
+
+def test_rows_are_flushed_every_few_seconds_without_closing(tmp_path: Path):
+    request_log = RequestLogger(str(tmp_path), flush_interval_s=0.2)
+    request_log.log(
+        model_name="m",
+        model_version=1,
+        inputs={"image_bytes": np.array([png(40)], dtype=object)},
+        outputs=predict_outputs(1),
+    )
+    deadline = time.monotonic() + 10
+    while not list(tmp_path.rglob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(read_log(tmp_path)) == 1
+    assert not list(tmp_path.rglob(".part-*"))
+    request_log.close()
+
+
+def test_a_hostile_model_name_stays_inside_the_log_root(tmp_path: Path):
+    with RequestLogger(str(tmp_path / "log")) as request_log:
+        request_log.log(
+            model_name="../../escape",
+            model_version=1,
+            inputs={"image_bytes": np.array([png(40)], dtype=object)},
+            outputs=predict_outputs(1),
+        )
+    parts = list(tmp_path.rglob("part-*.parquet"))
+    assert len(parts) == 1
+    assert (tmp_path / "log") in parts[0].parents
