@@ -168,7 +168,11 @@ def _fetch(source: str, staging: Path, dataset: DatasetConfig) -> _Fetched:
 
 
 def _dataset_base(root: Path, dataset: DatasetConfig) -> Path:
-    """The folder holding the class (or split) folders; descends through lone wrapper folders."""
+    """The folder holding the class (or split) folders.
+
+    Descends through lone wrapper folders (an archive of `dataset/Training/...`) that hold folders
+    themselves and are not named as a split or class folder.
+    """
     subdir = dataset.subdir.strip("/")
     known = {name.lower() for name in (*dataset.split_dirs, *dataset.class_map)}
     current = root
@@ -177,6 +181,8 @@ def _dataset_base(root: Path, dataset: DatasetConfig) -> Path:
             return current / subdir
         children = [c for c in current.iterdir() if not _is_hidden(c.name)]
         lone = children[0] if len(children) == 1 and children[0].is_dir() else None
+        if lone is not None and not any(c.is_dir() for c in lone.iterdir()):
+            lone = None
         if not subdir and (lone is None or lone.name.lower() in known):
             return current
         if lone is None:

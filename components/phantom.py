@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tumorflow.components.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 DATASET_FOLDER = "CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone"
@@ -112,23 +114,23 @@ def _draw_patient(rng: np.random.Generator, kind: str) -> _Patient:
         for _ in range(int(rng.integers(0, 4)))
     )
     calcification = None
-    if rng.random() < 0.35:
+    if rng.random() < 0.2:
         x, y = aorta.point(1.0, rng.uniform(0, 2 * np.pi))
-        calcification = _Ellipse(x, y, 0.02, 0.02)
+        calcification = _Ellipse(x, y, 0.016, 0.016)
     kidney = kidneys[side]
     if kind == "Cyst":
         lesions = tuple(
-            (rng.uniform(0.2, 0.7), rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.85) * kidney.b)
+            (rng.uniform(0.1, 0.6), rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 0.95) * kidney.b)
             for _ in range(int(rng.integers(1, 3)))
         )
     elif kind == "Stone":
         lesions = tuple(
-            (rng.uniform(0.0, 0.55), rng.uniform(0, 2 * np.pi), rng.uniform(0.028, 0.05))
+            (rng.uniform(0.0, 0.55), rng.uniform(0, 2 * np.pi), rng.uniform(0.04, 0.065))
             for _ in range(int(rng.integers(1, 4)))
         )
     elif kind == "Tumor":
         lesions = (
-            (rng.uniform(0.5, 0.9), rng.uniform(0, 2 * np.pi), rng.uniform(0.9, 1.3) * kidney.b),
+            (rng.uniform(0.5, 0.9), rng.uniform(0, 2 * np.pi), rng.uniform(1.0, 1.4) * kidney.b),
         )
     else:
         lesions = ()
@@ -148,7 +150,7 @@ def _draw_patient(rng: np.random.Generator, kind: str) -> _Patient:
         tumor_harmonics=harmonics,
         window_level=rng.uniform(20, 70),
         window_width=rng.uniform(340, 480),
-        noise_hu=rng.uniform(8, 22),
+        noise_hu=rng.uniform(6, 18),
         texture_seed=int(rng.integers(0, 2**31)),
     )
 
@@ -229,9 +231,9 @@ def _draw_lesions(
             for order, (amplitude, phase) in enumerate(patient.tumor_harmonics, start=2):
                 bound += amplitude * np.cos(order * angle + phase)
             mass = np.hypot(xs - x, ys - y) <= radius * scale * bound
-            hu[mass] = 95 + 50 * fine[mass] + 20 * np.sin(angle[mass] * 3)
+            hu[mass] = 95 + 65 * fine[mass] + 20 * np.sin(angle[mass] * 3)
             core = np.hypot(xs - x, ys - y) <= 0.35 * radius * scale * bound
-            hu[core] = 35 + 15 * fine[core]
+            hu[core] = 20 + 15 * fine[core]
 
 
 def _encode_jpeg(pixels: np.ndarray) -> bytes:
@@ -273,7 +275,9 @@ def generate_phantom(
     (empty, truncated JPEG, text named .png) to the class folders.
     """
     if per_class < 1 or size < 16 or slices_per_patient < 1 or corrupt < 0:
-        raise ValueError("per_class and slices_per_patient must be >= 1, size >= 16, corrupt >= 0")
+        raise ConfigError(
+            "phantom: per_class and slices_per_patient must be >= 1, size >= 16, corrupt >= 0"
+        )
     output_dir = Path(output_dir)
     folder = images_folder(output_dir)
     rows = []
