@@ -360,8 +360,8 @@ def _report(results: list[Measurement]) -> None:
             f"{m.name:36s} {len(m.latencies):6d} {m.percentile(50):9.2f} {m.percentile(99):9.2f} {m.throughput:9.1f}"
         )
     inprocess = results[0]
-    single = next(m for m in results if m.name.startswith("gRPC") and " 1 client" in m.name)
-    many = next(m for m in results if m.name.startswith("gRPC") and "32 clients" in m.name)
+    single = next(m for m in results if m.name == "gRPC Predict, 1 client(s)")
+    many = next(m for m in results if m.name == f"gRPC Predict, {CONCURRENCY[-1]} client(s)")
     flask = results[-1]
     gap = single.percentile(50) - inprocess.percentile(50)
     print()
