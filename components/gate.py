@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from tumorflow.components.errors import GateError
+from tumorflow.components.evaluate import ECE_BINS
 from tumorflow.pipelines.config import ChampionRule, GateConfig, GateRule
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 GLOBAL_METRICS = ("accuracy", "macro_f1", "macro_roc_auc", "ece")
 CLASS_STATS = ("precision", "recall", "f1", "sensitivity", "specificity")
 LOWER_IS_BETTER = frozenset({"ece"})
-ECE_BINS = 15
 PREDICT_BATCH = 64
 
 
@@ -53,8 +53,11 @@ def metric_value(metrics: dict[str, Any], name: str) -> float:
     check_metric(name, list(metrics["classes"]))
     if ":" in name:
         stat, label = name.split(":", 1)
-        return float(metrics["per_class"][label][stat])
-    return float(metrics[name])
+        value = metrics["per_class"][label][stat]
+    else:
+        value = metrics[name]
+    # macro_roc_auc is null when the test split lacks a class: a rule on it then fails.
+    return float("nan") if value is None else float(value)
 
 
 def _bootstrap_block(y: np.ndarray, probs: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:

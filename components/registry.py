@@ -32,6 +32,8 @@ TAG_GATE_PASSED = "gate.passed"
 TAG_SERVING_VERSION = "serving_version"
 TAG_SERVING_PATH = "serving_path"
 MODEL_ARTIFACT = "tumorflow_model"
+# Where the train step logs the model folder in its MLflow run.
+TRAINING_ARTIFACT = "model"
 DEFAULT_EXPERIMENT = "tumorflow"
 
 
@@ -102,8 +104,8 @@ def list_versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
 def _model_source(client: MlflowClient, model_dir: Path, experiment: str) -> tuple[str, str]:
     """(source URI, run id) of the model folder as an artifact of its training run.
 
-    The folder is logged to the training run named in model_info.json when that run is on this
-    server (once), otherwise to a new run of `experiment`.
+    The train step logs the folder under `model/`; if it did not, the folder is logged to the
+    training run named in model_info.json when that run is on this server, else to a new run.
     """
     from mlflow.exceptions import MlflowException
 
@@ -119,9 +121,10 @@ def _model_source(client: MlflowClient, model_dir: Path, experiment: str) -> tup
         experiment_id = _experiment_id(client, experiment)
         run_id = client.create_run(experiment_id, run_name="register-model").info.run_id
         client.set_terminated(run_id)
-    logged = {item.path for item in client.list_artifacts(run_id, MODEL_ARTIFACT)}
-    if f"{MODEL_ARTIFACT}/model_info.json" not in logged:
-        client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+    for path in (TRAINING_ARTIFACT, MODEL_ARTIFACT):
+        if f"{path}/model_info.json" in {item.path for item in client.list_artifacts(run_id, path)}:
+            return f"runs:/{run_id}/{path}", run_id
+    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id
 
 
