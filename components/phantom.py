@@ -34,6 +34,8 @@ JPEG_QUALITY = 92
 
 _AIR, _FAT, _TISSUE, _WATER = -1000.0, -90.0, 40.0, 5.0
 _CORTEX, _MEDULLA, _AORTA, _BONE, _MARROW, _CALCIUM = 165.0, 115.0, 190.0, 750.0, 260.0, 1100.0
+# Hyper-enhancing, heterogeneous renal cell carcinoma: brighter than the cortex in places.
+_TUMOR = 215.0
 
 
 def images_folder(root: Path) -> Path:
@@ -111,21 +113,21 @@ def _draw_patient(rng: np.random.Generator, kind: str) -> _Patient:
             rng.uniform(0.03, 0.08),
             rng.uniform(0.03, 0.07),
         )
-        for _ in range(int(rng.integers(0, 4)))
+        for _ in range(int(rng.integers(0, 3)))
     )
     calcification = None
-    if rng.random() < 0.2:
+    if rng.random() < 0.15:
         x, y = aorta.point(1.0, rng.uniform(0, 2 * np.pi))
         calcification = _Ellipse(x, y, 0.016, 0.016)
     kidney = kidneys[side]
     if kind == "Cyst":
         lesions = tuple(
-            (rng.uniform(0.1, 0.6), rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 0.95) * kidney.b)
+            (rng.uniform(0.1, 0.6), rng.uniform(0, 2 * np.pi), rng.uniform(0.65, 1.0) * kidney.b)
             for _ in range(int(rng.integers(1, 3)))
         )
     elif kind == "Stone":
         lesions = tuple(
-            (rng.uniform(0.0, 0.55), rng.uniform(0, 2 * np.pi), rng.uniform(0.04, 0.065))
+            (rng.uniform(0.0, 0.55), rng.uniform(0, 2 * np.pi), rng.uniform(0.045, 0.07))
             for _ in range(int(rng.integers(1, 4)))
         )
     elif kind == "Tumor":
@@ -231,9 +233,7 @@ def _draw_lesions(
             for order, (amplitude, phase) in enumerate(patient.tumor_harmonics, start=2):
                 bound += amplitude * np.cos(order * angle + phase)
             mass = np.hypot(xs - x, ys - y) <= radius * scale * bound
-            hu[mass] = 95 + 65 * fine[mass] + 20 * np.sin(angle[mass] * 3)
-            core = np.hypot(xs - x, ys - y) <= 0.35 * radius * scale * bound
-            hu[core] = 20 + 15 * fine[core]
+            hu[mass] = _TUMOR + 70 * fine[mass] + 30 * np.sin(angle[mass] * 3)
 
 
 def _encode_jpeg(pixels: np.ndarray) -> bytes:

@@ -1,0 +1,92 @@
+"""`tumorflow phantom` and `tumorflow validate` end to end through the CLI entry point."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tumorflow.pipelines.cli import main
+
+SMALL_PHANTOM = ["--set", "dataset.phantom.per_class=12", "--set", "dataset.phantom.size=48"]
+
+
+def test_phantom_command_writes_the_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(
+        ["phantom", "--output", str(tmp_path), "--per-class", "5", "--size", "40", "--corrupt", "2"]
+    )
+    assert code == 0
+    folder = (
+        tmp_path
+        / "CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone"
+        / "CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone"
+    )
+    assert len(list(folder.rglob("*- (*).jpg"))) == 20
+    assert len(list(folder.rglob("corrupt-*"))) == 2
+    assert "wrote 20 images" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_validate_with_the_phantom_preset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(
+        ["validate", "--output", str(tmp_path / "out"), "--preset", "phantom", *SMALL_PHANTOM]
+    )
+    assert code == 0
+    split = tmp_path / "out" / "split"
+    manifest = json.loads((split / "split_manifest.json").read_text())
+    assert manifest["classes"] == ["cyst", "normal", "stone", "tumor"]
+    assert sum(info["count"] for info in manifest["splits"].values()) == 48
+    with (split / "quarantine.csv").open() as handle:
+        assert next(csv.reader(handle)) == ["path", "reason"]
+    assert (tmp_path / "out" / "raw" / "manifest.csv").exists()
+    out = capsys.readouterr().out
+    assert "test" in out and "quarantined: 0 files" in out and "groups:" in out
+
+
+@pytest.mark.slow
+def test_validate_with_the_kidney_preset_on_a_phantom_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        main(
+            [
+                "phantom",
+                "--output",
+                str(tmp_path / "kidney"),
+                "--per-class",
+                "12",
+                "--size",
+                "48",
+                "--corrupt",
+                "3",
+            ]
+        )
+        == 0
+    )
+    code = main(
+        [
+            "validate",
+            str(tmp_path / "kidney"),
+            "--output",
+            str(tmp_path / "out"),
+            "--preset",
+            "kidney_ct",
+        ]
+    )
+    assert code == 0
+    manifest = json.loads((tmp_path / "out" / "split" / "split_manifest.json").read_text())
+    assert manifest["quarantined"] == 3
+    assert manifest["source"]["source"] == str(tmp_path / "kidney")
+    assert "quarantined: 3 files" in capsys.readouterr().out
+
+
+def test_an_unusable_source_is_reported_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = main(["validate", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "tumorflow validate: error:" in err and "does not exist" in err
+    assert "Traceback" not in err
