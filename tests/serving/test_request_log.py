@@ -198,3 +198,43 @@ def test_a_hostile_model_name_stays_inside_the_log_root(tmp_path: Path):
     parts = list(tmp_path.rglob("part-*.parquet"))
     assert len(parts) == 1
     assert (tmp_path / "log") in parts[0].parents
+
+
+@pytest.mark.slow
+def test_a_request_through_the_server_appears_in_the_log(model_base: Path, tmp_path: Path):
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from tumorflow.serving.server import ModelServer, ServerOptions
+
+    projection = EmbeddingProjection.fit(np.random.default_rng(0).normal(size=(40, 8)), 3)
+    projection.save(model_base / "tumor" / "1" / "assets.extra" / "drift_projection.npz")
+    options = ServerOptions(
+        port=0,
+        rest_api_port=0,
+        model_config_file=str(model_base / "models.config"),
+        request_log_dir=str(tmp_path / "log"),
+    )
+    server = ModelServer(options)
+    server.start()
+    try:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "tumor"
+        request.model_spec.version_label = "stable"
+        request.inputs["image_bytes"].CopyFrom(
+            tf.make_tensor_proto([png(30), png(200)], dtype=tf.string)
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                request, timeout=60
+            )
+    finally:
+        server.stop()
+    served_classes = [c.decode() for c in tf.make_ndarray(response.outputs["predicted_class"])]
+    table = read_log(tmp_path / "log")
+    assert len(table) == 2
+    assert (table["model_name"] == "tumor").all() and (table["model_version"] == 1).all()
+    assert table["predicted_class"].tolist() == served_classes
+    assert table["intensity_mean"].tolist() == pytest.approx([30, 200], abs=5)
+    assert table[["embedding_pc1", "embedding_pc2", "embedding_pc3"]].notna().all().all()
