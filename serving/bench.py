@@ -46,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
     parser.add_argument("--images", type=int, default=16, help="distinct test images")
-    parser.add_argument("--image-size", type=int, default=64, help="model input size (built model)")
+    parser.add_argument(
+        "--image-size", type=int, default=128, help="model input size (built model)"
+    )
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time cap per measurement")
 
 
@@ -78,6 +80,8 @@ def _build_keras_model(image_size: int, classes: int = 4):
     x = keras.layers.Rescaling(1 / 255)(inputs)
     x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
     x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
+    x = keras.layers.Conv2D(32, 3, activation="relu")(x)
+    x = keras.layers.Conv2D(32, 3, strides=2, activation="relu")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(classes, activation="softmax")(x)
     return keras.Model(inputs, outputs)
@@ -279,9 +283,7 @@ def run(args: argparse.Namespace) -> int:
         flask_log,
     )
     try:
-        channel_check = grpc.insecure_channel(f"127.0.0.1:{port}")
-        _wait_ready(lambda: _grpc_ready(channel_check), server, server_log)
-        channel_check.close()
+        _wait_ready(lambda: _grpc_ready(port), server, server_log)
         for clients in CONCURRENCY:
             channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(clients)]
             stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
@@ -343,13 +345,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grpc_ready(channel) -> bool:
+def _grpc_ready(port: int) -> bool:
+    """Whether the server answers GetModelStatus for the benchmark model with a loaded version."""
     import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
-    try:
-        grpc.channel_ready_future(channel).result(timeout=1)
-    except grpc.FutureTimeoutError:
-        return False
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = MODEL_NAME
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=2)
+        except grpc.RpcError:
+            return False
     return True
 
 
