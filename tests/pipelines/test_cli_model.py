@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tumorflow.pipelines.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _candidate(tmp_path: Path, tracking_uri: str, passed: bool) -> tuple[str, str]:
+    from tumorflow.components.registry import register_candidate
+
+    folder = tmp_path / f"model-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    (folder / "model.keras").write_bytes(b"weights")
+    (folder / "model_info.json").write_text(
+        json.dumps({"classes": ["a", "b"], "image_size": [32, 32]})
+    )
+    name, run = f"m-{uuid.uuid4().hex[:6]}", f"run-{uuid.uuid4().hex[:6]}"
+    register_candidate(tracking_uri, name, folder, {"passed": passed}, run)
+    return name, run
+
+
+def _waiter(
+    tracking_uri: str, name: str, run: str, timeout_s: float
+) -> tuple[threading.Thread, list]:
+    from tumorflow.components.approval import wait_for_approval
+
+    result: list = []
+    thread = threading.Thread(
+        target=lambda: result.append(wait_for_approval(tracking_uri, name, run, timeout_s, 0.2))
+    )
+    thread.start()
+    return thread, result
+
+
+def test_approve_while_a_run_waits(tmp_path, mlflow_server, capsys):
+    name, run = _candidate(tmp_path, mlflow_server, passed=True)
+    thread, result = _waiter(mlflow_server, name, run, timeout_s=60)
+    time.sleep(0.5)
+    code = main(
+        [
+            "approve",
+            run,
+            "--comment",
+            "checked the tumor cases",
+            "--by",
+            "dr-lee",
+            "--tracking-uri",
+            mlflow_server,
+        ]
+    )
+    thread.join(timeout=30)
+    assert code == 0
+    assert f"of run {run}: approved by dr-lee" in capsys.readouterr().out
+    assert result[0].approved and result[0].comment == "checked the tumor cases"
+
+
+def test_reject_while_a_run_waits(tmp_path, mlflow_server):
+    name, run = _candidate(tmp_path, mlflow_server, passed=True)
+    thread, result = _waiter(mlflow_server, name, run, timeout_s=60)
+    assert main(["reject", run, "--reason", "bad on MRI", "--tracking-uri", mlflow_server]) == 0
+    thread.join(timeout=30)
+    assert result[0].status == "rejected" and "bad on MRI" in result[0].reason
+
+
+def test_a_run_that_times_out_cannot_be_approved_later(tmp_path, mlflow_server, capsys):
+    name, run = _candidate(tmp_path, mlflow_server, passed=True)
+    thread, result = _waiter(mlflow_server, name, run, timeout_s=1)
+    thread.join(timeout=30)
+    assert result[0].status == "timed_out"
+    assert main(["approve", run, "--tracking-uri", mlflow_server]) == 2
+    assert "already timed_out" in capsys.readouterr().err
+
+
+def test_override_of_a_failed_gate(tmp_path, mlflow_server, capsys):
+    name, run = _candidate(tmp_path, mlflow_server, passed=False)
+    uri = ["--tracking-uri", mlflow_server]
+    assert main(["approve", run, *uri]) == 2
+    assert "--override" in capsys.readouterr().err
+    assert main(["approve", run, "--override", *uri]) == 2
+    assert "needs a reason" in capsys.readouterr().err
+    assert (
+        main(["approve", run, "--override", "--reason", "known label noise", "--by", "qa", *uri])
+        == 0
+    )
+    assert "override of a failed gate" in capsys.readouterr().out
+    assert (
+        main(["status", "--model-name", name, "--model-base-path", str(tmp_path / "none"), *uri])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "approved*" in out and "qa" in out and "known label noise" in out and run in out
+
+
+def test_unknown_run_and_unreachable_server_are_clear(mlflow_server, capsys):
+    assert main(["approve", "no-such-run", "--tracking-uri", mlflow_server]) == 2
+    assert "has no candidate model version" in capsys.readouterr().err
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    started = time.monotonic()
+    assert (
+        main(["reject", "r1", "--reason", "x", "--tracking-uri", f"http://127.0.0.1:{closed_port}"])
+        == 2
+    )
+    assert "is not reachable" in capsys.readouterr().err
+    assert time.monotonic() - started < 10
+
+
+def test_rollback_and_status(tmp_path, mlflow_server, capsys):
+    from mlflow import MlflowClient
+
+    from tumorflow.components.deploy import serving_labels, write_serving_config
+    from tumorflow.components.registry import move_champion, register_model_version
+
+    name, base = f"m-{uuid.uuid4().hex[:6]}", tmp_path / "models"
+    client = MlflowClient(mlflow_server)
+    for serving_version in (1, 2):
+        (base / name / str(serving_version)).mkdir(parents=True)
+        (base / name / str(serving_version) / "saved_model.pb").write_bytes(b"pb")
+        folder = tmp_path / f"model{serving_version}"
+        folder.mkdir()
+        (folder / "model_info.json").write_text("{}")
+        tags = {
+            "serving_version": str(serving_version),
+            "tumorflow.pipeline_run": f"run{serving_version}",
+        }
+        move_champion(client, name, register_model_version(client, name, folder, tags).version)
+    write_serving_config(str(base), name, 2, 1, keep_versions=2)
+    common = ["--model-name", name, "--model-base-path", str(base), "--tracking-uri", mlflow_server]
+
+    assert main(["rollback", "--by", "oncall", *common]) == 0
+    assert "stable -> served version 1 (was 2)" in capsys.readouterr().out
+    assert serving_labels(str(base), name) == ({"stable": 1, "previous": 2}, [1, 2])
+    assert client.get_registered_model(name).aliases == {"champion": "1", "previous": "2"}
+
+    assert main(["status", "--json", *common]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["serving"]["labels"] == {"stable": 1, "previous": 2}
+    assert status["aliases"] == {"champion": "1", "previous": "2"}
+    assert status["versions"][1]["rollback"]["by"] == "oncall"
+    assert main(["rollback", "--to", "7", *common]) == 2
+    assert "not on disk" in capsys.readouterr().err
