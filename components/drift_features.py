@@ -144,9 +144,12 @@ def image_feature_table(images: Iterable[np.ndarray | bytes]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(IMAGE_FEATURES), dtype=np.float64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EmbeddingProjection:
-    """PCA of the model's embeddings, fitted on the training split: `(x - mean) @ components.T`."""
+    """PCA of the model's embeddings, fitted on the training split: `(x - mean) @ components.T`.
+
+    Compared by identity (it rides along in `DataFrame.attrs`, which pandas compares with `==`).
+    """
 
     mean: np.ndarray
     components: np.ndarray

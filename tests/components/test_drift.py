@@ -311,3 +311,104 @@ def test_a_report_over_50000_logged_requests_takes_under_a_minute(tmp_path: Path
     assert len(logged) == 50_000
     assert verdict.drift_detected
     assert elapsed < 60, f"{elapsed:.1f} s"
+
+
+def _split_with_train(folder: Path, images: list[np.ndarray]) -> Path:
+    from tumorflow.components.tfrecords import MANIFEST_JSON, Record, write_shards
+
+    records = [
+        Record(encoded=png(image), label=i % 2, path=f"{i}.png", group=str(i))
+        for i, image in enumerate(images)
+    ]
+    shards = write_shards(records, folder, "train", shard_size=1000)
+    manifest = {
+        "classes": ["normal", "tumor"],
+        "splits": {"train": {"count": len(records), "shards": shards}},
+    }
+    (folder / MANIFEST_JSON).write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.slow
+def test_pipeline_drift_step_compares_new_data_with_the_served_reference_and_logs_to_mlflow(
+    tmp_path: Path, mlflow_server: str
+):
+    import mlflow
+
+    from tumorflow.components.drift import drift_against_served_model
+    from tumorflow.components.drift_features import build_reference
+
+    rng = np.random.default_rng(31)
+    old = _split_with_train(tmp_path / "old", ct_slices(rng, 120))
+    new = _split_with_train(
+        tmp_path / "new", [SHIFTS["noise"](im, rng) for im in ct_slices(rng, 120)]
+    )
+    base = tmp_path / "models"
+    build_reference(old, None, base / "kidney-ct" / "1" / "assets.extra")
+    (base / "kidney-ct" / "1" / "saved_model.pb").write_bytes(b"")
+
+    first = drift_against_served_model(
+        new,
+        str(tmp_path / "nothing-served"),
+        "kidney-ct",
+        tmp_path / "first",
+        drift_share=0.3,
+        html_path=tmp_path / "first.html",
+    )
+    assert not first.drift_detected and "no deployed model reference" in first.message
+    assert "no deployed model reference" in (tmp_path / "first.html").read_text()
+
+    verdict = drift_against_served_model(
+        new,
+        str(base),
+        "kidney-ct",
+        tmp_path / "out",
+        drift_share=0.3,
+        html_path=tmp_path / "ui" / "report.html",
+        tracking_uri=mlflow_server,
+        experiment="drift-test",
+    )
+    assert verdict.drift_detected and "sharpness" in verdict.drifted_columns
+    assert (tmp_path / "ui" / "report.html").read_text() == (
+        tmp_path / "out" / "report.html"
+    ).read_text()
+    mlflow.set_tracking_uri(mlflow_server)
+    runs = mlflow.search_runs(experiment_names=["drift-test"], output_format="list")
+    assert len(runs) == 1
+    assert runs[0].data.metrics["drift.detected"] == 1.0
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "drift")}
+    assert {"drift/report.html", "drift/verdict.json", "drift/report.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_drift_command_with_a_model_compares_embeddings_and_predictions(
+    tmp_path: Path, make_model_dir, capsys: pytest.CaptureFixture
+):
+    from tumorflow.pipelines.cli import main
+
+    rng = np.random.default_rng(41)
+    for name, shift in (("reference", None), ("current", SHIFTS["brightness"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        for index, image in enumerate(ct_slices(rng, 60)):
+            (folder / f"{index}.png").write_bytes(png(shift(image, rng) if shift else image))
+    code = main(
+        [
+            "drift",
+            "--reference",
+            str(tmp_path / "reference"),
+            "--current",
+            str(tmp_path / "current"),
+            "--model",
+            str(make_model_dir(image_size=(32, 32))),
+            "--output",
+            str(tmp_path / "out"),
+            "--fail-on-drift",
+        ]
+    )
+    assert code == 1
+    verdict = json.loads((tmp_path / "out" / "verdict.json").read_text())
+    columns = {c["column"] for c in verdict["columns"]}
+    assert {"embedding_pc1", "embedding_pc2", "embedding_pc3"} <= columns
+    assert {c["column"] for c in verdict["prediction_drift"]} == {"predicted_class", "confidence"}
+    assert "prediction drift on predicted_class" in capsys.readouterr().out
