@@ -198,13 +198,24 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length > self.server.max_body_bytes:
+            self._drain(length)
             self.close_connection = True
             self._error(
                 413,
-                f"request body of {length} bytes exceeds the limit of {self.server.max_body_bytes} bytes",
+                f"request body of {length} bytes exceeds the limit of "
+                f"{self.server.max_body_bytes} bytes",
             )
             return
         self._dispatch("POST", self.rfile.read(length))
+
+    def _drain(self, length: int) -> None:
+        """Read and drop a refused body (up to a bound) so that the client sees the 413."""
+        remaining = min(length, 16 * self.server.max_body_bytes)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                return
+            remaining -= len(chunk)
 
     def _dispatch(self, method: str, raw: bytes) -> None:
         match = _MODEL_PATH.match(self.path.split("?")[0])
