@@ -122,24 +122,24 @@ def _draw_patient(rng: np.random.Generator, kind: str) -> _Patient:
     kidney = kidneys[side]
     if kind == "Cyst":
         lesions = tuple(
-            (rng.uniform(0.1, 0.6), rng.uniform(0, 2 * np.pi), rng.uniform(0.65, 1.0) * kidney.b)
+            (rng.uniform(0.1, 0.6), rng.uniform(0, 2 * np.pi), rng.uniform(0.75, 1.1) * kidney.b)
             for _ in range(int(rng.integers(1, 3)))
         )
     elif kind == "Stone":
         lesions = tuple(
-            (rng.uniform(0.0, 0.55), rng.uniform(0, 2 * np.pi), rng.uniform(0.045, 0.07))
+            (rng.uniform(0.0, 0.55), rng.uniform(0, 2 * np.pi), rng.uniform(0.05, 0.08))
             for _ in range(int(rng.integers(1, 4)))
         )
     elif kind == "Tumor":
         lesions = (
-            (rng.uniform(0.5, 0.9), rng.uniform(0, 2 * np.pi), rng.uniform(1.0, 1.4) * kidney.b),
+            (rng.uniform(0.5, 0.9), rng.uniform(0, 2 * np.pi), rng.uniform(1.1, 1.5) * kidney.b),
         )
     else:
         lesions = ()
     harmonics = tuple((rng.uniform(0.06, 0.18), rng.uniform(0, 2 * np.pi)) for _ in range(4))
     return _Patient(
         kind=kind,
-        rotation=rng.uniform(-0.2, 0.2),
+        rotation=rng.uniform(-0.12, 0.12),
         body=_Ellipse(cx, cy, a, b),
         inner=_Ellipse(cx, cy, a - fat, b - fat * 0.8),
         spine=spine,
@@ -150,9 +150,9 @@ def _draw_patient(rng: np.random.Generator, kind: str) -> _Patient:
         lesion_side=side,
         lesions=lesions,
         tumor_harmonics=harmonics,
-        window_level=rng.uniform(20, 70),
-        window_width=rng.uniform(340, 480),
-        noise_hu=rng.uniform(6, 18),
+        window_level=rng.uniform(30, 55),
+        window_width=rng.uniform(370, 450),
+        noise_hu=rng.uniform(5, 14),
         texture_seed=int(rng.integers(0, 2**31)),
     )
 
@@ -189,7 +189,7 @@ def _render_slice(
     hu[patient.body.mask(xs, ys)] = _FAT
     inner = patient.inner.mask(xs, ys)
     hu[inner] = _TISSUE + 25 * texture[inner]
-    streaks = inner & (fine < -0.7)
+    streaks = inner & (fine < -0.8)
     hu[streaks] = _FAT + 20 * fine[streaks]
     for bubble in patient.gas:
         hu[bubble.mask(xs, ys, organ_scale) & inner] = _AIR + 100
