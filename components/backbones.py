@@ -98,7 +98,7 @@ def _custom_cnn(image_size: int) -> keras.Model:
     x = inputs
     for filters in (32, 64, 128, 192):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
         x = keras.layers.Activation("relu")(x)
         x = keras.layers.MaxPooling2D()(x)
     return keras.Model(inputs, x, name=CUSTOM_CNN)

@@ -68,6 +68,15 @@ class DownloadResult:
     def label_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(row.label for row in self.rows).items()))
 
+    def summary(self) -> dict:
+        """Flat key/values for the pipeline artifact's metadata."""
+        return {
+            "images": len(self.rows),
+            "labels": self.label_counts,
+            "source": self.source.get("source", ""),
+            "version": self.source.get("version") or "",
+        }
+
 
 @dataclass(frozen=True)
 class _Fetched:
@@ -142,6 +151,7 @@ def _fetch(source: str, staging: Path, dataset: DatasetConfig) -> _Fetched:
             phantom.size,
             phantom.seed,
             phantom.slices_per_patient,
+            phantom.corrupt,
         )
         return _Fetched(root, "phantom", None, {"phantom": phantom.model_dump()})
     if source.startswith("kaggle:"):

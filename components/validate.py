@@ -81,6 +81,53 @@ class SplitResult:
     strategy: str
     manifest: dict
 
+    def summary(self) -> dict:
+        """Flat key/values for the pipeline artifact's metadata."""
+        return {
+            "strategy": self.strategy,
+            "classes": self.classes,
+            "images": {name: sum(counts.values()) for name, counts in self.counts.items()},
+            "groups": self.grouping["groups"],
+            "quarantined": len(self.quarantined),
+        }
+
+    def report_markdown(self, max_quarantine_rows: int = 50) -> str:
+        """Counts per split and class, duplicate groups, leaks and quarantined files, as Markdown."""
+        lines = [
+            f"## Split dataset ({self.strategy})",
+            "",
+            "| split | total | " + " | ".join(self.classes) + " |",
+            "|---|---:|" + "---:|" * len(self.classes),
+        ]
+        for name, counts in self.counts.items():
+            cells = " | ".join(str(counts[c]) for c in self.classes)
+            lines.append(f"| {name} | {sum(counts.values())} | {cells} |")
+        grouping = self.grouping
+        lines += [
+            "",
+            f"Duplicate groups: {grouping['groups']} ({grouping['exact_duplicate_groups']} "
+            f"exact-duplicate, {grouping['near_duplicate_groups']} near-duplicate at pHash "
+            f"distance <= {grouping['max_distance']}, largest {grouping['largest_group']} "
+            "images); no group straddles two splits.",
+        ]
+        leaks = self.manifest.get("source_split_leaks", {})
+        if leaks.get("groups"):
+            lines.append(
+                f"The dataset's own split folders leaked: {leaks['groups']} groups "
+                f"({leaks['images']} images) straddled them and were moved to one held-out split."
+            )
+        lines += ["", f"### Quarantined: {len(self.quarantined)} files", ""]
+        if self.quarantined:
+            lines += ["| path | reason |", "|---|---|"]
+            lines += [
+                f"| {path} | {reason} |" for path, reason in self.quarantined[:max_quarantine_rows]
+            ]
+            if len(self.quarantined) > max_quarantine_rows:
+                lines.append(
+                    f"| ... | {len(self.quarantined) - max_quarantine_rows} more in {QUARANTINE_CSV} |"
+                )
+        return "\n".join(lines) + "\n"
+
 
 def to_rgb8(image: Image.Image) -> Image.Image:
     """Normalise any supported Pillow image to 8-bit RGB (see the module docstring)."""

@@ -28,6 +28,8 @@ class PhantomConfig(_Section):
     size: int = Field(96, ge=32, le=1024)
     seed: int = 0
     slices_per_patient: int = Field(4, ge=1)
+    # Broken files (zero-byte, truncated, not an image) added to show the quarantine at work.
+    corrupt: int = Field(0, ge=0)
 
 
 class DatasetConfig(_Section):

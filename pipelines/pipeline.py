@@ -105,7 +105,7 @@ def retrain_pipeline(
     ).set_display_name("approval")
     approving.set_caching_options(False)
 
-    with dsl.If(approving.outputs["approved"] == True, name="approved"):  # noqa: E712
+    with dsl.If(approving.outputs["Output"] == True, name="approved"):  # noqa: E712
         steps.deploy(
             model=model,
             decision=gating.outputs["decision"],

@@ -30,7 +30,7 @@ class RunSummary:
 
     run_name: str
     run_dir: Path
-    task_seconds: dict[str, float]
+    task_seconds: dict[str, float | str]
     gate: dict[str, Any] | None
     approval: dict[str, Any] | None
     deployed_version: int | None
@@ -58,11 +58,12 @@ class _TaskTimer(logging.Filter):
 
     _start = re.compile(r"Executing task '?([\w-]+)'?")
     _end = re.compile(r"Task '?([\w-]+)'? finished with status")
+    _cached = re.compile(r"Task '?([\w-]+)'? cache hit")
 
     def __init__(self) -> None:
         super().__init__()
         self.started: dict[str, float] = {}
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float | str] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = _ANSI.sub("", str(record.getMessage()))
@@ -72,6 +73,8 @@ class _TaskTimer(logging.Filter):
             task = match.group(1)
             if task in self.started:
                 self.seconds[task] = round(record.created - self.started[task], 1)
+        elif match := self._cached.search(message):
+            self.seconds[match.group(1)] = "cached"
         return True
 
 
@@ -141,7 +144,7 @@ def run_local(
         (run_dir / "trigger.json").write_text(
             json.dumps({"reason": trigger_reason, "at": datetime.now(UTC).isoformat()}, indent=2)
         )
-    version = _task_parameter(run_dir, "deploy", "version")
+    version = _task_parameter(run_dir, "deploy", "Output")
     return RunSummary(
         run_name=run_dir.name,
         run_dir=run_dir,

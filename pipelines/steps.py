@@ -6,8 +6,6 @@ package) and on Kubeflow / Vertex AI (the image). Configuration arrives as the J
 section and is validated by the same pydantic model the CLI uses.
 """
 
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import (
     HTML,
@@ -50,7 +48,6 @@ def validate_and_split(
     """Decode and quarantine, group near-duplicates, split by groups, write TFRecord shards."""
     from pathlib import Path
 
-    from tumorflow.components.split import split_report_markdown
     from tumorflow.components.validate import validate_and_split as run
     from tumorflow.pipelines.config import SplitConfig
 
@@ -58,7 +55,7 @@ def validate_and_split(
         Path(raw.path), Path(split.path), SplitConfig.model_validate(split_config), classes
     )
     split.metadata.update(result.summary())
-    Path(report.path).write_text(split_report_markdown(Path(split.path)))
+    Path(report.path).write_text(result.report_markdown())
 
 
 @component
@@ -152,10 +149,6 @@ def drift_report(
     )
 
 
-class GateOutputs(NamedTuple):
-    passed: bool
-
-
 @component
 def gate(
     evaluation: Input[Artifact],
@@ -166,7 +159,7 @@ def gate(
     decision: Output[Artifact],
     report: Output[Markdown],
     champion_classification: Output[ClassificationMetrics],
-) -> GateOutputs:
+) -> bool:
     """Absolute thresholds plus champion/challenger on the same test images: the blessing."""
     from pathlib import Path
 
@@ -184,11 +177,7 @@ def gate(
     Path(report.path).write_text(result.markdown)
     result.log_champion_classification(champion_classification)
     decision.metadata.update({"passed": result.passed})
-    return GateOutputs(passed=result.passed)
-
-
-class ApprovalOutputs(NamedTuple):
-    approved: bool
+    return result.passed
 
 
 @component
@@ -200,7 +189,7 @@ def approval(
     model_name: str,
     pipeline_run: str,
     record: Output[Artifact],
-) -> ApprovalOutputs:
+) -> bool:
     """Register the candidate; in manual mode wait for `tumorflow approve|reject RUN`."""
     from pathlib import Path
 
@@ -217,11 +206,7 @@ def approval(
         output_dir=Path(record.path),
     )
     record.metadata.update(result.summary())
-    return ApprovalOutputs(approved=result.approved)
-
-
-class DeployOutputs(NamedTuple):
-    version: int
+    return result.approved
 
 
 @component
@@ -235,7 +220,7 @@ def deploy(
     keep_versions: int,
     tracking_uri: str,
     pipeline_run: str,
-) -> DeployOutputs:
+) -> int:
     """Export the TF Serving SavedModel as a new version, atomically; move the registry aliases."""
     from pathlib import Path
 
@@ -252,4 +237,4 @@ def deploy(
         drift_reference=Path(reference.path),
         approval_dir=Path(record.path),
     )
-    return DeployOutputs(version=result.version)
+    return result.version

@@ -40,30 +40,9 @@ def _run_validate(args: argparse.Namespace) -> int:
     )
 
     print(f"raw dataset:   {output / 'raw'} ({len(raw.rows)} images from {source})")
-    print(f"split dataset: {output / 'split'} (strategy: {result.strategy})")
-    width = max(len(name) for name in result.classes)
-    print(
-        f"  {'split':<6} {'total':>6}  " + "  ".join(f"{name:>{width}}" for name in result.classes)
-    )
-    for name, counts in result.counts.items():
-        total = sum(counts.values())
-        print(
-            f"  {name:<6} {total:>6}  " + "  ".join(f"{counts[c]:>{width}}" for c in result.classes)
-        )
-    grouping = result.grouping
-    print(
-        f"groups: {grouping['groups']} ({grouping['exact_duplicate_groups']} exact-duplicate, "
-        f"{grouping['near_duplicate_groups']} near-duplicate at pHash distance <= {grouping['max_distance']}, "
-        f"largest {grouping['largest_group']} images)"
-    )
-    leaks = result.manifest["source_split_leaks"]
-    if leaks["groups"]:
-        print(
-            f"predefined split leaks: {leaks['groups']} groups ({leaks['images']} images) straddled its splits"
-        )
-    print(
-        f"quarantined: {len(result.quarantined)} files (report: {output / 'split' / QUARANTINE_CSV})"
-    )
+    print(f"split dataset: {output / 'split'}")
+    print(result.report_markdown(max_quarantine_rows=10))
+    print(f"quarantine report: {output / 'split' / QUARANTINE_CSV}")
     return 0
 
 

@@ -49,7 +49,7 @@ def _print_summary(summary) -> None:
     print(f"artifacts      {summary.run_dir}")
     print("task wall time (s):")
     for task, seconds in summary.task_seconds.items():
-        print(f"  {task:<28}{seconds:>8.1f}")
+        print(f"  {task:<28}{seconds:>8}")
     if summary.gate is not None:
         verdict = "PASSED" if summary.gate.get("passed") else "FAILED"
         print(f"gate           {verdict}  ({summary.run_dir / 'gate' / 'report'})")

@@ -49,7 +49,7 @@ def test_every_step_is_a_task_wired_in_data_order(spec):
 def test_deploy_runs_only_inside_the_approval_condition(spec):
     condition = _tasks(spec)["condition-1"]
     assert condition.trigger_policy.condition == (
-        "inputs.parameter_values['pipelinechannel--approval-approved'] == true"
+        "inputs.parameter_values['pipelinechannel--approval-Output'] == true"
     )
     assert set(_tasks(spec, condition.component_ref.name)) == {"deploy"}
     assert "deploy" not in _tasks(spec)
