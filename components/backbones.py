@@ -185,7 +185,9 @@ def build_classifier(
     base = build_backbone(backbone, image_size, weights)
     inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
     x = _preprocess_model(backbone, image_size)(inputs)
-    x = base(x, training=False)
+    # A pretrained backbone keeps BatchNormalization in inference mode; one trained from scratch
+    # must learn its statistics.
+    x = base(x, training=None if backbone == CUSTOM_CNN else False)
     embedding = keras.layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(embedding)
     outputs = keras.layers.Dense(
