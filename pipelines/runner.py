@@ -93,6 +93,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def artifact_path(run_dir: Path, task: str, output: str) -> Path | None:
+    """Where a run's task wrote `output`; for a task the cache skipped, the newest earlier run's."""
+    own = run_dir / task / output
+    if own.exists():
+        return own
+    earlier = sorted((p for p in run_dir.parent.iterdir() if p.name < run_dir.name), reverse=True)
+    return next((p / task / output for p in earlier if (p / task / output).exists()), None)
+
+
 def _task_parameter(run_dir: Path, task: str, name: str) -> Any:
     """An output parameter of a finished task, from kfp.local's executor_output.json."""
     for output in run_dir.glob(f"{task}*/executor_output.json"):

@@ -107,3 +107,18 @@ def test_a_failing_gate_deploys_nothing(passing_run, mlflow_server):
     assert versions == ["1"]
     assert "train" not in summary.task_seconds or summary.task_seconds["train"] < 30
     assert json.loads(json.dumps(summary.to_dict()))["deployed_version"] is None
+
+
+def test_the_review_notebook_runs_on_the_run(passing_run, tmp_path):
+    import subprocess
+    import sys
+
+    config, _ = passing_run
+    (tmp_path / "runs").symlink_to(Path(config.run_root).resolve())
+    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "review_run.py"
+    result = subprocess.run(
+        [sys.executable, str(notebook)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "3 quarantined files" in result.stdout
+    assert "gate passed:" in result.stdout
