@@ -2,6 +2,8 @@
 
 import io
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +124,181 @@ def test_the_review_notebook_runs_on_the_run(passing_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "3 quarantined files" in result.stdout
     assert "gate passed:" in result.stdout
+
+
+def _run_in_background(config):
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["summary"] = run_local(config)
+        except BaseException as exc:  # re-raised by the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def _waiting_run(client, model_name: str, timeout: float = 240) -> str:
+    """The pipeline run whose candidate waits for a decision."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for version in client.search_model_versions(f"name = '{model_name}'"):
+            if version.tags.get("approval.status") == "pending":
+                return version.tags["tumorflow.pipeline_run"]
+        time.sleep(1)
+    raise AssertionError("no pipeline run waited for approval")
+
+
+def _finished(thread, outcome):
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the pipeline run did not finish"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["summary"]
+
+
+def _manual(config, timeout_s: float):
+    manual = config.model_copy(deep=True)
+    manual.gate.approval = "manual"
+    manual.gate.approval_timeout_s = timeout_s
+    manual.gate.approval_poll_s = 0.5
+    return manual
+
+
+def _served_version(port: int, label: str) -> int:
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "e2e-model"
+        request.model_spec.version_label = label
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        return stub.GetModelStatus(request, timeout=10).model_version_status[0].version
+
+
+def _predicted_version(port: int, label: str) -> int:
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "e2e-model"
+        request.model_spec.version_label = label
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([_png()]))
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        return stub.Predict(request, timeout=10).model_spec.version.value
+
+
+def test_manual_approval_through_the_cli_while_the_run_waits_then_rollback(
+    passing_run, mlflow_server
+):
+    import mlflow
+
+    from tumorflow.pipelines.cli import main
+    from tumorflow.serving.server import ModelServer, ServerOptions
+
+    config, first = passing_run
+    client = mlflow.MlflowClient(mlflow_server)
+
+    thread, outcome = _run_in_background(_manual(config, timeout_s=240))
+    run_name = _waiting_run(client, "e2e-model")
+    assert main(["reject", run_name, "--reason", "blurry", "--tracking-uri", mlflow_server]) == 0
+    rejected = _finished(thread, outcome)
+    assert rejected.deployed_version is None and rejected.approval["status"] == "rejected"
+
+    thread, outcome = _run_in_background(_manual(config, timeout_s=240))
+    run_name = _waiting_run(client, "e2e-model")
+    assert (
+        main(
+            [
+                "approve",
+                run_name,
+                "--by",
+                "dr-who",
+                "--comment",
+                "ok",
+                "--tracking-uri",
+                mlflow_server,
+            ]
+        )
+        == 0
+    )
+    approved = _finished(thread, outcome)
+    assert approved.deployed_version == 2
+    assert approved.gate["champion_version"] == "1"  # compared with the champion it replaces
+    champion = client.get_model_version_by_alias("e2e-model", "champion")
+    assert champion.tags["approval.by"] == "dr-who"
+    assert champion.tags["serving_version"] == "2"
+
+    base = Path(first.model_base_path)
+    server = ModelServer(
+        ServerOptions(
+            port=0,
+            rest_api_port=0,
+            model_config_file=str(base / "models.config"),
+            model_config_file_poll_wait_seconds=0.5,
+            file_system_poll_wait_seconds=0.5,
+        )
+    )
+    server.start()
+    try:
+        assert _predicted_version(server.grpc_port, "stable") == 2
+        assert (
+            main(
+                [
+                    "rollback",
+                    "--tracking-uri",
+                    mlflow_server,
+                    "--model-name",
+                    "e2e-model",
+                    "--model-base-path",
+                    str(base),
+                ]
+            )
+            == 0
+        )
+        deadline = time.monotonic() + 30
+        while _served_version(server.grpc_port, "stable") != 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _predicted_version(server.grpc_port, "stable") == 1
+    finally:
+        server.stop()
+    assert client.get_model_version_by_alias("e2e-model", "champion").version == "1"
+
+
+def test_an_unanswered_approval_times_out_and_deploys_nothing(passing_run, mlflow_server):
+    config, first = passing_run
+    before = sorted(p.name for p in (Path(first.model_base_path) / "e2e-model").iterdir())
+    summary = run_local(_manual(config, timeout_s=3))
+    assert summary.approval["status"] == "timed_out"
+    assert summary.deployed_version is None
+    assert sorted(p.name for p in (Path(first.model_base_path) / "e2e-model").iterdir()) == before
+
+
+def test_drift_starts_a_retraining_run_and_records_why(passing_run, tmp_path):
+    from PIL import ImageFilter
+
+    from tumorflow.components.monitor import check_and_trigger, local_trigger
+
+    config, first = passing_run
+    # the served model's reference against blurred, darker scans from a "new scanner"
+    reference = next(
+        Path(first.model_base_path).glob("e2e-model/*/assets.extra/drift_reference.parquet")
+    )
+    scans = tmp_path / "recent"
+    scans.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(40):
+        pixels = rng.normal(60, 10, (64, 64)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(3)).save(scans / f"{index}.png")
+    result = check_and_trigger(
+        config, str(scans), str(reference), tmp_path / "monitor", local_trigger
+    )
+    assert result.triggered
+    assert result.run.trigger_reason.startswith("drift detected")
+    trigger = json.loads((result.run.run_dir / "trigger.json").read_text())
+    assert trigger["reason"] == result.reason
