@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from tumorflow.components.errors import ModelError
-from tumorflow.components.input_pipeline import resize_pixels
+from tumorflow.components.input_pipeline import decode_to_size
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ def decode_for_model(image_bytes: Any, image_size: int) -> Any:
     """Decode one encoded image to float32 [S, S, 3] with values 0..255, exactly as training does."""
     import tensorflow as tf
 
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
-    image.set_shape([None, None, 3])
-    return tf.cast(resize_pixels(image, image_size), tf.float32)
+    return tf.cast(decode_to_size(image_bytes, image_size), tf.float32)
 
 
 def _warmup_png(image_size: int) -> bytes:

@@ -48,6 +48,38 @@ def resize_pixels(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
+def decode_to_size(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decode one encoded image to uint8 RGB [S, S, 3]; training, evaluation and serving share it.
+
+    A JPEG is decoded with DCT scaling (libjpeg's `ratio` 2, 4 or 8), the largest that keeps its
+    short side at or above `image_size`: a 512 px slice bound for 224 px decodes at 256 px, about
+    three times faster, and the scaled decode averages pixels rather than aliasing. Other formats
+    decode at full size. Either way `resize_pixels` brings the result to `image_size`.
+    """
+    import tensorflow as tf
+
+    def jpeg() -> tf.Tensor:
+        shape = tf.image.extract_jpeg_shape(encoded)
+        short_side = tf.minimum(shape[0], shape[1])
+        scaled = [
+            (short_side >= ratio * image_size, _jpeg_decoder(encoded, ratio)) for ratio in (8, 4, 2)
+        ]
+        return tf.case(scaled, default=_jpeg_decoder(encoded, 1), exclusive=False)
+
+    def other() -> tf.Tensor:
+        return tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+
+    image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    image.set_shape([None, None, 3])
+    return resize_pixels(image, image_size)
+
+
+def _jpeg_decoder(encoded: tf.Tensor, ratio: int):
+    import tensorflow as tf
+
+    return lambda: tf.io.decode_jpeg(encoded, channels=3, ratio=ratio)
+
+
 def decoded_examples(
     split_dir: Path, split: str, image_size: int, ordered: bool = True
 ) -> tf.data.Dataset:
@@ -68,10 +100,8 @@ def decoded_examples(
 
     def parse(raw: tf.Tensor) -> dict[str, tf.Tensor]:
         parsed = tf.io.parse_single_example(raw, spec)
-        image = tf.io.decode_image(parsed[ENCODED], channels=3, expand_animations=False)
-        image.set_shape([None, None, 3])
         return {
-            "image": resize_pixels(image, image_size),
+            "image": decode_to_size(parsed[ENCODED], image_size),
             "label": tf.cast(parsed[LABEL], tf.int32),
             "path": parsed[PATH],
         }

@@ -6,12 +6,13 @@ TFRecord shards per split, split_manifest.json/.csv and quarantine.csv.
 Each image is opened with Pillow, verified and fully decoded. Rejected with a reason (and the
 run goes on): missing or empty files, SHA-256 different from the manifest, undecodable or
 truncated data, absurd sizes (decompression bombs), images under `MIN_SIDE` pixels, unsupported
-modes, and exact copies filed under different labels. Accepted images are normalised to 8-bit RGB:
-grayscale is repeated, RGBA/LA/palette transparency is composited on black, 16-bit and float
-images are windowed to 8 bits between their 0.5th and 99.5th percentiles, CMYK/YCbCr converted.
+modes, and exact copies filed under different labels. 8-bit grayscale/RGB JPEGs are stored as
+they are; other accepted images are normalised to 8-bit RGB PNG: grayscale is repeated,
+RGBA/LA/palette transparency is composited on black, 16-bit and float images are windowed to 8
+bits between their 0.5th and 99.5th percentiles, CMYK/YCbCr converted.
 
-Decoding runs twice in a thread pool (once to validate and hash, once per shard to encode PNG), so
-memory stays at one shard of PNG bytes even for the 12,446-image kidney CT set.
+Decoding runs twice in a thread pool (once to validate and hash, once per shard to encode), so
+memory stays at one shard of encoded bytes even for the 12,446-image kidney CT set.
 """
 
 from __future__ import annotations
@@ -192,18 +193,26 @@ def check_image(files_dir: Path, row: download.ManifestRow) -> ImageCheck:
     return ImageCheck(row.path, None, width, height, phash64(image))
 
 
-def encode_png(path: Path) -> bytes:
-    """The normalised 8-bit RGB PNG bytes of an already validated image."""
+def encode_for_training(path: Path) -> bytes:
+    """The bytes a split stores for an already validated image.
+
+    An 8-bit grayscale or RGB JPEG (most CT and MRI exports) is kept byte for byte: no second
+    lossy encoding, smaller shards, and a decode the input pipeline can scale in the DCT. Anything
+    else is normalised to 8-bit RGB and stored as PNG.
+    """
+    with Image.open(path) as image:
+        if image.format == "JPEG" and image.mode in ("L", "RGB"):
+            return path.read_bytes()
     buffer = io.BytesIO()
     _decode(path).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 
 class _LazyShardRecords(Sequence):
-    """Records of one split, PNG-encoded a slice (one shard) at a time in a thread pool.
+    """Records of one split, encoded a slice (one shard) at a time in a thread pool.
 
     `tfrecords.write_shards` takes the records of a split and slices them shard by shard; this
-    sequence makes the PNG bytes of one shard only, so memory stays bounded.
+    sequence makes the bytes of one shard only, so memory stays bounded.
     """
 
     def __init__(
@@ -220,7 +229,7 @@ class _LazyShardRecords(Sequence):
 
     def __getitem__(self, item):
         chunk = self._entries[item] if isinstance(item, slice) else [self._entries[item]]
-        encoded = list(self._pool.map(encode_png, [entry[0] for entry in chunk]))
+        encoded = list(self._pool.map(encode_for_training, [entry[0] for entry in chunk]))
         self._progress.update(len(chunk))
         records = [
             tfrecords.Record(png, label, path, group)

@@ -119,3 +119,28 @@ def test_rotation_zoom_brightness_contrast_change_pixels_within_range():
 def test_empty_or_missing_split_is_a_dataset_error(split_dir):
     with pytest.raises(DatasetError, match="no 'test' split"):
         make_dataset(split_dir, "test", 32, 4, None, training=False, seed=0)
+
+
+def test_jpeg_decodes_scaled_in_the_dct_and_matches_an_antialiased_resize():
+    import io
+
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+
+    from tumorflow.components.input_pipeline import decode_to_size
+
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).resize(
+        (512, 512), Image.BICUBIC
+    )
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    smooth.save(jpeg, "JPEG", quality=95)
+    smooth.save(png, "PNG")
+    expected = np.asarray(smooth.convert("RGB").resize((64, 64), Image.BOX), dtype=np.float32)
+    for data in (jpeg.getvalue(), png.getvalue()):
+        pixels = decode_to_size(tf.constant(data), 64).numpy()
+        assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+        assert np.abs(pixels.astype(np.float32) - expected).mean() < 4.0
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        decode_to_size(tf.constant(b"not an image"), 64)

@@ -153,7 +153,7 @@ def test_transparency_is_composited_on_black() -> None:
     assert values[5, 5].tolist() == [0, 0, 0]
 
 
-def test_gray_rgba_and_16_bit_files_are_written_as_rgb_png(tmp_path: Path) -> None:
+def test_gray_rgba_and_16_bit_files_are_written_as_rgb_png_and_jpegs_kept(tmp_path: Path) -> None:
     source = tmp_path / "source"
     for number in range(5):
         _save(source / "cyst" / f"gray-{number}.png", _noise_image(number, size=40))
@@ -168,10 +168,15 @@ def test_gray_rgba_and_16_bit_files_are_written_as_rgb_png(tmp_path: Path) -> No
         Path(row["path"]).name: (int(row["width"]), int(row["height"]))
         for row in _split_rows(tmp_path / "split")
     }
+    raw_files = tmp_path / "raw" / "files"
     for split in ("train", "val", "test"):
         for record in read_records(tmp_path / "split", split):
             decoded = Image.open(io.BytesIO(record.encoded))
-            assert decoded.format == "PNG" and decoded.mode == "RGB"
+            if record.path.endswith(".jpg"):
+                # an 8-bit JPEG is stored byte for byte: no second lossy encoding
+                assert record.encoded == (raw_files / record.path).read_bytes()
+            else:
+                assert decoded.format == "PNG" and decoded.mode == "RGB"
             assert decoded.size == sizes[Path(record.path).name]
 
 
