@@ -1,8 +1,10 @@
-"""`tumorflow drift` (an Evidently drift report) and `tumorflow monitor` (drift check → retrain)."""
+"""`tumorflow drift` (an Evidently drift report), `tumorflow monitor` (drift check → retrain) and
+`tumorflow drift-ingest` (fill the request-log store from TF Serving's request log or images)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -102,6 +104,58 @@ def _monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _projection_lookup(model_base_path: str, workdir: Path) -> Callable[[str, int], Path | None]:
+    """Served version folders under `<base>/<name>/<version>`; from gs:// only the drift
+    projection is downloaded, into `workdir`."""
+    from tumorflow.components import storage
+    from tumorflow.components.drift_features import PROJECTION_FILE
+
+    def lookup(model_name: str, version: int) -> Path | None:
+        version_uri = storage.join(model_base_path, model_name, str(version))
+        if not storage.is_remote(version_uri):
+            return Path(version_uri)
+        remote = storage.join(version_uri, "assets.extra", PROJECTION_FILE)
+        if not storage.exists(remote):
+            return None
+        local = workdir / f"{model_name}-{version}"
+        storage.download_file(remote, local / "assets.extra" / PROJECTION_FILE)
+        return local
+
+    return lookup
+
+
+def _drift_ingest(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tumorflow.serving.request_log import ingest_image_folder, ingest_prediction_logs
+
+    if args.images:
+        if not args.model_name:
+            raise ConfigError("--images needs --model_name: the model the images' rows belong to")
+        version = None
+        if args.model_base_path:
+            from tumorflow.components.drift import served_reference
+
+            served = served_reference(args.model_base_path, args.model_name)
+            version = served.version if served else None
+        rows = ingest_image_folder(Path(args.images), args.store, args.model_name, version)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tumorflow-ingest-") as workdir:
+            lookup = (
+                _projection_lookup(args.model_base_path, Path(workdir))
+                if args.model_base_path
+                else None
+            )
+            rows = ingest_prediction_logs(
+                Path(args.prediction_logs),
+                args.store,
+                model_name=args.model_name,
+                model_dir_lookup=lookup,
+            )
+    print(f"wrote {rows} rows to the request log at {args.store}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     drift = subparsers.add_parser(
         "drift",
@@ -152,3 +206,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     monitor.add_argument("--output", metavar="DIR", help="default: <run_root>/monitor/<time>")
     monitor.add_argument("--host", metavar="URL", help="Kubeflow Pipelines endpoint to submit to")
     monitor.set_defaults(handler=_monitor)
+
+    ingest = subparsers.add_parser(
+        "drift-ingest",
+        help="fill the request-log store from TF Serving's request log or a folder of images",
+        description="Append drift-feature rows to the request-log store (the one `tumorflow "
+        "serve --request_log_dir` writes) from the PredictionLog TFRecord files of "
+        "tensorflow_model_server's request logging, or from a folder of recent images.",
+    )
+    ingest.add_argument(
+        "--store", required=True, metavar="URI", help="request-log root (local or gs://)"
+    )
+    source = ingest.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--prediction-logs",
+        metavar="PATH",
+        help="a PredictionLog TFRecord file or a folder of them (rows timed by file modification)",
+    )
+    source.add_argument(
+        "--images", metavar="DIR", help="a folder of recent images (image features only)"
+    )
+    ingest.add_argument(
+        "--model_name",
+        metavar="NAME",
+        help="model the rows belong to (required with --images; default: the logged model name)",
+    )
+    ingest.add_argument(
+        "--model_base_path",
+        metavar="BASE",
+        help="served models (local or gs://): adds the embedding projection of the logged "
+        "version, or with --images the served version number",
+    )
+    ingest.set_defaults(handler=_drift_ingest)
