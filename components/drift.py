@@ -195,7 +195,8 @@ def read_request_log(
     return _apply_window(table, window)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (any depth), sorted; hidden files are skipped."""
     return sorted(
         path
         for path in folder.rglob("*")
@@ -212,7 +213,7 @@ def _split_images(split_dir: Path) -> list[bytes]:
 
 
 def _folder_images(folder: Path) -> list[bytes]:
-    files = _image_files(folder)
+    files = image_files(folder)
     if not files:
         raise DatasetError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return [path.read_bytes() for path in files]

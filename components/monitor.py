@@ -11,12 +11,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tumorflow.components import storage
 from tumorflow.components.drift import (
     DriftVerdict,
     drift_report,
     load_table,
     nothing_to_compare,
+    served_reference,
 )
+from tumorflow.components.errors import ConfigError
 from tumorflow.pipelines.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,63 @@ def _reason(verdict: DriftVerdict) -> str:
     )
 
 
+def resolve_served_reference(model_base_path: str, model_name: str) -> tuple[str, Path | None]:
+    """The drift reference of the served (`stable`, else newest) version, and its local folder.
+
+    The folder (None for a remote base path) lets the check add the model's embedding features.
+    """
+    served = served_reference(model_base_path, model_name)
+    if served is None:
+        raise ConfigError(
+            f"no served version of {model_name!r} under {model_base_path}: "
+            "pass --reference or deploy a model first"
+        )
+    if not storage.exists(served.reference_uri):
+        raise ConfigError(
+            f"served version {served.version} has no drift reference ({served.reference_uri}): "
+            "pass --reference"
+        )
+    model_dir = None if storage.is_remote(served.version_uri) else Path(served.version_uri)
+    return served.reference_uri, model_dir
+
+
+def check_recent_drift(
+    current_source: str,
+    reference_source: str,
+    output_dir: Path,
+    *,
+    drift_share: float,
+    window_hours: float,
+    model_name: str,
+    model_dir: Path | None = None,
+    now: datetime | None = None,
+) -> tuple[DriftVerdict, tuple[datetime, datetime]]:
+    """Compare the last `window_hours` of `current_source` (a request log, a table or a folder of
+    recent images) with `reference_source`; the report and verdict go to `output_dir`."""
+    end = now or datetime.now(UTC)
+    window = (end - timedelta(hours=window_hours), end)
+    output_dir = Path(output_dir)
+    reference = load_table(reference_source, model_dir=model_dir)
+    current = load_table(
+        current_source,
+        window,
+        model_dir=model_dir,
+        projection=reference.attrs.get("projection"),
+        model_name=model_name,
+    )
+    if len(current) < 2:
+        verdict = nothing_to_compare(
+            output_dir,
+            drift_share,
+            f"{len(current)} current rows between {window[0].isoformat()} and "
+            f"{window[1].isoformat()}: nothing to compare",
+            current_rows=len(current),
+        )
+        logger.info(verdict.message)
+        return verdict, window
+    return drift_report(reference, current, output_dir, drift_share), window
+
+
 def check_and_trigger(
     config: PipelineConfig,
     current_source: str,
@@ -75,31 +135,20 @@ def check_and_trigger(
     model_dir: Path | None = None,
     now: datetime | None = None,
 ) -> MonitorResult:
-    """Compare the last `config.drift.window_hours` of `current_source` (a request log, a table or
-    a folder of recent images) with `reference_source`; on drift, call `trigger(config, reason)`
-    (default: a local kfp.local run) after writing the reason to `output_dir/trigger.json`."""
-    end = now or datetime.now(UTC)
-    window = (end - timedelta(hours=config.drift.window_hours), end)
+    """Check the recent window for drift (`check_recent_drift`); on drift, call
+    `trigger(config, reason)` (default: a local kfp.local run) after writing the reason to
+    `output_dir/trigger.json`."""
     output_dir = Path(output_dir)
-    reference = load_table(reference_source, model_dir=model_dir)
-    current = load_table(
+    verdict, window = check_recent_drift(
         current_source,
-        window,
-        model_dir=model_dir,
-        projection=reference.attrs.get("projection"),
+        reference_source,
+        output_dir,
+        drift_share=config.drift.drift_share,
+        window_hours=config.drift.window_hours,
         model_name=config.deploy.model_name,
+        model_dir=model_dir,
+        now=now,
     )
-    if len(current) < 2:
-        verdict = nothing_to_compare(
-            output_dir,
-            config.drift.drift_share,
-            f"{len(current)} current rows between {window[0].isoformat()} and "
-            f"{window[1].isoformat()}: nothing to compare",
-            current_rows=len(current),
-        )
-        logger.info(verdict.message)
-        return MonitorResult(verdict=verdict, window=window, triggered=False)
-    verdict = drift_report(reference, current, output_dir, config.drift.drift_share)
     if not verdict.drift_detected:
         return MonitorResult(verdict=verdict, window=window, triggered=False)
     reason = _reason(verdict)

@@ -45,8 +45,9 @@ def retrain_pipeline(
     drift_share: float = _DEFAULTS.drift.drift_share,
     accelerator_type: str = _DEFAULTS.runtime.accelerator_type,
     accelerator_count: int = _DEFAULTS.runtime.accelerator_count,
-    pipeline_run: str = dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
 ):
+    # Names this run in MLflow tags and `tumorflow approve RUN`; resolved by the backend.
+    pipeline_run = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
     fetched = steps.download(source=source, dataset=dataset).set_display_name("download")
 
     splitting = steps.validate_and_split(
@@ -117,6 +118,61 @@ def retrain_pipeline(
             tracking_uri=tracking_uri,
             pipeline_run=pipeline_run,
         ).set_display_name("deploy to TF Serving").set_caching_options(False)
+
+
+MONITOR_PIPELINE_NAME = "tumorflow-monitor"
+
+
+@dsl.pipeline(
+    name=MONITOR_PIPELINE_NAME,
+    description="Check the recent window of served requests for drift against the served "
+    "model's reference; when it drifted, run the retraining pipeline.",
+)
+def monitor_pipeline(
+    current_source: str,
+    window_hours: float = _DEFAULTS.drift.window_hours,
+    source: str = _DEFAULTS.dataset.source,
+    dataset: dict = _DATASET,
+    split_config: dict = _SPLIT,
+    train_config: dict = _TRAIN,
+    gate_config: dict = _GATE,
+    classes: list = _DEFAULTS.dataset.classes,
+    model_name: str = _DEFAULTS.deploy.model_name,
+    model_base_path: str = "gs://tumorflow-models/serving",
+    keep_versions: int = _DEFAULTS.deploy.keep_versions,
+    tracking_uri: str = "",
+    experiment: str = _DEFAULTS.tracking.experiment,
+    checkpoint_root: str = "/gcs/tumorflow-models/checkpoints",
+    drift_share: float = _DEFAULTS.drift.drift_share,
+    accelerator_type: str = _DEFAULTS.runtime.accelerator_type,
+    accelerator_count: int = _DEFAULTS.runtime.accelerator_count,
+):
+    check = steps.drift_check(
+        current_source=current_source,
+        model_base_path=model_base_path,
+        model_name=model_name,
+        drift_share=drift_share,
+        window_hours=window_hours,
+    ).set_display_name("drift check: recent requests vs served reference")
+    check.set_caching_options(False)
+    with dsl.If(check.outputs["Output"] == True, name="drifted"):  # noqa: E712
+        retrain_pipeline(
+            source=source,
+            dataset=dataset,
+            split_config=split_config,
+            train_config=train_config,
+            gate_config=gate_config,
+            classes=classes,
+            model_name=model_name,
+            model_base_path=model_base_path,
+            keep_versions=keep_versions,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            checkpoint_root=checkpoint_root,
+            drift_share=drift_share,
+            accelerator_type=accelerator_type,
+            accelerator_count=accelerator_count,
+        ).set_display_name("retrain")
 
 
 def pipeline_arguments(config: PipelineConfig, *, local: bool) -> dict:

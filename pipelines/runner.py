@@ -116,12 +116,19 @@ def run_local(
     *,
     trigger_reason: str | None = None,
     enable_caching: bool = True,
+    monitor_source: str | None = None,
 ) -> RunSummary:
-    """Run the whole DAG on this machine with kfp.local (subprocesses, no cluster, no Docker)."""
+    """Run the whole DAG on this machine with kfp.local (subprocesses, no cluster, no Docker).
+
+    With `monitor_source` (served requests, a table or a folder of recent images) it runs the
+    monitoring pipeline instead: the drift check, and the retraining DAG only when it drifted.
+    """
     from kfp import local
 
     from tumorflow.pipelines.pipeline import (
+        MONITOR_PIPELINE_NAME,
         PIPELINE_NAME,
+        monitor_pipeline,
         pipeline_arguments,
         retrain_pipeline,
     )
@@ -140,7 +147,14 @@ def run_local(
     root_logger.addFilter(timer)
     started = time.time()
     try:
-        retrain_pipeline(**arguments)
+        if monitor_source is None:
+            retrain_pipeline(**arguments)
+        else:
+            monitor_pipeline(
+                current_source=monitor_source,
+                window_hours=config.drift.window_hours,
+                **arguments,
+            )
     except RuntimeError as exc:
         raise PipelineRunError(
             f"{_ANSI.sub('', str(exc))} The failing task's log above says why; outputs so far are "
@@ -148,7 +162,16 @@ def run_local(
         ) from None
     finally:
         root_logger.removeFilter(timer)
-    run_dir = _newest_run_dir(pipeline_root, PIPELINE_NAME, started)
+    name = PIPELINE_NAME if monitor_source is None else MONITOR_PIPELINE_NAME
+    run_dir = _newest_run_dir(pipeline_root, name, started)
+    if monitor_source is not None:
+        verdict = _read_json(run_dir / "drift-check" / "verdict" / "verdict.json") or {}
+        if verdict.get("drift_detected"):
+            drifted = verdict.get("drifted_columns") or []
+            trigger_reason = (
+                f"drift detected in {monitor_source}: {len(drifted)} feature columns drifted "
+                f"({', '.join(drifted[:4])}{', ...' if len(drifted) > 4 else ''})"
+            )
     if trigger_reason:
         (run_dir / "trigger.json").write_text(
             json.dumps({"reason": trigger_reason, "at": datetime.now(UTC).isoformat()}, indent=2)
@@ -167,16 +190,20 @@ def run_local(
     )
 
 
-def compile_pipeline(output: Path, *, image: str | None = None) -> Path:
-    """Write the pipeline spec YAML that Kubeflow Pipelines and Vertex AI Pipelines run."""
+def compile_pipeline(output: Path, *, image: str | None = None, pipeline: str = "retrain") -> Path:
+    """Write the spec YAML that Kubeflow Pipelines and Vertex AI Pipelines run: the retraining
+    pipeline, or the monitoring pipeline (drift check, then retraining when drifted)."""
     import yaml
     from kfp import compiler
 
     from tumorflow.pipelines import steps
-    from tumorflow.pipelines.pipeline import retrain_pipeline
+    from tumorflow.pipelines.pipeline import monitor_pipeline, retrain_pipeline
 
+    pipelines = {"retrain": retrain_pipeline, "monitor": monitor_pipeline}
+    if pipeline not in pipelines:
+        raise PipelineRunError(f"unknown pipeline {pipeline!r}: choose {' or '.join(pipelines)}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(retrain_pipeline, package_path=str(output))
+    compiler.Compiler().compile(pipelines[pipeline], package_path=str(output))
     if image and image != steps.PROJECT_IMAGE:
         spec = yaml.safe_load(output.read_text())
         for executor in spec["deploymentSpec"]["executors"].values():

@@ -150,6 +150,40 @@ def drift_report(
 
 
 @component
+def drift_check(
+    current_source: str,
+    model_base_path: str,
+    model_name: str,
+    drift_share: float,
+    window_hours: float,
+    report: Output[HTML],
+    verdict: Output[Artifact],
+) -> bool:
+    """Recent served requests (or images) against the served model's reference: drifted?"""
+    import shutil
+    from pathlib import Path
+
+    from tumorflow.components.monitor import check_recent_drift, resolve_served_reference
+
+    reference, model_dir = resolve_served_reference(model_base_path, model_name)
+    result, _ = check_recent_drift(
+        current_source,
+        reference,
+        Path(verdict.path),
+        drift_share=drift_share,
+        window_hours=window_hours,
+        model_name=model_name,
+        model_dir=model_dir,
+    )
+    if result.html_path:
+        shutil.copyfile(result.html_path, report.path)
+    else:
+        Path(report.path).write_text(f"<p>{result.message}</p>")
+    verdict.metadata.update({"drift_detected": result.drift_detected})
+    return result.drift_detected
+
+
+@component
 def gate(
     evaluation: Input[Artifact],
     split: Input[Dataset],

@@ -464,7 +464,7 @@ def ingest_image_folder(
     """
     from tqdm import tqdm
 
-    from tumorflow.components.drift import _image_files
+    from tumorflow.components.drift import image_files
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -472,7 +472,7 @@ def ingest_image_folder(
     counts: Counter[str] = Counter()
     parts = _PartWriter(str(root_uri), None, lambda key, n: counts.update({key: n}))
     version = UNKNOWN_VERSION if model_version is None else int(model_version)
-    for path in tqdm(_image_files(folder), desc="images", unit="img", disable=None):
+    for path in tqdm(image_files(folder), desc="images", unit="img", disable=None):
         try:
             encoded = path.read_bytes()
         except OSError as exc:

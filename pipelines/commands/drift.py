@@ -60,28 +60,19 @@ def _drift(args: argparse.Namespace) -> int:
 
 
 def _monitor(args: argparse.Namespace) -> int:
-    from tumorflow.components import storage
-    from tumorflow.components.drift import served_reference
-    from tumorflow.components.monitor import check_and_trigger, cluster_trigger
+    from tumorflow.components.monitor import (
+        check_and_trigger,
+        cluster_trigger,
+        resolve_served_reference,
+    )
 
     config = config_from_args(args)
     model_dir = None
     reference = args.reference
     if reference is None:
-        served = served_reference(config.resolved_model_base_path(), config.deploy.model_name)
-        if served is None:
-            raise ConfigError(
-                f"no served version of {config.deploy.model_name!r} under "
-                f"{config.resolved_model_base_path()}: pass --reference or deploy a model first"
-            )
-        if not storage.exists(served.reference_uri):
-            raise ConfigError(
-                f"served version {served.version} has no drift reference ({served.reference_uri}): "
-                "pass --reference"
-            )
-        reference = served.reference_uri
-        if not storage.is_remote(served.version_uri):
-            model_dir = Path(served.version_uri)
+        reference, model_dir = resolve_served_reference(
+            config.resolved_model_base_path(), config.deploy.model_name
+        )
     output = (
         Path(args.output)
         if args.output

@@ -50,6 +50,8 @@ def _print_summary(summary) -> None:
     print("task wall time (s):")
     for task, seconds in summary.task_seconds.items():
         print(f"  {task:<28}{seconds:>8}")
+    if summary.trigger_reason:
+        print(f"triggered by   {summary.trigger_reason}")
     if summary.gate is not None:
         verdict = "PASSED" if summary.gate.get("passed") else "FAILED"
         print(f"gate           {verdict}  ({summary.run_dir / 'gate' / 'report'})")
@@ -61,7 +63,7 @@ def _print_summary(summary) -> None:
     if summary.deployed_version is not None:
         print(f"deployed       version {summary.deployed_version} under {summary.model_base_path}")
     else:
-        print("deployed       nothing (the gate or the approval did not pass)")
+        print("deployed       nothing")
     print(f"mlflow         {summary.tracking_uri}")
     print(
         f"serve it       tumorflow serve --model_config_file {summary.model_base_path}/models.config"
@@ -72,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.runner import run_local
 
     config = config_from_args(args)
-    summary = run_local(config, enable_caching=not args.no_cache)
+    summary = run_local(config, enable_caching=not args.no_cache, monitor_source=args.monitor)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
     _print_summary(summary)
@@ -82,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.runner import compile_pipeline
 
-    path = compile_pipeline(Path(args.output), image=args.image)
+    path = compile_pipeline(Path(args.output), image=args.image, pipeline=args.pipeline)
     print(f"wrote {path}")
     return 0
 
@@ -111,6 +113,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--run-root", metavar="DIR", help="where runs, MLflow and models go")
     run.add_argument("--no-cache", action="store_true", help="run every step again")
+    run.add_argument(
+        "--monitor",
+        metavar="CURRENT",
+        help="run the monitoring pipeline instead: drift of CURRENT (request log, table or image "
+        "folder) against the served model, and retraining only when it drifted",
+    )
     run.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
     run.set_defaults(handler=_run)
 
@@ -119,6 +127,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     compile_.add_argument("--output", default="pipeline.yaml", metavar="FILE")
     compile_.add_argument("--image", metavar="IMAGE", help="the project image every step runs in")
+    compile_.add_argument(
+        "--pipeline",
+        choices=("retrain", "monitor"),
+        default="retrain",
+        help="retrain (default), or monitor: a drift check that runs retraining when drifted",
+    )
     compile_.set_defaults(handler=_compile)
 
     submit = subparsers.add_parser(

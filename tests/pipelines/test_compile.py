@@ -90,3 +90,20 @@ def test_compile_command_writes_the_spec(tmp_path: Path, capsys):
     assert main(["compile", "--output", str(output)]) == 0
     assert output.exists()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_the_monitoring_pipeline_retrains_only_when_drifted(tmp_path: Path):
+    path = compile_pipeline(tmp_path / "monitor.yaml", pipeline="monitor")
+    spec = json_format.ParseDict(yaml.safe_load(path.read_text()), pipeline_spec_pb2.PipelineSpec())
+    tasks = spec.root.dag.tasks
+    assert set(tasks) == {"drift-check", "condition-1"}
+    condition = tasks["condition-1"]
+    assert "drift-check" in condition.dependent_tasks
+    assert condition.trigger_policy.condition == (
+        "inputs.parameter_values['pipelinechannel--drift-check-Output'] == true"
+    )
+    nested = spec.components[condition.component_ref.name].dag.tasks
+    assert set(nested) == {"tumorflow-retrain"}
+    retrain = spec.components[nested["tumorflow-retrain"].component_ref.name].dag.tasks
+    assert {"train", "gate", "approval", "condition-1"} <= set(retrain)
+    assert "current_source" in spec.root.input_definitions.parameters

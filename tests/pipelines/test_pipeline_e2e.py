@@ -302,3 +302,31 @@ def test_drift_starts_a_retraining_run_and_records_why(passing_run, tmp_path):
     assert result.run.trigger_reason.startswith("drift detected")
     trigger = json.loads((result.run.run_dir / "trigger.json").read_text())
     assert trigger["reason"] == result.reason
+
+
+def _blurred_dark_scans(folder: Path, count: int = 40) -> Path:
+    from PIL import ImageFilter
+
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(count):
+        pixels = rng.normal(60, 10, (64, 64)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(3)).save(folder / f"{index}.png")
+    return folder
+
+
+def test_the_monitoring_pipeline_retrains_only_when_requests_drift(passing_run, tmp_path):
+    from tumorflow.pipelines.runner import artifact_path
+
+    config, first = passing_run
+    drifted = run_local(config, monitor_source=str(_blurred_dark_scans(tmp_path / "new-scanner")))
+    assert drifted.run_name.startswith("tumorflow-monitor-")
+    assert drifted.trigger_reason.startswith("drift detected")
+    assert json.loads((drifted.run_dir / "trigger.json").read_text())["reason"]
+    assert drifted.gate is not None, "the retraining DAG did not run"
+
+    same = artifact_path(first.run_dir, "download", "raw") / "files"
+    calm = run_local(config, monitor_source=str(same))
+    verdict = json.loads((calm.run_dir / "drift-check" / "verdict" / "verdict.json").read_text())
+    assert verdict["drift_detected"] is False
+    assert calm.trigger_reason is None and calm.gate is None and calm.deployed_version is None
