@@ -77,3 +77,46 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture()
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def approval_candidate(tmp_path: Path, mlflow_server: str):
+    """Register a candidate model version for a fresh pipeline run; returns (model, run)."""
+    import json
+    import uuid
+
+    from tumorflow.components.registry import register_candidate
+
+    def register(passed: bool) -> tuple[str, str]:
+        folder = tmp_path / f"model-{uuid.uuid4().hex[:6]}"
+        folder.mkdir()
+        (folder / "model.keras").write_bytes(b"weights")
+        (folder / "model_info.json").write_text(
+            json.dumps({"classes": ["a", "b"], "image_size": [32, 32]})
+        )
+        name, run = f"m-{uuid.uuid4().hex[:6]}", f"run-{uuid.uuid4().hex[:6]}"
+        register_candidate(mlflow_server, name, folder, {"passed": passed}, run)
+        return name, run
+
+    return register
+
+
+@pytest.fixture()
+def approval_waiter(mlflow_server: str):
+    """Start `wait_for_approval` in a thread, as the pipeline's approval step waits."""
+    import threading
+
+    from tumorflow.components.approval import wait_for_approval
+
+    def start(name: str, run: str, timeout_s: float) -> tuple[threading.Thread, list]:
+        result: list = []
+        thread = threading.Thread(
+            target=lambda: result.append(
+                wait_for_approval(mlflow_server, name, run, timeout_s, 0.2)
+            )
+        )
+        thread.start()
+        time.sleep(0.5)
+        return thread, result
+
+    return start

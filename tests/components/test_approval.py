@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -14,40 +12,16 @@ from tumorflow.components.approval import (
     run_approval,
     wait_for_approval,
 )
-from tumorflow.components.registry import register_candidate
 from tumorflow.pipelines.config import GateConfig
 
 pytestmark = pytest.mark.slow
 
 
-def _candidate(tmp_path: Path, tracking_uri: str, passed: bool) -> tuple[str, str]:
-    """Register a candidate for a fresh run; return (model name, run id)."""
-    folder = tmp_path / f"model-{uuid.uuid4().hex[:6]}"
-    folder.mkdir()
-    (folder / "model.keras").write_bytes(b"weights")
-    (folder / "model_info.json").write_text(
-        json.dumps({"classes": ["a", "b"], "image_size": [32, 32]})
-    )
-    name, run = f"m-{uuid.uuid4().hex[:6]}", f"run-{uuid.uuid4().hex[:6]}"
-    register_candidate(tracking_uri, name, folder, {"passed": passed}, run)
-    return name, run
-
-
-def _wait_in_thread(
-    tracking_uri: str, name: str, run: str, timeout_s: float
-) -> tuple[threading.Thread, list]:
-    result: list = []
-    thread = threading.Thread(
-        target=lambda: result.append(wait_for_approval(tracking_uri, name, run, timeout_s, 0.2))
-    )
-    thread.start()
-    time.sleep(0.5)
-    return thread, result
-
-
-def test_a_waiting_run_sees_the_approval(tmp_path, mlflow_server):
-    name, run = _candidate(tmp_path, mlflow_server, passed=True)
-    thread, result = _wait_in_thread(mlflow_server, name, run, timeout_s=60)
+def test_a_waiting_run_sees_the_approval(
+    tmp_path, mlflow_server, approval_candidate, approval_waiter
+):
+    name, run = approval_candidate(passed=True)
+    thread, result = approval_waiter(name, run, timeout_s=60)
     assert thread.is_alive()
     record_decision(mlflow_server, run, "approved", "alice", "looks good")
     thread.join(timeout=30)
@@ -58,9 +32,11 @@ def test_a_waiting_run_sees_the_approval(tmp_path, mlflow_server):
         record_decision(mlflow_server, run, "rejected", "bob", "changed my mind")
 
 
-def test_a_waiting_run_sees_the_rejection_and_its_reason(tmp_path, mlflow_server):
-    name, run = _candidate(tmp_path, mlflow_server, passed=True)
-    thread, result = _wait_in_thread(mlflow_server, name, run, timeout_s=60)
+def test_a_waiting_run_sees_the_rejection_and_its_reason(
+    tmp_path, mlflow_server, approval_candidate, approval_waiter
+):
+    name, run = approval_candidate(passed=True)
+    thread, result = approval_waiter(name, run, timeout_s=60)
     with pytest.raises(ApprovalError, match="needs a reason"):
         record_decision(mlflow_server, run, "rejected", "bob")
     record_decision(mlflow_server, run, "rejected", "bob", "sensitivity on site B too low")
@@ -69,10 +45,12 @@ def test_a_waiting_run_sees_the_rejection_and_its_reason(tmp_path, mlflow_server
     assert "sensitivity on site B" in result[0].reason
 
 
-def test_timeout_is_recorded_and_blocks_a_late_decision(tmp_path, mlflow_server):
+def test_timeout_is_recorded_and_blocks_a_late_decision(
+    tmp_path, mlflow_server, approval_candidate
+):
     from mlflow import MlflowClient
 
-    name, run = _candidate(tmp_path, mlflow_server, passed=True)
+    name, run = approval_candidate(passed=True)
     started = time.monotonic()
     decision = wait_for_approval(mlflow_server, name, run, timeout_s=1.0, poll_s=0.2)
     assert decision.status == "timed_out" and 1.0 <= time.monotonic() - started < 10
@@ -83,10 +61,10 @@ def test_timeout_is_recorded_and_blocks_a_late_decision(tmp_path, mlflow_server)
         record_decision(mlflow_server, run, "approved", "alice")
 
 
-def test_a_failed_gate_needs_a_reasoned_override(tmp_path, mlflow_server):
+def test_a_failed_gate_needs_a_reasoned_override(tmp_path, mlflow_server, approval_candidate):
     from mlflow import MlflowClient
 
-    name, run = _candidate(tmp_path, mlflow_server, passed=False)
+    name, run = approval_candidate(passed=False)
     with pytest.raises(ApprovalError, match="--override"):
         record_decision(mlflow_server, run, "approved", "alice")
     with pytest.raises(ApprovalError, match="an override needs a reason"):

@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -14,36 +12,11 @@ from tumorflow.pipelines.cli import main
 pytestmark = pytest.mark.slow
 
 
-def _candidate(tmp_path: Path, tracking_uri: str, passed: bool) -> tuple[str, str]:
-    from tumorflow.components.registry import register_candidate
-
-    folder = tmp_path / f"model-{uuid.uuid4().hex[:6]}"
-    folder.mkdir()
-    (folder / "model.keras").write_bytes(b"weights")
-    (folder / "model_info.json").write_text(
-        json.dumps({"classes": ["a", "b"], "image_size": [32, 32]})
-    )
-    name, run = f"m-{uuid.uuid4().hex[:6]}", f"run-{uuid.uuid4().hex[:6]}"
-    register_candidate(tracking_uri, name, folder, {"passed": passed}, run)
-    return name, run
-
-
-def _waiter(
-    tracking_uri: str, name: str, run: str, timeout_s: float
-) -> tuple[threading.Thread, list]:
-    from tumorflow.components.approval import wait_for_approval
-
-    result: list = []
-    thread = threading.Thread(
-        target=lambda: result.append(wait_for_approval(tracking_uri, name, run, timeout_s, 0.2))
-    )
-    thread.start()
-    return thread, result
-
-
-def test_approve_while_a_run_waits(tmp_path, mlflow_server, capsys):
-    name, run = _candidate(tmp_path, mlflow_server, passed=True)
-    thread, result = _waiter(mlflow_server, name, run, timeout_s=60)
+def test_approve_while_a_run_waits(
+    tmp_path, mlflow_server, capsys, approval_candidate, approval_waiter
+):
+    name, run = approval_candidate(passed=True)
+    thread, result = approval_waiter(name, run, timeout_s=60)
     time.sleep(0.5)
     code = main(
         [
@@ -63,25 +36,27 @@ def test_approve_while_a_run_waits(tmp_path, mlflow_server, capsys):
     assert result[0].approved and result[0].comment == "checked the tumor cases"
 
 
-def test_reject_while_a_run_waits(tmp_path, mlflow_server):
-    name, run = _candidate(tmp_path, mlflow_server, passed=True)
-    thread, result = _waiter(mlflow_server, name, run, timeout_s=60)
+def test_reject_while_a_run_waits(tmp_path, mlflow_server, approval_candidate, approval_waiter):
+    name, run = approval_candidate(passed=True)
+    thread, result = approval_waiter(name, run, timeout_s=60)
     assert main(["reject", run, "--reason", "bad on MRI", "--tracking-uri", mlflow_server]) == 0
     thread.join(timeout=30)
     assert result[0].status == "rejected" and "bad on MRI" in result[0].reason
 
 
-def test_a_run_that_times_out_cannot_be_approved_later(tmp_path, mlflow_server, capsys):
-    name, run = _candidate(tmp_path, mlflow_server, passed=True)
-    thread, result = _waiter(mlflow_server, name, run, timeout_s=1)
+def test_a_run_that_times_out_cannot_be_approved_later(
+    tmp_path, mlflow_server, capsys, approval_candidate, approval_waiter
+):
+    name, run = approval_candidate(passed=True)
+    thread, result = approval_waiter(name, run, timeout_s=1)
     thread.join(timeout=30)
     assert result[0].status == "timed_out"
     assert main(["approve", run, "--tracking-uri", mlflow_server]) == 2
     assert "already timed_out" in capsys.readouterr().err
 
 
-def test_override_of_a_failed_gate(tmp_path, mlflow_server, capsys):
-    name, run = _candidate(tmp_path, mlflow_server, passed=False)
+def test_override_of_a_failed_gate(tmp_path, mlflow_server, capsys, approval_candidate):
+    name, run = approval_candidate(passed=False)
     uri = ["--tracking-uri", mlflow_server]
     assert main(["approve", run, *uri]) == 2
     assert "--override" in capsys.readouterr().err
