@@ -45,6 +45,8 @@ def retrain_pipeline(
     drift_share: float = _DEFAULTS.drift.drift_share,
     accelerator_type: str = _DEFAULTS.runtime.accelerator_type,
     accelerator_count: int = _DEFAULTS.runtime.accelerator_count,
+    train_cpu: str = _DEFAULTS.runtime.train_cpu,
+    train_memory: str = _DEFAULTS.runtime.train_memory,
 ):
     # Names this run in MLflow tags and `tumorflow approve RUN`; resolved by the backend.
     pipeline_run = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
@@ -76,8 +78,8 @@ def retrain_pipeline(
         .set_display_name("two-stage fine-tuning")
         .set_accelerator_type(accelerator_type)
         .set_accelerator_limit(accelerator_count)
-        .set_cpu_limit(_DEFAULTS.runtime.train_cpu)
-        .set_memory_limit(_DEFAULTS.runtime.train_memory)
+        .set_cpu_limit(train_cpu)
+        .set_memory_limit(train_memory)
         .set_retry(num_retries=2)
     )
     model = training.outputs["model"]
@@ -146,6 +148,8 @@ def monitor_pipeline(
     drift_share: float = _DEFAULTS.drift.drift_share,
     accelerator_type: str = _DEFAULTS.runtime.accelerator_type,
     accelerator_count: int = _DEFAULTS.runtime.accelerator_count,
+    train_cpu: str = _DEFAULTS.runtime.train_cpu,
+    train_memory: str = _DEFAULTS.runtime.train_memory,
 ):
     check = steps.drift_check(
         current_source=current_source,
@@ -172,6 +176,8 @@ def monitor_pipeline(
             drift_share=drift_share,
             accelerator_type=accelerator_type,
             accelerator_count=accelerator_count,
+            train_cpu=train_cpu,
+            train_memory=train_memory,
         ).set_display_name("retrain")
 
 
@@ -190,6 +196,8 @@ def pipeline_arguments(config: PipelineConfig, *, local: bool) -> dict:
         "drift_share": config.drift.drift_share,
         "accelerator_type": config.runtime.accelerator_type,
         "accelerator_count": config.runtime.accelerator_count,
+        "train_cpu": config.runtime.train_cpu,
+        "train_memory": config.runtime.train_memory,
     }
     if local:
         arguments.update(

@@ -190,20 +190,32 @@ def run_local(
     )
 
 
-def compile_pipeline(output: Path, *, image: str | None = None, pipeline: str = "retrain") -> Path:
+def compile_pipeline(
+    output: Path,
+    *,
+    config: PipelineConfig | None = None,
+    image: str | None = None,
+    pipeline: str = "retrain",
+) -> Path:
     """Write the spec YAML that Kubeflow Pipelines and Vertex AI Pipelines run: the retraining
-    pipeline, or the monitoring pipeline (drift check, then retraining when drifted)."""
+    pipeline, or the monitoring pipeline (drift check, then retraining when drifted). With a
+    `config`, its values become the parameters' defaults shown in the pipeline UI."""
     import yaml
     from kfp import compiler
 
     from tumorflow.pipelines import steps
-    from tumorflow.pipelines.pipeline import monitor_pipeline, retrain_pipeline
+    from tumorflow.pipelines.pipeline import monitor_pipeline, pipeline_arguments, retrain_pipeline
 
     pipelines = {"retrain": retrain_pipeline, "monitor": monitor_pipeline}
     if pipeline not in pipelines:
         raise PipelineRunError(f"unknown pipeline {pipeline!r}: choose {' or '.join(pipelines)}")
+    defaults = pipeline_arguments(config, local=False) if config else None
+    if defaults is not None and pipeline == "monitor":
+        defaults["window_hours"] = config.drift.window_hours
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipelines[pipeline], package_path=str(output))
+    compiler.Compiler().compile(
+        pipelines[pipeline], package_path=str(output), pipeline_parameters=defaults
+    )
     if image and image != steps.PROJECT_IMAGE:
         spec = yaml.safe_load(output.read_text())
         for executor in spec["deploymentSpec"]["executors"].values():
@@ -229,7 +241,9 @@ def submit(
     from tumorflow.pipelines.pipeline import pipeline_arguments
 
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(Path(tmp) / "pipeline.yaml", image=image)
+        package = compile_pipeline(
+            Path(tmp) / "pipeline.yaml", config=config, image=image or config.runtime.image
+        )
         try:
             client = kfp.Client(host=host)
             run = client.create_run_from_pipeline_package(

@@ -84,7 +84,13 @@ def _run(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.runner import compile_pipeline
 
-    path = compile_pipeline(Path(args.output), image=args.image, pipeline=args.pipeline)
+    config = config_from_args(args)
+    path = compile_pipeline(
+        Path(args.output),
+        config=config,
+        image=args.image or config.runtime.image,
+        pipeline=args.pipeline,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -125,8 +131,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compile_ = subparsers.add_parser(
         "compile", help="compile the pipeline to a Kubeflow / Vertex AI pipeline spec"
     )
+    add_config_arguments(compile_)
     compile_.add_argument("--output", default="pipeline.yaml", metavar="FILE")
-    compile_.add_argument("--image", metavar="IMAGE", help="the project image every step runs in")
+    compile_.add_argument(
+        "--image", metavar="IMAGE", help="the project image every step runs in (runtime.image)"
+    )
     compile_.add_argument(
         "--pipeline",
         choices=("retrain", "monitor"),

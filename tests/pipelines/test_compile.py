@@ -107,3 +107,18 @@ def test_the_monitoring_pipeline_retrains_only_when_drifted(tmp_path: Path):
     retrain = spec.components[nested["tumorflow-retrain"].component_ref.name].dag.tasks
     assert {"train", "gate", "approval", "condition-1"} <= set(retrain)
     assert "current_source" in spec.root.input_definitions.parameters
+
+
+def test_a_preset_becomes_the_parameters_defaults(tmp_path: Path):
+    from tumorflow.pipelines.config import load_config
+
+    config = load_config(preset="brain_mri", overrides=["runtime.accelerator_type=NVIDIA_A100"])
+    path = compile_pipeline(tmp_path / "brain.yaml", config=config)
+    spec = json_format.ParseDict(yaml.safe_load(path.read_text()), pipeline_spec_pb2.PipelineSpec())
+    parameters = spec.root.input_definitions.parameters
+    assert parameters["source"].default_value.string_value.startswith(
+        "kaggle:masoudnickparvar/brain-tumor-mri-dataset"
+    )
+    train = parameters["train_config"].default_value.struct_value
+    assert train["backbone"] == "resnet50v2" and train["augment"]["flip_vertical"] is False
+    assert parameters["accelerator_type"].default_value.string_value == "NVIDIA_A100"
