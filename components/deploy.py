@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MODELS_CONFIG = "models.config"
 STABLE = "stable"
 PREVIOUS = "previous"
+CANARY = "canary"
 SAVED_MODEL = "saved_model.pb"
 
 
@@ -109,9 +110,15 @@ def _config_lock(model_base_path: str) -> Iterator[None]:
 
 
 def write_serving_config(
-    model_base_path: str, model_name: str, stable: int, previous: int | None, keep_versions: int
+    model_base_path: str,
+    model_name: str,
+    stable: int,
+    previous: int | None,
+    keep_versions: int,
+    canary: int | None = None,
 ) -> list[int]:
-    """Point `stable`/`previous` of `model_name` in models.config; return the versions loaded.
+    """Point `stable`/`previous` (and `canary`) of `model_name` in models.config; return the
+    versions loaded.
 
     Other models' entries are kept. The file is replaced atomically (local) so TF Serving's
     config poller never reads half of it.
@@ -119,7 +126,7 @@ def write_serving_config(
     from google.protobuf import text_format
 
     available = served_versions(model_base_path, model_name)
-    loaded = {stable} | ({previous} if previous is not None else set())
+    loaded = {stable} | {v for v in (previous, canary) if v is not None}
     for version in reversed(available):
         if len(loaded) >= keep_versions:
             break
@@ -136,6 +143,8 @@ def write_serving_config(
     entry.version_labels[STABLE] = stable
     if previous is not None:
         entry.version_labels[PREVIOUS] = previous
+    if canary is not None:
+        entry.version_labels[CANARY] = canary
     text = text_format.MessageToString(config)
     target = storage.join(model_base_path, MODELS_CONFIG)
     with tempfile.NamedTemporaryFile(
@@ -148,10 +157,11 @@ def write_serving_config(
     else:
         os.replace(tmp.name, target)
     log.info(
-        "models.config: %s stable=%s previous=%s loads %s",
+        "models.config: %s stable=%s previous=%s canary=%s loads %s",
         model_name,
         stable,
         previous,
+        canary,
         sorted(loaded),
     )
     return sorted(loaded)
@@ -226,12 +236,17 @@ def deploy_model(
     pipeline_run: str,
     drift_reference: Path | None = None,
     approval_dir: Path | None = None,
+    rollout: str = STABLE,
 ) -> DeployResult:
     """Export the model as the next served version, move `stable`/`champion`, keep `previous`.
 
-    Refuses (nothing written) unless the decision passed or the approval record in
+    With `rollout="canary"` the new version is loaded under the `canary` label (registry alias
+    `canary`) while `stable` and `champion` stay; `promote_canary` makes it stable later. Refuses
+    (nothing written) unless the decision passed or the approval record in
     `approval_dir/approval.json` is an approved override.
     """
+    if rollout not in (STABLE, CANARY):
+        raise DeployRefused(f"rollout must be {STABLE!r} or {CANARY!r}, not {rollout!r}")
     from tumorflow.components import registry
     from tumorflow.components.export import ASSETS_EXTRA, export_serving_model
 
@@ -278,7 +293,20 @@ def deploy_model(
             version = _publish(staging, model_base_path, model_name)
             labels, _ = serving_labels(model_base_path, model_name)
             old_stable = labels.get(STABLE)
-            write_serving_config(model_base_path, model_name, version, old_stable, keep_versions)
+            as_canary = rollout == CANARY and old_stable is not None
+            if as_canary:
+                write_serving_config(
+                    model_base_path,
+                    model_name,
+                    old_stable,
+                    labels.get(PREVIOUS),
+                    keep_versions,
+                    canary=version,
+                )
+            else:
+                write_serving_config(
+                    model_base_path, model_name, version, old_stable, keep_versions
+                )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if storage.is_remote(root):
@@ -297,8 +325,17 @@ def deploy_model(
             tags.update(approval_tags(approval))
         for key, value in tags.items():
             client.set_model_version_tag(model_name, model_version.version, key, value)
-        registry.move_champion(client, model_name, model_version.version)
-    log.info("deployed %s version %d to %s", model_name, version, path)
+        if as_canary:
+            client.set_registered_model_alias(model_name, CANARY, model_version.version)
+        else:
+            registry.move_champion(client, model_name, model_version.version)
+    log.info(
+        "deployed %s version %d to %s%s",
+        model_name,
+        version,
+        path,
+        " as canary" if as_canary else "",
+    )
     return DeployResult(version, path, model_version.version if model_version else None)
 
 
@@ -333,16 +370,52 @@ def rollback(
 
     `to_version` is a served (directory) version; by default the one labelled `previous`.
     """
-    from tumorflow.components import registry
-
     labels, _ = serving_labels(model_base_path, model_name)
-    current = labels.get(STABLE)
     target = to_version if to_version is not None else labels.get(PREVIOUS)
     if target is None:
         raise DeployRefused(
             f"{model_name} has no previous served version to roll back to; pass --to VERSION "
             f"(on disk: {served_versions(model_base_path, model_name) or 'none'})"
         )
+    return _make_stable(
+        tracking_uri, model_name, model_base_path, target, keep_versions, by, "rollback"
+    )
+
+
+def promote_canary(
+    tracking_uri: str | None,
+    model_name: str,
+    model_base_path: str,
+    *,
+    keep_versions: int = 2,
+    by: str | None = None,
+) -> RollbackResult:
+    """Make the `canary` version stable: label and `champion` alias move, the canary label goes."""
+    labels, _ = serving_labels(model_base_path, model_name)
+    if CANARY not in labels:
+        raise DeployRefused(f"{model_name} has no canary version to promote")
+    return _make_stable(
+        tracking_uri, model_name, model_base_path, labels[CANARY], keep_versions, by, "promotion"
+    )
+
+
+def _make_stable(
+    tracking_uri: str | None,
+    model_name: str,
+    model_base_path: str,
+    target: int,
+    keep_versions: int,
+    by: str | None,
+    action: str,
+) -> RollbackResult:
+    """Point `stable` (and the registry's `champion`) at served version `target`; record why.
+
+    A canary in flight ends: its label and alias go (promoted, or abandoned by a rollback).
+    """
+    from tumorflow.components import registry
+
+    labels, _ = serving_labels(model_base_path, model_name)
+    current = labels.get(STABLE)
     if target not in served_versions(model_base_path, model_name):
         raise DeployRefused(
             f"{model_name} version {target} is not on disk under {model_base_path}; "
@@ -362,16 +435,18 @@ def rollback(
             )
         champion_version = max(found, key=lambda mv: int(mv.version)).version
         registry.move_champion(client, model_name, champion_version)
+        if CANARY in labels:
+            client.delete_registered_model_alias(model_name, CANARY)
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         for key, value in {
-            "rollback.at": now,
-            "rollback.by": by or getpass.getuser(),
-            "rollback.from_serving_version": str(current),
+            f"{action}.at": now,
+            f"{action}.by": by or getpass.getuser(),
+            f"{action}.from_serving_version": str(current),
         }.items():
             client.set_model_version_tag(model_name, champion_version, key, value)
     with _config_lock(model_base_path):
         write_serving_config(model_base_path, model_name, target, current, keep_versions)
-    log.info("rolled %s back from version %s to %s", model_name, current, target)
+    log.info("%s of %s: stable version %s -> %s", action, model_name, current, target)
     return RollbackResult(target, current, champion_version)
 
 

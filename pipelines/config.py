@@ -165,6 +165,9 @@ class DeployConfig(_Section):
     model_base_path: str = ""
     # TF Serving version policy written to models.config: serve the latest N versions.
     keep_versions: int = Field(2, ge=1)
+    # stable: a deployed version becomes `stable` (and `champion`) at once. canary: it is served
+    # under the `canary` label beside `stable` until `tumorflow promote`.
+    rollout: Literal["stable", "canary"] = "stable"
 
 
 class TrackingConfig(_Section):

@@ -252,6 +252,7 @@ def deploy(
     model_base_path: str,
     model_name: str,
     keep_versions: int,
+    rollout: str,
     tracking_uri: str,
     pipeline_run: str,
 ) -> int:
@@ -270,5 +271,6 @@ def deploy(
         pipeline_run=pipeline_run,
         drift_reference=Path(reference.path),
         approval_dir=Path(record.path),
+        rollout=rollout,
     )
     return result.version

@@ -95,18 +95,17 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rollback(args: argparse.Namespace) -> int:
-    from tumorflow.components.deploy import rollback
+def _move_stable(args: argparse.Namespace) -> int:
+    from tumorflow.components.deploy import promote_canary, rollback
 
     tracking_uri, model_name, base, keep_versions = _store(args)
-    result = rollback(
-        tracking_uri,
-        model_name,
-        base,
-        args.to,
-        keep_versions=keep_versions,
-        by=args.by or getpass.getuser(),
-    )
+    by = args.by or getpass.getuser()
+    if args.command == "promote":
+        result = promote_canary(tracking_uri, model_name, base, keep_versions=keep_versions, by=by)
+    else:
+        result = rollback(
+            tracking_uri, model_name, base, args.to, keep_versions=keep_versions, by=by
+        )
     champion = (
         f", registry champion -> version {result.champion_version}"
         if result.champion_version
@@ -171,4 +170,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(
         back, model_name_help="registered model / served model name (default: deploy.model_name)"
     )
-    back.set_defaults(handler=_rollback)
+    back.set_defaults(handler=_move_stable)
+
+    promote = subparsers.add_parser(
+        "promote", help="make the canary version stable (deploy.rollout=canary)"
+    )
+    promote.add_argument("--by", help="who promotes (default: the current user)")
+    promote.add_argument(
+        "--model-base-path", help="TF Serving model base path (default: from the configuration)"
+    )
+    _common(
+        promote,
+        model_name_help="registered model / served model name (default: deploy.model_name)",
+    )
+    promote.set_defaults(handler=_move_stable)

@@ -222,3 +222,42 @@ def test_gate_against_the_registry_champion(make_model_dir, split_dir, tmp_path,
     assert third.decision.rules[1].champion_value < third.decision.rules[1].value
     aliases = _registry(mlflow_server).get_registered_model(name).aliases
     assert aliases == {"champion": deployed.registered_version, "previous": "1"}
+
+
+def test_a_canary_serves_beside_stable_until_promoted(make_model_dir, tmp_path, mlflow_server):
+    from tumorflow.components.deploy import promote_canary
+
+    name = f"m-{uuid.uuid4().hex[:6]}"
+    base = tmp_path / "models"
+
+    def deploy(index: int, rollout: str):
+        return deploy_model(
+            make_model_dir(f"canary{index}"),
+            _decision(tmp_path, passed=True),
+            str(base),
+            name,
+            keep_versions=2,
+            tracking_uri=mlflow_server,
+            pipeline_run=f"canary-run-{index}",
+            rollout=rollout,
+        )
+
+    first = deploy(0, "canary")  # nothing stable yet: the first version becomes stable
+    second = deploy(1, "canary")
+    registry = _registry(mlflow_server)
+    labels, loaded = serving_labels(str(base), name)
+    assert labels == {"stable": first.version, "canary": second.version}
+    assert loaded == [first.version, second.version]
+    assert registry.get_model_version_by_alias(name, "champion").version == first.registered_version
+    assert registry.get_model_version_by_alias(name, "canary").version == second.registered_version
+
+    promoted = promote_canary(mlflow_server, name, str(base), by="dr-who")
+    labels, _ = serving_labels(str(base), name)
+    assert labels == {"stable": second.version, "previous": first.version}
+    assert promoted.champion_version == second.registered_version
+    assert (
+        registry.get_model_version_by_alias(name, "champion").version == second.registered_version
+    )
+    assert "canary" not in registry.get_registered_model(name).aliases
+    with pytest.raises(DeployRefused, match="no canary"):
+        promote_canary(mlflow_server, name, str(base))
