@@ -57,7 +57,9 @@ def _print_summary(summary) -> None:
         print(f"gate           {verdict}  ({summary.run_dir / 'gate' / 'report'})")
         for rule in summary.gate.get("rules", []):
             mark = "ok  " if rule.get("passed") else "FAIL"
-            print(f"  {mark} {rule.get('name', rule.get('metric'))}: {rule.get('value')}")
+            value = rule.get("value")
+            shown = f"{value:.4f}" if isinstance(value, int | float) else value
+            print(f"  {mark} {rule.get('name', rule.get('metric'))}: {shown}")
     if summary.approval is not None:
         print(f"approval       {summary.approval.get('status')}")
     if summary.deployed_version is not None:
