@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "bench"
 CONCURRENCY = (1, 8, 32)
+LOGGED = "gRPC Predict, 1 client, request log on"
 FLASK_CLIENTS = 8
 
 
@@ -242,9 +243,10 @@ def run(args: argparse.Namespace) -> int:
         "max_batch_size { value: 32 }\nbatch_timeout_micros { value: 0 }\n"
         "max_enqueued_batches { value: 1000 }\nnum_batch_threads { value: 2 }\n"
     )
-    server_log = work / "server.log"
-    server = _start(
-        [
+
+    def start_server(port: int, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+        log_path = work / f"{name}.log"
+        argv = [
             sys.executable,
             "-m",
             "tumorflow.pipelines.cli",
@@ -257,8 +259,14 @@ def run(args: argparse.Namespace) -> int:
             "--enable_batching",
             f"--batching_parameters_file={batching}",
             "--file_system_poll_wait_seconds=30",
-        ],
-        server_log,
+            *extra,
+        ]
+        return _start(argv, log_path), log_path
+
+    server, server_log = start_server(port, "server")
+    logged_port = _free_port()
+    logged, logged_log = start_server(
+        logged_port, "server-logged", f"--request_log_dir={work / 'requests'}"
     )
     flask_port = _free_port()
     flask_log = work / "flask.log"
@@ -276,27 +284,26 @@ def run(args: argparse.Namespace) -> int:
             request.model_spec.name = MODEL_NAME
             request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([data], dtype=tf.string))
             requests[data] = request
-        for clients in CONCURRENCY:
-            channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(clients)]
+
+        def measure_grpc(target_port: int, clients: int, name: str) -> Measurement:
+            channels = [grpc.insecure_channel(f"127.0.0.1:{target_port}") for _ in range(clients)]
             stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
 
-            def grpc_call(client: int, data: bytes, stubs=stubs) -> None:
+            def grpc_call(client: int, data: bytes) -> None:
                 stubs[client].Predict(requests[data], timeout=30)
 
             for client in range(clients):
                 grpc_call(client, images[client % len(images)])
-            results.append(
-                _measure(
-                    f"gRPC Predict, {clients} client(s)",
-                    grpc_call,
-                    images,
-                    args.requests,
-                    clients,
-                    cap,
-                )
-            )
-            for channel in channels:
-                channel.close()
+            try:
+                return _measure(name, grpc_call, images, args.requests, clients, cap)
+            finally:
+                for channel in channels:
+                    channel.close()
+
+        for clients in CONCURRENCY:
+            results.append(measure_grpc(port, clients, f"gRPC Predict, {clients} client(s)"))
+        _wait_ready(lambda: _grpc_ready(logged_port), logged, logged_log)
+        results.append(measure_grpc(logged_port, 1, LOGGED))
 
         def flask_ready() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{flask_port}/health", timeout=2) as r:
@@ -327,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         _stop(server)
+        _stop(logged)
         _stop(flask)
     _report(results)
     return 0
@@ -348,10 +356,10 @@ def _grpc_ready(port: int) -> bool:
 
 
 def _report(results: list[Measurement]) -> None:
-    print(f"{'measurement':36s} {'calls':>6s} {'p50 ms':>9s} {'p99 ms':>9s} {'images/s':>9s}")
+    print(f"{'measurement':40s} {'calls':>6s} {'p50 ms':>9s} {'p99 ms':>9s} {'images/s':>9s}")
     for m in results:
         print(
-            f"{m.name:36s} {len(m.latencies):6d} {m.percentile(50):9.2f} {m.percentile(99):9.2f} {m.throughput:9.1f}"
+            f"{m.name:40s} {len(m.latencies):6d} {m.percentile(50):9.2f} {m.percentile(99):9.2f} {m.throughput:9.1f}"
         )
     inprocess = results[0]
     single = next(m for m in results if m.name == "gRPC Predict, 1 client(s)")
@@ -371,6 +379,12 @@ def _report(results: list[Measurement]) -> None:
         f"  (batching can reach at most {ceiling.throughput / inprocess.throughput:.2f}x here: the "
         f"model's own batch-32 throughput; the server delivers "
         f"{many.throughput / ceiling.throughput:.0%} of it)"
+    )
+    logged = next(m for m in results if m.name == LOGGED)
+    cost = logged.percentile(50) - single.percentile(50)
+    print(
+        f"request logging for drift adds {cost:+.2f} ms p50 to a request (target < 1 ms): "
+        f"{'met' if cost < 1 else 'missed'}"
     )
     ratio = many.throughput / flask.throughput
     print(

@@ -15,8 +15,10 @@ def test_bench_serving_prints_latencies_and_ratios(capsys):
         "in-process call, batch 32 (ceiling)",
         "gRPC Predict, 1 client(s)",
         "gRPC Predict, 32 client(s)",
+        "gRPC Predict, 1 client, request log on",
         "Flask baseline, 8 clients",
     ):
         assert row in out
     assert "gRPC batch-1 p50 - in-process p50" in out
     assert "gRPC 32 clients / Flask baseline throughput" in out
+    assert "request logging for drift adds" in out
