@@ -69,6 +69,7 @@ def _print_summary(summary) -> None:
     print(f"mlflow         {summary.tracking_uri}")
     print(
         f"serve it       tumorflow serve --model_config_file {summary.model_base_path}/models.config"
+        " --model_config_file_poll_wait_seconds 10"
     )
 
 
