@@ -125,6 +125,17 @@ def _common(parser: argparse.ArgumentParser, *, model_name_help: str) -> None:
     parser.add_argument("--model-name", "--model_name", dest="model_name", help=model_name_help)
 
 
+def _served_model(parser: argparse.ArgumentParser) -> None:
+    """Flags of the commands that act on a served model: its base path, name and store."""
+    parser.add_argument(
+        "--model-base-path", help="TF Serving model base path (default: from the configuration)"
+    )
+    _common(
+        parser,
+        model_name_help="registered model / served model name (default: deploy.model_name)",
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     approve = subparsers.add_parser("approve", help="approve the candidate model of a pipeline run")
     approve.add_argument("run", metavar="RUN", help="pipeline run id (tumorflow.pipeline_run)")
@@ -149,12 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--last", type=int, default=10, help="how many recent model versions to list"
     )
     status.add_argument("--json", action="store_true", help="print the status as JSON")
-    status.add_argument(
-        "--model-base-path", help="TF Serving model base path (default: from the configuration)"
-    )
-    _common(
-        status, model_name_help="registered model / served model name (default: deploy.model_name)"
-    )
+    _served_model(status)
     status.set_defaults(handler=_status)
 
     back = subparsers.add_parser(
@@ -164,23 +170,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--to", type=int, metavar="VERSION", help="served version to restore (default: previous)"
     )
     back.add_argument("--by", help="who rolls back (default: the current user)")
-    back.add_argument(
-        "--model-base-path", help="TF Serving model base path (default: from the configuration)"
-    )
-    _common(
-        back, model_name_help="registered model / served model name (default: deploy.model_name)"
-    )
+    _served_model(back)
     back.set_defaults(handler=_move_stable)
 
     promote = subparsers.add_parser(
         "promote", help="make the canary version stable (deploy.rollout=canary)"
     )
     promote.add_argument("--by", help="who promotes (default: the current user)")
-    promote.add_argument(
-        "--model-base-path", help="TF Serving model base path (default: from the configuration)"
-    )
-    _common(
-        promote,
-        model_name_help="registered model / served model name (default: deploy.model_name)",
-    )
+    _served_model(promote)
     promote.set_defaults(handler=_move_stable)
