@@ -1,9 +1,11 @@
 """The training input pipeline: TFRecord shards to batches of augmented float32 pixels.
 
-Shards are read with a parallel interleave; parsing, PNG decoding and resizing run in parallel;
-the resized uint8 images are cached (so later epochs skip decoding), shuffled and batched; the
-augmentation runs once per batch, vectorised over the batch, inside the tf.data graph. Randomness
-comes from stateless ops keyed by the seed, so a seed gives the same batches in the same order.
+Shards are read with a parallel interleave; parsing and decoding (JPEGs DCT-scaled towards the
+model's input size) run in parallel; the decoded uint8 images are cached (so later epochs skip
+decoding), shuffled and batched. For training, resize and augmentation are one OpenCV warp per
+image, run per batch in parallel; evaluation resizes in TF, as the serving signature does. The
+random draws come from stateless ops keyed by the seed, so a seed gives the same batches in the
+same order.
 """
 
 from __future__ import annotations
@@ -49,12 +51,21 @@ def resize_pixels(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def decode_to_size(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode one encoded image to uint8 RGB [S, S, 3]; training, evaluation and serving share it.
+    """Decode one encoded image to uint8 RGB [S, S, 3]; evaluation and serving share it.
+
+    `decode_scaled`, then `resize_pixels` to `image_size`. Training resizes inside its
+    augmentation warp instead, which with no transform drawn gives these same pixels.
+    """
+    return resize_pixels(decode_scaled(encoded, image_size), image_size)
+
+
+def decode_scaled(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decode one encoded image to uint8 RGB [H, W, 3], a JPEG at the smallest DCT scale that
+    still covers `image_size`.
 
     A JPEG is decoded with DCT scaling (libjpeg's `ratio` 2, 4 or 8), the largest that keeps its
-    short side at or above `image_size`: a 512 px slice bound for 224 px decodes at 256 px, about
-    three times faster, and the scaled decode averages pixels rather than aliasing. Other formats
-    decode at full size. Either way `resize_pixels` brings the result to `image_size`.
+    short side at or above `image_size`: a 512 px slice bound for 224 px decodes at 256 px, and
+    the scaled decode averages pixels rather than aliasing. Other formats decode at full size.
     """
     import tensorflow as tf
 
@@ -71,7 +82,19 @@ def decode_to_size(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
 
     image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     image.set_shape([None, None, 3])
-    return resize_pixels(image, image_size)
+    return image
+
+
+def decode_for_augmentation(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Pixels for `augment_batch`, which resizes them: `decode_scaled`, resized here only when
+    a side exceeds 1.5 x `image_size`, which bounds what the training cache holds per image."""
+    import tensorflow as tf
+
+    image = decode_scaled(encoded, image_size)
+    too_big = tf.reduce_max(tf.shape(image)[:2]) > int(1.5 * image_size)
+    image = tf.cond(too_big, lambda: resize_pixels(image, image_size), lambda: image)
+    image.set_shape([None, None, 3])
+    return image
 
 
 def _jpeg_decoder(encoded: tf.Tensor, ratio: int):
@@ -81,12 +104,13 @@ def _jpeg_decoder(encoded: tf.Tensor, ratio: int):
 
 
 def decoded_examples(
-    split_dir: Path, split: str, image_size: int, ordered: bool = True
+    split_dir: Path, split: str, image_size: int, ordered: bool = True, resize: bool = True
 ) -> tf.data.Dataset:
     """Examples of a split as `{"image": uint8 [S, S, 3], "label": int32, "path": string}`.
 
     `ordered` keeps the shard and record order of the manifest (evaluation); otherwise the
-    shards are interleaved in parallel (training), still deterministically.
+    shards are interleaved in parallel (training), still deterministically. `resize` False
+    gives `decode_for_augmentation` pixels, [H, W, 3], for `augment_batch` to resize.
     """
     import tensorflow as tf
 
@@ -97,11 +121,12 @@ def decoded_examples(
     if missing:
         raise DatasetError(f"shards listed in the split manifest are missing: {missing[:3]}")
     spec = feature_spec()
+    decode = decode_to_size if resize else decode_for_augmentation
 
     def parse(raw: tf.Tensor) -> dict[str, tf.Tensor]:
         parsed = tf.io.parse_single_example(raw, spec)
         return {
-            "image": decode_to_size(parsed[ENCODED], image_size),
+            "image": decode(parsed[ENCODED], image_size),
             "label": tf.cast(parsed[LABEL], tf.int32),
             "path": parsed[PATH],
         }
@@ -126,64 +151,109 @@ def _uniform(seed: tf.Tensor, salt: int, shape: list, low: float, high: float) -
     )
 
 
-def augment_batch(images: tf.Tensor, augment: AugmentConfig, seed: tf.Tensor) -> tf.Tensor:
-    """Randomly flip, rotate, zoom and change brightness/contrast of a 0..255 batch.
+def augment_batch(
+    images: tf.Tensor,
+    augment: AugmentConfig,
+    seed: tf.Tensor,
+    image_size: int | None = None,
+    sizes: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """Resize to `image_size` and randomly flip, rotate, zoom, brighten and contrast a batch.
 
-    One draw per image for each transform. Flips, rotation and zoom are folded into one projective
-    warp (run in the input dtype: uint8 from the cache moves a quarter of the bytes), brightness
-    and contrast into one multiply-add. `seed` is a stateless seed `[2]` (int64): the same seed
-    gives the same augmentation. Returns float32 in 0..255.
+    `images` is a 0..255 batch `[B, H, W, 3]` in which image i fills the top-left `sizes[i]`
+    (height, width) and the rest is padding (None: every image is H x W). Each image gets one
+    draw of every transform. The resize, flips, rotation and zoom are one affine warp per image
+    (bilinear; outside the image its edge pixels repeat, as in the resize), and brightness and
+    contrast one multiply-add rounded to 0..255. With every transform off this is the bilinear
+    resize of `decode_to_size`, so training and serving see the same pixels. The warps run in
+    OpenCV, about ten times faster than TF's projective transform on CPU. `seed` is a stateless
+    seed `[2]` (int64): the same seed gives the same batch. `image_size` None keeps H x W.
+    Returns float32 `[B, S, S, 3]`.
     """
     import tensorflow as tf
 
     batch = tf.shape(images)[0]
+    if images.dtype != tf.uint8:
+        images = tf.saturate_cast(tf.round(images), tf.uint8)
+    if sizes is None:
+        sizes = tf.tile(tf.shape(images)[None, 1:3], [batch, 1])
+    out_h = images.shape[1] if image_size is None else image_size
+    out_w = images.shape[2] if image_size is None else image_size
     seed = tf.cast(seed, tf.int64)
-    geometric = (
-        augment.flip_horizontal
-        or augment.flip_vertical
-        or augment.rotation_degrees > 0
-        or augment.zoom > 0
+
+    def random_sign(enabled: bool, salt: int) -> tf.Tensor:
+        if not enabled:
+            return tf.ones([batch])
+        return tf.where(_uniform(seed, salt, [batch], 0.0, 1.0) < 0.5, -1.0, 1.0)
+
+    max_angle = math.radians(augment.rotation_degrees)
+    draws = [
+        random_sign(augment.flip_horizontal, 1),
+        random_sign(augment.flip_vertical, 2),
+        _uniform(seed, 3, [batch], -max_angle, max_angle),
+        _uniform(seed, 4, [batch], 1.0 - augment.zoom, 1.0 + augment.zoom),
+        _uniform(seed, 5, [batch], -augment.brightness, augment.brightness) * 255.0,
+        _uniform(seed, 6, [batch], 1.0 - augment.contrast, 1.0 + augment.contrast),
+    ]
+    out = tf.numpy_function(
+        lambda *arrays: _warp_and_adjust(*arrays, out_h, out_w),
+        [images, tf.cast(sizes, tf.int32), *draws],
+        tf.uint8,
+        stateful=False,
     )
-    if geometric:
-        height = tf.cast(tf.shape(images)[1], tf.float32)
-        width = tf.cast(tf.shape(images)[2], tf.float32)
+    out.set_shape([images.shape[0], out_h, out_w, 3])
+    return tf.cast(out, tf.float32)
 
-        def random_sign(enabled: bool, salt: int) -> tf.Tensor:
-            if not enabled:
-                return tf.ones([batch])
-            return tf.where(_uniform(seed, salt, [batch], 0.0, 1.0) < 0.5, -1.0, 1.0)
 
-        flip_x = random_sign(augment.flip_horizontal, 1)
-        flip_y = random_sign(augment.flip_vertical, 2)
-        max_angle = math.radians(augment.rotation_degrees)
-        angle = _uniform(seed, 3, [batch], -max_angle, max_angle)
-        k = _uniform(seed, 4, [batch], 1.0 - augment.zoom, 1.0 + augment.zoom)
-        # Output pixel p samples input c + k * R(angle) * diag(flip_x, flip_y) * (p - c);
-        # k < 1 zooms in, a flip is a reflection about the centre c.
-        cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
-        a0, a1 = k * tf.cos(angle) * flip_x, -k * tf.sin(angle) * flip_y
-        b0, b1 = k * tf.sin(angle) * flip_x, k * tf.cos(angle) * flip_y
-        a2 = cx - a0 * cx - a1 * cy
-        b2 = cy - b0 * cx - b1 * cy
-        zeros = tf.zeros_like(angle)
-        images = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images,
-            transforms=tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1),
-            output_shape=tf.shape(images)[1:3],
-            fill_value=0.0,
-            interpolation="BILINEAR",
-            fill_mode="CONSTANT",
+def _warp_and_adjust(images, sizes, flip_x, flip_y, angle, zoom, delta, factor, out_h, out_w):
+    """The OpenCV body of `augment_batch`, on numpy arrays."""
+    import numpy as np
+
+    cv2 = _opencv()
+    out = np.empty((len(images), out_h, out_w, 3), np.uint8)
+    # The output pixel p samples the input at c_in + D k R(angle) F (p - c_out): F the flips, R
+    # the rotation, k the zoom (k < 1 zooms in), D the per-axis resize factors. With k = 1 and
+    # no rotation or flip this is the half-pixel bilinear resize of tf.image.resize.
+    out_cx, out_cy = (out_w - 1) / 2.0, (out_h - 1) / 2.0
+    for i, (height, width) in enumerate(sizes):
+        cos, sin = math.cos(angle[i]) * zoom[i], math.sin(angle[i]) * zoom[i]
+        sx, sy = width / out_w, height / out_h
+        a0, a1 = sx * cos * flip_x[i], -sx * sin * flip_y[i]
+        b0, b1 = sy * sin * flip_x[i], sy * cos * flip_y[i]
+        matrix = np.array(
+            [
+                [a0, a1, (width - 1) / 2.0 - a0 * out_cx - a1 * out_cy],
+                [b0, b1, (height - 1) / 2.0 - b0 * out_cx - b1 * out_cy],
+            ],
+            np.float64,
         )
-    images = tf.cast(images, tf.float32)
-    if augment.brightness > 0 or augment.contrast > 0:
-        # Brightness delta d then contrast factor f about the image mean m:
-        # ((x + d) - (m + d)) * f + (m + d) = x * f + (m * (1 - f) + d).
-        delta = _uniform(seed, 5, [batch], -augment.brightness, augment.brightness) * 255.0
-        factor = _uniform(seed, 6, [batch], 1.0 - augment.contrast, 1.0 + augment.contrast)
-        mean = tf.reduce_mean(images, axis=[1, 2, 3])
-        offset = mean * (1.0 - factor) + delta
-        images = images * factor[:, None, None, None] + offset[:, None, None, None]
-    return tf.clip_by_value(images, 0.0, 255.0)
+        warped = out[i]
+        cv2.warpAffine(
+            images[i, :height, :width],
+            matrix,
+            (out_w, out_h),
+            dst=warped,
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        if delta[i] != 0.0 or factor[i] != 1.0:
+            # Brightness delta d, then contrast factor f about the image mean m:
+            # ((x + d) - (m + d)) * f + (m + d) = x * f + (m * (1 - f) + d), saturated to 0..255.
+            mean = sum(cv2.mean(warped)[:3]) / 3.0
+            offset = mean * (1.0 - factor[i]) + delta[i]
+            cv2.addWeighted(
+                warped, float(factor[i]), warped, 0.0, offset, dst=warped, dtype=cv2.CV_8U
+            )
+    return out
+
+
+def _opencv():
+    """cv2, single-threaded: tf.data already runs batches in parallel on every core."""
+    import cv2
+
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
+    return cv2
 
 
 def make_dataset(
@@ -202,22 +272,34 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    examples = decoded_examples(Path(split_dir), split, image_size, ordered=not training)
-    ds = examples.map(lambda e: (e["image"], e["label"])).cache()
+    split_dir = Path(split_dir)
+    augmenting = training and augment is not None
+    examples = decoded_examples(split_dir, split, image_size, not training, not augmenting)
+    ds = examples.map(lambda e: (e["image"], tf.shape(e["image"])[:2], e["label"])).cache()
     if training:
-        buffer = min(split_size(Path(split_dir), split), SHUFFLE_BUFFER_MAX)
+        buffer = min(split_size(split_dir, split), SHUFFLE_BUFFER_MAX)
         ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     # The manifest's count as the cardinality: Keras shows progress and a wrong count fails loudly.
-    n_batches = -(-split_size(Path(split_dir), split) // batch_size)
-    ds = ds.batch(batch_size).apply(tf.data.experimental.assert_cardinality(n_batches))
-    if not training or augment is None:
-        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    n_batches = -(-split_size(split_dir, split) // batch_size)
+    # Unresized images may differ in size: a batch is padded to its largest, and each image's
+    # own size travels with it so the warp reads only its pixels.
+    ds = ds.padded_batch(batch_size).apply(tf.data.experimental.assert_cardinality(n_batches))
+    if not augmenting:
+        ds = ds.map(
+            lambda x, _, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
     else:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         ds = tf.data.Dataset.zip(ds, seeds).map(
             lambda batch, r: (
-                augment_batch(batch[0], augment, tf.stack([tf.constant(seed, tf.int64), r])),
-                batch[1],
+                augment_batch(
+                    batch[0],
+                    augment,
+                    tf.stack([tf.constant(seed, tf.int64), r]),
+                    image_size,
+                    batch[1],
+                ),
+                batch[2],
             ),
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,

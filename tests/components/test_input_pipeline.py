@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from tumorflow.components.errors import DatasetError
-from tumorflow.components.input_bench import write_synthetic_split
+from tumorflow.components.input_bench import encode_image, write_synthetic_split
 from tumorflow.components.input_pipeline import augment_batch, decoded_examples, make_dataset
 from tumorflow.pipelines.config import AugmentConfig
 
@@ -144,3 +146,66 @@ def test_jpeg_decodes_scaled_in_the_dct_and_matches_an_antialiased_resize():
         assert np.abs(pixels.astype(np.float32) - expected).mean() < 4.0
     with pytest.raises(tf.errors.InvalidArgumentError):
         decode_to_size(tf.constant(b"not an image"), 64)
+
+
+def _all_off() -> AugmentConfig:
+    return AugmentConfig(
+        flip_horizontal=False, rotation_degrees=0, zoom=0, brightness=0, contrast=0
+    )
+
+
+def _smooth_image(rng, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    coarse = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC))
+
+
+def test_training_resize_with_every_transform_off_matches_the_serving_resize():
+    import tensorflow as tf
+
+    from tumorflow.components.input_pipeline import resize_pixels
+
+    rng = np.random.default_rng(0)
+    images = np.stack([_smooth_image(rng, 40, 40) for _ in range(3)])
+    out = augment_batch(tf.constant(images), _all_off(), tf.constant([0, 0], tf.int64), 32)
+    expected = np.stack([resize_pixels(tf.constant(image), 32).numpy() for image in images])
+
+    assert out.shape == (3, 32, 32, 3) and out.dtype == tf.float32
+    assert np.abs(out.numpy() - expected.astype(np.float32)).max() <= 2.0
+
+
+def test_padded_images_are_resized_from_their_own_pixels_only():
+    import tensorflow as tf
+
+    batch = np.zeros((2, 40, 40, 3), np.uint8)
+    batch[0] = 200
+    batch[1, :24, :30] = 100
+    sizes = tf.constant([[40, 40], [24, 30]])
+    out = augment_batch(
+        tf.constant(batch), _all_off(), tf.constant([0, 0], tf.int64), 32, sizes
+    ).numpy()
+
+    assert np.all(out[0] == 200.0)
+    assert np.all(out[1] == 100.0), "padding leaked into a smaller image"
+
+
+def test_training_batches_from_images_of_mixed_sizes(tmp_path):
+    from tumorflow.components.tfrecords import MANIFEST_JSON, Record, write_shards
+
+    rng = np.random.default_rng(1)
+    sides = [(40, 40), (56, 48), (100, 120), (33, 70)] * 3
+    records = [
+        Record(encode_image(_smooth_image(rng, h, w), "PNG"), i % 2, f"{i}.png", str(i))
+        for i, (h, w) in enumerate(sides)
+    ]
+    shards = write_shards(records, tmp_path, "train", 5)
+    manifest = {"classes": ["a", "b"], "splits": {"train": {"count": 12, "shards": shards}}}
+    (tmp_path / MANIFEST_JSON).write_text(json.dumps(manifest))
+
+    batches = _first_epoch(make_dataset(tmp_path, "train", 32, 5, AugmentConfig(), True, 0))
+
+    assert [x.shape for x, _ in batches] == [(5, 32, 32, 3), (5, 32, 32, 3), (2, 32, 32, 3)]
+    # Every image keeps its content: a mostly black image would be a padding or warp bug.
+    means = np.concatenate([x.mean(axis=(1, 2, 3)) for x, _ in batches])
+    assert means.min() > 40.0
