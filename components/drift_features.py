@@ -253,6 +253,7 @@ class ModelProbe:
         info = read_model_info(self.model_dir)
         self.classes = list(info["classes"])
         self.image_size = int(info["image_size"][0])
+        self.grayscale = bool(info.get("grayscale"))
         model = keras.saving.load_model(self.model_dir / "model.keras", compile=False)
         try:
             embedding = model.get_layer("embedding").output
@@ -289,7 +290,10 @@ class ModelProbe:
         from tumorflow.components.export import decode_for_model
 
         return np.stack(
-            [decode_for_model(tf.constant(data), self.image_size).numpy() for data in encoded]
+            [
+                decode_for_model(tf.constant(data), self.image_size, self.grayscale).numpy()
+                for data in encoded
+            ]
         )
 
     def predict(

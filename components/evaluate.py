@@ -251,14 +251,15 @@ def _plot_reliability(y_true: np.ndarray, probs: np.ndarray, ece: float, path: P
 
 
 def _predict_split(
-    model: Any, split_dir: Path, split: str, image_size: int
+    model: Any, split_dir: Path, split: str, image_size: int, grayscale: bool
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     import tensorflow as tf
 
     from tumorflow.components.input_pipeline import decoded_examples
 
     paths, labels, probs = [], [], []
-    for batch in decoded_examples(split_dir, split, image_size, ordered=True).batch(64):
+    examples = decoded_examples(split_dir, split, image_size, ordered=True, grayscale=grayscale)
+    for batch in examples.batch(64):
         probs.append(np.asarray(model(tf.cast(batch["image"], tf.float32), training=False)))
         labels.append(batch["label"].numpy())
         paths.extend(p.decode() for p in batch["path"].numpy())
@@ -325,7 +326,9 @@ def evaluate_model(
             f"the model was trained on classes {classes} but {split_dir} has {dataset_classes}; "
             "evaluate it on a split dataset made with the same classes"
         )
-    paths, labels, probs = _predict_split(model, split_dir, split, int(info["image_size"][0]))
+    paths, labels, probs = _predict_split(
+        model, split_dir, split, int(info["image_size"][0]), bool(info.get("grayscale"))
+    )
     metrics = compute_metrics(labels, probs, classes)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False))

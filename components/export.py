@@ -45,11 +45,11 @@ def read_model_info(model_dir: Path) -> dict[str, Any]:
     return info
 
 
-def decode_for_model(image_bytes: Any, image_size: int) -> Any:
+def decode_for_model(image_bytes: Any, image_size: int, grayscale: bool = False) -> Any:
     """Decode one encoded image to float32 [S, S, 3] with values 0..255, exactly as training does."""
     import tensorflow as tf
 
-    return tf.cast(decode_to_size(image_bytes, image_size), tf.float32)
+    return tf.cast(decode_to_size(image_bytes, image_size, grayscale), tf.float32)
 
 
 def _warmup_png(image_size: int) -> bytes:
@@ -78,7 +78,7 @@ def _write_warmup(path: Path, png: bytes, model_name: str) -> None:
         writer.write(record.SerializeToString())
 
 
-def _serving_module(model: Any, classes: list[str], image_size: int) -> Any:
+def _serving_module(model: Any, classes: list[str], image_size: int, grayscale: bool) -> Any:
     import keras
     import tensorflow as tf
 
@@ -98,7 +98,7 @@ def _serving_module(model: Any, classes: list[str], image_size: int) -> Any:
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)])
     def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         images = tf.map_fn(
-            lambda one: decode_for_model(one, image_size),
+            lambda one: decode_for_model(one, image_size, grayscale),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
@@ -136,6 +136,7 @@ def export_serving_model(
     if height != width:
         raise ModelError(f"model_info.json image_size {[height, width]} is not square")
     image_size = height
+    grayscale = bool(info.get("grayscale"))
     try:
         model = keras.saving.load_model(Path(model_dir) / "model.keras", compile=False)
     except Exception as exc:
@@ -148,7 +149,7 @@ def export_serving_model(
     export_dir = Path(export_dir)
     if export_dir.exists():
         shutil.rmtree(export_dir)
-    module = _serving_module(model, classes, image_size)
+    module = _serving_module(model, classes, image_size, grayscale)
     tf.saved_model.save(module, str(export_dir), signatures={SIGNATURE: module.serve})
 
     assets = export_dir / ASSETS_EXTRA
@@ -156,6 +157,7 @@ def export_serving_model(
     meta = {
         "classes": classes,
         "image_size": [image_size, image_size],
+        "grayscale": grayscale,
         "backbone": info.get("backbone"),
         "mlflow_run_id": info.get("mlflow_run_id"),
         **(extra_info or {}),
@@ -163,19 +165,21 @@ def export_serving_model(
     (assets / INFO_FILE).write_text(json.dumps(meta, indent=2))
     png = _warmup_png(image_size)
     _write_warmup(assets / WARMUP_FILE, png, model_name)
-    _check_export(export_dir, model, png, image_size)
+    _check_export(export_dir, model, png, image_size, grayscale)
     log.info(
         "exported %s to %s (%d classes, input %s)", model_dir, export_dir, len(classes), image_size
     )
 
 
-def _check_export(export_dir: Path, model: Any, png: bytes, image_size: int) -> None:
+def _check_export(
+    export_dir: Path, model: Any, png: bytes, image_size: int, grayscale: bool
+) -> None:
     """Reload the SavedModel and compare its scores with `model.predict` on the same pixels."""
     import tensorflow as tf
 
     served = tf.saved_model.load(str(export_dir)).signatures[SIGNATURE]
     scores = served(image_bytes=tf.constant([png]))["scores"].numpy()
-    pixels = decode_for_model(tf.constant(png), image_size).numpy()[np.newaxis]
+    pixels = decode_for_model(tf.constant(png), image_size, grayscale).numpy()[np.newaxis]
     expected = np.asarray(model.predict(pixels, verbose=0), dtype=np.float32)
     if not np.allclose(scores, expected, atol=1e-4):
         raise ModelError(

@@ -43,25 +43,29 @@ def split_size(split_dir: Path, split: str) -> int:
 
 
 def resize_pixels(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resize decoded RGB pixels (any size) to `image_size` square, as uint8."""
+    """Resize decoded pixels (any size, any channels) to `image_size` square, as uint8."""
     import tensorflow as tf
 
     resized = tf.image.resize(image, [image_size, image_size], method="bilinear")
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
-def decode_to_size(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+def decode_to_size(encoded: tf.Tensor, image_size: int, grayscale: bool = False) -> tf.Tensor:
     """Decode one encoded image to uint8 RGB [S, S, 3]; evaluation and serving share it.
 
-    `decode_scaled`, then `resize_pixels` to `image_size`. Training resizes inside its
-    augmentation warp instead, which with no transform drawn gives these same pixels.
+    `decode_scaled`, then `resize_pixels` to `image_size`; a grayscale model's single channel
+    is repeated into the three its backbone takes. Training resizes inside its augmentation warp
+    instead, which with no transform drawn gives these same pixels.
     """
-    return resize_pixels(decode_scaled(encoded, image_size), image_size)
+    import tensorflow as tf
+
+    pixels = resize_pixels(decode_scaled(encoded, image_size, grayscale), image_size)
+    return tf.image.grayscale_to_rgb(pixels) if grayscale else pixels
 
 
-def decode_scaled(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decode one encoded image to uint8 RGB [H, W, 3], a JPEG at the smallest DCT scale that
-    still covers `image_size`.
+def decode_scaled(encoded: tf.Tensor, image_size: int, grayscale: bool = False) -> tf.Tensor:
+    """Decode one encoded image to uint8 [H, W, C] (C = 1 for `grayscale`, else RGB), a JPEG at
+    the smallest DCT scale that still covers `image_size`.
 
     A JPEG is decoded with DCT scaling (libjpeg's `ratio` 2, 4 or 8), the largest that keeps its
     short side at or above `image_size`: a 512 px slice bound for 224 px decodes at 256 px, and
@@ -69,48 +73,61 @@ def decode_scaled(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     """
     import tensorflow as tf
 
+    channels = 1 if grayscale else 3
+
     def jpeg() -> tf.Tensor:
         shape = tf.image.extract_jpeg_shape(encoded)
         short_side = tf.minimum(shape[0], shape[1])
         scaled = [
-            (short_side >= ratio * image_size, _jpeg_decoder(encoded, ratio)) for ratio in (8, 4, 2)
+            (short_side >= ratio * image_size, _jpeg_decoder(encoded, ratio, channels))
+            for ratio in (8, 4, 2)
         ]
-        return tf.case(scaled, default=_jpeg_decoder(encoded, 1), exclusive=False)
+        return tf.case(scaled, default=_jpeg_decoder(encoded, 1, channels), exclusive=False)
 
     def other() -> tf.Tensor:
-        return tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+        return tf.io.decode_image(
+            encoded, channels=channels, expand_animations=False, dtype=tf.uint8
+        )
 
     image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
-    image.set_shape([None, None, 3])
+    image.set_shape([None, None, channels])
     return image
 
 
-def decode_for_augmentation(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+def decode_for_augmentation(
+    encoded: tf.Tensor, image_size: int, grayscale: bool = False
+) -> tf.Tensor:
     """Pixels for `augment_batch`, which resizes them: `decode_scaled`, resized here only when
     a side exceeds 1.5 x `image_size`, which bounds what the training cache holds per image."""
     import tensorflow as tf
 
-    image = decode_scaled(encoded, image_size)
+    image = decode_scaled(encoded, image_size, grayscale)
     too_big = tf.reduce_max(tf.shape(image)[:2]) > int(1.5 * image_size)
     image = tf.cond(too_big, lambda: resize_pixels(image, image_size), lambda: image)
-    image.set_shape([None, None, 3])
+    image.set_shape([None, None, 1 if grayscale else 3])
     return image
 
 
-def _jpeg_decoder(encoded: tf.Tensor, ratio: int):
+def _jpeg_decoder(encoded: tf.Tensor, ratio: int, channels: int):
     import tensorflow as tf
 
-    return lambda: tf.io.decode_jpeg(encoded, channels=3, ratio=ratio)
+    return lambda: tf.io.decode_jpeg(encoded, channels=channels, ratio=ratio)
 
 
 def decoded_examples(
-    split_dir: Path, split: str, image_size: int, ordered: bool = True, resize: bool = True
+    split_dir: Path,
+    split: str,
+    image_size: int,
+    ordered: bool = True,
+    resize: bool = True,
+    grayscale: bool = False,
 ) -> tf.data.Dataset:
     """Examples of a split as `{"image": uint8 [S, S, 3], "label": int32, "path": string}`.
 
     `ordered` keeps the shard and record order of the manifest (evaluation); otherwise the
     shards are interleaved in parallel (training), still deterministically. `resize` False
-    gives `decode_for_augmentation` pixels, [H, W, 3], for `augment_batch` to resize.
+    gives `decode_for_augmentation` pixels, [H, W, C], for `augment_batch` to resize.
+    `grayscale`: decode one channel (see `decode_to_size`).
     """
     import tensorflow as tf
 
@@ -126,7 +143,7 @@ def decoded_examples(
     def parse(raw: tf.Tensor) -> dict[str, tf.Tensor]:
         parsed = tf.io.parse_single_example(raw, spec)
         return {
-            "image": decode(parsed[ENCODED], image_size),
+            "image": decode(parsed[ENCODED], image_size, grayscale),
             "label": tf.cast(parsed[LABEL], tf.int32),
             "path": parsed[PATH],
         }
@@ -160,7 +177,7 @@ def augment_batch(
 ) -> tf.Tensor:
     """Resize to `image_size` and randomly flip, rotate, zoom, brighten and contrast a batch.
 
-    `images` is a 0..255 batch `[B, H, W, 3]` in which image i fills the top-left `sizes[i]`
+    `images` is a 0..255 batch `[B, H, W, C]` in which image i fills the top-left `sizes[i]`
     (height, width) and the rest is padding (None: every image is H x W). Each image gets one
     draw of every transform. The resize, flips, rotation and zoom are one affine warp per image
     (bilinear; outside the image its edge pixels repeat, as in the resize), and brightness and
@@ -168,7 +185,7 @@ def augment_batch(
     resize of `decode_to_size`, so training and serving see the same pixels. The warps run in
     OpenCV, about ten times faster than TF's projective transform on CPU. `seed` is a stateless
     seed `[2]` (int64): the same seed gives the same batch. `image_size` None keeps H x W.
-    Returns float32 `[B, S, S, 3]`.
+    Returns float32 `[B, S, S, 3]`: a single channel (C = 1) is repeated into three.
     """
     import tensorflow as tf
 
@@ -211,6 +228,7 @@ def _warp_and_adjust(images, sizes, flip_x, flip_y, angle, zoom, delta, factor, 
 
     cv2 = _opencv()
     out = np.empty((len(images), out_h, out_w, 3), np.uint8)
+    grey = images.shape[3] == 1
     # The output pixel p samples the input at c_in + D k R(angle) F (p - c_out): F the flips, R
     # the rotation, k the zoom (k < 1 zooms in), D the per-axis resize factors. With k = 1 and
     # no rotation or flip this is the half-pixel bilinear resize of tf.image.resize.
@@ -227,23 +245,26 @@ def _warp_and_adjust(images, sizes, flip_x, flip_y, angle, zoom, delta, factor, 
             ],
             np.float64,
         )
-        warped = out[i]
-        cv2.warpAffine(
-            images[i, :height, :width],
+        source = images[i, :height, :width, 0] if grey else images[i, :height, :width]
+        warped = cv2.warpAffine(
+            source,
             matrix,
             (out_w, out_h),
-            dst=warped,
+            dst=None if grey else out[i],
             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_REPLICATE,
         )
         if delta[i] != 0.0 or factor[i] != 1.0:
             # Brightness delta d, then contrast factor f about the image mean m:
             # ((x + d) - (m + d)) * f + (m + d) = x * f + (m * (1 - f) + d), saturated to 0..255.
-            mean = sum(cv2.mean(warped)[:3]) / 3.0
+            means = cv2.mean(warped)
+            mean = means[0] if grey else sum(means[:3]) / 3.0
             offset = mean * (1.0 - factor[i]) + delta[i]
             cv2.addWeighted(
                 warped, float(factor[i]), warped, 0.0, offset, dst=warped, dtype=cv2.CV_8U
             )
+        if grey:
+            cv2.cvtColor(warped, cv2.COLOR_GRAY2RGB, dst=out[i])
     return out
 
 
@@ -264,17 +285,22 @@ def make_dataset(
     augment: AugmentConfig | None,
     training: bool,
     seed: int,
+    grayscale: bool = False,
 ) -> tf.data.Dataset:
     """Batches `(images float32 [B, S, S, 3] in 0..255, labels int32 [B])` of one split.
 
     `training` shuffles (reshuffled every epoch) and applies `augment` (None: no augmentation);
-    otherwise the order is the manifest's and the images are only resized.
+    otherwise the order is the manifest's and the images are only resized. `grayscale` decodes,
+    caches and augments one channel, repeated into three at the end of each batch: CT and MRI
+    slices are grey, and this keeps a third of the cache and of the augmentation work.
     """
     import tensorflow as tf
 
     split_dir = Path(split_dir)
     augmenting = training and augment is not None
-    examples = decoded_examples(split_dir, split, image_size, not training, not augmenting)
+    examples = decoded_examples(
+        split_dir, split, image_size, not training, not augmenting, grayscale
+    )
     ds = examples.map(lambda e: (e["image"], tf.shape(e["image"])[:2], e["label"])).cache()
     if training:
         buffer = min(split_size(split_dir, split), SHUFFLE_BUFFER_MAX)
@@ -304,4 +330,7 @@ def make_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Fuse the per-example maps (parse + decode, then the tuple) into one parallel stage.
+    options.experimental_optimization.map_fusion = True
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

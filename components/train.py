@@ -437,6 +437,7 @@ def train_model(
             [
                 config.backbone,
                 image_size,
+                config.grayscale,
                 classes,
                 config.dropout,
                 config.unfreeze_top_layers,
@@ -456,9 +457,18 @@ def train_model(
     try:
         keras.utils.set_random_seed(config.seed)
         train_ds = make_dataset(
-            split_dir, "train", image_size, config.batch_size, config.augment, True, config.seed
+            split_dir,
+            "train",
+            image_size,
+            config.batch_size,
+            config.augment,
+            True,
+            config.seed,
+            config.grayscale,
         )
-        val_ds = make_dataset(split_dir, "val", image_size, config.batch_size, None, False, 0)
+        val_ds = make_dataset(
+            split_dir, "val", image_size, config.batch_size, None, False, 0, config.grayscale
+        )
         model, base = build_classifier(
             config.backbone,
             len(classes),
@@ -571,6 +581,7 @@ def train_model(
             "backbone": config.backbone,
             "weights": config.weights,
             "image_size": [image_size, image_size],
+            "grayscale": config.grayscale,
             "classes": classes,
             "stage1": config.stage1.model_dump(),
             "stage2": config.stage2.model_dump(),

@@ -97,6 +97,9 @@ class TrainConfig(_Section):
     weights: str = "none"
     # Input side in pixels; 0 means the backbone's default.
     image_size: int = Field(0, ge=0)
+    # Grey modalities (CT, MRI): decode, cache and augment one channel, repeated into the three
+    # the backbones take; serving decodes the same way. A colour image is converted to grey.
+    grayscale: bool = False
     batch_size: int = Field(32, ge=1)
     stage1: StageConfig = Field(default_factory=lambda: StageConfig(epochs=5, learning_rate=1e-3))
     stage2: StageConfig = Field(default_factory=lambda: StageConfig(epochs=5, learning_rate=1e-4))

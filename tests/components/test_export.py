@@ -119,3 +119,23 @@ def test_assets_extra_holds_metadata_and_a_parseable_warmup(exported):
 def test_a_folder_without_a_model_is_refused(tmp_path):
     with pytest.raises(ModelError, match=r"model\.keras"):
         export_serving_model(tmp_path, tmp_path / "out")
+
+
+def test_a_grayscale_model_serves_colour_images_as_grey(make_model_dir, tmp_path):
+    import tensorflow as tf
+
+    model_dir = make_model_dir()
+    info = json.loads((model_dir / "model_info.json").read_text())
+    (model_dir / "model_info.json").write_text(json.dumps({**info, "grayscale": True}))
+    export_dir = tmp_path / "grey"
+    export_serving_model(model_dir, export_dir)
+
+    red = np.zeros((40, 40, 3), np.uint8)
+    red[..., 0] = 255
+    signature = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    # The test model's embedding is the mean of each input channel.
+    embedding = signature(image_bytes=tf.constant([_encode(red, "PNG")]))["embedding"].numpy()
+
+    np.testing.assert_allclose(embedding[0], [76.0, 76.0, 76.0], atol=1.5)
+    meta = json.loads((export_dir / "assets.extra" / "tumorflow.json").read_text())
+    assert meta["grayscale"] is True

@@ -32,12 +32,16 @@ def test_bench_input_prints_the_table_with_ratios(tmp_path, capsys):
     for row in (
         "ours, first epoch",
         "ours, cached epoch",
+        "ours grey (CT/MRI presets), first epoch",
+        "ours grey, cached epoch",
         "keras image_dataset_from_directory",
-        "bare parallel decode",
+        "bare parallel decode (same JPEGs)",
+        "bare parallel decode, one channel",
     ):
         line = next(line for line in out.splitlines() if line.startswith(row))
         rate = float(line.split()[-5])
         assert rate > 0
-    assert "targets: >= 3x keras" in out
+    assert "targets, rgb first epoch: >= 3x keras" in out
+    assert "targets, grey first epoch: >= 3x keras" in out
     assert len(list((tmp_path / "folders").rglob("*.jpg"))) == 48
     assert (tmp_path / "split" / "split_manifest.json").exists()

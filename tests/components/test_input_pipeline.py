@@ -209,3 +209,30 @@ def test_training_batches_from_images_of_mixed_sizes(tmp_path):
     # Every image keeps its content: a mostly black image would be a padding or warp bug.
     means = np.concatenate([x.mean(axis=(1, 2, 3)) for x, _ in batches])
     assert means.min() > 40.0
+
+
+def test_grayscale_training_matches_the_grayscale_serving_decode(tmp_path):
+    import tensorflow as tf
+
+    from tumorflow.components.input_pipeline import decode_to_size
+
+    rng = np.random.default_rng(2)
+    grey = _smooth_image(rng, 48, 48)[:, :, :1].repeat(3, axis=2)
+    png = encode_image(grey, "PNG")
+    served = decode_to_size(tf.constant(png), 32, grayscale=True).numpy()
+    one_channel = tf.constant(grey[None, :, :, :1])
+    trained = augment_batch(one_channel, _all_off(), tf.constant([0, 0], tf.int64), 32).numpy()
+
+    assert served.shape == (32, 32, 3) and trained.shape == (1, 32, 32, 3)
+    assert np.abs(trained[0] - served.astype(np.float32)).max() <= 2.0
+    assert np.array_equal(served[..., 0], served[..., 2])
+
+
+def test_grayscale_batches_repeat_one_augmented_channel(split_dir):
+    ds = make_dataset(split_dir, "train", 32, 8, AugmentConfig(), True, 0, grayscale=True)
+    images = np.concatenate([x for x, _ in _first_epoch(ds)])
+
+    assert images.shape == (24, 32, 32, 3)
+    assert np.array_equal(images[..., 0], images[..., 1])
+    assert np.array_equal(images[..., 0], images[..., 2])
+    assert images.max() > 100.0

@@ -77,6 +77,9 @@ def test_a_passing_run_deploys_a_servable_version(passing_run):
     assert scores.shape == (2, 4)
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-4)
     assert set(outputs["predicted_class"].numpy().astype(str)) <= set(config.dataset.classes)
+    # The phantom preset trains on one grey channel; the served version decodes the same way.
+    meta = json.loads((version_dir / "assets.extra" / "tumorflow.json").read_text())
+    assert meta["grayscale"] is True
 
 
 def test_the_run_is_tracked_in_mlflow(passing_run, mlflow_server):
