@@ -17,17 +17,20 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
+    input_pb2,
     model_management_pb2,
     model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
+    regression_pb2,
 )
 
 from tumorflow.components.errors import ConfigError
-from tumorflow.serving.inference import InferenceService
+from tumorflow.serving.inference import Classification, InferenceService, Regression
 from tumorflow.serving.repository import VersionStatus
-from tumorflow.serving.servable import Servable
+from tumorflow.serving.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable
 from tumorflow.serving.status import ServingError, invalid_argument
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,37 @@ def status_proto(version: int, status: VersionStatus) -> get_model_status_pb2.Mo
     return proto
 
 
+def _examples(request_input: input_pb2.Input) -> list[tf.train.Example]:
+    """The Examples of a Classify/Regress/MultiInference input, each merged with the context."""
+    kind = request_input.WhichOneof("kind")
+    if kind == "example_list":
+        return list(request_input.example_list.examples)
+    if kind == "example_list_with_context":
+        context_example = request_input.example_list_with_context.context
+        examples = []
+        for example in request_input.example_list_with_context.examples:
+            merged = tf.train.Example()
+            merged.CopyFrom(context_example)
+            merged.MergeFrom(example)
+            examples.append(merged)
+        return examples
+    raise invalid_argument("the request's input holds no examples")
+
+
+def _fill_classifications(
+    result: classification_pb2.ClassificationResult, classification: Classification
+) -> None:
+    for pairs in classification.results:
+        classifications = result.classifications.add()
+        for name, score in pairs:
+            classifications.classes.add(label=name, score=score)
+
+
+def _fill_regressions(result: regression_pb2.RegressionResult, regression: Regression) -> None:
+    for value in regression.values:
+        result.regressions.add(value=value)
+
+
 @contextmanager
 def _answer(context: grpc.ServicerContext) -> Iterator[None]:
     """Turn a ServingError into the gRPC status of the call; unexpected errors into INTERNAL."""
@@ -71,15 +105,20 @@ def _answer(context: grpc.ServicerContext) -> Iterator[None]:
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """tensorflow.serving.PredictionService: Predict, Classify, GetModelMetadata."""
+    """tensorflow.serving.PredictionService: Predict, Classify, Regress, MultiInference,
+    GetModelMetadata."""
 
     def __init__(self, service: InferenceService) -> None:
         self.service = service
 
     def _tracked(
-        self, request: Any, api: str, context: grpc.ServicerContext, body: Callable[[], Any]
+        self,
+        model_name: str,
+        api: str,
+        context: grpc.ServicerContext,
+        body: Callable[[], Any],
     ) -> Any:
-        with _answer(context), self.service.metrics.track(request.model_spec.name, api, "grpc"):
+        with _answer(context), self.service.metrics.track(model_name, api, "grpc"):
             return body()
 
     def Predict(
@@ -109,42 +148,96 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 response.outputs[key].CopyFrom(tf.make_tensor_proto(array))
             return response
 
-        return self._tracked(request, "predict", context, body)
+        return self._tracked(request.model_spec.name, "predict", context, body)
 
     def Classify(
         self, request: classification_pb2.ClassificationRequest, context: grpc.ServicerContext
     ) -> classification_pb2.ClassificationResponse:
         def body() -> classification_pb2.ClassificationResponse:
-            kind = request.input.WhichOneof("kind")
-            if kind == "example_list":
-                examples = list(request.input.example_list.examples)
-            elif kind == "example_list_with_context":
-                context_example = request.input.example_list_with_context.context
-                examples = []
-                for example in request.input.example_list_with_context.examples:
-                    merged = tf.train.Example()
-                    merged.CopyFrom(context_example)
-                    merged.MergeFrom(example)
-                    examples.append(merged)
-            else:
-                raise invalid_argument("ClassificationRequest.input holds no examples")
             version, label = _spec_choice(request.model_spec)
             result = self.service.classify(
                 request.model_spec.name,
-                examples,
+                _examples(request.input),
                 version=version,
                 label=label,
                 signature_name=request.model_spec.signature_name,
             )
             response = classification_pb2.ClassificationResponse()
             _fill_spec(response.model_spec, result.servable, result.signature_name)
-            for pairs in result.results:
-                classifications = response.result.classifications.add()
-                for name, score in pairs:
-                    classifications.classes.add(label=name, score=score)
+            _fill_classifications(response.result, result)
             return response
 
-        return self._tracked(request, "classify", context, body)
+        return self._tracked(request.model_spec.name, "classify", context, body)
+
+    def Regress(
+        self, request: regression_pb2.RegressionRequest, context: grpc.ServicerContext
+    ) -> regression_pb2.RegressionResponse:
+        def body() -> regression_pb2.RegressionResponse:
+            version, label = _spec_choice(request.model_spec)
+            result = self.service.regress(
+                request.model_spec.name,
+                _examples(request.input),
+                version=version,
+                label=label,
+                signature_name=request.model_spec.signature_name,
+            )
+            response = regression_pb2.RegressionResponse()
+            _fill_spec(response.model_spec, result.servable, result.signature_name)
+            _fill_regressions(response.result, result)
+            return response
+
+        return self._tracked(request.model_spec.name, "regress", context, body)
+
+    def MultiInference(
+        self, request: inference_pb2.MultiInferenceRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.MultiInferenceResponse:
+        """Several classify/regress signatures of one model on the same Examples, as TF Serving:
+        every task names the same model and a distinct signature."""
+
+        def body() -> inference_pb2.MultiInferenceResponse:
+            if not request.tasks:
+                raise invalid_argument("MultiInferenceRequest has no tasks")
+            if len({task.model_spec.name for task in request.tasks}) != 1:
+                raise invalid_argument(
+                    "All ModelSpecs in a MultiInferenceRequest must access the same model name"
+                )
+            signatures = [task.model_spec.signature_name or "" for task in request.tasks]
+            duplicate = next((s for s in signatures if signatures.count(s) > 1), None)
+            if duplicate is not None:
+                raise invalid_argument(
+                    f"Duplicate evaluation of signature: {duplicate or 'serving_default'}"
+                )
+            examples = _examples(request.input)
+            response = inference_pb2.MultiInferenceResponse()
+            for task in request.tasks:
+                if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+                    raise invalid_argument(
+                        f"Unsupported signature method_name: {task.method_name!r} "
+                        f"(MultiInference runs {CLASSIFY_METHOD} and {REGRESS_METHOD})"
+                    )
+                version, label = _spec_choice(task.model_spec)
+                run = (
+                    self.service.classify
+                    if task.method_name == CLASSIFY_METHOD
+                    else self.service.regress
+                )
+                result = run(
+                    task.model_spec.name,
+                    examples,
+                    version=version,
+                    label=label,
+                    signature_name=task.model_spec.signature_name,
+                )
+                answer = response.results.add()
+                _fill_spec(answer.model_spec, result.servable, result.signature_name)
+                if isinstance(result, Classification):
+                    _fill_classifications(answer.classification_result, result)
+                else:
+                    _fill_regressions(answer.regression_result, result)
+            return response
+
+        name = request.tasks[0].model_spec.name if request.tasks else ""
+        return self._tracked(name, "multi_inference", context, body)
 
     def GetModelMetadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.ServicerContext
@@ -163,7 +256,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.metadata["signature_def"].Pack(servable.signature_def_map())
             return response
 
-        return self._tracked(request, "metadata", context, body)
+        return self._tracked(request.model_spec.name, "metadata", context, body)
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):

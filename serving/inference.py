@@ -1,4 +1,5 @@
-"""Predict, Classify, metadata and status on numpy arrays: the core both API front ends call."""
+"""Predict, Classify, Regress, metadata and status on numpy arrays: the core both API front ends
+call."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import tensorflow as tf
 from tumorflow.serving.batching import BatchScheduler
 from tumorflow.serving.metrics import ServerMetrics
 from tumorflow.serving.repository import ModelRepository, VersionStatus
-from tumorflow.serving.servable import CLASSIFY_METHOD, Servable, Signature
+from tumorflow.serving.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable, Signature
 from tumorflow.serving.status import invalid_argument
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,15 @@ class Classification:
     servable: Servable
     signature_name: str
     results: list[list[tuple[str, float]]]
+
+
+@dataclass(frozen=True)
+class Regression:
+    """What Regress answers: one value per example."""
+
+    servable: Servable
+    signature_name: str
+    values: list[float]
 
 
 class InferenceService:
@@ -152,6 +162,44 @@ class InferenceService:
         outputs = self._run(servable, signature, inputs)
         return Classification(servable, signature.name, _class_pairs(outputs, len(examples)))
 
+    def regress(
+        self,
+        name: str,
+        examples: Sequence[tf.train.Example],
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        signature_name: str = "",
+    ) -> Regression:
+        """Regress tf.Examples with a regress signature: serialized Examples in, `outputs` out.
+
+        As in TF Serving, any other signature is INVALID_ARGUMENT, and `outputs` must be one value
+        per example ([batch] or [batch, 1]).
+        """
+        servable = self.repository.resolve(name, version, label)
+        signature = servable.signature(signature_name)
+        if signature.method_name != REGRESS_METHOD:
+            raise invalid_argument(
+                f"Expected regression signature method_name to be {REGRESS_METHOD}. "
+                f"Was: {signature.method_name}"
+            )
+        if len(signature.inputs) != 1 or "outputs" not in signature.outputs:
+            raise invalid_argument(
+                f"regress signature '{signature.name}' must have one input and an 'outputs' output"
+            )
+        if not examples:
+            raise invalid_argument("Regress needs at least one example in input.example_list")
+        (input_name,) = signature.inputs
+        inputs = {input_name: np.array([e.SerializeToString() for e in examples], dtype=object)}
+        signature.validate(inputs)
+        values = np.asarray(self._run(servable, signature, inputs)["outputs"])
+        if values.ndim == 0 or values.shape[0] != len(examples) or values.size != len(examples):
+            raise invalid_argument(
+                "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] "
+                f"but got {list(values.shape)}"
+            )
+        return Regression(servable, signature.name, values.reshape(-1).astype(float).tolist())
+
     def metadata(
         self, name: str, *, version: int | None = None, label: str | None = None
     ) -> Servable:
@@ -204,9 +252,10 @@ def _class_pairs(outputs: Mapping[str, np.ndarray], count: int) -> list[list[tup
         row_scores = [] if scores is None else np.reshape(scores[row], -1).tolist()
         row_classes = [] if classes is None else np.reshape(classes[row], -1).tolist()
         width = max(len(row_scores), len(row_classes))
+        # Without a `classes` output the labels are empty, as TF Serving answers.
         labels = [c.decode() if isinstance(c, bytes) else str(c) for c in row_classes] or [
-            str(i) for i in range(width)
-        ]
+            ""
+        ] * width
         values = row_scores or [0.0] * width
         results.append(list(zip(labels, (float(v) for v in values), strict=True)))
     return results

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-import grpc
 import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
@@ -169,6 +168,24 @@ def _example_from_json(row: Any) -> tf.train.Example:
     return example
 
 
+def _examples_from_body(body: Any) -> list[tf.train.Example]:
+    """The `examples` of a :classify or :regress body, each merged with the optional `context`."""
+    examples = body.get("examples") if isinstance(body, dict) else None
+    if not isinstance(examples, list):
+        raise invalid_argument('the request body must hold an "examples" list')
+    context = body.get("context")
+    if context is None:
+        return [_example_from_json(row) for row in examples]
+    context_example = _example_from_json(context)
+    merged = []
+    for row in examples:
+        example = tf.train.Example()
+        example.CopyFrom(context_example)
+        example.MergeFrom(_example_from_json(row))
+        merged.append(example)
+    return merged
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: RestServer
@@ -265,25 +282,20 @@ class _Handler(BaseHTTPRequestHandler):
                     )
                 },
             }
-        if api == "regress":
-            raise ServingError(
-                grpc.StatusCode.UNIMPLEMENTED, "Regress is not supported by this server"
-            )
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise invalid_argument(f"JSON Parse error: {exc}") from exc
         signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
-        if api == "classify":
-            examples = body.get("examples") if isinstance(body, dict) else None
-            if not isinstance(examples, list):
-                raise invalid_argument('the request body must hold an "examples" list')
+        if api in ("classify", "regress"):
+            examples = _examples_from_body(body)
+            if api == "regress":
+                regression = service.regress(
+                    name, examples, version=version, label=label, signature_name=signature_name
+                )
+                return {"results": regression.values}
             result = service.classify(
-                name,
-                [_example_from_json(row) for row in examples],
-                version=version,
-                label=label,
-                signature_name=signature_name,
+                name, examples, version=version, label=label, signature_name=signature_name
             )
             return {"results": [[[c, s] for c, s in pairs] for pairs in result.results]}
         servable = service.repository.resolve(name, version, label)

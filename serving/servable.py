@@ -27,6 +27,7 @@ SERVE_TAG = "serve"
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
 WARMUP_FILE = posixpath.join("assets.extra", "tf_serving_warmup_requests")
 # TF Serving reads at most this many warm-up records.
 MAX_WARMUP_RECORDS = 1000
@@ -121,6 +122,13 @@ class Signature:
             raise ServingError(
                 code_from_number(exc.error_code), op_error_message(exc.message)
             ) from exc
+        except UnicodeDecodeError as exc:
+            # TF raises this instead of the op's error when the message quotes input bytes that
+            # are not UTF-8, e.g. image bytes sent to an input that parses tf.Examples.
+            raise invalid(
+                f"signature '{self.name}' could not read its input (the model's error quotes "
+                "binary input bytes); check that each input holds what the signature expects"
+            ) from exc
         return {name: tensor.numpy() for name, tensor in result.items()}
 
 
@@ -187,7 +195,7 @@ class Servable:
             try:
                 signature(_synthetic_inputs(signature))
                 count += 1
-            except ServingError as exc:
+            except Exception as exc:
                 logger.debug(
                     "synthetic warm-up of %s/%s skipped: %s", self.name, signature.name, exc
                 )
@@ -209,8 +217,12 @@ class Servable:
 
 
 def _synthetic_inputs(signature: Signature) -> dict[str, np.ndarray]:
-    """One example per input: zeros, or a tiny PNG for string inputs (the usual image bytes)."""
-    png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+    """One example per input: zeros; for string inputs an empty tf.Example where the signature
+    classifies or regresses Examples, else a tiny PNG (the usual image bytes)."""
+    if signature.method_name in (CLASSIFY_METHOD, REGRESS_METHOD):
+        string_value = tf.train.Example().SerializeToString()
+    else:
+        string_value = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy()
     inputs = {}
     for name, spec in signature.inputs.items():
         dims = [
@@ -218,7 +230,7 @@ def _synthetic_inputs(signature: Signature) -> dict[str, np.ndarray]:
             for d in (spec.shape.as_list() if spec.shape.rank is not None else [1])
         ]
         if spec.dtype == tf.string:
-            inputs[name] = np.full(dims, png, dtype=object)
+            inputs[name] = np.full(dims, string_value, dtype=object)
         else:
             inputs[name] = np.zeros(dims, dtype=spec.dtype.as_numpy_dtype)
     return inputs
