@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tumorflow.components.backbones import BACKBONES
 from tumorflow.components.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-dir",
         type=Path,
         help="a model folder of the train step (model.keras + model_info.json), e.g. "
-        "runs/pipeline_root/<run>/train/model; default: an untrained custom_cnn built here",
+        "runs/pipeline_root/<run>/train/model; default: an untrained --backbone built here",
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default="custom_cnn",
+        help="backbone of the model built here without --model-dir (default custom_cnn)",
     )
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
     parser.add_argument("--images", type=int, default=16, help="distinct test images")
     parser.add_argument(
-        "--image-size", type=int, default=96, help="input size of the model built here"
+        "--image-size", type=int, default=96, help="input size of the model built here (default 96)"
     )
     parser.add_argument("--max-seconds", type=float, default=60.0, help="time cap per measurement")
 
@@ -75,18 +82,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _default_model_folder(folder: Path, image_size: int) -> Path:
-    """An untrained `custom_cnn` classifier saved as the train step saves its model folder."""
+def _default_model_folder(folder: Path, backbone: str, image_size: int) -> Path:
+    """An untrained classifier (random weights: speed does not depend on them) saved as the train
+    step saves its model folder."""
     import keras
 
     from tumorflow.components.backbones import build_classifier
 
     keras.utils.set_random_seed(0)
-    model, _ = build_classifier("custom_cnn", 4, image_size, "none", 0.0)
+    model, _ = build_classifier(backbone, 4, image_size, "none", 0.0)
     folder.mkdir(parents=True)
     model.save(folder / "model.keras")
     info = {
-        "backbone": "custom_cnn",
+        "backbone": backbone,
         "weights": "none",
         "image_size": [image_size, image_size],
         "classes": ["cyst", "normal", "stone", "tumor"],
@@ -201,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
     if args.requests < 1 or args.images < 1:
         raise ConfigError("--requests and --images must be positive")
     work = Path(tempfile.mkdtemp(prefix="tumorflow-bench-"))
-    model_dir = args.model_dir or _default_model_folder(work / "model", args.image_size)
+    model_dir = args.model_dir or _default_model_folder(
+        work / "model", args.backbone, args.image_size
+    )
     if not (Path(model_dir) / "model.keras").exists():
         raise ConfigError(f"{model_dir} is not a model folder of the train step (no model.keras)")
     version_dir = work / "models" / MODEL_NAME / "1"
