@@ -150,43 +150,50 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         return self._tracked(request.model_spec.name, "predict", context, body)
 
+    def _on_examples(
+        self,
+        request: Any,
+        context: grpc.ServicerContext,
+        api: str,
+        response: Any,
+        fill: Callable[[Any, Any], None],
+    ) -> Any:
+        """Classify or Regress: run the request's Examples, fill `response`."""
+
+        def body() -> Any:
+            result = self._run_task(api, request.model_spec, _examples(request.input))
+            _fill_spec(response.model_spec, result.servable, result.signature_name)
+            fill(response.result, result)
+            return response
+
+        return self._tracked(request.model_spec.name, api, context, body)
+
+    def _run_task(
+        self, api: str, spec: model_pb2.ModelSpec, examples: list[tf.train.Example]
+    ) -> Classification | Regression:
+        version, label = _spec_choice(spec)
+        run = self.service.classify if api == "classify" else self.service.regress
+        return run(
+            spec.name, examples, version=version, label=label, signature_name=spec.signature_name
+        )
+
     def Classify(
         self, request: classification_pb2.ClassificationRequest, context: grpc.ServicerContext
     ) -> classification_pb2.ClassificationResponse:
-        def body() -> classification_pb2.ClassificationResponse:
-            version, label = _spec_choice(request.model_spec)
-            result = self.service.classify(
-                request.model_spec.name,
-                _examples(request.input),
-                version=version,
-                label=label,
-                signature_name=request.model_spec.signature_name,
-            )
-            response = classification_pb2.ClassificationResponse()
-            _fill_spec(response.model_spec, result.servable, result.signature_name)
-            _fill_classifications(response.result, result)
-            return response
-
-        return self._tracked(request.model_spec.name, "classify", context, body)
+        return self._on_examples(
+            request,
+            context,
+            "classify",
+            classification_pb2.ClassificationResponse(),
+            _fill_classifications,
+        )
 
     def Regress(
         self, request: regression_pb2.RegressionRequest, context: grpc.ServicerContext
     ) -> regression_pb2.RegressionResponse:
-        def body() -> regression_pb2.RegressionResponse:
-            version, label = _spec_choice(request.model_spec)
-            result = self.service.regress(
-                request.model_spec.name,
-                _examples(request.input),
-                version=version,
-                label=label,
-                signature_name=request.model_spec.signature_name,
-            )
-            response = regression_pb2.RegressionResponse()
-            _fill_spec(response.model_spec, result.servable, result.signature_name)
-            _fill_regressions(response.result, result)
-            return response
-
-        return self._tracked(request.model_spec.name, "regress", context, body)
+        return self._on_examples(
+            request, context, "regress", regression_pb2.RegressionResponse(), _fill_regressions
+        )
 
     def MultiInference(
         self, request: inference_pb2.MultiInferenceRequest, context: grpc.ServicerContext
@@ -215,19 +222,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                         f"Unsupported signature method_name: {task.method_name!r} "
                         f"(MultiInference runs {CLASSIFY_METHOD} and {REGRESS_METHOD})"
                     )
-                version, label = _spec_choice(task.model_spec)
-                run = (
-                    self.service.classify
-                    if task.method_name == CLASSIFY_METHOD
-                    else self.service.regress
-                )
-                result = run(
-                    task.model_spec.name,
-                    examples,
-                    version=version,
-                    label=label,
-                    signature_name=task.model_spec.signature_name,
-                )
+                api = "classify" if task.method_name == CLASSIFY_METHOD else "regress"
+                result = self._run_task(api, task.model_spec, examples)
                 answer = response.results.add()
                 _fill_spec(answer.model_spec, result.servable, result.signature_name)
                 if isinstance(result, Classification):
