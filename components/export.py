@@ -1,9 +1,11 @@
 """Export a trained Keras model as the TF Serving SavedModel of docs/artifacts.md.
 
-The served signature takes encoded image bytes (JPEG/PNG/BMP/GIF, any size, gray or colour), so
-clients never need to know the model's input size, and decoding happens in one place for every
-client. Undecodable bytes make the call fail with `InvalidArgumentError`, which TF Serving and our
-own servers answer as gRPC `INVALID_ARGUMENT`.
+The served signature takes encoded image bytes (JPEG/PNG/BMP, any size up to
+`MAX_IMAGE_PIXELS`, gray or colour), so clients never need to know the model's input size, and
+decoding happens in one place for every client. Undecodable bytes, other formats and images whose
+header declares too many pixels (decompression bombs) make the call fail with
+`InvalidArgumentError` before anything large is decoded, which TF Serving and our own servers
+answer as gRPC `INVALID_ARGUMENT`.
 """
 
 from __future__ import annotations

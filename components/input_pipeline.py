@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER_MAX = 4096
+# The largest image decoded, by the size its header declares: a 250 KB PNG can declare 16000 x
+# 16000 and take seconds and gigabytes to decode. The validate step quarantines larger ones.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def split_size(split_dir: Path, split: str) -> int:
@@ -69,7 +72,9 @@ def decode_scaled(encoded: tf.Tensor, image_size: int, grayscale: bool = False) 
 
     A JPEG is decoded with DCT scaling (libjpeg's `ratio` 2, 4 or 8), the largest that keeps its
     short side at or above `image_size`: a 512 px slice bound for 224 px decodes at 256 px, and
-    the scaled decode averages pixels rather than aliasing. Other formats decode at full size.
+    the scaled decode averages pixels rather than aliasing. PNG and BMP decode at full size.
+    Before decoding, another format (GIF, WebP: an animated or compressed one can expand without
+    bound) or a header that declares more than `MAX_IMAGE_PIXELS` is an InvalidArgumentError.
     """
     import tensorflow as tf
 
@@ -77,7 +82,8 @@ def decode_scaled(encoded: tf.Tensor, image_size: int, grayscale: bool = False) 
 
     def jpeg() -> tf.Tensor:
         shape = tf.image.extract_jpeg_shape(encoded)
-        short_side = tf.minimum(shape[0], shape[1])
+        with tf.control_dependencies([_check_pixels(tf.cast(shape[0] * shape[1], tf.int64))]):
+            short_side = tf.minimum(shape[0], shape[1])
         scaled = [
             (short_side >= ratio * image_size, _jpeg_decoder(encoded, ratio, channels))
             for ratio in (8, 4, 2)
@@ -85,13 +91,59 @@ def decode_scaled(encoded: tf.Tensor, image_size: int, grayscale: bool = False) 
         return tf.case(scaled, default=_jpeg_decoder(encoded, 1, channels), exclusive=False)
 
     def other() -> tf.Tensor:
-        return tf.io.decode_image(
-            encoded, channels=channels, expand_animations=False, dtype=tf.uint8
-        )
+        with tf.control_dependencies(_png_or_bmp_within_limit(encoded)):
+            return tf.io.decode_image(
+                encoded, channels=channels, expand_animations=False, dtype=tf.uint8
+            )
 
     image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
     image.set_shape([None, None, channels])
     return image
+
+
+def _png_or_bmp_within_limit(encoded: tf.Tensor) -> list[tf.Operation]:
+    """Checks, before decoding, that `encoded` is a PNG or BMP whose header declares at most
+    `MAX_IMAGE_PIXELS`; each fails with InvalidArgumentError."""
+    import tensorflow as tf
+
+    def side(offset: int, big_endian: bool) -> tf.Tensor:
+        """A 4-byte header field, its magnitude capped at 2**31 so a product fits in int64."""
+        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, offset, 4), tf.uint8), tf.int64)
+        weights = [256 ** (3 - i if big_endian else i) for i in range(4)]
+        value = tf.reduce_sum(raw * tf.constant(weights, tf.int64))
+        value = tf.where(value >= 2**31, 2**32 - value, value)  # BMP: a negative height
+        return tf.minimum(value, 2**31)
+
+    # PNG IHDR: big-endian width and height at bytes 16 and 20. BMP info header: little-endian
+    # int32 width and height at 18 and 22 (a negative height means top-down rows).
+    length = tf.strings.length(encoded)
+    header = tf.strings.substr(encoded, 0, tf.minimum(length, 8))
+    is_png = tf.logical_and(length >= 26, tf.equal(header, b"\x89PNG\r\n\x1a\n"))
+    is_bmp = tf.logical_and(length >= 26, tf.strings.substr(header, 0, 2) == "BM")
+    known = tf.debugging.Assert(
+        tf.logical_or(is_png, is_bmp),
+        [
+            "unsupported or truncated image: send JPEG, PNG or BMP (GIF and WebP are refused: "
+            "an animated or compressed one can expand without bound)"
+        ],
+    )
+    with tf.control_dependencies([known]):
+        pixels = tf.cond(
+            is_png,
+            lambda: side(16, True) * side(20, True),
+            lambda: side(18, False) * side(22, False),
+        )
+    return [known, _check_pixels(pixels)]
+
+
+def _check_pixels(pixels: tf.Tensor) -> tf.Operation:
+    import tensorflow as tf
+
+    return tf.debugging.assert_less_equal(
+        pixels,
+        tf.constant(MAX_IMAGE_PIXELS, tf.int64),
+        message=f"the image is larger than {MAX_IMAGE_PIXELS} pixels; send it downscaled",
+    )
 
 
 def decode_for_augmentation(
@@ -299,7 +351,12 @@ def make_dataset(
     split_dir = Path(split_dir)
     augmenting = training and augment is not None
     examples = decoded_examples(
-        split_dir, split, image_size, not training, not augmenting, grayscale
+        split_dir,
+        split,
+        image_size,
+        ordered=not training,
+        resize=not augmenting,
+        grayscale=grayscale,
     )
     ds = examples.map(lambda e: (e["image"], tf.shape(e["image"])[:2], e["label"])).cache()
     if training:

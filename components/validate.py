@@ -36,12 +36,12 @@ from tqdm import tqdm
 from tumorflow.components import download, split, tfrecords
 from tumorflow.components.errors import DatasetError
 from tumorflow.components.hashing import phash64
+from tumorflow.components.input_pipeline import MAX_IMAGE_PIXELS
 from tumorflow.pipelines.config import SplitConfig
 
 logger = logging.getLogger(__name__)
 
 MIN_SIDE = 16
-MAX_PIXELS = 64_000_000
 QUARANTINE_CSV = "quarantine.csv"
 SPLIT_MANIFEST_CSV = "split_manifest.csv"
 SPLIT_MANIFEST_COLUMNS = (
@@ -156,7 +156,7 @@ def _decode(path: Path) -> Image.Image:
     """Open, verify and fully decode one image (first frame); raises on any problem."""
     with Image.open(path) as probe:
         width, height = probe.size
-        if width * height > MAX_PIXELS:
+        if width * height > MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(f"{width}x{height} pixels")
         probe.verify()
     with Image.open(path) as image:

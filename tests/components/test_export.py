@@ -62,7 +62,7 @@ def test_any_format_size_and_colour_gives_the_keras_prediction(exported):
         (100, (33, 33), "JPEG", "RGB"),
         (160, (64, 17), "PNG", "L"),
         (220, (90, 45), "BMP", "RGB"),
-        (160, (20, 20), "GIF", "L"),
+        (160, (20, 20), "PNG", "L"),
     ]:
         pixels = np.clip(level + rng.normal(0, 5, (*size, 3)), 0, 255).astype(np.uint8)
         data = _encode(pixels, fmt, mode)
@@ -92,6 +92,48 @@ def test_garbage_bytes_raise_invalid_argument(exported):
     _, _, loaded = exported
     with pytest.raises(tf.errors.InvalidArgumentError):
         loaded.signatures["serving_default"](image_bytes=tf.constant([b"not an image at all"]))
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A valid grey PNG of zeros: 16000 x 16000 compresses to about 250 KB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def test_decompression_bombs_gif_and_webp_are_refused_before_decoding(exported):
+    import struct
+    import time
+
+    import tensorflow as tf
+
+    _, _, loaded = exported
+    signature = loaded.signatures["serving_default"]
+    pixels = np.full((30, 40, 3), 90, np.uint8)
+    bmp = _encode(pixels, "BMP")
+    huge_bmp = bmp[:18] + struct.pack("<ii", 20000, -20000) + bmp[26:]
+    refused = {
+        "pixels": [_png_declaring(16000, 16000), huge_bmp],
+        "unsupported": [_encode(pixels, "GIF"), _encode(pixels, "WEBP")],
+    }
+    for message, images in refused.items():
+        for data in images:
+            start = time.perf_counter()
+            with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+                signature(image_bytes=tf.constant([data]))
+            assert time.perf_counter() - start < 1.0, "the bomb was decoded before refusal"
+    ok = signature(image_bytes=tf.constant([_png_declaring(300, 200), bmp]))
+    assert ok["scores"].shape == (2, 4)
 
 
 def test_assets_extra_holds_metadata_and_a_parseable_warmup(exported):
