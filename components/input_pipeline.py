@@ -309,8 +309,8 @@ def _warp_and_adjust(images, sizes, flip_x, flip_y, angle, zoom, delta, factor, 
         if delta[i] != 0.0 or factor[i] != 1.0:
             # Brightness delta d, then contrast factor f about the image mean m:
             # ((x + d) - (m + d)) * f + (m + d) = x * f + (m * (1 - f) + d), saturated to 0..255.
-            means = cv2.mean(warped)
-            mean = means[0] if grey else sum(means[:3]) / 3.0
+            # The mean over every channel at once (OpenCV's 3-channel mean is far slower).
+            mean = cv2.mean(warped.reshape(out_h, -1))[0]
             offset = mean * (1.0 - factor[i]) + delta[i]
             cv2.addWeighted(
                 warped, float(factor[i]), warped, 0.0, offset, dst=warped, dtype=cv2.CV_8U
