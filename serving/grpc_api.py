@@ -28,7 +28,12 @@ from tensorflow_serving.apis import (
 )
 
 from tumorflow.components.errors import ConfigError
-from tumorflow.serving.inference import Classification, InferenceService, Regression
+from tumorflow.serving.inference import (
+    Classification,
+    InferenceService,
+    Regression,
+    with_context,
+)
 from tumorflow.serving.repository import VersionStatus
 from tumorflow.serving.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable
 from tumorflow.serving.status import ServingError, invalid_argument
@@ -65,14 +70,8 @@ def _examples(request_input: input_pb2.Input) -> list[tf.train.Example]:
     if kind == "example_list":
         return list(request_input.example_list.examples)
     if kind == "example_list_with_context":
-        context_example = request_input.example_list_with_context.context
-        examples = []
-        for example in request_input.example_list_with_context.examples:
-            merged = tf.train.Example()
-            merged.CopyFrom(context_example)
-            merged.MergeFrom(example)
-            examples.append(merged)
-        return examples
+        listed = request_input.example_list_with_context
+        return with_context(listed.context, listed.examples)
     raise invalid_argument("the request's input holds no examples")
 
 

@@ -211,6 +211,20 @@ class InferenceService:
         return self.repository.statuses(name, version, label)
 
 
+def with_context(
+    context: tf.train.Example, examples: Sequence[tf.train.Example]
+) -> list[tf.train.Example]:
+    """Each example merged over the shared context (an example's own feature wins), as TF Serving
+    reads `example_list_with_context`."""
+    merged = []
+    for example in examples:
+        full = tf.train.Example()
+        full.CopyFrom(context)
+        full.MergeFrom(example)
+        merged.append(full)
+    return merged
+
+
 def _feature_array(
     examples: Sequence[tf.train.Example], key: str, spec: tf.TensorSpec
 ) -> np.ndarray:

@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_status_pb2
 
 from tumorflow.serving.grpc_api import status_proto
-from tumorflow.serving.inference import InferenceService
+from tumorflow.serving.inference import InferenceService, with_context
 from tumorflow.serving.metrics import PROMETHEUS_PATH
 from tumorflow.serving.servable import Signature
 from tumorflow.serving.status import ServingError, invalid_argument
@@ -173,17 +173,9 @@ def _examples_from_body(body: Any) -> list[tf.train.Example]:
     examples = body.get("examples") if isinstance(body, dict) else None
     if not isinstance(examples, list):
         raise invalid_argument('the request body must hold an "examples" list')
+    parsed = [_example_from_json(row) for row in examples]
     context = body.get("context")
-    if context is None:
-        return [_example_from_json(row) for row in examples]
-    context_example = _example_from_json(context)
-    merged = []
-    for row in examples:
-        example = tf.train.Example()
-        example.CopyFrom(context_example)
-        example.MergeFrom(_example_from_json(row))
-        merged.append(example)
-    return merged
+    return parsed if context is None else with_context(_example_from_json(context), parsed)
 
 
 class _Handler(BaseHTTPRequestHandler):
