@@ -211,7 +211,7 @@ def test_training_batches_from_images_of_mixed_sizes(tmp_path):
     assert means.min() > 40.0
 
 
-def test_grayscale_training_matches_the_grayscale_serving_decode(tmp_path):
+def test_grayscale_training_matches_the_grayscale_serving_decode():
     import tensorflow as tf
 
     from tumorflow.components.input_pipeline import decode_to_size
