@@ -17,8 +17,8 @@ from typing import Any
 
 from tumorflow.components import registry
 from tumorflow.components.deploy import approval_tags
-from tumorflow.components.errors import TumorflowError
-from tumorflow.pipelines.config import GateConfig
+from tumorflow.core.config import GateConfig
+from tumorflow.core.errors import TumorflowError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from tumorflow.components.errors import SourceUnavailableError, UnsafeArchiveError
+from tumorflow.core.errors import SourceUnavailableError, UnsafeArchiveError
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tumorflow.components.errors import ConfigError, WeightsUnavailableError
+from tumorflow.core.errors import ConfigError, WeightsUnavailableError
 
 if TYPE_CHECKING:
     import keras

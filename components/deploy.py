@@ -7,18 +7,15 @@ gs:// base paths have no rename: the files are uploaded into `<version>/` with `
 last, and TF Serving only loads a version once `saved_model.pb` exists; run one deploy per model at
 a time there (the pipeline does).
 
-`<base>/models.config` (TF Serving ModelServerConfig, text proto) lists the versions to load as a
-`specific` policy: `stable` (the registry's `champion`), `previous`, and the newest others up to
-`keep_versions`. Labels always point at loaded versions, as TF Serving requires. Older version
-folders stay on disk (not loaded) so that `tumorflow rollback --to N` can bring them back.
+`<base>/models.config` is written through `core.serving_layout` (which owns the layout and the
+rule of which versions are loaded); older version folders stay on disk, not loaded, so that
+`tumorflow rollback --to N` can bring them back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import errno
-import fcntl
 import getpass
 import json
 import logging
@@ -26,21 +23,15 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tumorflow.components import storage
-from tumorflow.components.errors import TumorflowError
+from tumorflow.core import serving_layout, storage
+from tumorflow.core.errors import TumorflowError
+from tumorflow.core.serving_layout import CANARY, PREVIOUS, SAVED_MODEL, STABLE, served_versions
 
 log = logging.getLogger(__name__)
-
-MODELS_CONFIG = "models.config"
-STABLE = "stable"
-PREVIOUS = "previous"
-CANARY = "canary"
-SAVED_MODEL = "saved_model.pb"
 
 
 class DeployRefused(TumorflowError):
@@ -52,119 +43,6 @@ class DeployResult:
     version: int
     path: str
     registered_version: str | None
-
-
-def served_versions(model_base_path: str, model_name: str) -> list[int]:
-    """Integer versions under `<base>/<name>/` that hold a complete SavedModel, ascending."""
-    root = storage.join(model_base_path, model_name)
-    if not storage.exists(root):
-        return []
-    return sorted(
-        int(parts[0])
-        for parts in (name.split("/") for name in storage.list_files(root))
-        if parts[0].isdigit() and parts[1:] == [SAVED_MODEL]
-    )
-
-
-def _taken_versions(root: str) -> set[int]:
-    if not storage.exists(root):
-        return set()
-    return {int(n.split("/")[0]) for n in storage.list_files(root) if n.split("/")[0].isdigit()}
-
-
-def read_serving_config(model_base_path: str) -> Any:
-    """The ModelServerConfig of `<base>/models.config` (empty when there is none)."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    config = model_server_config_pb2.ModelServerConfig()
-    path = storage.join(model_base_path, MODELS_CONFIG)
-    if storage.exists(path):
-        with tempfile.TemporaryDirectory() as tmp:
-            text = storage.download_file(path, Path(tmp) / MODELS_CONFIG).read_text()
-        text_format.Parse(text, config)
-    return config
-
-
-def serving_labels(model_base_path: str, model_name: str) -> tuple[dict[str, int], list[int]]:
-    """(version labels, versions to load) of one model in models.config."""
-    for entry in read_serving_config(model_base_path).model_config_list.config:
-        if entry.name == model_name:
-            return dict(entry.version_labels), list(entry.model_version_policy.specific.versions)
-    return {}, []
-
-
-@contextlib.contextmanager
-def _config_lock(model_base_path: str) -> Iterator[None]:
-    """Serialise read-modify-write of models.config between processes (local paths)."""
-    if storage.is_remote(model_base_path):
-        yield
-        return
-    Path(model_base_path).mkdir(parents=True, exist_ok=True)
-    with open(Path(model_base_path) / ".models.config.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def write_serving_config(
-    model_base_path: str,
-    model_name: str,
-    stable: int,
-    previous: int | None,
-    keep_versions: int,
-    canary: int | None = None,
-) -> list[int]:
-    """Point `stable`/`previous` (and `canary`) of `model_name` in models.config; return the
-    versions loaded.
-
-    Other models' entries are kept. The file is replaced atomically (local) so TF Serving's
-    config poller never reads half of it.
-    """
-    from google.protobuf import text_format
-
-    available = served_versions(model_base_path, model_name)
-    loaded = {stable} | {v for v in (previous, canary) if v is not None}
-    for version in reversed(available):
-        if len(loaded) >= keep_versions:
-            break
-        loaded.add(version)
-    config = read_serving_config(model_base_path)
-    entries = config.model_config_list.config
-    entry = next((e for e in entries if e.name == model_name), None) or entries.add()
-    entry.Clear()
-    entry.name = model_name
-    base = storage.join(model_base_path, model_name)
-    entry.base_path = base if storage.is_remote(base) else str(Path(base).resolve())
-    entry.model_platform = "tensorflow"
-    entry.model_version_policy.specific.versions.extend(sorted(loaded))
-    entry.version_labels[STABLE] = stable
-    if previous is not None:
-        entry.version_labels[PREVIOUS] = previous
-    if canary is not None:
-        entry.version_labels[CANARY] = canary
-    text = text_format.MessageToString(config)
-    target = storage.join(model_base_path, MODELS_CONFIG)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=None if storage.is_remote(target) else model_base_path, delete=False, suffix=".tmp"
-    ) as tmp:
-        tmp.write(text)
-    if storage.is_remote(target):
-        storage.upload_file(Path(tmp.name), target)
-        os.unlink(tmp.name)
-    else:
-        os.replace(tmp.name, target)
-    log.info(
-        "models.config: %s stable=%s previous=%s canary=%s loads %s",
-        model_name,
-        stable,
-        previous,
-        canary,
-        sorted(loaded),
-    )
-    return sorted(loaded)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -207,9 +85,9 @@ def _copy_drift_reference(reference: Path, assets: Path) -> None:
 
 def _publish(local_version: Path, model_base_path: str, model_name: str) -> int:
     """Move/upload an exported version into place under the next free integer; return it."""
-    root = storage.join(model_base_path, model_name)
+    root = serving_layout.model_root(model_base_path, model_name)
     while True:
-        version = max(_taken_versions(root), default=0) + 1
+        version = max(serving_layout.taken_versions(model_base_path, model_name), default=0) + 1
         target = storage.join(root, str(version))
         if storage.is_remote(root):
             names = storage.list_files(local_version)
@@ -248,7 +126,7 @@ def deploy_model(
     if rollout not in (STABLE, CANARY):
         raise DeployRefused(f"rollout must be {STABLE!r} or {CANARY!r}, not {rollout!r}")
     from tumorflow.components import registry
-    from tumorflow.components.export import ASSETS_EXTRA, export_serving_model
+    from tumorflow.components.export import export_serving_model
 
     decision = _read_json(Path(decision_path), "decision")
     approval = (
@@ -288,25 +166,26 @@ def deploy_model(
             },
         )
         if drift_reference is not None:
-            _copy_drift_reference(drift_reference, staging / ASSETS_EXTRA)
-        with _config_lock(model_base_path):
-            version = _publish(staging, model_base_path, model_name)
-            labels, _ = serving_labels(model_base_path, model_name)
-            old_stable = labels.get(STABLE)
-            as_canary = rollout == CANARY and old_stable is not None
-            if as_canary:
-                write_serving_config(
-                    model_base_path,
-                    model_name,
-                    old_stable,
-                    labels.get(PREVIOUS),
-                    keep_versions,
-                    canary=version,
-                )
-            else:
-                write_serving_config(
-                    model_base_path, model_name, version, old_stable, keep_versions
-                )
+            _copy_drift_reference(drift_reference, staging / serving_layout.ASSETS_EXTRA)
+        version = _publish(staging, model_base_path, model_name)
+
+        def point_labels(config: Any) -> bool:
+            entry = serving_layout.model_entry(config, model_name)
+            old_stable = entry.version_labels.get(STABLE) if entry is not None else None
+            canary = rollout == CANARY and old_stable is not None
+            serving_layout.set_served_versions(
+                config,
+                model_base_path,
+                model_name,
+                # A concurrent deploy that published a higher version and pointed `stable` at it
+                # first keeps it: the newest deploy wins whichever writes last.
+                stable=old_stable if canary else max(version, old_stable or 0),
+                canary=version if canary else None,
+                keep_versions=keep_versions,
+            )
+            return canary
+
+        as_canary = serving_layout.edit_serving_config(model_base_path, point_labels)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if storage.is_remote(root):
@@ -368,9 +247,13 @@ def rollback(
 ) -> RollbackResult:
     """Serve an earlier version again: `stable` label and `champion` alias go back, no retraining.
 
-    `to_version` is a served (directory) version; by default the one labelled `previous`.
+    `to_version` is a served (directory) version; by default the one labelled `previous`, or,
+    while a canary is in flight, `stable` itself (the canary is abandoned). Versions above the
+    new `stable` stop being loaded, so requests that name no version move too.
     """
-    labels, _ = serving_labels(model_base_path, model_name)
+    labels, _ = serving_layout.serving_labels(model_base_path, model_name)
+    if to_version is None and CANARY in labels and STABLE in labels:
+        to_version = labels[STABLE]
     target = to_version if to_version is not None else labels.get(PREVIOUS)
     if target is None:
         raise DeployRefused(
@@ -391,7 +274,7 @@ def promote_canary(
     by: str | None = None,
 ) -> RollbackResult:
     """Make the `canary` version stable: label and `champion` alias move, the canary label goes."""
-    labels, _ = serving_labels(model_base_path, model_name)
+    labels, _ = serving_layout.serving_labels(model_base_path, model_name)
     if CANARY not in labels:
         raise DeployRefused(f"{model_name} has no canary version to promote")
     return _make_stable(
@@ -414,14 +297,14 @@ def _make_stable(
     """
     from tumorflow.components import registry
 
-    labels, _ = serving_labels(model_base_path, model_name)
+    labels, _ = serving_layout.serving_labels(model_base_path, model_name)
     current = labels.get(STABLE)
     if target not in served_versions(model_base_path, model_name):
         raise DeployRefused(
             f"{model_name} version {target} is not on disk under {model_base_path}; "
             f"choose one of {served_versions(model_base_path, model_name)}"
         )
-    if target == current:
+    if target == current and CANARY not in labels:
         raise DeployRefused(f"{model_name} version {target} is already the stable version")
     champion_version = None
     if tracking_uri:
@@ -444,8 +327,12 @@ def _make_stable(
             f"{action}.from_serving_version": str(current),
         }.items():
             client.set_model_version_tag(model_name, champion_version, key, value)
-    with _config_lock(model_base_path):
-        write_serving_config(model_base_path, model_name, target, current, keep_versions)
+    serving_layout.edit_serving_config(
+        model_base_path,
+        lambda config: serving_layout.set_served_versions(
+            config, model_base_path, model_name, stable=target, keep_versions=keep_versions
+        ),
+    )
     log.info("%s of %s: stable version %s -> %s", action, model_name, current, target)
     return RollbackResult(target, current, champion_version)
 
@@ -456,7 +343,7 @@ def model_status(
     """What `tumorflow status` shows: served versions and labels, aliases, recent model versions."""
     from tumorflow.components import registry
 
-    labels, loaded = serving_labels(model_base_path, model_name)
+    labels, loaded = serving_layout.serving_labels(model_base_path, model_name)
     status: dict[str, Any] = {
         "model_name": model_name,
         "model_base_path": model_base_path,

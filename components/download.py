@@ -28,10 +28,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tumorflow.components import archive, storage
-from tumorflow.components.errors import DatasetError, SourceUnavailableError
+from tumorflow.components import archive
 from tumorflow.components.phantom import generate_phantom
-from tumorflow.pipelines.config import DatasetConfig
+from tumorflow.core import storage
+from tumorflow.core.config import DatasetConfig
+from tumorflow.core.errors import DatasetError, SourceUnavailableError
 
 logger = logging.getLogger(__name__)
 

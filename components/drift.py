@@ -34,7 +34,8 @@ from tumorflow.components.drift_features import (
     find_projection,
     projection_path_for,
 )
-from tumorflow.components.errors import DatasetError
+from tumorflow.core import serving_layout, storage
+from tumorflow.core.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,6 @@ def feature_columns(table: pd.DataFrame) -> list[str]:
 def _local_copy(source: str, workdir: Path, window: tuple[datetime, datetime] | None) -> Path:
     """A local path for `source`: itself, or a download of a gs:// table (with its projection)
     or prefix (only the request-log partitions inside `window`)."""
-    from tumorflow.components import storage
 
     if not storage.is_remote(source):
         return Path(source)
@@ -433,48 +433,6 @@ def drift_against_reference(
     return drift_report(reference, current, output_dir, drift_share)
 
 
-@dataclass(frozen=True)
-class ServedReference:
-    """The champion (served as `stable`, else the highest) version and its drift reference."""
-
-    version: int
-    version_uri: str
-    reference_uri: str
-
-
-def served_reference(model_base_path: str, model_name: str) -> ServedReference | None:
-    """Find the served champion of `model_name` under `model_base_path` (local or gs://): the
-    version labelled `stable` in `<base>/models.config`, else the highest version folder.
-    None when no version is deployed yet."""
-    from tumorflow.components import storage
-
-    base = storage.join(model_base_path, model_name)
-    version = None
-    config_uri = storage.join(model_base_path, "models.config")
-    if storage.exists(config_uri):
-        from tumorflow.serving.repository import read_model_config
-
-        for model in read_model_config(config_uri).model_config_list.config:
-            if model.name == model_name:
-                base = model.base_path or base
-                if "stable" in model.version_labels:
-                    version = int(model.version_labels["stable"])
-    if version is None:
-        if not storage.exists(base):
-            return None
-        names = {PurePosixPath(name).parts[0] for name in storage.list_files(base)}
-        versions = [int(name) for name in names if name.isdigit()]
-        if not versions:
-            return None
-        version = max(versions)
-    version_uri = storage.join(base, str(version))
-    return ServedReference(
-        version=version,
-        version_uri=version_uri,
-        reference_uri=storage.join(version_uri, "assets.extra", REFERENCE_FILE),
-    )
-
-
 def _log_to_mlflow(verdict: DriftVerdict, tracking_uri: str, experiment: str) -> None:
     import mlflow
 
@@ -507,12 +465,10 @@ def drift_against_served_model(
     """The pipeline's drift step against whatever is served now: finds the champion's reference,
     runs `drift_against_reference`, copies the HTML to `html_path` (the pipeline UI's artifact)
     and logs the verdict and report to MLflow when `tracking_uri` is given."""
-    served = served_reference(model_base_path, model_name)
+    served = serving_layout.served_version(model_base_path, model_name)
     with tempfile.TemporaryDirectory(prefix="tumorflow-reference-") as workdir:
         reference_path = None
         if served is not None:
-            from tumorflow.components import storage
-
             if storage.exists(served.reference_uri):
                 reference_path = Path(workdir) / REFERENCE_FILE
                 storage.download_file(served.reference_uri, reference_path)

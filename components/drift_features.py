@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tumorflow.components.errors import DatasetError, ModelError
+from tumorflow.core import serving_layout
+from tumorflow.core.errors import DatasetError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ IMAGE_FEATURES = (
 )
 EMBEDDING_PREFIX = "embedding_pc"
 PREDICTION_COLUMNS = ("predicted_class", "confidence")
-PROJECTION_FILE = "drift_projection.npz"
-REFERENCE_FILE = "drift_reference.parquet"
+PROJECTION_FILE = serving_layout.DRIFT_PROJECTION
+REFERENCE_FILE = serving_layout.DRIFT_REFERENCE
 _PERCENTILES = (5, 25, 50, 75, 95)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -270,7 +271,7 @@ class ModelProbe:
     def _load_saved_model(self) -> None:
         import tensorflow as tf
 
-        info_path = self.model_dir / "assets.extra" / "tumorflow.json"
+        info_path = self.model_dir / serving_layout.ASSETS_EXTRA / serving_layout.MODEL_INFO
         if not info_path.exists():
             raise ModelError(
                 f"{info_path} is missing: the served version does not name its classes"
@@ -333,7 +334,7 @@ def find_projection(model_dir: Path | None) -> EmbeddingProjection | None:
     if model_dir is None:
         return None
     for candidate in (
-        Path(model_dir) / "assets.extra" / PROJECTION_FILE,
+        Path(serving_layout.asset_uri(model_dir, PROJECTION_FILE)),
         Path(model_dir) / PROJECTION_FILE,
     ):
         if candidate.exists():

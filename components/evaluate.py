@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from tumorflow.components.errors import DatasetError, ModelError
+from tumorflow.core.errors import DatasetError, ModelError
 
 log = logging.getLogger(__name__)
 

@@ -19,17 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from tumorflow.components.errors import ModelError
 from tumorflow.components.input_pipeline import decode_to_size
+from tumorflow.core import serving_layout
+from tumorflow.core.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
 INPUT = "image_bytes"
 EMBEDDING_LAYER = "embedding"
-ASSETS_EXTRA = "assets.extra"
-INFO_FILE = "tumorflow.json"
-WARMUP_FILE = "tf_serving_warmup_requests"
 
 
 def read_model_info(model_dir: Path) -> dict[str, Any]:
@@ -154,7 +152,7 @@ def export_serving_model(
     module = _serving_module(model, classes, image_size, grayscale)
     tf.saved_model.save(module, str(export_dir), signatures={SIGNATURE: module.serve})
 
-    assets = export_dir / ASSETS_EXTRA
+    assets = export_dir / serving_layout.ASSETS_EXTRA
     assets.mkdir(parents=True, exist_ok=True)
     meta = {
         "classes": classes,
@@ -164,9 +162,9 @@ def export_serving_model(
         "mlflow_run_id": info.get("mlflow_run_id"),
         **(extra_info or {}),
     }
-    (assets / INFO_FILE).write_text(json.dumps(meta, indent=2))
+    (assets / serving_layout.MODEL_INFO).write_text(json.dumps(meta, indent=2))
     png = _warmup_png(image_size)
-    _write_warmup(assets / WARMUP_FILE, png, model_name)
+    _write_warmup(assets / serving_layout.WARMUP_FILE, png, model_name)
     _check_export(export_dir, model, png, image_size, grayscale)
     log.info(
         "exported %s to %s (%d classes, input %s)", model_dir, export_dir, len(classes), image_size

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tumorflow.components.errors import GateError
 from tumorflow.components.evaluate import ECE_BINS
-from tumorflow.pipelines.config import ChampionRule, GateConfig, GateRule
+from tumorflow.core.config import ChampionRule, GateConfig, GateRule
+from tumorflow.core.errors import GateError
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -489,9 +489,9 @@ def champion_saved_model(tracking_uri: str, model_version: ModelVersion, work_di
     The served folder recorded at deploy (`serving_path` tag) is used when it still exists;
     otherwise the registered model folder is downloaded and exported again.
     """
-    from tumorflow.components import storage
     from tumorflow.components.export import export_serving_model
     from tumorflow.components.registry import TAG_SERVING_PATH, connect, download_model_folder
+    from tumorflow.core import storage
 
     served = model_version.tags.get(TAG_SERVING_PATH)
     if served and storage.exists(storage.join(served, "saved_model.pb")):

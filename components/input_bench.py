@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tumorflow.components.input_pipeline import make_dataset
     from tumorflow.components.tfrecords import ENCODED, feature_spec, shard_paths
-    from tumorflow.pipelines.config import AugmentConfig
+    from tumorflow.core.config import AugmentConfig
 
     with tempfile.TemporaryDirectory(prefix="tumorflow-bench-") as tmp:
         workdir = Path(args.workdir or tmp)

@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tumorflow.components.errors import DatasetError
 from tumorflow.components.tfrecords import (
     ENCODED,
     LABEL,
@@ -24,7 +23,8 @@ from tumorflow.components.tfrecords import (
     read_split_manifest,
     shard_paths,
 )
-from tumorflow.pipelines.config import AugmentConfig
+from tumorflow.core.config import AugmentConfig
+from tumorflow.core.errors import DatasetError
 
 if TYPE_CHECKING:
     import tensorflow as tf

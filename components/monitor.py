@@ -1,65 +1,27 @@
-"""Monitoring: check the recent window of served requests for drift and, past the configured
-threshold, start the retraining pipeline, recording why in `trigger.json`."""
+"""Monitoring checks: the recent window of served requests (or images) against the served
+model's drift reference, and the reason a drift gives for retraining."""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-from tumorflow.components import storage
 from tumorflow.components.drift import (
     DriftVerdict,
     drift_report,
     load_table,
     nothing_to_compare,
-    served_reference,
 )
-from tumorflow.components.errors import ConfigError
-from tumorflow.pipelines.config import PipelineConfig
+from tumorflow.core import serving_layout, storage
+from tumorflow.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 TRIGGER_JSON = "trigger.json"
-# Starts a retraining run of a config for a reason; returns what identifies the run.
-Trigger = Callable[[PipelineConfig, str], Any]
 
 
-@dataclass
-class MonitorResult:
-    """What one monitoring check found and whether it started a retraining run."""
-
-    verdict: DriftVerdict
-    window: tuple[datetime, datetime]
-    triggered: bool
-    reason: str | None = None
-    trigger_path: Path | None = None
-    run: Any = None
-
-
-def local_trigger(config: PipelineConfig, reason: str) -> Any:
-    """Retrain on this machine with kfp.local."""
-    from tumorflow.pipelines.runner import run_local
-
-    return run_local(config, trigger_reason=reason)
-
-
-def cluster_trigger(host: str) -> Trigger:
-    """Retrain by submitting the compiled pipeline to the Kubeflow Pipelines endpoint `host`."""
-
-    def submit_run(config: PipelineConfig, reason: str) -> Any:
-        from tumorflow.pipelines.runner import submit
-
-        return submit(config, host, trigger_reason=reason)
-
-    return submit_run
-
-
-def _reason(verdict: DriftVerdict) -> str:
+def trigger_reason(verdict: DriftVerdict) -> str:
     return (
         f"drift detected: {len(verdict.drifted_columns)} of {len(verdict.columns)} feature columns "
         f"drifted (share {verdict.share_of_drifted_columns:.2f} >= "
@@ -73,7 +35,7 @@ def resolve_served_reference(model_base_path: str, model_name: str) -> tuple[str
 
     The folder (None for a remote base path) lets the check add the model's embedding features.
     """
-    served = served_reference(model_base_path, model_name)
+    served = serving_layout.served_version(model_base_path, model_name)
     if served is None:
         raise ConfigError(
             f"no served version of {model_name!r} under {model_base_path}: "
@@ -123,60 +85,3 @@ def check_recent_drift(
         logger.info(verdict.message)
         return verdict, window
     return drift_report(reference, current, output_dir, drift_share), window
-
-
-def check_and_trigger(
-    config: PipelineConfig,
-    current_source: str,
-    reference_source: str,
-    output_dir: Path,
-    trigger: Trigger | None = None,
-    *,
-    model_dir: Path | None = None,
-    now: datetime | None = None,
-) -> MonitorResult:
-    """Check the recent window for drift (`check_recent_drift`); on drift, call
-    `trigger(config, reason)` (default: a local kfp.local run) after writing the reason to
-    `output_dir/trigger.json`."""
-    output_dir = Path(output_dir)
-    verdict, window = check_recent_drift(
-        current_source,
-        reference_source,
-        output_dir,
-        drift_share=config.drift.drift_share,
-        window_hours=config.drift.window_hours,
-        model_name=config.deploy.model_name,
-        model_dir=model_dir,
-        now=now,
-    )
-    if not verdict.drift_detected:
-        return MonitorResult(verdict=verdict, window=window, triggered=False)
-    reason = _reason(verdict)
-    trigger_path = output_dir / TRIGGER_JSON
-    record = {
-        "reason": reason,
-        "triggered_at": datetime.now(UTC).isoformat(),
-        "window": [window[0].isoformat(), window[1].isoformat()],
-        "current_source": str(current_source),
-        "reference_source": str(reference_source),
-        "share_of_drifted_columns": verdict.share_of_drifted_columns,
-        "drift_share_threshold": verdict.drift_share_threshold,
-        "drifted_columns": verdict.drifted_columns,
-        "current_rows": verdict.current_rows,
-        "report_html": verdict.html_path,
-        "report_json": verdict.json_path,
-        "verdict": verdict.verdict_path,
-    }
-    trigger_path.write_text(json.dumps(record, indent=2))
-    logger.warning("%s: starting a retraining run", reason)
-    run = (trigger or local_trigger)(config, reason)
-    record["run"] = run if isinstance(run, str | int | float | dict | list) else str(run)
-    trigger_path.write_text(json.dumps(record, indent=2, default=str))
-    return MonitorResult(
-        verdict=verdict,
-        window=window,
-        triggered=True,
-        reason=reason,
-        trigger_path=trigger_path,
-        run=run,
-    )

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

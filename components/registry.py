@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tumorflow.components.errors import TumorflowError
+from tumorflow.core.errors import TumorflowError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

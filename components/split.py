@@ -24,9 +24,9 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from tumorflow.components.errors import DatasetError
 from tumorflow.components.hashing import near_duplicate_pairs
-from tumorflow.pipelines.config import SplitConfig
+from tumorflow.core.config import SplitConfig
+from tumorflow.core.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 _HELD_OUT_ORDER = {"train": 0, "val": 1, "test": 2}

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tumorflow.components.errors import DatasetError
+from tumorflow.core.errors import DatasetError
 
 ENCODED = "image/encoded"
 LABEL = "image/label"

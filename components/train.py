@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tumorflow.components.backbones import CUSTOM_CNN, build_classifier, default_image_size
-from tumorflow.components.errors import DatasetError
 from tumorflow.components.input_pipeline import make_dataset
 from tumorflow.components.tfrecords import read_split_manifest
-from tumorflow.pipelines.config import TrainConfig
+from tumorflow.core.config import TrainConfig
+from tumorflow.core.errors import DatasetError
 
 if TYPE_CHECKING:
     import keras

@@ -34,10 +34,10 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from tumorflow.components import download, split, tfrecords
-from tumorflow.components.errors import DatasetError
 from tumorflow.components.hashing import phash64
 from tumorflow.components.input_pipeline import MAX_IMAGE_PIXELS
-from tumorflow.pipelines.config import SplitConfig
+from tumorflow.core.config import SplitConfig
+from tumorflow.core.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 

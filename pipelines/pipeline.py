@@ -13,8 +13,8 @@ from pathlib import Path
 
 from kfp import dsl
 
+from tumorflow.core.config import PipelineConfig
 from tumorflow.pipelines import steps
-from tumorflow.pipelines.config import PipelineConfig
 
 PIPELINE_NAME = "tumorflow-retrain"
 _DEFAULTS = PipelineConfig()

@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tumorflow.components.errors import TumorflowError
-from tumorflow.pipelines.config import PipelineConfig
+from tumorflow.core.config import PipelineConfig
+from tumorflow.core.errors import TumorflowError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ def download(source: str, dataset: dict, raw: Output[Dataset]):
     from pathlib import Path
 
     from tumorflow.components.download import download_dataset
-    from tumorflow.pipelines.config import DatasetConfig
+    from tumorflow.core.config import DatasetConfig
 
     result = download_dataset(source, Path(raw.path), DatasetConfig.model_validate(dataset))
     raw.metadata.update(result.summary())
@@ -49,7 +49,7 @@ def validate_and_split(
     from pathlib import Path
 
     from tumorflow.components.validate import validate_and_split as run
-    from tumorflow.pipelines.config import SplitConfig
+    from tumorflow.core.config import SplitConfig
 
     result = run(
         Path(raw.path), Path(split.path), SplitConfig.model_validate(split_config), classes
@@ -72,7 +72,7 @@ def train(
     from pathlib import Path
 
     from tumorflow.components.train import checkpoint_key, train_model
-    from tumorflow.pipelines.config import TrainConfig
+    from tumorflow.core.config import TrainConfig
 
     config = TrainConfig.model_validate(train_config)
     result = train_model(
@@ -198,7 +198,7 @@ def gate(
     from pathlib import Path
 
     from tumorflow.components.gate import run_gate
-    from tumorflow.pipelines.config import GateConfig
+    from tumorflow.core.config import GateConfig
 
     result = run_gate(
         Path(evaluation.path),
@@ -228,7 +228,7 @@ def approval(
     from pathlib import Path
 
     from tumorflow.components.approval import run_approval
-    from tumorflow.pipelines.config import GateConfig
+    from tumorflow.core.config import GateConfig
 
     result = run_approval(
         Path(decision.path),

@@ -29,7 +29,7 @@ from google.protobuf import (
     wrappers_pb2,
 )
 
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 from tumorflow.serving.status import ServingError, invalid_argument, resource_exhausted
 
 logger = logging.getLogger(__name__)

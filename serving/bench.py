@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorflow.components.backbones import BACKBONES
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         argv = [
             sys.executable,
             "-m",
-            "tumorflow.pipelines.cli",
+            "tumorflow.cli.main",
             "serve",
             "--backend=inprocess",
             f"--port={port}",

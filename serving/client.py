@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tumorflow.components.errors import TumorflowError
+from tumorflow.core.errors import TumorflowError
 
 IMAGE_INPUT = "image_bytes"
 

@@ -27,7 +27,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 from tumorflow.serving.inference import (
     Classification,
     InferenceService,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import grpc
 import tensorflow as tf
-from google.protobuf import text_format
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from tumorflow.components.errors import ConfigError
+from tumorflow.core import serving_layout
+from tumorflow.core.errors import ConfigError
 from tumorflow.serving.servable import Servable
 from tumorflow.serving.status import failed_precondition, invalid_argument, not_found
 
@@ -48,11 +48,7 @@ def read_model_config(path: str) -> ModelServerConfig:
         text = tf.io.gfile.GFile(path, "r").read()
     except tf.errors.OpError as exc:
         raise ConfigError(f"cannot read --model_config_file {path}: {exc.message}") from exc
-    config = ModelServerConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{path} is not a valid ModelServerConfig text proto: {exc}") from exc
+    config = serving_layout.parse_model_server_config(text, path)
     validate_config(config)
     return config
 

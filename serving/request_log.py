@@ -30,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorflow.components import storage
 from tumorflow.components.drift_features import (
     EmbeddingProjection,
     ImageFeatureError,
     find_projection,
     image_features,
 )
-from tumorflow.components.errors import ConfigError, DatasetError, ModelError
+from tumorflow.core import storage
+from tumorflow.core.errors import ConfigError, DatasetError, ModelError
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
 
+from tumorflow.core import serving_layout
 from tumorflow.serving.status import ServingError, code_from_number, failed_precondition
 from tumorflow.serving.status import invalid_argument as invalid
 
@@ -28,7 +29,7 @@ DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
-WARMUP_FILE = posixpath.join("assets.extra", "tf_serving_warmup_requests")
+WARMUP_FILE = posixpath.join(serving_layout.ASSETS_EXTRA, serving_layout.WARMUP_FILE)
 # TF Serving reads at most this many warm-up records.
 MAX_WARMUP_RECORDS = 1000
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 from tumorflow.serving.batching import BatchingParameters, BatchScheduler
 from tumorflow.serving.grpc_api import ModelServicer, PredictionServicer
 from tumorflow.serving.inference import InferenceService, RequestLog

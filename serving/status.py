@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from tumorflow.components.errors import TumorflowError
+from tumorflow.core.errors import TumorflowError
 
 # TF Serving's http_server maps canonical codes to HTTP statuses this way.
 HTTP_STATUS: dict[grpc.StatusCode, int] = {

@@ -120,3 +120,24 @@ def approval_waiter(mlflow_server: str):
         return thread, result
 
     return start
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator_host() -> Iterator[str]:
+    """A gcp-storage-emulator on a free loopback port (bucket `tumorflow-test` exists)."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="tumorflow-test")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def gcs_emulator(gcs_emulator_host: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """STORAGE_EMULATOR_HOST pointing at the emulator for one test (the client reads it)."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator_host)
+    return gcs_emulator_host

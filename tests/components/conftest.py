@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -100,28 +100,3 @@ def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tumorflow.components.phantom import generate_phantom
 
     return generate_phantom(tmp_path_factory.mktemp("phantom"), per_class=12, size=48, seed=3)
-
-
-@pytest.fixture(scope="session")
-def gcs_emulator_host() -> Iterator[str]:
-    """A gcp-storage-emulator on a free loopback port (bucket `tumorflow-test` exists)."""
-    import socket
-
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="tumorflow-test")
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture()
-def gcs_emulator(gcs_emulator_host: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """STORAGE_EMULATOR_HOST pointing at the emulator for one test (the client reads it)."""
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator_host)
-    return gcs_emulator_host

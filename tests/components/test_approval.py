@@ -12,7 +12,7 @@ from tumorflow.components.approval import (
     run_approval,
     wait_for_approval,
 )
-from tumorflow.pipelines.config import GateConfig
+from tumorflow.core.config import GateConfig
 
 pytestmark = pytest.mark.slow
 

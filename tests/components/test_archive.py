@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tumorflow.components.archive import extract_archive
-from tumorflow.components.errors import SourceUnavailableError, UnsafeArchiveError
+from tumorflow.core.errors import SourceUnavailableError, UnsafeArchiveError
 
 CAP = 10 * 2**20
 

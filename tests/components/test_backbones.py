@@ -13,7 +13,7 @@ from tumorflow.components.backbones import (
     default_image_size,
     keras_weights_cache,
 )
-from tumorflow.components.errors import ConfigError, WeightsUnavailableError
+from tumorflow.core.errors import ConfigError, WeightsUnavailableError
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -13,8 +13,8 @@ from tumorflow.components.deploy import (
     deploy_model,
     model_status,
     rollback,
-    serving_labels,
 )
+from tumorflow.core.serving_layout import serving_labels
 
 pytestmark = pytest.mark.slow
 
@@ -102,21 +102,22 @@ def test_versions_increase_and_aliases_and_labels_follow(make_model_dir, tmp_pat
 
     back = rollback(mlflow_server, name, str(base), by="tester")
     assert (back.stable, back.replaced) == (2, 3)
-    assert serving_labels(str(base), name) == ({"stable": 2, "previous": 3}, [2, 3])
+    # the version rolled back from stops being loaded: unlabelled requests move to 2 as well
+    assert serving_labels(str(base), name) == ({"stable": 2, "previous": 1}, [1, 2])
     aliases = _registry(mlflow_server).get_registered_model(name).aliases
     assert aliases["champion"] == results[1].registered_version
     assert aliases["previous"] == results[2].registered_version
 
     to_first = rollback(mlflow_server, name, str(base), to_version=1)
-    assert serving_labels(str(base), name) == ({"stable": 1, "previous": 2}, [1, 2])
+    assert serving_labels(str(base), name) == ({"stable": 1}, [1])
     with pytest.raises(DeployRefused, match="not on disk"):
         rollback(mlflow_server, name, str(base), to_version=9)
 
     status = model_status(mlflow_server, name, str(base))
     assert status["serving"] == {
         "on_disk": [1, 2, 3],
-        "loaded": [1, 2],
-        "labels": {"stable": 1, "previous": 2},
+        "loaded": [1],
+        "labels": {"stable": 1},
     }
     assert status["aliases"]["champion"] == to_first.champion_version
     assert [v["pipeline_run"] for v in status["versions"]] == ["run-2", "run-1", "run-0"]
@@ -153,14 +154,14 @@ def test_concurrent_deploys_get_distinct_versions(make_model_dir, tmp_path):
     assert sorted(versions) == [1, 2, 3]
     assert sorted(p.name for p in (base / "kidney").iterdir()) == ["1", "2", "3"]
     labels, loaded = serving_labels(str(base), "kidney")
-    assert loaded == [1, 2, 3] and labels["stable"] in (1, 2, 3)
+    assert loaded == [1, 2, 3] and labels["stable"] == 3
 
 
 def test_gate_against_the_registry_champion(make_model_dir, split_dir, tmp_path, mlflow_server):
     """A worse challenger is rejected and nothing changes; a better one is deployed."""
     from tumorflow.components.export import export_serving_model
     from tumorflow.components.gate import evaluate_champion, run_gate
-    from tumorflow.pipelines.config import ChampionRule, GateConfig, GateRule
+    from tumorflow.core.config import ChampionRule, GateConfig, GateRule
 
     name = f"m-{uuid.uuid4().hex[:6]}"
     base = tmp_path / "models"

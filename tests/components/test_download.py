@@ -14,10 +14,10 @@ import kagglehub
 import pytest
 import requests
 
-from tumorflow.components import storage
 from tumorflow.components.download import download_dataset, read_manifest
-from tumorflow.components.errors import DatasetError, SourceUnavailableError, UnsafeArchiveError
-from tumorflow.pipelines.config import DatasetConfig, PhantomConfig, load_config
+from tumorflow.core import storage
+from tumorflow.core.config import DatasetConfig, PhantomConfig, load_config
+from tumorflow.core.errors import DatasetError, SourceUnavailableError, UnsafeArchiveError
 
 KIDNEY_SUBDIR = (
     "CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone/CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone"

@@ -19,10 +19,10 @@ from tumorflow.components.drift import (
     drift_against_reference,
     drift_report,
     load_table,
-    served_reference,
 )
 from tumorflow.components.drift_features import IMAGE_FEATURES, image_feature_table
-from tumorflow.components.errors import DatasetError
+from tumorflow.core.errors import DatasetError
+from tumorflow.core.serving_layout import served_version
 
 IMAGES_PER_TABLE = 250
 DRIFT_SHARE = 0.3
@@ -236,12 +236,12 @@ def test_no_reference_gives_a_verdict_that_says_so(tmp_path: Path):
     assert json.loads((tmp_path / "out" / "verdict.json").read_text())["columns"] == []
 
 
-def test_served_reference_prefers_the_stable_label_then_the_highest_version(tmp_path: Path):
-    assert served_reference(str(tmp_path), "kidney-ct") is None
+def test_served_version_prefers_the_stable_label_then_the_highest_version(tmp_path: Path):
+    assert served_version(str(tmp_path), "kidney-ct") is None
     for version in (2, 3, 5):
         (tmp_path / "kidney-ct" / str(version) / "assets.extra").mkdir(parents=True)
         (tmp_path / "kidney-ct" / str(version) / "saved_model.pb").write_bytes(b"")
-    assert served_reference(str(tmp_path), "kidney-ct").version == 5
+    assert served_version(str(tmp_path), "kidney-ct").version == 5
     (tmp_path / "models.config").write_text(
         "model_config_list {\n  config {\n    name: 'kidney-ct'\n"
         f"    base_path: '{tmp_path / 'kidney-ct'}'\n    model_platform: 'tensorflow'\n"
@@ -249,7 +249,7 @@ def test_served_reference_prefers_the_stable_label_then_the_highest_version(tmp_
         "    version_labels { key: 'stable' value: 3 }\n"
         "    version_labels { key: 'canary' value: 5 }\n  }\n}\n"
     )
-    served = served_reference(str(tmp_path), "kidney-ct")
+    served = served_version(str(tmp_path), "kidney-ct")
     assert served.version == 3
     assert served.reference_uri == str(
         tmp_path / "kidney-ct" / "3" / "assets.extra" / "drift_reference.parquet"
@@ -264,7 +264,7 @@ def test_drift_command_exits_non_zero_exactly_when_asked_to_fail_on_drift(
     reference.to_parquet(tmp_path / "reference.parquet")
     same.to_parquet(tmp_path / "same.parquet")
     shifted.to_parquet(tmp_path / "shifted.parquet")
-    from tumorflow.pipelines.cli import main
+    from tumorflow.cli.main import main
 
     def drift(current: str, *extra: str) -> int:
         return main(
@@ -384,7 +384,7 @@ def test_pipeline_drift_step_compares_new_data_with_the_served_reference_and_log
 def test_drift_command_with_a_model_compares_embeddings_and_predictions(
     tmp_path: Path, make_model_dir, capsys: pytest.CaptureFixture
 ):
-    from tumorflow.pipelines.cli import main
+    from tumorflow.cli.main import main
 
     rng = np.random.default_rng(41)
     for name, shift in (("reference", None), ("current", SHIFTS["brightness"])):

@@ -19,7 +19,7 @@ from tumorflow.components.drift_features import (
     image_features,
     model_features,
 )
-from tumorflow.components.errors import ModelError, TumorflowError
+from tumorflow.core.errors import ModelError, TumorflowError
 
 
 def encode(pixels: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from tumorflow.components.backbones import build_classifier
-from tumorflow.components.errors import ModelError
 from tumorflow.components.evaluate import (
     PLOTS,
     compute_metrics,
@@ -18,6 +17,7 @@ from tumorflow.components.evaluate import (
     log_kfp_metrics,
 )
 from tumorflow.components.input_bench import write_synthetic_split
+from tumorflow.core.errors import ModelError
 
 CLASSES = ["a", "b", "c"]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tumorflow.components.errors import ModelError
 from tumorflow.components.export import export_serving_model
+from tumorflow.core.errors import ModelError
 
 pytestmark = pytest.mark.slow
 

@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, recall_score, roc_auc_score
 
-from tumorflow.components.errors import GateError
 from tumorflow.components.gate import (
     bootstrap_metrics,
     evaluate_gate,
     markdown_report,
     write_decision,
 )
-from tumorflow.pipelines.config import ChampionRule, GateConfig, GateRule
+from tumorflow.core.config import ChampionRule, GateConfig, GateRule
+from tumorflow.core.errors import GateError
 
 CLASSES = ["normal", "tumor"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tumorflow.pipelines.cli import main
+from tumorflow.cli.main import main
 
 
 @pytest.mark.slow

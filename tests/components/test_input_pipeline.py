@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from tumorflow.components.errors import DatasetError
 from tumorflow.components.input_bench import encode_image, write_synthetic_split
 from tumorflow.components.input_pipeline import augment_batch, decoded_examples, make_dataset
-from tumorflow.pipelines.config import AugmentConfig
+from tumorflow.core.config import AugmentConfig
+from tumorflow.core.errors import DatasetError
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from tumorflow.components.drift_features import image_feature_table
-from tumorflow.components.monitor import check_and_trigger
-from tumorflow.pipelines.config import PipelineConfig
+from tumorflow.core.config import PipelineConfig
+from tumorflow.pipelines.monitor import check_and_trigger
 from tumorflow.serving.request_log import RequestLogger
 
 IMAGES = 80
@@ -117,7 +117,7 @@ def test_only_the_recent_window_counts(tmp_path: Path, reference: Path):
 def test_monitor_command_uses_the_served_versions_reference(
     tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture
 ):
-    from tumorflow.pipelines.cli import main
+    from tumorflow.cli.main import main
 
     base = tmp_path / "models"
     assets = base / "kidney-ct" / "7" / "assets.extra"

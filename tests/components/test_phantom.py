@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tumorflow.components.errors import ConfigError
 from tumorflow.components.phantom import CLASSES, CSV_NAME, generate_phantom, images_folder
+from tumorflow.core.errors import ConfigError
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tumorflow.components.errors import DatasetError
 from tumorflow.components.split import class_weights, group_duplicates, split_by_duplicate_groups
-from tumorflow.pipelines.config import SplitConfig
+from tumorflow.core.config import SplitConfig
+from tumorflow.core.errors import DatasetError
 
 
 def _hashes(count: int, seed: int = 0) -> np.ndarray:

@@ -23,7 +23,7 @@ from tumorflow.components.train import (
     flatten_config,
     train_model,
 )
-from tumorflow.pipelines.config import TrainConfig
+from tumorflow.core.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ import logging, sys, time
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
 from tumorflow.components import train
-from tumorflow.pipelines.config import TrainConfig
+from tumorflow.core.config import TrainConfig
 
 original = train._stage_callback_class
 def slow_callback_class():

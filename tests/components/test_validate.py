@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from tumorflow.components.download import download_dataset
-from tumorflow.components.errors import DatasetError
 from tumorflow.components.tfrecords import read_records, read_split_manifest
 from tumorflow.components.validate import to_rgb8, validate_and_split
-from tumorflow.pipelines.config import DatasetConfig, SplitConfig
+from tumorflow.core.config import DatasetConfig, SplitConfig
+from tumorflow.core.errors import DatasetError
 
 SMALL_SPLIT = SplitConfig(val_fraction=0.2, test_fraction=0.2, min_test_per_class=1)
 

@@ -85,7 +85,7 @@ def test_side_effect_steps_are_never_cached(spec):
 
 def test_compile_command_writes_the_spec(tmp_path: Path, capsys):
     output = tmp_path / "out" / "pipeline.yaml"
-    from tumorflow.pipelines.cli import main
+    from tumorflow.cli.main import main
 
     assert main(["compile", "--output", str(output)]) == 0
     assert output.exists()
@@ -110,7 +110,7 @@ def test_the_monitoring_pipeline_retrains_only_when_drifted(tmp_path: Path):
 
 
 def test_a_preset_becomes_the_parameters_defaults(tmp_path: Path):
-    from tumorflow.pipelines.config import load_config
+    from tumorflow.core.config import load_config
 
     config = load_config(preset="brain_mri", overrides=["runtime.accelerator_type=NVIDIA_A100"])
     path = compile_pipeline(tmp_path / "brain.yaml", config=config)

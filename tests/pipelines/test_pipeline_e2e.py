@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tumorflow.pipelines.config import load_config
+from tumorflow.core.config import load_config
 from tumorflow.pipelines.runner import run_local
 
 pytestmark = pytest.mark.slow
@@ -201,7 +201,7 @@ def test_manual_approval_through_the_cli_while_the_run_waits_then_rollback(
 ):
     import mlflow
 
-    from tumorflow.pipelines.cli import main
+    from tumorflow.cli.main import main
     from tumorflow.serving.server import ModelServer, ServerOptions
 
     config, first = passing_run
@@ -285,7 +285,7 @@ def test_an_unanswered_approval_times_out_and_deploys_nothing(passing_run, mlflo
 def test_drift_starts_a_retraining_run_and_records_why(passing_run, tmp_path):
     from PIL import ImageFilter
 
-    from tumorflow.components.monitor import check_and_trigger, local_trigger
+    from tumorflow.pipelines.monitor import check_and_trigger, local_trigger
 
     config, first = passing_run
     # the served model's reference against blurred, darker scans from a "new scanner"

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 from tumorflow.serving.batching import BatchingParameters, BatchScheduler
 from tumorflow.serving.status import ServingError, invalid_argument
 

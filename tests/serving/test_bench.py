@@ -2,7 +2,7 @@
 
 import pytest
 
-from tumorflow.pipelines.cli import main
+from tumorflow.cli.main import main
 
 
 @pytest.mark.slow

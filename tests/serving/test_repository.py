@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 from tumorflow.serving.repository import ModelRepository, read_model_config, single_model_config
 from tumorflow.serving.server import ModelServer, ServerOptions
 from tumorflow.serving.status import ServingError

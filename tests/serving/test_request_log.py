@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tumorflow.components.drift_features import IMAGE_FEATURES, EmbeddingProjection
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 from tumorflow.serving.request_log import (
     UNKNOWN_VERSION,
     RequestLogger,
@@ -394,7 +394,7 @@ def test_a_folder_of_recent_images_fills_the_store_with_image_features(tmp_path:
 def test_drift_ingest_command_prints_the_rows_written(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ):
-    from tumorflow.pipelines.cli import main
+    from tumorflow.cli.main import main
 
     logs = write_records(tmp_path / "tfs" / "log-1", [prediction_log([png(70), png(75)])])
     store = tmp_path / "store"

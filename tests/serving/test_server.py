@@ -9,8 +9,8 @@ import time
 import grpc
 import pytest
 
-from tumorflow.components.errors import ConfigError
-from tumorflow.pipelines.commands.serve import add_serve_arguments
+from tumorflow.cli.serve import add_serve_arguments
+from tumorflow.core.errors import ConfigError
 from tumorflow.serving.server import ServerOptions, tfserving_argv, use_tfserving
 
 

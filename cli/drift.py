@@ -8,8 +8,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tumorflow.components.errors import ConfigError
-from tumorflow.pipelines.commands.pipeline import add_config_arguments, config_from_args
+from tumorflow.cli.pipeline import add_config_arguments, config_from_args
+from tumorflow.core.errors import ConfigError
 
 _SOURCE_HELP = (
     "a folder of images, a split dataset, a feature table (.parquet/.csv) or a request-log root "
@@ -43,7 +43,7 @@ def _window(args: argparse.Namespace) -> tuple[datetime, datetime] | None:
 
 def _drift(args: argparse.Namespace) -> int:
     from tumorflow.components.drift import drift_report, load_table
-    from tumorflow.pipelines.config import DriftConfig
+    from tumorflow.core.config import DriftConfig
 
     drift_share = args.drift_share if args.drift_share is not None else DriftConfig().drift_share
     if not 0 < drift_share <= 1:
@@ -60,11 +60,8 @@ def _drift(args: argparse.Namespace) -> int:
 
 
 def _monitor(args: argparse.Namespace) -> int:
-    from tumorflow.components.monitor import (
-        check_and_trigger,
-        cluster_trigger,
-        resolve_served_reference,
-    )
+    from tumorflow.components.monitor import resolve_served_reference
+    from tumorflow.pipelines.monitor import check_and_trigger, cluster_trigger
 
     config = config_from_args(args)
     model_dir = None
@@ -98,18 +95,18 @@ def _monitor(args: argparse.Namespace) -> int:
 def _projection_lookup(model_base_path: str, workdir: Path) -> Callable[[str, int], Path | None]:
     """Served version folders under `<base>/<name>/<version>`; from gs:// only the drift
     projection is downloaded, into `workdir`."""
-    from tumorflow.components import storage
     from tumorflow.components.drift_features import PROJECTION_FILE
+    from tumorflow.core import serving_layout, storage
 
     def lookup(model_name: str, version: int) -> Path | None:
-        version_uri = storage.join(model_base_path, model_name, str(version))
+        version_uri = serving_layout.version_uri(model_base_path, model_name, version)
         if not storage.is_remote(version_uri):
             return Path(version_uri)
-        remote = storage.join(version_uri, "assets.extra", PROJECTION_FILE)
+        remote = serving_layout.asset_uri(version_uri, PROJECTION_FILE)
         if not storage.exists(remote):
             return None
         local = workdir / f"{model_name}-{version}"
-        storage.download_file(remote, local / "assets.extra" / PROJECTION_FILE)
+        storage.download_file(remote, Path(serving_layout.asset_uri(local, PROJECTION_FILE)))
         return local
 
     return lookup
@@ -125,9 +122,9 @@ def _drift_ingest(args: argparse.Namespace) -> int:
             raise ConfigError("--images needs --model_name: the model the images' rows belong to")
         version = None
         if args.model_base_path:
-            from tumorflow.components.drift import served_reference
+            from tumorflow.core.serving_layout import served_version
 
-            served = served_reference(args.model_base_path, args.model_name)
+            served = served_version(args.model_base_path, args.model_name)
             version = served.version if served else None
         rows = ingest_image_folder(Path(args.images), args.store, args.model_name, version)
     else:

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from tumorflow.pipelines.cli import main
+from tumorflow.cli.main import main
 
 pytestmark = pytest.mark.slow
 
@@ -93,8 +93,12 @@ def test_unknown_run_and_unreachable_server_are_clear(mlflow_server, capsys):
 def test_rollback_and_status(tmp_path, mlflow_server, capsys):
     from mlflow import MlflowClient
 
-    from tumorflow.components.deploy import serving_labels, write_serving_config
     from tumorflow.components.registry import move_champion, register_model_version
+    from tumorflow.core.serving_layout import (
+        edit_serving_config,
+        serving_labels,
+        set_served_versions,
+    )
 
     name, base = f"m-{uuid.uuid4().hex[:6]}", tmp_path / "models"
     client = MlflowClient(mlflow_server)
@@ -109,17 +113,20 @@ def test_rollback_and_status(tmp_path, mlflow_server, capsys):
             "tumorflow.pipeline_run": f"run{serving_version}",
         }
         move_champion(client, name, register_model_version(client, name, folder, tags).version)
-    write_serving_config(str(base), name, 2, 1, keep_versions=2)
+    edit_serving_config(
+        str(base),
+        lambda config: set_served_versions(config, str(base), name, stable=2, keep_versions=2),
+    )
     common = ["--model-name", name, "--model-base-path", str(base), "--tracking-uri", mlflow_server]
 
     assert main(["rollback", "--by", "oncall", *common]) == 0
     assert "stable -> served version 1 (was 2)" in capsys.readouterr().out
-    assert serving_labels(str(base), name) == ({"stable": 1, "previous": 2}, [1, 2])
+    assert serving_labels(str(base), name) == ({"stable": 1}, [1])
     assert client.get_registered_model(name).aliases == {"champion": "1", "previous": "2"}
 
     assert main(["status", "--json", *common]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["serving"]["labels"] == {"stable": 1, "previous": 2}
+    assert status["serving"]["labels"] == {"stable": 1}
     assert status["aliases"] == {"champion": "1", "previous": "2"}
     assert status["versions"][1]["rollback"]["by"] == "oncall"
     assert main(["rollback", "--to", "7", *common]) == 2

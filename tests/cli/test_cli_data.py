@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tumorflow.pipelines.cli import main
+from tumorflow.cli.main import main
 
 SMALL_PHANTOM = ["--set", "dataset.phantom.per_class=12", "--set", "dataset.phantom.size=48"]
 

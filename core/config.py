@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -224,6 +224,24 @@ class PipelineConfig(_Section):
         if self.tracking.tracking_uri:
             return self.tracking.tracking_uri
         return f"sqlite:///{(Path(self.run_root) / 'mlflow.db').resolve()}"
+
+    def cluster_tracking_uri(self, *, no_registry: bool = False) -> str:
+        """The tracking URI a cluster run gets. A cluster run without a registry cannot find the
+        champion and would gate against nothing, so an empty one is refused unless the caller
+        says `no_registry` (then "" and the gate runs the absolute rules only)."""
+        uri = self.tracking.tracking_uri
+        if not uri and not no_registry:
+            raise ConfigError(
+                "a cluster run needs an MLflow tracking server to find the champion: set "
+                "tracking.tracking_uri (--set tracking.tracking_uri=http://mlflow:5000), or pass "
+                "--no-registry to gate on the absolute rules only"
+            )
+        if uri.startswith("sqlite:") or uri.startswith("file:"):
+            raise ConfigError(
+                f"tracking.tracking_uri {uri!r} is a file on this machine, which a cluster cannot "
+                "read: point it at an MLflow server (http://...)"
+            )
+        return uri
 
     def resolved_model_base_path(self) -> str:
         if self.deploy.model_base_path:

@@ -26,7 +26,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, *, default_preset: str | None = "phantom"):
-    from tumorflow.pipelines.config import list_presets, load_config
+    from tumorflow.core.config import list_presets, load_config
 
     preset = getattr(args, "preset", None)
     overrides = list(getattr(args, "overrides", []) or [])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tumorflow.components.errors import ConfigError
+from tumorflow.core.errors import ConfigError
 
 
 def _flag(text: str) -> bool:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tumorflow.components import storage
-from tumorflow.components.errors import SourceUnavailableError
+from tumorflow.core import storage
+from tumorflow.core.errors import SourceUnavailableError
 
 
 def _tree(root: Path) -> Path:

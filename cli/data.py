@@ -28,7 +28,7 @@ def _run_phantom(args: argparse.Namespace) -> int:
 def _run_validate(args: argparse.Namespace) -> int:
     from tumorflow.components.download import download_dataset
     from tumorflow.components.validate import QUARANTINE_CSV, validate_and_split
-    from tumorflow.pipelines.config import load_config
+    from tumorflow.core.config import load_config
 
     overrides = list(args.set or [])
     config = load_config(args.config, args.preset, overrides)

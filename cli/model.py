@@ -6,7 +6,7 @@ import argparse
 import getpass
 import json
 
-from tumorflow.pipelines.commands.pipeline import add_config_arguments, config_from_args
+from tumorflow.cli.pipeline import add_config_arguments, config_from_args
 
 
 def _store(args: argparse.Namespace) -> tuple[str, str, str, int]:
@@ -43,7 +43,7 @@ def _decide(args: argparse.Namespace, status: str) -> int:
 
 
 def _approve(args: argparse.Namespace) -> int:
-    from tumorflow.components.errors import TumorflowError
+    from tumorflow.core.errors import TumorflowError
 
     if args.reason and not args.override:
         raise TumorflowError("--reason goes with --override; use --comment for a note")

@@ -1,6 +1,6 @@
 """The `tumorflow` command: one entry point, a subcommand per task.
 
-Each group of subcommands lives in `tumorflow.pipelines.commands.<group>` and registers itself
+Each group of subcommands lives in `tumorflow.cli.<group>` and registers itself
 with `register(subparsers)`; handlers import heavy libraries (TensorFlow, KFP, MLflow) lazily so
 that `tumorflow --help` stays instant. Errors a user can fix are shown without a traceback.
 """
@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from tumorflow import __version__
-from tumorflow.components.errors import TumorflowError
-from tumorflow.pipelines.commands import bench, data, drift, model, pipeline, serve
+from tumorflow.cli import bench, data, drift, model, pipeline, serve
+from tumorflow.core.errors import TumorflowError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""The command line: `tumorflow ...`, on top of every other layer."""

@@ -1,1 +1,0 @@
-"""One module per group of `tumorflow` subcommands; each exposes `register(subparsers)`."""
