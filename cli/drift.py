@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,33 +61,42 @@ def _drift(args: argparse.Namespace) -> int:
 
 
 def _monitor(args: argparse.Namespace) -> int:
+    """Run the monitoring pipeline: the drift check, and the retraining DAG when it drifted."""
     from tumorflow.components.monitor import resolve_served_reference
-    from tumorflow.pipelines.monitor import check_and_trigger, cluster_trigger
 
     config = config_from_args(args)
-    model_dir = None
-    reference = args.reference
-    if reference is None:
-        reference, model_dir = resolve_served_reference(
-            config.resolved_model_base_path(), config.deploy.model_name
+    if args.host:
+        from tumorflow.pipelines.runner import submit
+
+        run_id = submit(
+            config,
+            args.host,
+            pipeline="monitor",
+            monitor_source=args.current,
+            no_registry=args.no_registry,
         )
-    output = (
-        Path(args.output)
-        if args.output
-        else (Path(config.run_root) / "monitor" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"))
-    )
-    result = check_and_trigger(
-        config,
-        args.current,
-        reference,
-        output,
-        trigger=cluster_trigger(args.host) if args.host else None,
-        model_dir=model_dir,
-    )
-    print(result.verdict.summary())
-    if result.triggered:
-        print(f"retraining started: {result.run}")
-        print(f"  why: {result.trigger_path}")
+        print(f"submitted monitoring run {run_id} to {args.host}")
+        return 0
+    # Fail in one line, before any task starts, when there is nothing to compare with.
+    resolve_served_reference(config.resolved_model_base_path(), config.deploy.model_name)
+    from tumorflow.cli.pipeline import print_summary
+    from tumorflow.pipelines.runner import run_local
+
+    summary = run_local(config, monitor_source=args.current)
+    verdict = summary.run_dir / "drift-check" / "verdict" / "verdict.json"
+    if verdict.exists():
+        found = json.loads(verdict.read_text())
+        if found.get("columns"):
+            state = "DETECTED" if found["drift_detected"] else "not detected"
+            print(
+                f"drift: {state}: {len(found['drifted_columns'])} of {len(found['columns'])} "
+                f"feature columns drifted (share {found['share_of_drifted_columns']:.2f}, "
+                f"threshold {found['drift_share_threshold']:.2f})"
+            )
+        else:
+            print(f"drift: not checked: {found.get('message', '')}")
+    if summary.trigger_reason:
+        print_summary(summary)
     else:
         print("no retraining needed")
     return 0
@@ -180,19 +190,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     monitor = subparsers.add_parser(
         "monitor",
         help="check recent requests for drift and start retraining when drifted",
-        description="Check the last drift.window_hours of --current against the champion's drift "
-        "reference; when the share of drifted columns reaches drift.drift_share, start the "
-        "retraining pipeline (kfp.local, or --host to submit to Kubeflow Pipelines).",
+        description="Run the monitoring pipeline: check the last drift.window_hours of --current "
+        "against the served version's drift reference and, when the share of drifted columns "
+        "reaches drift.drift_share, the retraining DAG with the reason as its trigger_reason "
+        "(kfp.local, or --host to submit it to Kubeflow Pipelines).",
     )
     add_config_arguments(monitor)
     monitor.add_argument("--current", required=True, metavar="SRC", help=_SOURCE_HELP)
     monitor.add_argument(
-        "--reference",
-        metavar="SRC",
-        help="default: assets.extra/drift_reference.parquet of the served stable (or newest) version",
+        "--host", metavar="URL", help="submit the monitoring pipeline to this Kubeflow endpoint"
     )
-    monitor.add_argument("--output", metavar="DIR", help="default: <run_root>/monitor/<time>")
-    monitor.add_argument("--host", metavar="URL", help="Kubeflow Pipelines endpoint to submit to")
+    monitor.add_argument(
+        "--no-registry", action="store_true", help="with --host: allow no tracking URI"
+    )
     monitor.set_defaults(handler=_monitor)
 
     ingest = subparsers.add_parser(

@@ -43,7 +43,7 @@ def config_from_args(args: argparse.Namespace, *, default_preset: str | None = "
     return load_config(getattr(args, "config", None), preset, overrides)
 
 
-def _print_summary(summary) -> None:
+def print_summary(summary) -> None:
     print()
     print(f"run            {summary.run_name}")
     print(f"artifacts      {summary.run_dir}")
@@ -80,19 +80,34 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_local(config, enable_caching=not args.no_cache, monitor_source=args.monitor)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
-    _print_summary(summary)
+    print_summary(summary)
     return 0
+
+
+def _cluster_config(args: argparse.Namespace):
+    config = config_from_args(args)
+    if args.image:
+        config.runtime.image = args.image
+    return config
+
+
+def add_registry_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-registry",
+        action="store_true",
+        help="allow a cluster pipeline without an MLflow tracking URI: the gate then has no "
+        "champion and checks the absolute rules only",
+    )
 
 
 def _compile(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.runner import compile_pipeline
 
-    config = config_from_args(args)
     path = compile_pipeline(
         Path(args.output),
-        config=config,
-        image=args.image or config.runtime.image,
+        config=_cluster_config(args),
         pipeline=args.pipeline,
+        no_registry=args.no_registry,
     )
     print(f"wrote {path}")
     return 0
@@ -101,7 +116,7 @@ def _compile(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.runner import submit
 
-    run_id = submit(config_from_args(args), args.host, image=args.image)
+    run_id = submit(_cluster_config(args), args.host, no_registry=args.no_registry)
     print(f"submitted run {run_id} to {args.host}")
     return 0
 
@@ -145,6 +160,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="retrain",
         help="retrain (default), or monitor: a drift check that runs retraining when drifted",
     )
+    add_registry_argument(compile_)
     compile_.set_defaults(handler=_compile)
 
     submit = subparsers.add_parser(
@@ -154,4 +170,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--dataset", metavar="PRESET|SOURCE")
     submit.add_argument("--host", required=True, help="the KFP API endpoint")
     submit.add_argument("--image", metavar="IMAGE")
+    add_registry_argument(submit)
     submit.set_defaults(handler=_submit)

@@ -69,6 +69,10 @@ class DownloadResult:
     def label_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(row.label for row in self.rows).items()))
 
+    @property
+    def dataset_version(self) -> str:
+        return self.source.get("dataset_version", "")
+
     def summary(self) -> dict:
         """Flat key/values for the pipeline artifact's metadata."""
         return {
@@ -76,7 +80,22 @@ class DownloadResult:
             "labels": self.label_counts,
             "source": self.source.get("source", ""),
             "version": self.source.get("version") or "",
+            "dataset_version": self.dataset_version,
         }
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    """What a source holds now, as one content fingerprint (docs/caching.md).
+
+    `fingerprint` changes exactly when the images or their labels change; `source` is what the
+    download fetches (a Kaggle handle pinned to the resolved version); `detail` says how the
+    fingerprint was made.
+    """
+
+    fingerprint: str
+    source: str
+    detail: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,19 @@ class _Fetched:
     resolved: str
     version: str | None
     extra: dict = field(default_factory=dict)
+
+
+def _digest(lines: list[str]) -> str:
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode("utf-8", "surrogateescape"))
+        digest.update(b"\n")
+    return "sha256:" + digest.hexdigest()
+
+
+def manifest_fingerprint(rows: list[ManifestRow]) -> str:
+    """The dataset version of a manifest: its paths, labels, splits and SHA-256s, in path order."""
+    return _digest(sorted(f"{r.path}\t{r.label}\t{r.source_split}\t{r.sha256}" for r in rows))
 
 
 def sha256_file(path: Path) -> str:
@@ -168,11 +200,15 @@ def _fetch(source: str, staging: Path, dataset: DatasetConfig) -> _Fetched:
         return _Fetched(
             staging / "archive", str(path.resolve()), None, {"sha256": sha256_file(path)}
         )
+    raise _unusable_source(source, path)
+
+
+def _unusable_source(source: str, path: Path) -> SourceUnavailableError:
     if path.exists():
-        raise SourceUnavailableError(
+        return SourceUnavailableError(
             f"{path} is neither a folder nor a supported archive ({', '.join(archive.ARCHIVE_SUFFIXES)})"
         )
-    raise SourceUnavailableError(
+    return SourceUnavailableError(
         f"dataset source {source!r} does not exist; give phantom, a folder, an archive, "
         "kaggle:<owner>/<slug>[/versions/N] or gs://bucket/prefix"
     )
@@ -252,6 +288,76 @@ def _list_images(folder: Path) -> tuple[list[Path], int]:
     return images, skipped
 
 
+def _labelled_images(
+    root: Path, dataset: DatasetConfig
+) -> tuple[list[tuple[Path, str, str]], int, list[str]]:
+    """(image, label, source_split) for every listed image under a fetched root, the number of
+    non-image files skipped, and the folders skipped."""
+    base = _dataset_base(root, dataset)
+    folders, skipped_folders = _class_folders(base, dataset)
+    if not folders:
+        raise DatasetError(
+            f"no class folders under {base}; check dataset.subdir, split_dirs and class_map"
+        )
+    listed, skipped_files = [], 0
+    for folder, label, split in folders:
+        images, skipped = _list_images(folder)
+        skipped_files += skipped
+        listed.extend((image, label, split) for image in images)
+    return listed, skipped_files, skipped_folders
+
+
+def resolve_dataset_version(dataset: DatasetConfig) -> DatasetVersion:
+    """Fingerprint what `dataset.source` holds now, without copying it.
+
+    phantom: its generator settings. A folder: the manifest it would give (paths, labels and
+    SHA-256s). An archive: its SHA-256. gs://: every object's name and generation. Kaggle: the
+    resolved version (an unpinned handle is pinned to it, so the download fetches just that).
+    """
+    source = dataset.source.strip()
+    if source == "phantom":
+        settings = json.dumps(dataset.phantom.model_dump(), sort_keys=True)
+        return DatasetVersion(_digest([f"phantom\t{settings}"]), source, {"kind": "phantom"})
+    if source.startswith("kaggle:"):
+        fetched = _fetch_kaggle(source.removeprefix("kaggle:").strip("/"))
+        if fetched.version is None:
+            raise SourceUnavailableError(
+                f"kagglehub did not say which version of {source} it fetched; pin one: "
+                f"{source.rstrip('/')}/versions/N"
+            )
+        handle = source.removeprefix("kaggle:").strip("/").split("/versions/")[0]
+        pinned = f"kaggle:{handle}/versions/{fetched.version}"
+        return DatasetVersion(
+            _digest([pinned]), pinned, {"kind": "kaggle", "version": fetched.version}
+        )
+    if storage.is_remote(source):
+        generations = storage.list_generations(source)
+        if not generations:
+            raise SourceUnavailableError(f"{source} holds no objects")
+        return DatasetVersion(
+            _digest(sorted(f"{name}\t{gen}" for name, gen in generations.items())),
+            source,
+            {"kind": "gcs", "objects": len(generations)},
+        )
+    path = Path(source).expanduser()
+    if path.is_dir():
+        listed, _, _ = _labelled_images(path, dataset)
+        rows = [
+            ManifestRow(image.relative_to(path).as_posix(), label, sha256_file(image), 0, split)
+            for image, label, split in tqdm(
+                listed, desc="fingerprint", unit="img", disable=None, leave=False
+            )
+        ]
+        return DatasetVersion(
+            manifest_fingerprint(rows), source, {"kind": "folder", "images": len(rows)}
+        )
+    if archive.is_archive(path):
+        return DatasetVersion(
+            "sha256:" + sha256_file(path), source, {"kind": "archive", "bytes": path.stat().st_size}
+        )
+    raise _unusable_source(source, path)
+
+
 def _prepare_output(output_dir: Path) -> None:
     """Make `output_dir` an empty raw dataset folder, replacing an earlier raw dataset only."""
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -294,37 +400,39 @@ def read_manifest(raw_dir: Path) -> list[ManifestRow]:
         ]
 
 
-def download_dataset(source: str, output_dir: Path, dataset: DatasetConfig) -> DownloadResult:
-    """Fetch `source`, copy its labelled images to `output_dir/files/`, write the manifest."""
+def download_dataset(
+    source: str,
+    output_dir: Path,
+    dataset: DatasetConfig,
+    expected_version: DatasetVersion | None = None,
+) -> DownloadResult:
+    """Fetch `source`, copy its labelled images to `output_dir/files/`, write the manifest.
+
+    The result's `dataset_version` is `expected_version` (what the pipeline's resolve step saw,
+    and keyed the cache on) when given, else the manifest's fingerprint. For a folder source the
+    two must agree: a folder that changed between the two steps is refused, not half-read.
+    """
     output_dir = Path(output_dir)
     _prepare_output(output_dir)
     staging = output_dir / _STAGING
     try:
         fetched = _fetch(source.strip(), staging, dataset)
-        base = _dataset_base(fetched.root, dataset)
-        folders, skipped_folders = _class_folders(base, dataset)
-        if not folders:
-            raise DatasetError(
-                f"no class folders under {base}; check dataset.subdir, split_dirs and class_map"
-            )
-        rows, skipped_files = [], 0
+        listed, skipped_files, skipped_folders = _labelled_images(fetched.root, dataset)
+        rows = []
         files_dir = output_dir / FILES
-        for folder, label, split in folders:
-            images, skipped = _list_images(folder)
-            skipped_files += skipped
-            for image in tqdm(
-                images, desc=f"copy {folder.name}", unit="img", disable=None, leave=False
-            ):
-                relative = image.relative_to(fetched.root).as_posix()
-                target = files_dir / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if staging in image.parents:
-                    image.replace(target)
-                else:
-                    shutil.copyfile(image, target)
-                rows.append(
-                    ManifestRow(relative, label, sha256_file(target), target.stat().st_size, split)
-                )
+        for image, label, split in tqdm(
+            listed, desc="copy images", unit="img", disable=None, leave=False
+        ):
+            relative = image.relative_to(fetched.root).as_posix()
+            target = files_dir / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if staging in image.parents:
+                image.replace(target)
+            else:
+                shutil.copyfile(image, target)
+            rows.append(
+                ManifestRow(relative, label, sha256_file(target), target.stat().st_size, split)
+            )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not rows:
@@ -332,11 +440,23 @@ def download_dataset(source: str, output_dir: Path, dataset: DatasetConfig) -> D
             f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under the class folders of {source}"
         )
     rows.sort(key=lambda row: row.path)
+    content = manifest_fingerprint(rows)
+    if (
+        expected_version is not None
+        and expected_version.detail.get("kind") == "folder"
+        and expected_version.fingerprint != content
+    ):
+        raise DatasetError(
+            f"{source} changed while it was being downloaded (dataset version "
+            f"{expected_version.fingerprint[:19]} became {content[:19]}); run again"
+        )
     write_manifest(rows, output_dir / MANIFEST_CSV)
     source_info = {
         "source": source,
         "resolved": fetched.resolved,
         "version": fetched.version,
+        "dataset_version": expected_version.fingerprint if expected_version else content,
+        "manifest_sha256": content,
         "downloaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **fetched.extra,
     }

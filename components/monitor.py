@@ -3,6 +3,7 @@ model's drift reference, and the reason a drift gives for retraining."""
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,12 +40,12 @@ def resolve_served_reference(model_base_path: str, model_name: str) -> tuple[str
     if served is None:
         raise ConfigError(
             f"no served version of {model_name!r} under {model_base_path}: "
-            "pass --reference or deploy a model first"
+            "deploy a model first (or compare by hand: tumorflow drift --reference ...)"
         )
     if not storage.exists(served.reference_uri):
         raise ConfigError(
             f"served version {served.version} has no drift reference ({served.reference_uri}): "
-            "pass --reference"
+            "redeploy it, or compare by hand: tumorflow drift --reference ..."
         )
     model_dir = None if storage.is_remote(served.version_uri) else Path(served.version_uri)
     return served.reference_uri, model_dir
@@ -85,3 +86,31 @@ def check_recent_drift(
         logger.info(verdict.message)
         return verdict, window
     return drift_report(reference, current, output_dir, drift_share), window
+
+
+def write_trigger_record(
+    verdict: DriftVerdict,
+    window: tuple[datetime, datetime],
+    current_source: str,
+    reference_source: str,
+    output_dir: Path,
+) -> dict:
+    """Write `trigger.json`, the one record of why a retraining was started (docs/artifacts.md
+    "Trigger record"); return it."""
+    record = {
+        "reason": trigger_reason(verdict),
+        "triggered_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "window": [window[0].isoformat(), window[1].isoformat()],
+        "current_source": str(current_source),
+        "reference_source": str(reference_source),
+        "share_of_drifted_columns": verdict.share_of_drifted_columns,
+        "drift_share_threshold": verdict.drift_share_threshold,
+        "drifted_columns": verdict.drifted_columns,
+        "current_rows": verdict.current_rows,
+        "report_html": verdict.html_path,
+        "report_json": verdict.json_path,
+        "verdict": verdict.verdict_path,
+    }
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / TRIGGER_JSON).write_text(json.dumps(record, indent=2))
+    return record

@@ -90,6 +90,7 @@ class SplitResult:
             "images": {name: sum(counts.values()) for name, counts in self.counts.items()},
             "groups": self.grouping["groups"],
             "quarantined": len(self.quarantined),
+            "dataset_version": self.manifest.get("source", {}).get("dataset_version", ""),
         }
 
     def report_markdown(self, max_quarantine_rows: int = 50) -> str:

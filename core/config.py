@@ -38,7 +38,6 @@ class DatasetConfig(_Section):
     name: str = "phantom-kidney-ct"
     # phantom | a local folder | a .zip/.tar.gz | kaggle:<owner>/<slug>[/versions/N] | gs://bucket/prefix
     source: str = "phantom"
-    modality: Literal["ct", "mri"] = "ct"
     # Folder inside the downloaded root that holds the class (or split) folders, if any.
     subdir: str = ""
     # Class-folder name -> label. Empty: every class folder is its own label (lower-cased).
@@ -197,6 +196,20 @@ class RuntimeConfig(_Section):
     accelerator_count: int = Field(1, ge=0)
     train_cpu: str = "8"
     train_memory: str = "32G"
+    # The bucket a cluster run keeps its models and checkpoints in, unless deploy.model_base_path
+    # or checkpoint_root say otherwise.
+    bucket: str = "gs://tumorflow-models"
+    # Per-epoch checkpoints, so a retried training resumes; a mounted path (Vertex AI mounts
+    # gs://B as /gcs/B). Empty: `<run_root>/checkpoints` locally, `/gcs/<bucket>/checkpoints` on a
+    # cluster.
+    checkpoint_root: str = ""
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_is_gs(cls, value: str) -> str:
+        if not value.startswith("gs://") or len(value.rstrip("/")) <= len("gs://"):
+            raise ValueError("runtime.bucket must be a gs://BUCKET URI")
+        return value.rstrip("/")
 
 
 class PipelineConfig(_Section):
@@ -243,10 +256,21 @@ class PipelineConfig(_Section):
             )
         return uri
 
-    def resolved_model_base_path(self) -> str:
+    def resolved_model_base_path(self, *, local: bool = True) -> str:
+        """Where deploy writes versions: deploy.model_base_path, else `<run_root>/serving/models`
+        locally or `<runtime.bucket>/serving` on a cluster."""
         if self.deploy.model_base_path:
             return self.deploy.model_base_path
+        if not local:
+            return f"{self.runtime.bucket}/serving"
         return str((Path(self.run_root) / "serving" / "models").resolve())
+
+    def resolved_checkpoint_root(self, *, local: bool = True) -> str:
+        if self.runtime.checkpoint_root:
+            return self.runtime.checkpoint_root
+        if not local:
+            return f"/gcs/{self.runtime.bucket.removeprefix('gs://')}/checkpoints"
+        return str((Path(self.run_root) / "checkpoints").resolve())
 
 
 def list_presets() -> list[str]:

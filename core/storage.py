@@ -124,6 +124,20 @@ def list_files(uri: str | Path, client: Client | None = None) -> list[str]:
     return sorted(names)
 
 
+def list_generations(uri: str, client: Client | None = None) -> dict[str, int]:
+    """Relative name -> GCS generation of every object under a gs:// prefix: what identifies the
+    prefix's content without reading it (a rewritten object gets a new generation)."""
+    bucket, prefix = split_uri(str(uri))
+    gcs = _client(client)
+    base = f"{prefix}/" if prefix else ""
+    with _gcs_errors("list", str(uri)):
+        return {
+            blob.name[len(base) :]: int(blob.generation)
+            for blob in gcs.list_blobs(bucket, prefix=base, timeout=REQUEST_TIMEOUT, retry=_retry())
+            if not blob.name.endswith("/")
+        }
+
+
 def exists(uri: str | Path, client: Client | None = None) -> bool:
     """True when a local path exists, or a gs:// URI names an object or a non-empty prefix."""
     if not is_remote(uri):

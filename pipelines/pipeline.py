@@ -1,15 +1,26 @@
 """The retraining DAG: the whole story of one scheduled run, in order.
 
-    download ─► validate & split ─► train (GPU) ─► evaluate ─► gate ─► approval ─► deploy
-                       │                 └────► drift reference ───────────────────┘
-                       └─► drift report (new data vs the served model's reference)
+    dataset version ─► download ─► validate & split ─► train (GPU) ─► evaluate ─► gate ─► approval ─► deploy
+                                        │                   └────► drift reference ───────────────────┘
+                                        └─► drift report (new data vs the served model's reference)
 
-Deploy runs only when the approval step approves, and approval only approves a passing gate
-(or, in manual mode, an explicit override). Every knob is a pipeline parameter: one JSON section
-of the typed configuration per step, so the pipeline UI shows and edits each of them.
+The dataset version step is never cached: it fingerprints what the source holds now, and every
+step after it is cached on that fingerprint (docs/caching.md), so new data is always trained on and
+an unchanged dataset reuses the earlier run. Deploy runs only when the approval step approves, and
+approval only approves a passing gate (or an explicit, reasoned override).
+
+The pipeline's parameters come from the typed configuration, once (`pipeline_parameters`): the
+dataset, split, train and gate sections as one JSON parameter each, the deploy, tracking, drift
+and runtime sections field by field, plus the run's `trigger_reason`.
 """
 
-from pathlib import Path
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
 
 from kfp import dsl
 
@@ -17,11 +28,101 @@ from tumorflow.core.config import PipelineConfig
 from tumorflow.pipelines import steps
 
 PIPELINE_NAME = "tumorflow-retrain"
-_DEFAULTS = PipelineConfig()
-_DATASET = _DEFAULTS.dataset.model_dump(exclude_none=True)
-_SPLIT = _DEFAULTS.split.model_dump(exclude_none=True)
-_TRAIN = _DEFAULTS.train.model_dump(exclude_none=True)
-_GATE = _DEFAULTS.gate.model_dump(exclude_none=True)
+MONITOR_PIPELINE_NAME = "tumorflow-monitor"
+
+# Config sections a step takes whole, and the parameter that carries each.
+WHOLE_SECTIONS = {
+    "dataset": "dataset",
+    "split": "split_config",
+    "train": "train_config",
+    "gate": "gate_config",
+}
+# Config sections whose fields are parameters of their own (the steps take single values).
+FIELD_SECTIONS = ("deploy", "tracking", "drift", "runtime")
+# Fields that are not run parameters: the image is fixed at compile time, the bucket only
+# resolves the cluster defaults, the request sample rate belongs to the server.
+NOT_PARAMETERS = frozenset({"runtime.image", "runtime.bucket", "drift.request_sample_rate"})
+# Parameters of one run that are not configuration.
+RUN_PARAMETERS = {"trigger_reason": ""}
+
+
+def pipeline_parameters(
+    config: PipelineConfig, *, local: bool, no_registry: bool = False
+) -> dict[str, Any]:
+    """The pipeline's parameters for one run of `config`.
+
+    `local`: paths resolved for kfp.local on this machine (the run root's model folder, SQLite
+    registry, checkpoints). Otherwise for a cluster: the bucket's defaults, and a tracking URI
+    that must name an MLflow server (`no_registry` allows none).
+    """
+    values: dict[str, Any] = {
+        name: getattr(config, section).model_dump(exclude_none=True)
+        for section, name in WHOLE_SECTIONS.items()
+    }
+    for section in FIELD_SECTIONS:
+        for field, value in getattr(config, section).model_dump().items():
+            if f"{section}.{field}" not in NOT_PARAMETERS:
+                values[field] = value
+    values["model_base_path"] = config.resolved_model_base_path(local=local)
+    values["checkpoint_root"] = config.resolved_checkpoint_root(local=local)
+    values["tracking_uri"] = (
+        config.resolved_tracking_uri()
+        if local
+        else config.cluster_tracking_uri(no_registry=no_registry)
+    )
+    return values | RUN_PARAMETERS
+
+
+def _annotation(section: str, field: str) -> type:
+    if section in WHOLE_SECTIONS:
+        return dict
+    annotation = PipelineConfig.model_fields[section].annotation.model_fields[field].annotation
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(typing.get_args(annotation)[0])
+    return annotation
+
+
+def _signature(*leading: inspect.Parameter) -> inspect.Signature:
+    """The pipeline function's signature: `leading`, then every parameter with its default."""
+    defaults = pipeline_parameters(PipelineConfig(), local=False, no_registry=True)
+    annotations = {name: _annotation(section, "") for section, name in WHOLE_SECTIONS.items()}
+    for section in FIELD_SECTIONS:
+        for field in getattr(PipelineConfig(), section).model_fields:
+            if f"{section}.{field}" not in NOT_PARAMETERS:
+                annotations[field] = _annotation(section, field)
+    annotations |= {name: type(value) for name, value in RUN_PARAMETERS.items()}
+    parameters = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=value,
+            annotation=annotations[name],
+        )
+        for name, value in defaults.items()
+    ]
+    return inspect.Signature([*leading, *parameters])
+
+
+def _with_config_parameters(*leading: inspect.Parameter) -> Callable:
+    """Give a DAG body `body(p)` (p: parameter name -> pipeline channel) the pipeline function
+    signature KFP reads, built from the config model, so the list is written nowhere by hand."""
+
+    def decorate(body: Callable[[dict[str, Any]], None]) -> Callable:
+        signature = _signature(*leading)
+
+        @functools.wraps(body)
+        def pipeline_function(*args: Any, **kwargs: Any) -> None:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            body(dict(bound.arguments))
+
+        pipeline_function.__signature__ = signature
+        pipeline_function.__annotations__ = {
+            p.name: p.annotation for p in signature.parameters.values()
+        }
+        return pipeline_function
+
+    return decorate
 
 
 @dsl.pipeline(
@@ -29,63 +130,52 @@ _GATE = _DEFAULTS.gate.model_dump(exclude_none=True)
     description="Download, validate and split CT/MRI images without leakage, fine-tune in two "
     "stages, evaluate, gate against the champion, approve, and deploy to TF Serving.",
 )
-def retrain_pipeline(
-    source: str = _DEFAULTS.dataset.source,
-    dataset: dict = _DATASET,
-    split_config: dict = _SPLIT,
-    train_config: dict = _TRAIN,
-    gate_config: dict = _GATE,
-    classes: list = _DEFAULTS.dataset.classes,
-    model_name: str = _DEFAULTS.deploy.model_name,
-    model_base_path: str = "gs://tumorflow-models/serving",
-    keep_versions: int = _DEFAULTS.deploy.keep_versions,
-    rollout: str = _DEFAULTS.deploy.rollout,
-    tracking_uri: str = "",
-    experiment: str = _DEFAULTS.tracking.experiment,
-    checkpoint_root: str = "/gcs/tumorflow-models/checkpoints",
-    drift_share: float = _DEFAULTS.drift.drift_share,
-    accelerator_type: str = _DEFAULTS.runtime.accelerator_type,
-    accelerator_count: int = _DEFAULTS.runtime.accelerator_count,
-    train_cpu: str = _DEFAULTS.runtime.train_cpu,
-    train_memory: str = _DEFAULTS.runtime.train_memory,
-):
-    # Names this run in MLflow tags and `tumorflow approve RUN`; resolved by the backend.
+@_with_config_parameters()
+def retrain_pipeline(p: dict[str, Any]) -> None:
+    # Names this run in MLflow tags and `tumorflow approve RUN`; resolved by the backend. Only
+    # the uncached steps (approval, deploy) take it.
     pipeline_run = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-    fetched = steps.download(source=source, dataset=dataset).set_display_name("download")
+    version = steps.dataset_version(dataset=p["dataset"]).set_display_name("dataset version")
+    version.set_caching_options(False)
+    fetched = steps.download(
+        dataset=p["dataset"],
+        fingerprint=version.outputs["fingerprint"],
+        source=version.outputs["source"],
+        detail=version.outputs["detail"],
+    ).set_display_name("download")
 
     splitting = steps.validate_and_split(
-        raw=fetched.outputs["raw"], split_config=split_config, classes=classes
+        raw=fetched.outputs["raw"], split_config=p["split_config"], dataset=p["dataset"]
     ).set_display_name("validate & split")
     split = splitting.outputs["split"]
 
     drift = steps.drift_report(
         split=split,
-        model_base_path=model_base_path,
-        model_name=model_name,
-        drift_share=drift_share,
-        tracking_uri=tracking_uri,
+        model_base_path=p["model_base_path"],
+        model_name=p["model_name"],
+        drift_share=p["drift_share"],
+        tracking_uri=p["tracking_uri"],
     ).set_display_name("drift report")
     drift.set_caching_options(False)
 
     training = (
         steps.train(
             split=split,
-            train_config=train_config,
-            checkpoint_root=checkpoint_root,
-            tracking_uri=tracking_uri,
-            experiment=experiment,
-            pipeline_run=pipeline_run,
+            train_config=p["train_config"],
+            checkpoint_root=p["checkpoint_root"],
+            tracking_uri=p["tracking_uri"],
+            experiment=p["experiment"],
         )
         .set_display_name("two-stage fine-tuning")
-        .set_accelerator_type(accelerator_type)
-        .set_accelerator_limit(accelerator_count)
-        .set_cpu_limit(train_cpu)
-        .set_memory_limit(train_memory)
+        .set_accelerator_type(p["accelerator_type"])
+        .set_accelerator_limit(p["accelerator_count"])
+        .set_cpu_limit(p["train_cpu"])
+        .set_memory_limit(p["train_memory"])
         .set_retry(num_retries=2)
     )
     model = training.outputs["model"]
 
-    evaluation = steps.evaluate(model=model, split=split, tracking_uri=tracking_uri)
+    evaluation = steps.evaluate(model=model, split=split, tracking_uri=p["tracking_uri"])
     evaluation.set_display_name("evaluate")
 
     reference = steps.drift_reference(split=split, model=model).set_display_name("drift reference")
@@ -93,18 +183,18 @@ def retrain_pipeline(
     gating = steps.gate(
         evaluation=evaluation.outputs["evaluation"],
         split=split,
-        gate_config=gate_config,
-        tracking_uri=tracking_uri,
-        model_name=model_name,
+        gate_config=p["gate_config"],
+        tracking_uri=p["tracking_uri"],
+        model_name=p["model_name"],
     ).set_display_name("gate: thresholds + champion/challenger")
     gating.set_caching_options(False)
 
     approving = steps.approval(
         decision=gating.outputs["decision"],
         model=model,
-        gate_config=gate_config,
-        tracking_uri=tracking_uri,
-        model_name=model_name,
+        gate_config=p["gate_config"],
+        tracking_uri=p["tracking_uri"],
+        model_name=p["model_name"],
         pipeline_run=pipeline_run,
     ).set_display_name("approval")
     approving.set_caching_options(False)
@@ -115,108 +205,33 @@ def retrain_pipeline(
             decision=gating.outputs["decision"],
             record=approving.outputs["record"],
             reference=reference.outputs["reference"],
-            model_base_path=model_base_path,
-            model_name=model_name,
-            keep_versions=keep_versions,
-            rollout=rollout,
-            tracking_uri=tracking_uri,
+            model_base_path=p["model_base_path"],
+            model_name=p["model_name"],
+            keep_versions=p["keep_versions"],
+            rollout=p["rollout"],
+            tracking_uri=p["tracking_uri"],
             pipeline_run=pipeline_run,
         ).set_display_name("deploy to TF Serving").set_caching_options(False)
-
-
-MONITOR_PIPELINE_NAME = "tumorflow-monitor"
 
 
 @dsl.pipeline(
     name=MONITOR_PIPELINE_NAME,
     description="Check the recent window of served requests for drift against the served "
-    "model's reference; when it drifted, run the retraining pipeline.",
+    "model's reference; when it drifted, run the retraining pipeline with the reason.",
 )
-def monitor_pipeline(
-    current_source: str,
-    window_hours: float = _DEFAULTS.drift.window_hours,
-    source: str = _DEFAULTS.dataset.source,
-    dataset: dict = _DATASET,
-    split_config: dict = _SPLIT,
-    train_config: dict = _TRAIN,
-    gate_config: dict = _GATE,
-    classes: list = _DEFAULTS.dataset.classes,
-    model_name: str = _DEFAULTS.deploy.model_name,
-    model_base_path: str = "gs://tumorflow-models/serving",
-    keep_versions: int = _DEFAULTS.deploy.keep_versions,
-    rollout: str = _DEFAULTS.deploy.rollout,
-    tracking_uri: str = "",
-    experiment: str = _DEFAULTS.tracking.experiment,
-    checkpoint_root: str = "/gcs/tumorflow-models/checkpoints",
-    drift_share: float = _DEFAULTS.drift.drift_share,
-    accelerator_type: str = _DEFAULTS.runtime.accelerator_type,
-    accelerator_count: int = _DEFAULTS.runtime.accelerator_count,
-    train_cpu: str = _DEFAULTS.runtime.train_cpu,
-    train_memory: str = _DEFAULTS.runtime.train_memory,
-):
+@_with_config_parameters(
+    inspect.Parameter("current_source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)
+)
+def monitor_pipeline(p: dict[str, Any]) -> None:
     check = steps.drift_check(
-        current_source=current_source,
-        model_base_path=model_base_path,
-        model_name=model_name,
-        drift_share=drift_share,
-        window_hours=window_hours,
+        current_source=p.pop("current_source"),
+        model_base_path=p["model_base_path"],
+        model_name=p["model_name"],
+        drift_share=p["drift_share"],
+        window_hours=p["window_hours"],
     ).set_display_name("drift check: recent requests vs served reference")
     check.set_caching_options(False)
-    with dsl.If(check.outputs["Output"] == True, name="drifted"):  # noqa: E712
-        retrain_pipeline(
-            source=source,
-            dataset=dataset,
-            split_config=split_config,
-            train_config=train_config,
-            gate_config=gate_config,
-            classes=classes,
-            model_name=model_name,
-            model_base_path=model_base_path,
-            keep_versions=keep_versions,
-            rollout=rollout,
-            tracking_uri=tracking_uri,
-            experiment=experiment,
-            checkpoint_root=checkpoint_root,
-            drift_share=drift_share,
-            accelerator_type=accelerator_type,
-            accelerator_count=accelerator_count,
-            train_cpu=train_cpu,
-            train_memory=train_memory,
-        ).set_display_name("retrain")
-
-
-def pipeline_arguments(config: PipelineConfig, *, local: bool) -> dict:
-    """The pipeline's parameters for one run of `config` (local paths resolved when `local`)."""
-    arguments = {
-        "source": config.dataset.source,
-        "dataset": config.dataset.model_dump(exclude_none=True),
-        "split_config": config.split.model_dump(exclude_none=True),
-        "train_config": config.train.model_dump(exclude_none=True),
-        "gate_config": config.gate.model_dump(exclude_none=True),
-        "classes": config.dataset.classes,
-        "model_name": config.deploy.model_name,
-        "keep_versions": config.deploy.keep_versions,
-        "rollout": config.deploy.rollout,
-        "experiment": config.tracking.experiment,
-        "drift_share": config.drift.drift_share,
-        "accelerator_type": config.runtime.accelerator_type,
-        "accelerator_count": config.runtime.accelerator_count,
-        "train_cpu": config.runtime.train_cpu,
-        "train_memory": config.runtime.train_memory,
-    }
-    if local:
-        arguments.update(
-            model_base_path=config.resolved_model_base_path(),
-            tracking_uri=config.resolved_tracking_uri(),
-            checkpoint_root=str(local_checkpoint_root(config)),
+    with dsl.If(check.outputs["drifted"] == True, name="drifted"):  # noqa: E712
+        retrain_pipeline(**(p | {"trigger_reason": check.outputs["reason"]})).set_display_name(
+            "retrain"
         )
-    else:
-        if config.deploy.model_base_path:
-            arguments["model_base_path"] = config.deploy.model_base_path
-        if config.tracking.tracking_uri:
-            arguments["tracking_uri"] = config.tracking.tracking_uri
-    return arguments
-
-
-def local_checkpoint_root(config: PipelineConfig) -> Path:
-    return (Path(config.run_root) / "checkpoints").resolve()

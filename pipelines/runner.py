@@ -37,6 +37,7 @@ class RunSummary:
     model_base_path: str
     tracking_uri: str
     trigger_reason: str | None = None
+    dataset_version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +50,7 @@ class RunSummary:
             "model_base_path": self.model_base_path,
             "tracking_uri": self.tracking_uri,
             "trigger_reason": self.trigger_reason,
+            "dataset_version": self.dataset_version,
         }
 
 
@@ -128,7 +130,7 @@ def run_local(
         MONITOR_PIPELINE_NAME,
         PIPELINE_NAME,
         monitor_pipeline,
-        pipeline_arguments,
+        pipeline_parameters,
         retrain_pipeline,
     )
 
@@ -140,7 +142,9 @@ def run_local(
         pipeline_root=str(pipeline_root),
         enable_caching=enable_caching,
     )
-    arguments = pipeline_arguments(config, local=True)
+    arguments = pipeline_parameters(config, local=True)
+    if trigger_reason:
+        arguments["trigger_reason"] = trigger_reason
     timer = _TaskTimer()
     root_logger = logging.getLogger()
     root_logger.addFilter(timer)
@@ -149,11 +153,7 @@ def run_local(
         if monitor_source is None:
             retrain_pipeline(**arguments)
         else:
-            monitor_pipeline(
-                current_source=monitor_source,
-                window_hours=config.drift.window_hours,
-                **arguments,
-            )
+            monitor_pipeline(current_source=monitor_source, **arguments)
     except RuntimeError as exc:
         raise PipelineRunError(
             f"{_ANSI.sub('', str(exc))} The failing task's log above says why; outputs so far are "
@@ -164,18 +164,10 @@ def run_local(
     name = PIPELINE_NAME if monitor_source is None else MONITOR_PIPELINE_NAME
     run_dir = _newest_run_dir(pipeline_root, name, started)
     if monitor_source is not None:
-        verdict = _read_json(run_dir / "drift-check" / "verdict" / "verdict.json") or {}
-        if verdict.get("drift_detected"):
-            drifted = verdict.get("drifted_columns") or []
-            trigger_reason = (
-                f"drift detected in {monitor_source}: {len(drifted)} feature columns drifted "
-                f"({', '.join(drifted[:4])}{', ...' if len(drifted) > 4 else ''})"
-            )
-    if trigger_reason:
-        (run_dir / "trigger.json").write_text(
-            json.dumps({"reason": trigger_reason, "at": datetime.now(UTC).isoformat()}, indent=2)
-        )
+        trigger = _read_json(run_dir / "drift-check" / "verdict" / "trigger.json") or {}
+        trigger_reason = trigger.get("reason")
     version = _task_parameter(run_dir, "deploy", "Output")
+    fingerprint = _task_parameter(run_dir, "dataset-version", "fingerprint")
     return RunSummary(
         run_name=run_dir.name,
         run_dir=run_dir,
@@ -186,6 +178,7 @@ def run_local(
         model_base_path=arguments["model_base_path"],
         tracking_uri=arguments["tracking_uri"],
         trigger_reason=trigger_reason,
+        dataset_version=fingerprint,
     )
 
 
@@ -193,29 +186,35 @@ def compile_pipeline(
     output: Path,
     *,
     config: PipelineConfig | None = None,
-    image: str | None = None,
     pipeline: str = "retrain",
+    no_registry: bool = False,
 ) -> Path:
     """Write the spec YAML that Kubeflow Pipelines and Vertex AI Pipelines run: the retraining
-    pipeline, or the monitoring pipeline (drift check, then retraining when drifted). With a
-    `config`, its values become the parameters' defaults shown in the pipeline UI."""
+    pipeline, or the monitoring pipeline (drift check, then retraining when drifted).
+
+    The config's values (default: the defaults) become the parameters' defaults shown in the
+    pipeline UI, and its `runtime.image` every step's image. A config without a tracking URI is
+    refused unless `no_registry` (the gate would have no champion to compare with).
+    """
     import yaml
     from kfp import compiler
 
     from tumorflow.pipelines import steps
-    from tumorflow.pipelines.pipeline import monitor_pipeline, pipeline_arguments, retrain_pipeline
+    from tumorflow.pipelines.pipeline import monitor_pipeline, pipeline_parameters, retrain_pipeline
 
     pipelines = {"retrain": retrain_pipeline, "monitor": monitor_pipeline}
     if pipeline not in pipelines:
         raise PipelineRunError(f"unknown pipeline {pipeline!r}: choose {' or '.join(pipelines)}")
-    defaults = pipeline_arguments(config, local=False) if config else None
-    if defaults is not None and pipeline == "monitor":
-        defaults["window_hours"] = config.drift.window_hours
+    config = config or PipelineConfig()
+    defaults = pipeline_parameters(config, local=False, no_registry=no_registry)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(
         pipelines[pipeline], package_path=str(output), pipeline_parameters=defaults
     )
-    if image and image != steps.PROJECT_IMAGE:
+    image = config.runtime.image
+    if image != steps.PROJECT_IMAGE:
+        # The steps are declared once with the config's default image; a configured one
+        # replaces it in the compiled executors.
         spec = yaml.safe_load(output.read_text())
         for executor in spec["deploymentSpec"]["executors"].values():
             container = executor.get("container", {})
@@ -230,31 +229,36 @@ def submit(
     host: str,
     *,
     trigger_reason: str | None = None,
-    image: str | None = None,
+    pipeline: str = "retrain",
+    monitor_source: str | None = None,
+    no_registry: bool = False,
 ) -> str:
     """Submit one run of the compiled pipeline to a Kubeflow Pipelines endpoint; return its id."""
     import tempfile
 
     import kfp
 
-    from tumorflow.pipelines.pipeline import pipeline_arguments
+    from tumorflow.pipelines.pipeline import pipeline_parameters
 
+    arguments = pipeline_parameters(config, local=False, no_registry=no_registry)
+    if trigger_reason:
+        arguments["trigger_reason"] = trigger_reason
+    if pipeline == "monitor":
+        arguments["current_source"] = monitor_source
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(
-            Path(tmp) / "pipeline.yaml", config=config, image=image or config.runtime.image
+            Path(tmp) / "pipeline.yaml", config=config, pipeline=pipeline, no_registry=no_registry
         )
         try:
             client = kfp.Client(host=host)
             run = client.create_run_from_pipeline_package(
                 str(package),
-                arguments=pipeline_arguments(config, local=False),
-                run_name=f"retrain-{datetime.now(UTC):%Y%m%d-%H%M%S}",
+                arguments=arguments,
+                run_name=f"{pipeline}-{datetime.now(UTC):%Y%m%d-%H%M%S}",
                 experiment_name=config.tracking.experiment,
             )
         except Exception as exc:
             raise PipelineRunError(
-                f"could not submit to Kubeflow Pipelines at {host}: {exc}"
+                f"could not submit to Kubeflow Pipelines at {host}: {str(exc).splitlines()[0]}"
             ) from None
-    if trigger_reason:
-        log.info("submitted run %s (trigger: %s)", run.run_id, trigger_reason)
     return run.run_id

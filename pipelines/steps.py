@@ -6,6 +6,8 @@ package) and on Kubeflow / Vertex AI (the image). Configuration arrives as the J
 section and is validated by the same pydantic model the CLI uses.
 """
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import (
     HTML,
@@ -19,21 +21,46 @@ from kfp.dsl import (
     Output,
 )
 
-# The project image; `tumorflow compile --image` rewrites it in the compiled spec.
-PROJECT_IMAGE = "ghcr.io/tumorflow/tumorflow-python:0.1.0"
+from tumorflow.core.config import RuntimeConfig
+
+# The project image, from the config's one default; `tumorflow compile` writes the configured
+# runtime.image into the compiled spec.
+PROJECT_IMAGE = RuntimeConfig().image
 
 component = dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
 
 
 @component
-def download(source: str, dataset: dict, raw: Output[Dataset]):
+def dataset_version(dataset: dict) -> NamedTuple(
+    "Version", fingerprint=str, source=str, detail=dict
+):
+    """What the source holds now, as a content fingerprint. Never cached: the download after it
+    is cached on this fingerprint, so changed data is downloaded again and unchanged data is not."""
+    from collections import namedtuple
+
+    from tumorflow.components.download import resolve_dataset_version
+    from tumorflow.core.config import DatasetConfig
+
+    version = resolve_dataset_version(DatasetConfig.model_validate(dataset))
+    return namedtuple("Version", "fingerprint source detail")(
+        version.fingerprint, version.source, version.detail
+    )
+
+
+@component
+def download(dataset: dict, fingerprint: str, source: str, detail: dict, raw: Output[Dataset]):
     """Fetch the images (phantom, folder, archive, kaggle:, gs://) and write their manifest."""
     from pathlib import Path
 
-    from tumorflow.components.download import download_dataset
+    from tumorflow.components.download import DatasetVersion, download_dataset
     from tumorflow.core.config import DatasetConfig
 
-    result = download_dataset(source, Path(raw.path), DatasetConfig.model_validate(dataset))
+    result = download_dataset(
+        source,
+        Path(raw.path),
+        DatasetConfig.model_validate(dataset),
+        DatasetVersion(fingerprint, source, detail),
+    )
     raw.metadata.update(result.summary())
 
 
@@ -41,7 +68,7 @@ def download(source: str, dataset: dict, raw: Output[Dataset]):
 def validate_and_split(
     raw: Input[Dataset],
     split_config: dict,
-    classes: list,
+    dataset: dict,
     split: Output[Dataset],
     report: Output[Markdown],
 ):
@@ -52,7 +79,10 @@ def validate_and_split(
     from tumorflow.core.config import SplitConfig
 
     result = run(
-        Path(raw.path), Path(split.path), SplitConfig.model_validate(split_config), classes
+        Path(raw.path),
+        Path(split.path),
+        SplitConfig.model_validate(split_config),
+        dataset.get("classes") or None,
     )
     split.metadata.update(result.summary())
     Path(report.path).write_text(result.report_markdown())
@@ -65,10 +95,12 @@ def train(
     checkpoint_root: str,
     tracking_uri: str,
     experiment: str,
-    pipeline_run: str,
     model: Output[Model],
 ):
-    """Two-stage fine-tuning; resumes from `checkpoint_root` when the same inputs ran before."""
+    """Two-stage fine-tuning; resumes from `checkpoint_root` when the same inputs ran before.
+
+    Cached: its inputs name everything the model depends on (the split, hence the dataset
+    version, and the training section), and nothing of one run."""
     from pathlib import Path
 
     from tumorflow.components.train import checkpoint_key, train_model
@@ -82,7 +114,7 @@ def train(
         checkpoint_dir=Path(checkpoint_root) / checkpoint_key(Path(split.path), config),
         tracking_uri=tracking_uri or None,
         experiment=experiment,
-        run_tags={"tumorflow.pipeline_run": pipeline_run},
+        run_tags={"tumorflow.dataset_version": split.metadata.get("dataset_version", "")},
     )
     model.metadata.update(result.summary())
 
@@ -158,15 +190,21 @@ def drift_check(
     window_hours: float,
     report: Output[HTML],
     verdict: Output[Artifact],
-) -> bool:
-    """Recent served requests (or images) against the served model's reference: drifted?"""
+) -> NamedTuple("Check", drifted=bool, reason=str):
+    """Recent served requests (or images) against the served model's reference: drifted, and
+    why (the reason becomes the retraining run's `trigger_reason`; trigger.json records it)."""
     import shutil
+    from collections import namedtuple
     from pathlib import Path
 
-    from tumorflow.components.monitor import check_recent_drift, resolve_served_reference
+    from tumorflow.components.monitor import (
+        check_recent_drift,
+        resolve_served_reference,
+        write_trigger_record,
+    )
 
     reference, model_dir = resolve_served_reference(model_base_path, model_name)
-    result, _ = check_recent_drift(
+    result, window = check_recent_drift(
         current_source,
         reference,
         Path(verdict.path),
@@ -179,8 +217,12 @@ def drift_check(
         shutil.copyfile(result.html_path, report.path)
     else:
         Path(report.path).write_text(f"<p>{result.message}</p>")
-    verdict.metadata.update({"drift_detected": result.drift_detected})
-    return result.drift_detected
+    reason = ""
+    if result.drift_detected:
+        record = write_trigger_record(result, window, current_source, reference, Path(verdict.path))
+        reason = record["reason"]
+    verdict.metadata.update({"drift_detected": result.drift_detected, "reason": reason})
+    return namedtuple("Check", "drifted reason")(result.drift_detected, reason)
 
 
 @component

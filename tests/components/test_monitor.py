@@ -14,7 +14,6 @@ from PIL import Image
 
 from tumorflow.components.drift_features import image_feature_table
 from tumorflow.core.config import PipelineConfig
-from tumorflow.pipelines.monitor import check_and_trigger
 from tumorflow.serving.request_log import RequestLogger
 
 IMAGES = 80
@@ -50,80 +49,100 @@ def serve_requests(log_root: Path, images: list[np.ndarray]) -> None:
             )
 
 
-class RecordingTrigger:
-    def __init__(self) -> None:
-        self.calls: list[tuple[PipelineConfig, str]] = []
+def drift_check(tmp_path: Path, base: Path, current: Path, **settings):
+    """The monitor pipeline's drift check, called as its component runs it."""
+    from kfp import dsl
 
-    def __call__(self, config: PipelineConfig, reason: str) -> str:
-        self.calls.append((config, reason))
-        return f"run-{len(self.calls)}"
+    from tumorflow.pipelines.steps import drift_check as step
+
+    verdict = dsl.Artifact(uri=str(tmp_path / "verdict"))
+    outcome = step.python_func(
+        current_source=str(current),
+        model_base_path=str(base),
+        model_name="kidney-ct",
+        drift_share=settings.get("drift_share", PipelineConfig().drift.drift_share),
+        window_hours=settings.get("window_hours", 24.0),
+        report=dsl.HTML(uri=str(tmp_path / "report.html")),
+        verdict=verdict,
+    )
+    return outcome, verdict
 
 
 @pytest.fixture()
-def reference(tmp_path: Path) -> Path:
-    path = tmp_path / "reference.parquet"
-    image_feature_table(scans(0)).to_parquet(path)
-    return path
-
-
-def test_drift_in_the_request_log_starts_retraining_and_records_why(
-    tmp_path: Path, reference: Path
-):
-    serve_requests(tmp_path / "log", scans(1, brightness=45))
-    trigger = RecordingTrigger()
-    config = PipelineConfig(run_root=str(tmp_path / "runs"))
-    result = check_and_trigger(
-        config, str(tmp_path / "log"), str(reference), tmp_path / "out", trigger
-    )
-    assert result.triggered and result.run == "run-1"
-    assert len(trigger.calls) == 1
-    called_config, reason = trigger.calls[0]
-    assert called_config is config
-    assert "drift detected" in reason and "intensity_mean" in reason
-    record = json.loads((tmp_path / "out" / "trigger.json").read_text())
-    assert record["reason"] == reason
-    assert record["run"] == "run-1"
-    assert record["current_rows"] == IMAGES
-    assert "intensity_mean" in record["drifted_columns"]
-    assert record["share_of_drifted_columns"] >= config.drift.drift_share
-    assert Path(record["report_html"]).exists()
-
-
-def test_no_drift_means_no_retraining(tmp_path: Path, reference: Path):
-    serve_requests(tmp_path / "log", scans(2))
-    trigger = RecordingTrigger()
-    result = check_and_trigger(
-        PipelineConfig(), str(tmp_path / "log"), str(reference), tmp_path / "out", trigger
-    )
-    assert not result.triggered and not result.verdict.drift_detected
-    assert trigger.calls == []
-    assert not (tmp_path / "out" / "trigger.json").exists()
-    assert (tmp_path / "out" / "report.html").exists()
-
-
-def test_only_the_recent_window_counts(tmp_path: Path, reference: Path):
-    serve_requests(tmp_path / "log", scans(3, brightness=45))
-    trigger = RecordingTrigger()
-    config = PipelineConfig(drift={"window_hours": 1})
-    later = datetime.now(UTC) + timedelta(hours=5)
-    result = check_and_trigger(
-        config, str(tmp_path / "log"), str(reference), tmp_path / "out", trigger, now=later
-    )
-    assert not result.triggered and trigger.calls == []
-    assert result.verdict.current_rows == 0
-    assert "nothing to compare" in result.verdict.message
-
-
-def test_monitor_command_uses_the_served_versions_reference(
-    tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture
-):
-    from tumorflow.cli.main import main
-
+def served(tmp_path: Path) -> Path:
+    """A model base path whose served version 7 carries the drift reference."""
     base = tmp_path / "models"
     assets = base / "kidney-ct" / "7" / "assets.extra"
     assets.mkdir(parents=True)
     (assets.parent / "saved_model.pb").write_bytes(b"")
-    (assets / "drift_reference.parquet").write_bytes(reference.read_bytes())
+    image_feature_table(scans(0)).to_parquet(assets / "drift_reference.parquet")
+    return base
+
+
+def test_drift_in_the_request_log_triggers_retraining_and_records_why(tmp_path: Path, served: Path):
+    serve_requests(tmp_path / "log", scans(1, brightness=45))
+    outcome, verdict = drift_check(tmp_path, served, tmp_path / "log")
+    assert outcome.drifted is True
+    assert "drift detected" in outcome.reason and "intensity_mean" in outcome.reason
+    record = json.loads((tmp_path / "verdict" / "trigger.json").read_text())
+    assert set(record) == {
+        "reason",
+        "triggered_at",
+        "window",
+        "current_source",
+        "reference_source",
+        "share_of_drifted_columns",
+        "drift_share_threshold",
+        "drifted_columns",
+        "current_rows",
+        "report_html",
+        "report_json",
+        "verdict",
+    }
+    assert record["reason"] == outcome.reason
+    assert record["current_rows"] == IMAGES
+    assert "intensity_mean" in record["drifted_columns"]
+    assert record["share_of_drifted_columns"] >= record["drift_share_threshold"]
+    assert record["reference_source"].endswith("7/assets.extra/drift_reference.parquet")
+    assert Path(record["report_html"]).exists()
+    assert verdict.metadata == {"drift_detected": True, "reason": outcome.reason}
+
+
+def test_no_drift_means_no_retraining(tmp_path: Path, served: Path):
+    serve_requests(tmp_path / "log", scans(2))
+    outcome, _ = drift_check(tmp_path, served, tmp_path / "log")
+    assert outcome.drifted is False and outcome.reason == ""
+    assert not (tmp_path / "verdict" / "trigger.json").exists()
+    assert "<html" in (tmp_path / "report.html").read_text()
+
+
+def test_only_the_recent_window_counts(tmp_path: Path, served: Path):
+    from tumorflow.components.monitor import check_recent_drift
+
+    serve_requests(tmp_path / "log", scans(3, brightness=45))
+    later = datetime.now(UTC) + timedelta(hours=5)
+    reference = served / "kidney-ct" / "7" / "assets.extra" / "drift_reference.parquet"
+    verdict, window = check_recent_drift(
+        str(tmp_path / "log"),
+        str(reference),
+        tmp_path / "out",
+        drift_share=0.3,
+        window_hours=1,
+        model_name="kidney-ct",
+        now=later,
+    )
+    assert window[1] - window[0] == timedelta(hours=1)
+    assert not verdict.drift_detected
+    assert verdict.current_rows == 0
+    assert "nothing to compare" in verdict.message
+
+
+@pytest.mark.slow
+def test_monitor_command_runs_the_monitoring_pipeline(
+    tmp_path: Path, served: Path, capsys: pytest.CaptureFixture
+):
+    from tumorflow.cli.main import main
+
     serve_requests(tmp_path / "log", scans(4))
     code = main(
         [
@@ -131,17 +150,18 @@ def test_monitor_command_uses_the_served_versions_reference(
             "--set",
             f"run_root={tmp_path / 'runs'}",
             "--set",
-            f"deploy.model_base_path={base}",
+            f"deploy.model_base_path={served}",
             "--current",
             str(tmp_path / "log"),
-            "--output",
-            str(tmp_path / "out"),
         ]
     )
     printed = capsys.readouterr().out
     assert code == 0
     assert "drift: not detected" in printed
     assert "no retraining needed" in printed
+    runs = list((tmp_path / "runs" / "pipeline_root").glob("tumorflow-monitor-*"))
+    assert len(runs) == 1 and (runs[0] / "drift-check" / "verdict" / "verdict.json").exists()
+    assert not list((tmp_path / "runs" / "pipeline_root").glob("*/download"))
 
     empty = tmp_path / "empty-models"
     empty.mkdir()
@@ -149,4 +169,4 @@ def test_monitor_command_uses_the_served_versions_reference(
         ["monitor", "--set", f"deploy.model_base_path={empty}", "--current", str(tmp_path / "log")]
     )
     assert code == 2
-    assert "pass --reference or deploy a model first" in capsys.readouterr().err
+    assert "deploy a model first" in capsys.readouterr().err

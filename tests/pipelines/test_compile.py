@@ -7,14 +7,22 @@ import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from tumorflow.core.config import PipelineConfig, load_config
+from tumorflow.core.errors import ConfigError
 from tumorflow.pipelines.runner import compile_pipeline
+
+MLFLOW = "tracking.tracking_uri=http://mlflow.example:5000"
+
+
+def _cluster_config(*overrides: str) -> PipelineConfig:
+    return load_config(overrides=[MLFLOW, *overrides])
 
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory: pytest.TempPathFactory) -> pipeline_spec_pb2.PipelineSpec:
     path = compile_pipeline(
         tmp_path_factory.mktemp("compiled") / "pipeline.yaml",
-        image="registry.example/tumorflow-python:1.2.3",
+        config=_cluster_config("runtime.image=registry.example/tumorflow-python:1.2.3"),
     )
     documents = list(yaml.safe_load_all(path.read_text()))
     assert len(documents) == 1
@@ -29,6 +37,7 @@ def _tasks(spec, component: str = "root"):
 def test_every_step_is_a_task_wired_in_data_order(spec):
     tasks = _tasks(spec)
     assert set(tasks) >= {
+        "dataset-version",
         "download",
         "validate-and-split",
         "train",
@@ -39,6 +48,7 @@ def test_every_step_is_a_task_wired_in_data_order(spec):
         "drift-report",
         "condition-1",
     }
+    assert set(tasks["download"].dependent_tasks) == {"dataset-version"}
     assert set(tasks["validate-and-split"].dependent_tasks) == {"download"}
     assert set(tasks["train"].dependent_tasks) == {"validate-and-split"}
     assert set(tasks["evaluate"].dependent_tasks) == {"train", "validate-and-split"}
@@ -62,8 +72,51 @@ def test_training_requests_the_accelerator_from_pipeline_parameters(spec):
     assert "accelerator_count" in resources["accelerator"]["resourceCount"]
     parameters = spec.root.input_definitions.parameters
     assert parameters["accelerator_type"].default_value.string_value == "NVIDIA_L4"
-    for name in ("source", "train_config", "gate_config", "split_config", "model_base_path"):
-        assert name in parameters
+
+
+def test_the_parameters_are_the_config_model_once(spec):
+    """Every config field reaches the pipeline exactly once: four sections whole, the others
+    field by field; nothing is a second copy of a section's field (no `source`, no `classes`)."""
+    parameters = set(spec.root.input_definitions.parameters)
+    config = PipelineConfig()
+    assert {"dataset", "split_config", "train_config", "gate_config"} <= parameters
+    for section in ("deploy", "tracking", "drift", "runtime"):
+        for field in getattr(config, section).model_fields:
+            if f"{section}.{field}" not in {
+                "runtime.image",
+                "runtime.bucket",
+                "drift.request_sample_rate",
+            }:
+                assert field in parameters, f"{section}.{field}"
+    assert not {"source", "classes", "image", "bucket"} & parameters
+    defaults = spec.root.input_definitions.parameters
+    assert defaults["model_base_path"].default_value.string_value == "gs://tumorflow-models/serving"
+    assert defaults["checkpoint_root"].default_value.string_value == (
+        "/gcs/tumorflow-models/checkpoints"
+    )
+    assert defaults["tracking_uri"].default_value.string_value == "http://mlflow.example:5000"
+
+
+def test_the_cluster_defaults_follow_the_configured_bucket(tmp_path: Path):
+    path = compile_pipeline(
+        tmp_path / "p.yaml", config=_cluster_config("runtime.bucket=gs://hospital-ml")
+    )
+    defaults = yaml.safe_load(path.read_text())["root"]["inputDefinitions"]["parameters"]
+    assert defaults["model_base_path"]["defaultValue"] == "gs://hospital-ml/serving"
+    assert defaults["checkpoint_root"]["defaultValue"] == "/gcs/hospital-ml/checkpoints"
+
+
+def test_a_cluster_pipeline_without_a_registry_is_refused_unless_told(tmp_path: Path):
+    with pytest.raises(ConfigError, match="--no-registry"):
+        compile_pipeline(tmp_path / "p.yaml", config=PipelineConfig())
+    with pytest.raises(ConfigError, match="a file on this machine"):
+        compile_pipeline(
+            tmp_path / "p.yaml",
+            config=load_config(overrides=["tracking.tracking_uri=sqlite:///x.db"]),
+        )
+    path = compile_pipeline(tmp_path / "p.yaml", config=PipelineConfig(), no_registry=True)
+    defaults = yaml.safe_load(path.read_text())["root"]["inputDefinitions"]["parameters"]
+    assert defaults["tracking_uri"]["defaultValue"] == ""
 
 
 def test_every_step_runs_in_the_one_project_image(spec):
@@ -76,48 +129,75 @@ def test_every_step_runs_in_the_one_project_image(spec):
 
 def test_side_effect_steps_are_never_cached(spec):
     tasks = _tasks(spec)
-    for name in ("gate", "approval", "drift-report"):
+    for name in ("dataset-version", "gate", "approval", "drift-report"):
         assert not tasks[name].caching_options.enable_cache, name
     deploy = _tasks(spec, tasks["condition-1"].component_ref.name)["deploy"]
     assert not deploy.caching_options.enable_cache
-    assert tasks["train"].caching_options.enable_cache
+    for name in ("download", "validate-and-split", "train", "evaluate", "drift-reference"):
+        assert tasks[name].caching_options.enable_cache, name
+
+
+def test_cached_steps_are_keyed_on_the_dataset_version_and_nothing_per_run(spec):
+    """A cached step's inputs are its cache key on Kubeflow and Vertex: the download is keyed on
+    the fingerprint the uncached version step resolves, and no cached step takes the run name."""
+    tasks = _tasks(spec)
+    download = tasks["download"].inputs.parameters
+    assert download["fingerprint"].task_output_parameter.producer_task == "dataset-version"
+    assert download["fingerprint"].task_output_parameter.output_parameter_key == "fingerprint"
+    for name, task in tasks.items():
+        if not task.caching_options.enable_cache:
+            continue
+        for value in task.inputs.parameters.values():
+            text = json_format.MessageToJson(value)
+            assert "PIPELINE_JOB_NAME" not in text and "pipeline_job_name" not in text, name
 
 
 def test_compile_command_writes_the_spec(tmp_path: Path, capsys):
     output = tmp_path / "out" / "pipeline.yaml"
     from tumorflow.cli.main import main
 
-    assert main(["compile", "--output", str(output)]) == 0
+    assert main(["compile", "--output", str(output)]) == 2
+    assert "--no-registry" in capsys.readouterr().err
+    assert not output.exists()
+    assert main(["compile", "--output", str(output), "--set", MLFLOW]) == 0
     assert output.exists()
     assert "wrote" in capsys.readouterr().out
 
 
 def test_the_monitoring_pipeline_retrains_only_when_drifted(tmp_path: Path):
-    path = compile_pipeline(tmp_path / "monitor.yaml", pipeline="monitor")
+    path = compile_pipeline(tmp_path / "monitor.yaml", config=_cluster_config(), pipeline="monitor")
     spec = json_format.ParseDict(yaml.safe_load(path.read_text()), pipeline_spec_pb2.PipelineSpec())
     tasks = spec.root.dag.tasks
     assert set(tasks) == {"drift-check", "condition-1"}
     condition = tasks["condition-1"]
     assert "drift-check" in condition.dependent_tasks
     assert condition.trigger_policy.condition == (
-        "inputs.parameter_values['pipelinechannel--drift-check-Output'] == true"
+        "inputs.parameter_values['pipelinechannel--drift-check-drifted'] == true"
     )
     nested = spec.components[condition.component_ref.name].dag.tasks
     assert set(nested) == {"tumorflow-retrain"}
+    # the drift check's reason is the retraining run's trigger_reason parameter
+    reason = nested["tumorflow-retrain"].inputs.parameters["trigger_reason"]
+    assert reason.component_input_parameter == "pipelinechannel--drift-check-reason"
+    into_condition = condition.inputs.parameters["pipelinechannel--drift-check-reason"]
+    assert into_condition.task_output_parameter.producer_task == "drift-check"
+    assert into_condition.task_output_parameter.output_parameter_key == "reason"
     retrain = spec.components[nested["tumorflow-retrain"].component_ref.name].dag.tasks
     assert {"train", "gate", "approval", "condition-1"} <= set(retrain)
     assert "current_source" in spec.root.input_definitions.parameters
 
 
 def test_a_preset_becomes_the_parameters_defaults(tmp_path: Path):
-    from tumorflow.core.config import load_config
-
-    config = load_config(preset="brain_mri", overrides=["runtime.accelerator_type=NVIDIA_A100"])
+    config = load_config(
+        preset="brain_mri", overrides=["runtime.accelerator_type=NVIDIA_A100", MLFLOW]
+    )
     path = compile_pipeline(tmp_path / "brain.yaml", config=config)
     spec = json_format.ParseDict(yaml.safe_load(path.read_text()), pipeline_spec_pb2.PipelineSpec())
     parameters = spec.root.input_definitions.parameters
-    assert parameters["source"].default_value.string_value.startswith(
-        "kaggle:masoudnickparvar/brain-tumor-mri-dataset"
+    assert (
+        parameters["dataset"]
+        .default_value.struct_value["source"]
+        .startswith("kaggle:masoudnickparvar/brain-tumor-mri-dataset")
     )
     train = parameters["train_config"].default_value.struct_value
     assert train["backbone"] == "resnet50v2" and train["augment"]["flip_vertical"] is False
