@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TypeVar
 
 from tumorflow.core import storage
@@ -45,6 +47,7 @@ CANARY = "canary"
 
 # Read-modify-write attempts of a gs:// models.config before giving up on a busy writer.
 _MAX_CONFLICTS = 20
+_MAX_BACKOFF_S = 2.0
 
 T = TypeVar("T")
 
@@ -66,16 +69,23 @@ def asset_uri(version_folder: str | Path, name: str) -> str:
     return storage.join(version_folder, ASSETS_EXTRA, name)
 
 
-def served_versions(model_base_path: str, model_name: str) -> list[int]:
-    """Integer versions under `<base>/<name>/` that hold a complete SavedModel, ascending."""
-    root = model_root(model_base_path, model_name)
-    if not storage.exists(root):
+def complete_versions(model_root_uri: str) -> list[int]:
+    """Integer version folders under one model's root that hold a `saved_model.pb`, ascending.
+
+    A gs:// version is uploaded with `saved_model.pb` last, so a version listed here is whole.
+    """
+    if not storage.exists(model_root_uri):
         return []
     return sorted(
         int(parts[0])
-        for parts in (name.split("/") for name in storage.list_files(root))
+        for parts in (name.split("/") for name in storage.list_files(model_root_uri))
         if parts[0].isdigit() and parts[1:] == [SAVED_MODEL]
     )
+
+
+def served_versions(model_base_path: str, model_name: str) -> list[int]:
+    """Integer versions under `<base>/<name>/` that hold a complete SavedModel, ascending."""
+    return complete_versions(model_root(model_base_path, model_name))
 
 
 def taken_versions(model_base_path: str, model_name: str) -> set[int]:
@@ -150,7 +160,7 @@ def edit_serving_config(model_base_path: str, edit: Callable[[Any], T]) -> T:
             result = edit(config)
             storage.write_versioned(uri, text_format.MessageToString(config).encode(), generation)
             return result
-    for _ in range(_MAX_CONFLICTS):
+    for attempt in range(_MAX_CONFLICTS):
         config, generation = _read_with_generation(model_base_path)
         result = edit(config)
         try:
@@ -158,6 +168,9 @@ def edit_serving_config(model_base_path: str, edit: Callable[[Any], T]) -> T:
             return result
         except storage.ConcurrentWriteError:
             log.info("%s changed while it was edited; reading it again", uri)
+            # GCS allows about one write a second to one object: back off, with jitter so that
+            # the writers that lost together do not collide again.
+            time.sleep(random.uniform(0, min(_MAX_BACKOFF_S, 0.05 * 2**attempt)))
     raise storage.ConcurrentWriteError(
         f"{uri} kept changing under {_MAX_CONFLICTS} attempts to edit it; try again"
     )
@@ -239,7 +252,8 @@ class ServedVersion:
 
 def served_version(model_base_path: str, model_name: str) -> ServedVersion | None:
     """The version of `model_name` that answers its requests: `stable` in models.config, else
-    the highest complete version folder. None when nothing is deployed yet."""
+    the highest complete version folder (a half-uploaded one is not served). None when nothing
+    is deployed yet."""
     base = model_root(model_base_path, model_name)
     version = None
     if storage.exists(models_config_uri(model_base_path)):
@@ -249,11 +263,8 @@ def served_version(model_base_path: str, model_name: str) -> ServedVersion | Non
             if STABLE in entry.version_labels:
                 version = int(entry.version_labels[STABLE])
     if version is None:
-        if not storage.exists(base):
-            return None
-        names = {PurePosixPath(name).parts[0] for name in storage.list_files(base)}
-        versions = [int(name) for name in names if name.isdigit()]
+        versions = complete_versions(base)
         if not versions:
             return None
-        version = max(versions)
+        version = versions[-1]
     return ServedVersion(version=version, version_uri=storage.join(base, str(version)))

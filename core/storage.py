@@ -271,8 +271,9 @@ def write_versioned(
     """Replace an object atomically, only if it is still at `generation` (0: it must not exist).
 
     gs://: a generation precondition, so two writers that read the same version cannot both
-    win; the loser gets `ConcurrentWriteError` and reads again. Local: written beside the
-    target and renamed over it, so a reader never sees half a file.
+    win; the loser gets `ConcurrentWriteError` and reads again. A conditional write is safe to
+    retry, so throttling (429) and server errors are retried. Local: written beside the target
+    and renamed over it, so a reader never sees half a file.
     """
     if not is_remote(uri):
         import os
@@ -294,7 +295,7 @@ def write_versioned(
     with _gcs_errors("write", str(uri)):
         try:
             blob.upload_from_string(
-                data, if_generation_match=generation, timeout=REQUEST_TIMEOUT, retry=None
+                data, if_generation_match=generation, timeout=REQUEST_TIMEOUT, retry=_retry()
             )
         except api.PreconditionFailed:
             raise ConcurrentWriteError(

@@ -3,14 +3,21 @@
 It behaves like TF Serving's file-system source with an availability-preserving policy: a new
 version is loaded and warmed up before an older one is dropped; a version folder that fails to
 load (half written, corrupt) is reported with state END and its error, never served, and retried
-only once its contents change. Requests resolve by version, label or latest available version;
-an unloaded version stays alive for requests that already hold it.
+only once its contents change. Requests resolve by version, label or the highest loaded
+version (as TF Serving does); an unloaded version stays alive for requests that already hold it.
+
+The config file and `gs://` model base paths are read through `core.storage` (the
+google-cloud-storage client, which honours STORAGE_EMULATOR_HOST; TensorFlow's own GCS file
+system does not): a gs:// version counts once its `saved_model.pb` is there and is downloaded to
+a local cache folder before it is loaded. Other paths are read with `tf.io.gfile`.
 """
 
 from __future__ import annotations
 
 import logging
 import posixpath
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +28,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from tumorflow.core import serving_layout
-from tumorflow.core.errors import ConfigError
+from tumorflow.core import serving_layout, storage
+from tumorflow.core.errors import ConfigError, SourceUnavailableError
 from tumorflow.serving.servable import Servable
 from tumorflow.serving.status import failed_precondition, invalid_argument, not_found
 
@@ -43,12 +50,15 @@ def single_model_config(name: str, base_path: str) -> ModelServerConfig:
 
 
 def read_model_config(path: str) -> ModelServerConfig:
-    """Parse TF Serving's text-proto ModelServerConfig file; ConfigError says what is wrong."""
+    """Parse TF Serving's text-proto ModelServerConfig file (local or gs://); ConfigError says
+    what is wrong."""
     try:
-        text = tf.io.gfile.GFile(path, "r").read()
-    except tf.errors.OpError as exc:
-        raise ConfigError(f"cannot read --model_config_file {path}: {exc.message}") from exc
-    config = serving_layout.parse_model_server_config(text, path)
+        data, _ = storage.read_versioned(path)
+    except (SourceUnavailableError, OSError) as exc:
+        raise ConfigError(f"cannot read --model_config_file {path}: {exc}") from None
+    if data is None:
+        raise ConfigError(f"cannot read --model_config_file {path}: there is no such file")
+    config = serving_layout.parse_model_server_config(data.decode(), path)
     validate_config(config)
     return config
 
@@ -93,7 +103,10 @@ def _is_local(path: str) -> bool:
 
 
 def _fingerprint(path: str) -> tuple:
-    """A cheap identity of a folder's contents (names, sizes, mtimes) to notice rewrites."""
+    """A cheap identity of a folder's contents (names, sizes, mtimes) to notice rewrites;
+    for a gs:// version, the names of its objects."""
+    if storage.is_remote(path):
+        return tuple(storage.list_files(path))
     entries = []
     for root, _, files in tf.io.gfile.walk(path):
         for name in files:
@@ -115,9 +128,14 @@ class ModelRepository:
         *,
         poll_wait_seconds: float = 1.0,
         on_loaded: Callable[[Servable], None] | None = None,
+        cache_dir: str | None = None,
     ) -> None:
+        """`cache_dir` receives local copies of gs:// versions (default: a temporary folder,
+        removed by `stop`)."""
         validate_config(config)
         self.poll_wait_seconds = poll_wait_seconds
+        self._cache_dir = Path(cache_dir) if cache_dir else None
+        self._own_cache = cache_dir is None
         self._on_loaded = on_loaded
         self._lock = threading.RLock()
         self._poll_lock = threading.Lock()
@@ -164,6 +182,8 @@ class ModelRepository:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._own_cache and self._cache_dir is not None:
+            shutil.rmtree(self._cache_dir, ignore_errors=True)
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self.poll_wait_seconds):
@@ -184,6 +204,11 @@ class ModelRepository:
 
     def _version_dirs(self, model: _Model) -> dict[int, str]:
         base = model.config.base_path
+        if storage.is_remote(base):
+            versions = serving_layout.complete_versions(base)
+            if not versions and not storage.exists(base):
+                logger.warning("model %s: base path %s does not exist", model.config.name, base)
+            return {version: storage.join(base, str(version)) for version in versions}
         try:
             names = tf.io.gfile.listdir(base)
         except tf.errors.NotFoundError:
@@ -239,7 +264,7 @@ class ModelRepository:
         logger.info("loading model %s version %d from %s", name, version, path)
         fingerprint = _fingerprint(path)
         try:
-            servable = Servable(name, version, path)
+            servable = Servable(name, version, self._local_copy(name, version, path))
             warmed = servable.warm_up()
         except Exception as exc:
             message = f"failed to load model {name} version {version} from {path}: {exc}"
@@ -255,11 +280,25 @@ class ModelRepository:
         if self._on_loaded is not None:
             self._on_loaded(servable)
 
+    def _local_copy(self, name: str, version: int, path: str) -> str:
+        """`path` itself, or for a gs:// version a fresh copy of it in the cache folder."""
+        if not storage.is_remote(path):
+            return path
+        if self._cache_dir is None:
+            self._cache_dir = Path(tempfile.mkdtemp(prefix="tumorflow-serve-"))
+        target = self._cache_dir / name / str(version)
+        shutil.rmtree(target, ignore_errors=True)
+        storage.download_tree(path, target)
+        return str(target)
+
     def _unload(self, model: _Model, version: int) -> None:
         with self._lock:
             model.statuses[version] = VersionStatus(State.UNLOADING)
-            model.servables.pop(version, None)
+            servable = model.servables.pop(version, None)
             model.statuses[version] = VersionStatus(State.END)
+        if servable is not None and storage.is_remote(model.config.base_path):
+            # The loaded graph and variables are in memory; the cached copy is no longer read.
+            shutil.rmtree(servable.path, ignore_errors=True)
         logger.info("unloaded model %s version %d", model.config.name, version)
 
     def _model(self, name: str) -> _Model:

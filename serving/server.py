@@ -4,7 +4,8 @@
 the batch scheduler, the gRPC services and the REST API in this process. Where the real binary
 exists (or `backend="tfserving"`), `tfserving_argv` builds its command line from the same
 options. Unlike TF Serving, which binds every interface, this server binds loopback unless
-`host` says otherwise.
+`host` says otherwise. `--model_config_file` may be a `gs://` URI, as for TF Serving: it is read
+(and re-read every `--model_config_file_poll_wait_seconds`) through `core.storage`.
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ class ModelServer:
 
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
-        self._config_text = ""
         config = options.model_config()
+        self._config_text = str(config)
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(
             config, poll_wait_seconds=options.file_system_poll_wait_seconds
@@ -218,6 +219,8 @@ class ModelServer:
             threading.Thread(target=self._watch_config, name="config-watch", daemon=True).start()
 
     def _watch_config(self) -> None:
+        """Re-read --model_config_file (local or gs://) every poll interval, as TF Serving does:
+        new labels and version sets are applied; an unreadable or invalid file keeps the last."""
         path = self.options.model_config_file
         while not self._stopped.wait(self.options.model_config_file_poll_wait_seconds):
             try:

@@ -9,13 +9,16 @@ itself tested below, and checks every object against the Kubernetes API models o
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from google.protobuf import text_format
 from kubernetes.client import ApiClient
+
+from tumorflow.core import serving_layout
+from tumorflow.core.config import DeployConfig, PipelineConfig
 
 K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
 MODELS = {
@@ -111,10 +114,33 @@ def to_model(document: dict) -> Any:
     return model
 
 
-def by_kind(documents: list[dict]) -> dict[str, Any]:
-    kinds = [doc["kind"] for doc in documents]
-    assert len(kinds) == len(set(kinds)), kinds
-    return {doc["kind"]: to_model(doc) for doc in documents}
+def by_name(documents: list[dict]) -> dict[str, Any]:
+    """Every object as the client's model, keyed `Kind/name`."""
+    keys = [f"{doc['kind']}/{doc['metadata']['name']}" for doc in documents]
+    assert len(keys) == len(set(keys)), keys
+    return {key: to_model(doc) for key, doc in zip(keys, documents, strict=True)}
+
+
+def one(objects: dict[str, Any], kind: str) -> Any:
+    (found,) = [model for key, model in objects.items() if key.startswith(f"{kind}/")]
+    return found
+
+
+def effective_args(container: Any, config_maps: dict[str, Any]) -> dict[str, str]:
+    """The container's `--flag=value` args as the kubelet passes them: `$(VAR)` expanded from
+    the container's env, itself read from ConfigMaps."""
+    env = {}
+    for var in container.env or []:
+        if var.value_from is not None:
+            ref = var.value_from.config_map_key_ref
+            env[var.name] = config_maps[f"ConfigMap/{ref.name}"].data[ref.key]
+        else:
+            env[var.name] = var.value
+    args = {}
+    for arg in container.args:
+        flag, value = arg.removeprefix("--").split("=", 1)
+        args[flag] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], value)
+    return args
 
 
 def test_renderer_merges_named_lists_and_replaces_the_rest(tmp_path: Path) -> None:
@@ -168,32 +194,21 @@ def _container_port(container: Any, name: str) -> int:
 
 
 def test_base_serves_tf_serving_from_gcs_with_probes_and_limits() -> None:
-    from tensorflow_serving.config import model_server_config_pb2
-
-    objects = by_kind(render(K8S / "base"))
-    deployment, service, config_map = (
-        objects["Deployment"],
-        objects["Service"],
-        objects["ConfigMap"],
-    )
+    objects = by_name(render(K8S / "base"))
+    deployment, service = one(objects, "Deployment"), one(objects, "Service")
     pod = deployment.spec.template.spec
     (container,) = pod.containers
     assert container.image == "tensorflow/serving:2.19.0"
     assert _container_port(container, "grpc") == 8500 and _container_port(container, "http") == 8501
-    args = dict(arg.removeprefix("--").split("=", 1) for arg in container.args)
+    args = effective_args(container, objects)
     (volume,) = [v for v in pod.volumes if v.config_map]
-    assert volume.config_map.name == config_map.metadata.name
+    server_files = objects[f"ConfigMap/{volume.config_map.name}"]
     mount = next(m.mount_path for m in container.volume_mounts if m.name == volume.name)
-    for flag in ("model_config_file", "monitoring_config_file", "batching_parameters_file"):
+    for flag in ("monitoring_config_file", "batching_parameters_file"):
         directory, key = args[flag].rsplit("/", 1)
-        assert directory == mount and key in config_map.data, flag
-    config = text_format.Parse(
-        config_map.data["models.config"], model_server_config_pb2.ModelServerConfig()
-    )
-    (model,) = config.model_config_list.config
-    assert model.base_path.startswith("gs://")
+        assert directory == mount and key in server_files.data, flag
     probe = container.readiness_probe.http_get
-    assert probe.path == f"/v1/models/{model.name}" and probe.port == "http"
+    assert probe.path == f"/v1/models/{DeployConfig().model_name}" and probe.port == "http"
     assert container.liveness_probe is not None
     assert container.resources.requests and container.resources.limits
     assert (
@@ -207,15 +222,36 @@ def test_base_serves_tf_serving_from_gcs_with_probes_and_limits() -> None:
         deployment.spec.selector.match_labels.items()
         <= deployment.spec.template.metadata.labels.items()
     )
-    assert pod.service_account_name == objects["ServiceAccount"].metadata.name
+
+
+def test_tf_serving_reads_the_models_config_that_deploy_writes() -> None:
+    """One truth of what is served: no ConfigMap holds a models.config of its own; the server
+    polls `<model_base_path>/models.config`, the path deploy, rollback and promote write for the
+    pipeline's `deploy.model_base_path`, and reads the bucket as a Workload Identity account."""
+    objects = by_name(render(K8S / "base"))
+    pod = one(objects, "Deployment").spec.template.spec
+    (container,) = pod.containers
+    config_maps = {key: model for key, model in objects.items() if key.startswith("ConfigMap/")}
+    assert not any(serving_layout.MODELS_CONFIG in (m.data or {}) for m in config_maps.values())
+    args = effective_args(container, objects)
+    settings = objects["ConfigMap/tumorflow-serving-settings"].data
+    assert settings["model_base_path"].startswith("gs://")
+    pipeline = PipelineConfig(deploy=DeployConfig(model_base_path=settings["model_base_path"]))
+    written = serving_layout.models_config_uri(pipeline.resolved_model_base_path())
+    assert args["model_config_file"] == written == "gs://tumorflow-models/serving/models.config"
+    assert 0 < int(args["model_config_file_poll_wait_seconds"]) <= 60, "changes must arrive"
+    account = objects[f"ServiceAccount/{pod.service_account_name}"]
+    assert account.metadata.annotations["iam.gke.io/gcp-service-account"].endswith(
+        ".iam.gserviceaccount.com"
+    )
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_keeps_the_base() -> None:
-    base = by_kind(render(K8S / "base"))["Deployment"].spec.template.spec
-    gpu = by_kind(render(K8S / "overlays" / "gpu"))["Deployment"].spec.template.spec
+    base = one(by_name(render(K8S / "base")), "Deployment").spec.template.spec
+    gpu = one(by_name(render(K8S / "overlays" / "gpu")), "Deployment").spec.template.spec
     (container,) = gpu.containers
     assert container.image == "tensorflow/serving:2.19.0-gpu"
     assert container.resources.limits["nvidia.com/gpu"] == "1"
     assert any(t.key == "nvidia.com/gpu" for t in gpu.tolerations) and gpu.node_selector
-    assert container.args == base.containers[0].args
+    assert container.args == base.containers[0].args and container.env == base.containers[0].env
     assert container.readiness_probe == base.containers[0].readiness_probe
