@@ -25,6 +25,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_no_registry_argument(parser: argparse.ArgumentParser) -> None:
+    """The explicit opt-out of a cluster run without an MLflow server to find the champion in."""
+    parser.add_argument(
+        "--no-registry",
+        action="store_true",
+        help="allow an empty tracking.tracking_uri: no champion, the gate runs its absolute "
+        "rules only",
+    )
+
+
 def config_from_args(args: argparse.Namespace, *, default_preset: str | None = "phantom"):
     from tumorflow.core.config import list_presets, load_config
 
@@ -88,6 +98,7 @@ def _compile(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.runner import compile_pipeline
 
     config = config_from_args(args)
+    config.cluster_tracking_uri(no_registry=args.no_registry)
     path = compile_pipeline(
         Path(args.output),
         config=config,
@@ -101,7 +112,9 @@ def _compile(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.runner import submit
 
-    run_id = submit(config_from_args(args), args.host, image=args.image)
+    config = config_from_args(args)
+    config.cluster_tracking_uri(no_registry=args.no_registry)
+    run_id = submit(config, args.host, image=args.image)
     print(f"submitted run {run_id} to {args.host}")
     return 0
 
@@ -145,6 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="retrain",
         help="retrain (default), or monitor: a drift check that runs retraining when drifted",
     )
+    add_no_registry_argument(compile_)
     compile_.set_defaults(handler=_compile)
 
     submit = subparsers.add_parser(
@@ -154,4 +168,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--dataset", metavar="PRESET|SOURCE")
     submit.add_argument("--host", required=True, help="the KFP API endpoint")
     submit.add_argument("--image", metavar="IMAGE")
+    add_no_registry_argument(submit)
     submit.set_defaults(handler=_submit)

@@ -87,7 +87,7 @@ def test_compile_command_writes_the_spec(tmp_path: Path, capsys):
     output = tmp_path / "out" / "pipeline.yaml"
     from tumorflow.cli.main import main
 
-    assert main(["compile", "--output", str(output)]) == 0
+    assert main(["compile", "--output", str(output), "--no-registry"]) == 0
     assert output.exists()
     assert "wrote" in capsys.readouterr().out
 
