@@ -25,7 +25,6 @@ from tumorflow import __version__
 from tumorflow.core.config import PipelineConfig
 from tumorflow.core.errors import ConfigError, TumorflowError
 
-TARGETS = ("kubeflow", "vertex")
 PIPELINES = ("retrain", "monitor")
 VERTEX_ENDPOINT = "https://{region}-aiplatform.googleapis.com/v1"
 _HTTP_TIMEOUT_S = 30
