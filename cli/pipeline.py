@@ -25,6 +25,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_no_registry_argument(parser: argparse.ArgumentParser) -> None:
+    """The explicit opt-out of a cluster run without an MLflow server to find the champion in."""
+    parser.add_argument(
+        "--no-registry",
+        action="store_true",
+        help="allow an empty tracking.tracking_uri: no champion, the gate runs its absolute "
+        "rules only",
+    )
+
+
 def config_from_args(args: argparse.Namespace, *, default_preset: str | None = "phantom"):
     from tumorflow.core.config import list_presets, load_config
 
@@ -91,15 +101,6 @@ def _cluster_config(args: argparse.Namespace):
     return config
 
 
-def add_registry_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--no-registry",
-        action="store_true",
-        help="allow a cluster pipeline without an MLflow tracking URI: the gate then has no "
-        "champion and checks the absolute rules only",
-    )
-
-
 def _compile(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.runner import compile_pipeline
 
@@ -160,7 +161,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="retrain",
         help="retrain (default), or monitor: a drift check that runs retraining when drifted",
     )
-    add_registry_argument(compile_)
+    add_no_registry_argument(compile_)
     compile_.set_defaults(handler=_compile)
 
     submit = subparsers.add_parser(
@@ -170,5 +171,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--dataset", metavar="PRESET|SOURCE")
     submit.add_argument("--host", required=True, help="the KFP API endpoint")
     submit.add_argument("--image", metavar="IMAGE")
-    add_registry_argument(submit)
+    add_no_registry_argument(submit)
     submit.set_defaults(handler=_submit)
