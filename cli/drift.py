@@ -125,7 +125,7 @@ def _projection_lookup(model_base_path: str, workdir: Path) -> Callable[[str, in
 def _drift_ingest(args: argparse.Namespace) -> int:
     import tempfile
 
-    from tumorflow.serving.request_log import ingest_image_folder, ingest_prediction_logs
+    from tumorflow.components.drift_ingest import ingest_image_folder, ingest_prediction_logs
 
     if args.images:
         if not args.model_name:

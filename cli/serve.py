@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tumorflow.core.config import DriftConfig
 from tumorflow.core.errors import ConfigError
 
 
@@ -70,7 +71,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request in bytes (gRPC message and REST body)",
     )
     add("--request_log_dir", default="", help="log sampled requests for drift under this URI")
-    add("--request_log_sample_rate", type=float, default=1.0, help="fraction of requests logged")
+    add(
+        "--request_log_sample_rate",
+        type=float,
+        default=DriftConfig().request_sample_rate,
+        help="share of requests logged (default: drift.request_sample_rate, %(default)s)",
+    )
     add(
         "--backend",
         choices=("auto", "inprocess", "tfserving"),

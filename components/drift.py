@@ -16,15 +16,17 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 
 from tumorflow.components.drift_features import (
+    DEFAULT_EMBEDDING_COMPONENTS,
     EMBEDDING_PREFIX,
     IMAGE_FEATURES,
+    IMAGE_SUFFIXES,
     PREDICTION_COLUMNS,
     PROJECTION_FILE,
     REFERENCE_FILE,
@@ -32,7 +34,14 @@ from tumorflow.components.drift_features import (
     ModelProbe,
     feature_table,
     find_projection,
+    image_files,
     projection_path_for,
+)
+from tumorflow.components.drift_store import (
+    apply_window,
+    holds_request_log,
+    partition_in_window,
+    read_request_log,
 )
 from tumorflow.core import serving_layout, storage
 from tumorflow.core.errors import DatasetError
@@ -44,11 +53,9 @@ logger = logging.getLogger(__name__)
 # not depend on the sample size, so the cap bounds the time without changing the tests chosen.
 MAX_ROWS = 100_000
 SAMPLE_SEED = 0
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
 VERDICT_JSON = "verdict.json"
-LOG_PART_GLOB = "part-*.parquet"
 
 
 @dataclass
@@ -134,7 +141,7 @@ def _local_copy(source: str, workdir: Path, window: tuple[datetime, datetime] | 
         name
         for name in storage.list_files(source)
         if ".." not in PurePosixPath(name).parts
-        and _partition_in_window(PurePosixPath(name), window)
+        and partition_in_window(PurePosixPath(name), window)
     ]
     if not names:
         raise DatasetError(f"{source} holds no files (in the time window): check the URI")
@@ -146,77 +153,20 @@ def _local_copy(source: str, workdir: Path, window: tuple[datetime, datetime] | 
     return workdir
 
 
-def _partition_in_window(
-    path: PurePosixPath | Path, window: tuple[datetime, datetime] | None
-) -> bool:
-    if window is None:
-        return True
-    for part in path.parts:
-        if part.startswith("date="):
-            try:
-                day = date.fromisoformat(part[len("date=") :])
-            except ValueError:
-                return True
-            return window[0].date() <= day <= window[1].date()
-    return True
-
-
-def _as_utc(moment: datetime) -> pd.Timestamp:
-    stamp = pd.Timestamp(moment)
-    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-
-
-def _apply_window(table: pd.DataFrame, window: tuple[datetime, datetime] | None) -> pd.DataFrame:
-    if window is None:
-        return table
-    if "timestamp" not in table.columns:
-        logger.warning("the table has no timestamp column: the time window is not applied")
-        return table
-    stamps = pd.to_datetime(table["timestamp"], utc=True)
-    keep = (stamps >= _as_utc(window[0])) & (stamps < _as_utc(window[1]))
-    return table.loc[keep].reset_index(drop=True)
-
-
-def read_request_log(
-    root: Path, window: tuple[datetime, datetime] | None = None, model_name: str | None = None
-) -> pd.DataFrame:
-    """Rows of the request log under `root` (a log root or one model's folder) inside `window`."""
-    parts = sorted(
-        path
-        for path in Path(root).rglob(LOG_PART_GLOB)
-        if _partition_in_window(path.relative_to(root), window)
-    )
-    frames = [pd.read_parquet(path) for path in parts]
-    if not frames:
-        return pd.DataFrame(columns=["timestamp", *IMAGE_FEATURES])
-    table = pd.concat(frames, ignore_index=True)
-    if model_name is not None and "model_name" in table.columns:
-        table = table.loc[table["model_name"] == model_name].reset_index(drop=True)
-    return _apply_window(table, window)
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder` (any depth), sorted; hidden files are skipped."""
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
-        and path.suffix.lower() in IMAGE_SUFFIXES
-        and not path.name.startswith(".")
-    )
-
-
-def _split_images(split_dir: Path) -> list[bytes]:
+def _split_images(split_dir: Path) -> tuple[list[str], list[bytes]]:
     from tumorflow.components.tfrecords import read_records
 
-    return [record.encoded for record in read_records(split_dir, "train")]
+    records = list(read_records(split_dir, "train"))
+    return [record.path for record in records], [record.encoded for record in records]
 
 
-def _folder_images(folder: Path) -> list[bytes]:
+def _folder_images(folder: Path, source: str) -> tuple[list[str], list[bytes]]:
+    """The images under `folder` (the local copy of `source`), named as under `source`."""
     files = image_files(folder)
     if not files:
-        raise DatasetError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return [path.read_bytes() for path in files]
+        raise DatasetError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    names = [storage.join(source, path.relative_to(folder).as_posix()) for path in files]
+    return names, [path.read_bytes() for path in files]
 
 
 def load_table(
@@ -226,7 +176,7 @@ def load_table(
     *,
     projection: EmbeddingProjection | None = None,
     model_name: str | None = None,
-    n_components: int = 8,
+    n_components: int = DEFAULT_EMBEDDING_COMPONENTS,
 ) -> pd.DataFrame:
     """A drift feature table from a folder of images, a split dataset (its train split), a stored
     table (.parquet/.csv), or a request-log root (rows inside `window`), local or `gs://`.
@@ -248,25 +198,25 @@ def load_table(
                 table = pd.read_csv(path)
             else:
                 raise DatasetError(f"{source} is not a feature table: use a .parquet or .csv file")
-            table = _apply_window(table, window)
+            table = apply_window(table, window)
             stored = projection_path_for(path)
             table.attrs["projection"] = (
                 EmbeddingProjection.load(stored) if stored.exists() else None
             )
             return table
         if (path / "split_manifest.json").exists():
-            encoded = _split_images(path)
-        elif next(path.rglob(LOG_PART_GLOB), None) is not None:
+            names, encoded = _split_images(path)
+        elif holds_request_log(path):
             table = read_request_log(path, window, model_name)
             table.attrs["projection"] = None
             return table
         else:
-            encoded = _folder_images(path)
+            names, encoded = _folder_images(path, str(source))
     probe = ModelProbe(model_dir) if model_dir is not None else None
     if probe is not None and projection is None:
         projection = find_projection(model_dir)
     table, used = feature_table(
-        encoded, probe, projection, n_components=n_components, skip_unreadable=True
+        encoded, probe, projection, n_components, skip_unreadable=True, names=names
     )
     table.attrs["projection"] = used
     return table

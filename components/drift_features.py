@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tumorflow.core import serving_layout
+from tumorflow.core.config import DriftConfig
 from tumorflow.core.errors import DatasetError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ EMBEDDING_PREFIX = "embedding_pc"
 PREDICTION_COLUMNS = ("predicted_class", "confidence")
 PROJECTION_FILE = serving_layout.DRIFT_PROJECTION
 REFERENCE_FILE = serving_layout.DRIFT_REFERENCE
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# PCA components of the embedding in a drift reference, unless the caller says otherwise.
+DEFAULT_EMBEDDING_COMPONENTS = DriftConfig.model_fields["embedding_components"].default
 _PERCENTILES = (5, 25, 50, 75, 95)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -67,7 +71,12 @@ def _gray_from_bytes(data: bytes):
             image = Image.fromarray(np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8))
         else:
             image = image.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        # PIL's own message names the in-memory buffer (`<_io.BytesIO object at 0x...>`)
+        raise ImageFeatureError(
+            f"cannot decode image ({len(data)} bytes): not an image format PIL reads"
+        ) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageFeatureError(f"cannot decode image ({len(data)} bytes): {exc}") from None
     return image, size
 
@@ -137,6 +146,17 @@ def image_features(image: np.ndarray | bytes) -> dict[str, float]:
             np.abs(np.diff(values, axis=0)).mean() + np.abs(np.diff(values, axis=1)).mean()
         )
     return features
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (any depth), sorted; hidden files are skipped."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in IMAGE_SUFFIXES
+        and not path.name.startswith(".")
+    )
 
 
 def image_feature_table(images: Iterable[np.ndarray | bytes]) -> pd.DataFrame:
@@ -348,29 +368,32 @@ def feature_table(
     projection: EmbeddingProjection | None = None,
     n_components: int = 0,
     skip_unreadable: bool = False,
+    names: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, EmbeddingProjection | None]:
     """Drift features of encoded images, with model features when a probe is given.
 
     Without a `projection`, one with `n_components` is fitted on these images' embeddings (the
     reference side); the projection used is returned with the table. With `skip_unreadable`,
-    images that do not decode are left out (and logged) instead of failing the table.
+    images that do not decode are left out (and logged) instead of failing the table. `names`
+    (file paths, say) name the images in those messages; else they are "image #i".
     """
-    rows, kept = [], []
+    rows, kept, failures = [], [], []
     for index, data in enumerate(encoded):
+        name = names[index] if names is not None else f"image #{index}"
         try:
             rows.append(image_features(data))
         except ImageFeatureError as exc:
             if not skip_unreadable:
-                raise
-            logger.warning("skipping image #%d: %s", index, exc)
+                raise ImageFeatureError(f"{name}: {exc}") from None
+            logger.warning("skipping %s: %s", name, exc)
+            failures.append(f"{name}: {exc}")
             continue
         kept.append(data)
     if not kept:
-        raise DatasetError(f"none of the {len(encoded)} images could be decoded")
-    if len(kept) < len(encoded):
-        logger.warning(
-            "%d of %d images could not be decoded", len(encoded) - len(kept), len(encoded)
-        )
+        first = f" (first: {failures[0]})" if failures else ""
+        raise DatasetError(f"none of the {len(encoded)} images could be decoded{first}")
+    if failures:
+        logger.warning("%d of %d images could not be decoded", len(failures), len(encoded))
     table = pd.DataFrame(rows, columns=list(IMAGE_FEATURES), dtype=np.float64)
     if probe is None:
         return table, projection
@@ -386,13 +409,15 @@ def build_reference(
     model_dir: Path | None,
     output_path: Path,
     split: str = "train",
-    n_components: int = 8,
+    embedding_components: int = DEFAULT_EMBEDDING_COMPONENTS,
 ) -> Path:
     """Write the drift reference table of a split (Parquet) and, with a model, its projection.
 
     `output_path` is a `.parquet` file, or a folder that gets `drift_reference.parquet`. The
-    projection (`drift_projection.npz`) is written beside the table; the pipeline copies both into
-    the served version's `assets.extra/`. Returns the table's path.
+    projection (`drift_projection.npz`, `embedding_components` principal components of the
+    model's embedding, or fewer when the embedding or the split is smaller; 0 for none) is written
+    beside the table; the pipeline copies both into the served version's `assets.extra/`. Returns
+    the table's path.
     """
     from tumorflow.components.tfrecords import read_records, read_split_manifest
 
@@ -404,7 +429,12 @@ def build_reference(
         )
     encoded = [record.encoded for record in records]
     probe = ModelProbe(model_dir) if model_dir is not None else None
-    table, projection = feature_table(encoded, probe, n_components=n_components)
+    table, projection = feature_table(
+        encoded,
+        probe,
+        n_components=embedding_components,
+        names=[record.path for record in records],
+    )
     table.insert(0, "label", [classes[record.label] for record in records])
     table.insert(0, "path", [record.path for record in records])
     output_path = Path(output_path)

@@ -13,11 +13,8 @@ training_curves.png (checkpoints live in `checkpoint_dir`).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +23,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tumorflow.components.backbones import CUSTOM_CNN, build_classifier, default_image_size
+from tumorflow.components.checkpoints import (
+    CheckpointStore,
+    callback_state,
+    checkpoint_key,
+    model_fingerprint,
+    restore_callback_state,
+    restore_checkpoint,
+)
 from tumorflow.components.input_pipeline import make_dataset
 from tumorflow.components.tfrecords import read_split_manifest
+from tumorflow.components.tracking import TrainingRun, training_params
 from tumorflow.core.config import TrainConfig
 from tumorflow.core.errors import DatasetError
 
@@ -35,6 +41,9 @@ if TYPE_CHECKING:
     import keras
 
 log = logging.getLogger(__name__)
+
+# The pipeline's train step names its checkpoint folder with `checkpoint_key` from here.
+__all__ = ["TrainResult", "checkpoint_key", "plot_training_curves", "train_model"]
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "model_info.json"
@@ -49,7 +58,6 @@ HISTORY_COLUMNS = (
     "val_accuracy",
     "learning_rate",
 )
-LATEST = "latest.json"
 
 
 @dataclass
@@ -79,35 +87,6 @@ class TrainResult:
         }
 
 
-def flatten_config(config: TrainConfig) -> dict[str, Any]:
-    """`TrainConfig` as dotted keys (`stage1.epochs`, `augment.zoom`), for MLflow params."""
-
-    def walk(prefix: str, value: Any) -> dict[str, Any]:
-        if isinstance(value, dict):
-            flat: dict[str, Any] = {}
-            for key, item in value.items():
-                flat.update(walk(f"{prefix}.{key}" if prefix else key, item))
-            return flat
-        return {prefix: value}
-
-    return walk("", config.model_dump())
-
-
-def checkpoint_key(split_dir: Path, config: TrainConfig) -> str:
-    """A stable folder name for the checkpoints of training `config` on this split dataset.
-
-    The same split manifest and config give the same key, so a re-run of a pipeline finds the
-    checkpoints of the run that was interrupted.
-    """
-    manifest = read_split_manifest(split_dir)
-    digest = hashlib.sha256(
-        json.dumps(
-            {"manifest": manifest, "config": config.model_dump()}, sort_keys=True, default=str
-        ).encode()
-    ).hexdigest()
-    return f"train-{digest[:16]}"
-
-
 def _resolve_mixed_precision(setting: str) -> str:
     import tensorflow as tf
 
@@ -132,77 +111,6 @@ def _class_weights(manifest: dict, classes: list[str]) -> dict[int, float]:
     return result
 
 
-class CheckpointStore:
-    """Per-epoch checkpoints in a folder: each a complete sub-folder renamed into place.
-
-    `latest.json` (replaced atomically) names the newest complete checkpoint, so a kill at any
-    moment leaves either the previous or the new checkpoint readable, never half of one.
-    """
-
-    def __init__(self, root: Path, fingerprint: str) -> None:
-        self.root = Path(root)
-        self.fingerprint = fingerprint
-
-    def latest(self) -> dict[str, Any] | None:
-        """The newest checkpoint's state (with its folder as `dir`), or None to start over."""
-        pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        folder = self.root / json.loads(pointer.read_text())["dir"]
-        state = json.loads((folder / "state.json").read_text())
-        if state.get("fingerprint") != self.fingerprint:
-            log.warning(
-                "checkpoints in %s belong to another model or dataset; starting over", self.root
-            )
-            return None
-        state["dir"] = folder
-        return state
-
-    def save(
-        self,
-        model: keras.Model,
-        state: dict[str, Any],
-        best_weights: list[np.ndarray] | None,
-        best_weights_from: Path | None,
-    ) -> Path:
-        """Write weights with optimizer state, early-stopping best weights and `state` atomically."""
-        name = f"ckpt-s{state['stage']}-e{state['epoch']:04d}"
-        tmp = self.root / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_weights(tmp / "model.weights.h5")
-        if best_weights is not None:
-            np.savez(tmp / "best.npz", *best_weights)
-        elif best_weights_from is not None and (best_weights_from / "best.npz").exists():
-            shutil.copyfile(best_weights_from / "best.npz", tmp / "best.npz")
-        (tmp / "state.json").write_text(
-            json.dumps({**state, "fingerprint": self.fingerprint}, indent=2)
-        )
-        final = self.root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        pointer_tmp = self.root / f".{LATEST}.tmp"
-        pointer_tmp.write_text(json.dumps({"dir": name}))
-        os.replace(pointer_tmp, self.root / LATEST)
-        for old in self.root.glob("ckpt-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-        return final
-
-
-def _load_arrays(path: Path) -> list[np.ndarray]:
-    with np.load(path) as data:
-        return [data[f"arr_{i}"] for i in range(len(data.files))]
-
-
-def _restore_checkpoint(model: keras.Model, folder: Path, learning_rate: float) -> None:
-    """Load weights and optimizer state (both in the `.weights.h5` of a compiled model)."""
-    if not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    model.load_weights(folder / "model.weights.h5")
-    model.optimizer.learning_rate = learning_rate
-
-
 def _stage_callback_class() -> type:
     import keras
 
@@ -222,7 +130,7 @@ def _stage_callback_class() -> type:
             early: keras.callbacks.EarlyStopping | None = None,
             reduce_lr: keras.callbacks.ReduceLROnPlateau | None = None,
             resume: dict[str, Any] | None = None,
-            mlflow_client: Any = None,
+            tracker: TrainingRun | None = None,
         ) -> None:
             super().__init__()
             self.store = store
@@ -232,24 +140,12 @@ def _stage_callback_class() -> type:
             self.early = early
             self.reduce_lr = reduce_lr
             self.resume = resume
-            self.mlflow_client = mlflow_client
+            self.tracker = tracker
             self.last_dir: Path | None = resume["dir"] if resume else None
 
         def on_train_begin(self, logs: dict | None = None) -> None:
-            if not self.resume:
-                return
-            saved = self.resume.get("callbacks", {})
-            if self.early is not None and "early" in saved:
-                self.early.wait = saved["early"]["wait"]
-                self.early.best = saved["early"]["best"]
-                self.early.best_epoch = saved["early"]["best_epoch"]
-                best_file = self.resume["dir"] / "best.npz"
-                if best_file.exists():
-                    self.early.best_weights = _load_arrays(best_file)
-            if self.reduce_lr is not None and "reduce_lr" in saved:
-                self.reduce_lr.wait = saved["reduce_lr"]["wait"]
-                self.reduce_lr.best = saved["reduce_lr"]["best"]
-                self.reduce_lr.cooldown_counter = saved["reduce_lr"]["cooldown_counter"]
+            if self.resume:
+                restore_callback_state(self.resume, self.early, self.reduce_lr)
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
@@ -259,24 +155,9 @@ def _stage_callback_class() -> type:
             row["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
             self.history.append(row)
             step = len(self.history) - 1
-            if self.mlflow_client is not None:
-                self.mlflow_client.log_epoch(self.stage, row, step)
-            callbacks_state: dict[str, Any] = {}
-            best_weights = None
-            if self.early is not None:
-                callbacks_state["early"] = {
-                    "wait": self.early.wait,
-                    "best": None if self.early.best is None else float(self.early.best),
-                    "best_epoch": self.early.best_epoch,
-                }
-                if self.early.best_epoch == epoch and self.early.best_weights is not None:
-                    best_weights = self.early.best_weights
-            if self.reduce_lr is not None:
-                callbacks_state["reduce_lr"] = {
-                    "wait": self.reduce_lr.wait,
-                    "best": None if self.reduce_lr.best is None else float(self.reduce_lr.best),
-                    "cooldown_counter": self.reduce_lr.cooldown_counter,
-                }
+            if self.tracker is not None:
+                self.tracker.log_epoch(self.stage, row, step)
+            callbacks_state, best_weights = callback_state(self.early, self.reduce_lr, epoch)
             self.last_dir = self.store.save(
                 self.model,
                 {
@@ -301,58 +182,6 @@ def _stage_callback_class() -> type:
             )
 
     return StageCheckpoint
-
-
-class _MlflowLogger:
-    """The MLflow side of a training run: one run, resumed with the training when possible."""
-
-    def __init__(
-        self, tracking_uri: str, experiment: str, run_id: str | None, tags: dict[str, str]
-    ) -> None:
-        import mlflow
-
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri)
-        experiment_id = mlflow.set_experiment(experiment).experiment_id
-        self.client = mlflow.MlflowClient(tracking_uri)
-        if run_id is not None:
-            try:
-                self.client.get_run(run_id)
-            except mlflow.exceptions.MlflowException:
-                log.warning("MLflow run %s of the checkpoint is gone: starting a new run", run_id)
-                run_id = None
-        if run_id is None:
-            run_id = self.client.create_run(experiment_id, tags=tags).info.run_id
-        else:
-            for key, value in tags.items():
-                self.client.set_tag(run_id, key, value)
-        self.run_id = run_id
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
-        for start in range(0, len(fresh), 100):
-            self.client.log_batch(self.run_id, params=fresh[start : start + 100])
-
-    def log_epoch(self, stage: int, row: dict[str, Any], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(f"stage{stage}_{key}", value, now, step)
-            for key, value in row.items()
-            if key not in ("stage", "epoch") and value is not None
-        ]
-        self.client.log_batch(self.run_id, metrics=metrics)
-
-    def finish(self, model_dir: Path) -> None:
-        for name in (MODEL_FILE, INFO_FILE, HISTORY_FILE, CURVES_FILE):
-            self.client.log_artifact(self.run_id, str(model_dir / name), artifact_path="model")
-        self.client.set_terminated(self.run_id)
 
 
 def _set_stage_trainable(
@@ -432,20 +261,7 @@ def train_model(
             raise DatasetError(f"the {split} split of {split_dir} is empty; cannot train")
     image_size = config.image_size or default_image_size(config.backbone)
     policy = _resolve_mixed_precision(config.mixed_precision)
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [
-                config.backbone,
-                image_size,
-                config.grayscale,
-                classes,
-                config.dropout,
-                config.unfreeze_top_layers,
-                policy,
-            ]
-        ).encode()
-    ).hexdigest()
-    store = CheckpointStore(checkpoint_dir, fingerprint)
+    store = CheckpointStore(checkpoint_dir, model_fingerprint(config, image_size, classes, policy))
     resume = store.latest()
     history: list[dict[str, Any]] = list(resume["history"]) if resume else []
     resumed_from = (resume["stage"], resume["epoch"]) if resume else None
@@ -478,20 +294,9 @@ def train_model(
         )
         tracker = None
         if tracking_uri:
-            tags = {"tumorflow.step": "train", **{k: str(v) for k, v in (run_tags or {}).items()}}
-            tracker = _MlflowLogger(
-                tracking_uri, experiment, resume.get("mlflow_run_id") if resume else None, tags
-            )
-            counts = {f"data.{s}_count": manifest["splits"][s]["count"] for s in manifest["splits"]}
-            tracker.log_params(
-                {
-                    **flatten_config(config),
-                    **counts,
-                    "data.classes": ",".join(classes),
-                    "resolved.image_size": image_size,
-                    "resolved.dtype_policy": policy,
-                }
-            )
+            resumed_run = resume.get("mlflow_run_id") if resume else None
+            tracker = TrainingRun(tracking_uri, experiment, resumed_run, run_tags)
+            tracker.log_params(training_params(config, manifest, image_size, policy))
         run_state = {"mlflow_run_id": tracker.run_id if tracker else None}
         class_weight = _class_weights(manifest, classes) if config.use_class_weights else None
         verbose = 1 if sys.stdout.isatty() else 2
@@ -511,7 +316,7 @@ def train_model(
             )
             stage_resume = resume if resume is not None and resume["stage"] == stage else None
             if stage_resume is not None:
-                _restore_checkpoint(model, stage_resume["dir"], stage_resume["learning_rate"])
+                restore_checkpoint(model, stage_resume["dir"], stage_resume["learning_rate"])
             epochs_run[key] = sum(1 for row in history if row["stage"] == stage)
             if done_before or stage_config.epochs == 0:
                 continue
@@ -591,7 +396,9 @@ def train_model(
         }
         (output_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
         if tracker is not None:
-            tracker.finish(output_dir)
+            tracker.finish(
+                output_dir / name for name in (MODEL_FILE, INFO_FILE, HISTORY_FILE, CURVES_FILE)
+            )
         log.info("model written to %s (%s epochs)", output_dir, epochs_run)
         return TrainResult(
             model_dir=output_dir,

@@ -181,8 +181,9 @@ class TrackingConfig(_Section):
 class DriftConfig(_Section):
     # Share of drifted feature columns at or above which the dataset counts as drifted.
     drift_share: float = Field(0.3, gt=0, le=1)
+    # PCA components of the model's embedding in the drift reference (0: no embedding columns).
     embedding_components: int = Field(8, ge=0, le=64)
-    # Sample rate of served requests logged for drift.
+    # Share of served requests `tumorflow serve --request_log_dir` logs (its default sample rate).
     request_sample_rate: float = Field(1.0, ge=0, le=1)
     # Recent window (hours) that `tumorflow monitor` checks.
     window_hours: float = Field(24.0, gt=0)

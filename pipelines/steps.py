@@ -146,13 +146,26 @@ def evaluate(
 
 
 @component
-def drift_reference(split: Input[Dataset], model: Input[Model], reference: Output[Dataset]):
-    """Drift features of the training split, stored with the model version when it deploys."""
+def drift_reference(
+    split: Input[Dataset],
+    model: Input[Model],
+    reference: Output[Dataset],
+    embedding_components: int = 8,
+):
+    """Drift features of the training split, stored with the model version when it deploys.
+
+    `embedding_components` is `drift.embedding_components` (the default is DriftConfig's).
+    """
     from pathlib import Path
 
     from tumorflow.components.drift_features import build_reference
 
-    build_reference(Path(split.path), Path(model.path), Path(reference.path))
+    build_reference(
+        Path(split.path),
+        Path(model.path),
+        Path(reference.path),
+        embedding_components=embedding_components,
+    )
 
 
 @component

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from tumorflow.core.config import DriftConfig
 from tumorflow.core.errors import ConfigError
 from tumorflow.serving.batching import BatchingParameters, BatchScheduler
 from tumorflow.serving.grpc_api import ModelServicer, PredictionServicer
@@ -60,7 +61,9 @@ class ServerOptions:
     rest_api_num_threads: int = 16
     max_receive_message_length: int = 64 * 1024 * 1024
     request_log_dir: str = ""
-    request_log_sample_rate: float = 1.0
+    request_log_sample_rate: float = DriftConfig().request_sample_rate
+    # Seeds the request log's sampling (not a TF Serving flag: for reproducible runs and tests).
+    request_log_seed: int | None = None
     backend: str = "auto"
 
     def model_config(self) -> ModelServerConfig:
@@ -138,6 +141,7 @@ def _request_log(options: ServerOptions, repository: ModelRepository) -> Request
         options.request_log_dir,
         sample_rate=options.request_log_sample_rate,
         model_dir_lookup=repository.local_version_dir,
+        seed=options.request_log_seed,
     )
 
 

@@ -141,3 +141,58 @@ def gcs_emulator(gcs_emulator_host: str, monkeypatch: pytest.MonkeyPatch) -> str
     """STORAGE_EMULATOR_HOST pointing at the emulator for one test (the client reads it)."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator_host)
     return gcs_emulator_host
+
+
+# Request-log store helpers, shared by the store, ingest and server request-log tests (test
+# modules cannot import conftest, so they come as fixtures).
+
+
+def _level_png(level: int, size: int = 32) -> bytes:
+    """A noisy PNG whose mean grey level is about `level`."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(level)
+    pixels = np.clip(rng.normal(level, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _predict_outputs(n: int) -> dict:
+    """The outputs of tumorflow's serving signature for `n` images, all predicted "tumor"."""
+    import numpy as np
+
+    scores = np.tile(np.array([[0.2, 0.8]], dtype=np.float32), (n, 1))
+    return {
+        "scores": scores,
+        "classes": np.array([[b"normal", b"tumor"]] * n, dtype=object),
+        "predicted_class": np.array([b"tumor"] * n, dtype=object),
+        "predicted_index": np.ones(n, dtype=np.int64),
+        "embedding": np.arange(n * 4, dtype=np.float32).reshape(n, 4),
+    }
+
+
+def _read_store(root: Path):
+    """Every row of the request-log store under `root`, or None when it holds no part file."""
+    import pandas as pd
+
+    parts = sorted(Path(root).rglob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else None
+
+
+@pytest.fixture()
+def level_png():
+    return _level_png
+
+
+@pytest.fixture()
+def predict_outputs():
+    return _predict_outputs
+
+
+@pytest.fixture()
+def read_store():
+    return _read_store

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -173,7 +174,9 @@ def test_big_tables_are_sampled_deterministically_and_say_so(tmp_path: Path):
     assert "sampled to 100 rows" in first.summary()
 
 
-def test_load_table_reads_an_image_folder_and_skips_corrupt_files(tmp_path: Path):
+def test_load_table_reads_an_image_folder_and_skips_corrupt_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     rng = np.random.default_rng(0)
     folder = tmp_path / "images" / "scanner-a"
     folder.mkdir(parents=True)
@@ -181,8 +184,11 @@ def test_load_table_reads_an_image_folder_and_skips_corrupt_files(tmp_path: Path
         (folder / f"{index}.png").write_bytes(png(image))
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (folder / "notes.txt").write_text("not an image")
-    table = load_table(tmp_path / "images")
+    with caplog.at_level(logging.WARNING):
+        table = load_table(tmp_path / "images")
     assert len(table) == 5
+    assert f"skipping {folder / 'broken.png'}: cannot decode image" in caplog.text
+    assert "BytesIO" not in caplog.text
     assert list(table.columns) == list(IMAGE_FEATURES)
     assert (table["width"] == 64).all()
 

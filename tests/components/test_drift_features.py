@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,12 @@ from tumorflow.components.drift_features import (
     EmbeddingProjection,
     ImageFeatureError,
     build_reference,
+    feature_table,
     image_feature_table,
     image_features,
     model_features,
 )
-from tumorflow.core.errors import ModelError, TumorflowError
+from tumorflow.core.errors import DatasetError, ModelError, TumorflowError
 
 
 def encode(pixels: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
@@ -79,6 +81,21 @@ def test_undecodable_images_raise_a_tumorflow_error(bad):
     with pytest.raises(ImageFeatureError) as info:
         image_features(bad)
     assert isinstance(info.value, TumorflowError)
+    assert "BytesIO" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unreadable_images_are_named_in_warnings_and_errors(caplog: pytest.LogCaptureFixture):
+    good = encode(textured(3))
+    names = ["scans/a.png", "scans/b.png"]
+    with caplog.at_level(logging.WARNING, logger="tumorflow.components.drift_features"):
+        table, _ = feature_table([good, b"junk"], skip_unreadable=True, names=names)
+    assert len(table) == 1
+    assert "skipping scans/b.png: cannot decode image (4 bytes)" in caplog.text
+    assert "BytesIO" not in caplog.text
+    with pytest.raises(ImageFeatureError, match=r"^scans/b\.png: cannot decode image"):
+        feature_table([good, b"junk"], names=names)
+    with pytest.raises(DatasetError, match=r"none of the 2 images .*\(first: scans/a\.png: "):
+        feature_table([b"junk", b"more junk"], skip_unreadable=True, names=names)
 
 
 def test_feature_table_has_one_row_per_image_in_order():
@@ -151,3 +168,18 @@ def test_reference_with_a_model_adds_the_projected_embedding_and_predictions(
     # the brightness model gets these images right: predictions follow the labels
     assert (table["predicted_class"] == table["label"]).mean() > 0.9
     assert table["confidence"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("components", [2, 0])
+def test_the_reference_has_as_many_embedding_components_as_configured(
+    split_dir: Path, make_model_dir, tmp_path: Path, components: int
+):
+    model_dir = make_model_dir()
+    path = build_reference(
+        split_dir, model_dir, tmp_path / "ref", split="test", embedding_components=components
+    )
+    table = pd.read_parquet(path)
+    embedding = [c for c in table.columns if c.startswith("embedding_pc")]
+    assert embedding == [f"embedding_pc{i}" for i in range(1, components + 1)]
+    assert (tmp_path / "ref" / "drift_projection.npz").exists() == (components > 0)
+    assert {"predicted_class", "confidence"} <= set(table.columns)

@@ -15,14 +15,9 @@ from pathlib import Path
 import pytest
 
 from tumorflow.components.backbones import build_classifier
+from tumorflow.components.checkpoints import LATEST
 from tumorflow.components.input_bench import write_synthetic_split
-from tumorflow.components.train import (
-    LATEST,
-    _set_stage_trainable,
-    checkpoint_key,
-    flatten_config,
-    train_model,
-)
+from tumorflow.components.train import _set_stage_trainable, train_model
 from tumorflow.core.config import TrainConfig
 
 
@@ -64,12 +59,6 @@ def test_stage2_opens_only_the_top_layers_and_never_batchnorm():
         if isinstance(layer, keras.layers.BatchNormalization)
     )
     assert head_only < len(model.trainable_weights) < len(model.weights)
-
-
-def test_checkpoint_key_follows_data_and_config(split_dir):
-    assert checkpoint_key(split_dir, _config()) == checkpoint_key(split_dir, _config())
-    assert checkpoint_key(split_dir, _config()) != checkpoint_key(split_dir, _config(seed=9))
-    assert flatten_config(_config())["stage2.learning_rate"] == 1e-4
 
 
 @pytest.mark.slow
