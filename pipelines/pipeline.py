@@ -178,7 +178,9 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     evaluation = steps.evaluate(model=model, split=split, tracking_uri=p["tracking_uri"])
     evaluation.set_display_name("evaluate")
 
-    reference = steps.drift_reference(split=split, model=model).set_display_name("drift reference")
+    reference = steps.drift_reference(
+        split=split, model=model, embedding_components=p["embedding_components"]
+    ).set_display_name("drift reference")
 
     gating = steps.gate(
         evaluation=evaluation.outputs["evaluation"],
