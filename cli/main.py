@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from tumorflow import __version__
-from tumorflow.cli import bench, data, drift, model, pipeline, schedule, serve
+from tumorflow.cli import bench, data, drift, model, pipeline, policy, schedule, serve
 from tumorflow.core.errors import TumorflowError
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tumorflow {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (data, pipeline, schedule, model, serve, drift, bench):
+    for group in (data, pipeline, schedule, model, policy, serve, drift, bench):
         group.register(subparsers)
     return parser
 

@@ -29,8 +29,7 @@ def _decide(args: argparse.Namespace, status: str) -> int:
         tracking_uri,
         args.run,
         status,
-        args.by or getpass.getuser(),
-        text or None,
+        comment=text or None,
         override=getattr(args, "override", False),
         model_name=args.model_name,
     )
@@ -144,14 +143,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     approve.add_argument(
         "--reason", help="why the failed gate is overridden (required with --override)"
     )
-    approve.add_argument("--by", help="who approves (default: the current user)")
     _common(approve, model_name_help="restrict the search to this registered model")
     approve.set_defaults(handler=_approve)
 
     reject = subparsers.add_parser("reject", help="reject the candidate model of a pipeline run")
     reject.add_argument("run", metavar="RUN", help="pipeline run id (tumorflow.pipeline_run)")
     reject.add_argument("--reason", required=True, help="why the model is rejected")
-    reject.add_argument("--by", help="who rejects (default: the current user)")
     _common(reject, model_name_help="restrict the search to this registered model")
     reject.set_defaults(handler=_reject)
 

@@ -3,11 +3,15 @@
 The pipeline registers a candidate per run (`approval.status=pending`); in `manual` mode it polls
 those tags until `tumorflow approve RUN` or `tumorflow reject RUN` records a decision, or the
 timeout passes. A failed gate can only be approved with an explicit, reasoned override.
+
+The mode is the stricter of the registered model's approval policy and the run's `gate.approval`
+(`components/approval_rules.py`), and only the policy's approvers may decide.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import getpass
 import json
 import logging
 import time
@@ -16,9 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from tumorflow.components import registry
+from tumorflow.components.approval_rules import (
+    APPROVAL_MODES,
+    AUTO,
+    MANUAL,
+    ApprovalError,
+    ApprovalPolicy,
+    EffectivePolicy,
+    check_approver,
+    effective_policy,
+)
 from tumorflow.components.deploy import approval_tags
+from tumorflow.core import serving_layout
 from tumorflow.core.config import GateConfig
-from tumorflow.core.errors import TumorflowError
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +40,6 @@ PENDING = "pending"
 APPROVED = "approved"
 REJECTED = "rejected"
 TIMED_OUT = "timed_out"
-
-
-class ApprovalError(TumorflowError):
-    """An approval cannot be recorded as asked (no candidate, already decided, missing reason)."""
 
 
 @dataclass
@@ -46,6 +56,9 @@ class ApprovalDecision:
     override: bool = False
     gate_passed: bool | None = None
     reason: str = ""
+    # The approval mode this run obeyed and where it came from ("model policy manual, set by ...").
+    policy: str | None = None
+    policy_source: str | None = None
 
     @property
     def approved(self) -> bool:
@@ -72,12 +85,25 @@ def _from_tags(model_version: Any, pipeline_run: str) -> ApprovalDecision:
         comment=tags.get("approval.comment"),
         override=tags.get("approval.override") == "true",
         gate_passed=None if gate is None else gate == "true",
+        policy=tags.get(registry.TAG_APPROVAL_POLICY_APPLIED),
+        policy_source=tags.get(registry.TAG_APPROVAL_POLICY_SOURCE),
     )
+
+
+def _policy_tags(decision: ApprovalDecision) -> dict[str, str]:
+    return {
+        key: value
+        for key, value in (
+            (registry.TAG_APPROVAL_POLICY_APPLIED, decision.policy),
+            (registry.TAG_APPROVAL_POLICY_SOURCE, decision.policy_source),
+        )
+        if value
+    }
 
 
 def _set(client: Any, decision: ApprovalDecision) -> None:
     """Write the approval tags, status last: a poller that sees the status sees who/when/why."""
-    tags = approval_tags(decision.summary())
+    tags = approval_tags(decision.summary()) | _policy_tags(decision)
     for key, value in sorted(tags.items(), key=lambda item: item[0] == "approval.status"):
         client.set_model_version_tag(decision.model_name, decision.model_version, key, value)
 
@@ -86,7 +112,7 @@ def record_decision(
     tracking_uri: str,
     pipeline_run: str,
     status: str,
-    by: str,
+    by: str | None = None,
     comment: str | None = None,
     *,
     override: bool = False,
@@ -94,9 +120,13 @@ def record_decision(
 ) -> ApprovalDecision:
     """Record `approved` or `rejected` on the candidate of `pipeline_run` (tags on its version).
 
-    Refuses a rejection without a reason, an override without a reason, approving a failed gate
-    without `override`, and deciding a run that is no longer pending.
+    `by` is the identity that decides and is recorded: the OS user by default, which is what
+    `tumorflow approve|reject` passes; the review console (a later issue) passes the identity it
+    authenticated through this same function. Refuses an identity that the model's approval
+    policy does not list as an approver, a rejection or an override without a reason, approving
+    a failed gate without `override`, and deciding a run that is no longer pending.
     """
+    by = by or getpass.getuser()
     if status not in (APPROVED, REJECTED):
         raise ApprovalError(f"status must be {APPROVED} or {REJECTED}, not {status!r}")
     if (status == REJECTED or override) and not (comment and comment.strip()):
@@ -110,6 +140,12 @@ def record_decision(
             + (f" of {model_name}" if model_name else "")
             + "; check the run id (`tumorflow status` lists recent runs)"
         )
+    check_approver(
+        registry.get_approval_policy(client, model_version.name),
+        by,
+        model_version.name,
+        "approve" if status == APPROVED else "reject",
+    )
     current = _from_tags(model_version, pipeline_run)
     if current.status != PENDING:
         raise ApprovalError(
@@ -132,10 +168,41 @@ def record_decision(
         override=override,
         gate_passed=current.gate_passed,
         reason=f"{status} by {by}" + (f": {comment}" if comment else ""),
+        policy=current.policy,
+        policy_source=current.policy_source,
     )
     _set(client, decision)
     log.info("run %s %s by %s (version %s)", pipeline_run, status, by, model_version.version)
     return decision
+
+
+def set_model_policy(
+    tracking_uri: str,
+    model_name: str,
+    approval: str | None = None,
+    approvers: str | None = None,
+    *,
+    by: str | None = None,
+) -> ApprovalPolicy:
+    """Store the approval policy of `model_name` (`tumorflow policy set`); return it.
+
+    `approval` or `approvers` left None keep the stored value (`approvers=""`: anyone may approve).
+    `by` is recorded as who set it: the OS user by default; it is not a command-line field.
+    """
+    client = registry.connect(tracking_uri)
+    stored = registry.get_approval_policy(client, model_name)
+    if approval is None and stored is None:
+        raise ApprovalError(
+            f"{model_name} has no approval policy yet: pass --approval {' or '.join(APPROVAL_MODES)}"
+        )
+    kept = stored.approvers if stored is not None else ()
+    policy = ApprovalPolicy(
+        approval or stored.approval,
+        kept if approvers is None else approvers,
+        set_by=by or getpass.getuser(),
+        set_at=_now(),
+    )
+    return registry.set_approval_policy(client, model_name, policy)
 
 
 def wait_for_approval(
@@ -145,11 +212,13 @@ def wait_for_approval(
     timeout_s: float,
     poll_s: float,
     *,
-    mode: str = "manual",
+    mode: str = MANUAL,
+    policy_source: str | None = None,
 ) -> ApprovalDecision:
     """Poll the candidate's tags until approved or rejected; on timeout record `timed_out`.
 
     In `auto` mode a passing gate is approved at once (by "auto") and a failing one is not.
+    `mode` and `policy_source` (why this mode) are recorded on the candidate before it waits.
     """
     client = registry.connect(tracking_uri)
     deadline = time.monotonic() + timeout_s
@@ -159,12 +228,16 @@ def wait_for_approval(
         if model_version is None:
             raise ApprovalError(f"run {pipeline_run} has no candidate version of {model_name}")
         current = _from_tags(model_version, pipeline_run)
+        if policy_source and current.status == PENDING and current.policy_source != policy_source:
+            current.policy, current.policy_source = mode, policy_source
+            for key, value in _policy_tags(current).items():
+                client.set_model_version_tag(model_name, model_version.version, key, value)
         if current.status in (APPROVED, REJECTED, TIMED_OUT):
             current.reason = f"{current.status} by {current.by}" + (
                 f": {current.comment}" if current.comment else ""
             )
             return current
-        if mode == "auto":
+        if mode == AUTO:
             if current.gate_passed:
                 current.status, current.by, current.at = APPROVED, "auto", _now()
                 current.reason = "approved automatically: the gate passed"
@@ -185,13 +258,44 @@ def wait_for_approval(
             return current
         if not announced:
             log.info(
-                "waiting up to %gs for `tumorflow approve %s` or `tumorflow reject %s --reason ...`",
+                "waiting up to %gs for `tumorflow approve %s` or `tumorflow reject %s --reason ...`"
+                " (%s)",
                 timeout_s,
                 pipeline_run,
                 pipeline_run,
+                current.policy_source or "manual approval",
             )
             announced = True
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+def _resolve(
+    gate: GateConfig,
+    tracking_uri: str | None,
+    model_name: str,
+    pipeline_run: str,
+    model_base_path: str | None,
+) -> EffectivePolicy:
+    """The run's effective policy, from the registry when there is one, else from what is served."""
+    if tracking_uri:
+        stored = registry.get_approval_policy(registry.connect(tracking_uri), model_name)
+        return effective_policy(
+            stored,
+            gate.approval,
+            model_name=model_name,
+            registry_readable=True,
+            stored_by=f"pipeline run {pipeline_run}",
+            now=_now(),
+        )
+    served = serving_layout.served_version(model_base_path, model_name) if model_base_path else None
+    return effective_policy(
+        None,
+        gate.approval,
+        model_name=model_name,
+        registry_readable=False,
+        served_version=served.version if served else None,
+        served_known=bool(model_base_path),
+    )
 
 
 def run_approval(
@@ -203,20 +307,34 @@ def run_approval(
     model_name: str,
     pipeline_run: str,
     output_dir: Path,
+    model_base_path: str | None = None,
 ) -> ApprovalDecision:
-    """The approval step: register the candidate, wait (manual) or decide (auto), write approval.json."""
+    """The approval step: register the candidate, wait (manual) or decide (auto), write approval.json.
+
+    The mode is the stricter of the model's stored policy and `gate.approval`; a model without a
+    stored policy gets the run's. Without a registry (`tracking_uri` None) the run goes ahead
+    only where `model_base_path` shows that nothing of the model is served yet.
+    """
     decision = json.loads((Path(decision_dir) / "decision.json").read_text())
+    policy = _resolve(gate, tracking_uri, model_name, pipeline_run, model_base_path)
+    if policy.approval != gate.approval:
+        log.info("gate.approval=%s, but %s", gate.approval, policy.source)
     if tracking_uri:
         registry.register_candidate(tracking_uri, model_name, model_dir, decision, pipeline_run)
+        if policy.to_store is not None:
+            client = registry.connect(tracking_uri)
+            if registry.get_approval_policy(client, model_name) is None:
+                registry.set_approval_policy(client, model_name, policy.to_store)
         result = wait_for_approval(
             tracking_uri,
             model_name,
             pipeline_run,
             gate.approval_timeout_s,
             gate.approval_poll_s,
-            mode=gate.approval,
+            mode=policy.approval,
+            policy_source=policy.source,
         )
-    elif gate.approval == "manual":
+    elif policy.approval == MANUAL:
         raise ApprovalError("manual approval needs an MLflow tracking URI to record decisions on")
     else:
         passed = bool(decision["passed"])
@@ -228,9 +346,11 @@ def run_approval(
             at=_now(),
             gate_passed=passed,
             reason="approved automatically: the gate passed" if passed else "the gate failed",
+            policy=policy.approval,
+            policy_source=policy.source,
         )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "approval.json").write_text(json.dumps(result.summary(), indent=2))
-    log.info("approval for run %s: %s", pipeline_run, result.reason)
+    log.info("approval for run %s: %s (%s)", pipeline_run, result.reason, result.policy_source)
     return result

@@ -17,11 +17,12 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tumorflow.components.approval_rules import ApprovalError, ApprovalPolicy
 from tumorflow.core.errors import TumorflowError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,14 @@ TAG_PIPELINE_RUN = "tumorflow.pipeline_run"
 TAG_GATE_PASSED = "gate.passed"
 TAG_SERVING_VERSION = "serving_version"
 TAG_SERVING_PATH = "serving_path"
+# Which approval policy a version's approval obeyed ("manual") and where it came from.
+TAG_APPROVAL_POLICY_APPLIED = "approval.policy"
+TAG_APPROVAL_POLICY_SOURCE = "approval.policy_source"
+# Tags on the registered model (not a version): the approval policy every run of it obeys.
+TAG_APPROVAL_POLICY = "tumorflow.approval_policy"
+TAG_APPROVERS = "tumorflow.approvers"
+TAG_POLICY_SET_BY = "tumorflow.policy_set_by"
+TAG_POLICY_SET_AT = "tumorflow.policy_set_at"
 MODEL_ARTIFACT = "tumorflow_model"
 # Where the train step logs the model folder in its MLflow run.
 TRAINING_ARTIFACT = "model"
@@ -62,16 +71,62 @@ def _is_missing(exc: Exception) -> bool:
     return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
-def aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
-    """Alias -> version of a registered model ({} when the model is not registered yet)."""
+def _registered_model(client: MlflowClient, model_name: str) -> RegisteredModel | None:
+    """The registered model, or None when it is not registered yet."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return dict(client.get_registered_model(model_name).aliases)
+        return client.get_registered_model(model_name)
     except MlflowException as exc:
         if _is_missing(exc):
-            return {}
-        raise
+            return None
+        raise RegistryError(f"cannot read registered model {model_name}: {exc}") from None
+
+
+def aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
+    """Alias -> version of a registered model ({} when the model is not registered yet)."""
+    model = _registered_model(client, model_name)
+    return dict(model.aliases) if model is not None else {}
+
+
+def get_approval_policy(client: MlflowClient, model_name: str) -> ApprovalPolicy | None:
+    """The approval policy stored with `model_name`; None when it is not registered or has none."""
+    model = _registered_model(client, model_name)
+    tags = dict(model.tags) if model is not None else {}
+    if TAG_APPROVAL_POLICY not in tags:
+        return None
+    try:
+        return ApprovalPolicy(
+            tags[TAG_APPROVAL_POLICY],
+            tags.get(TAG_APPROVERS, "").split(","),
+            set_by=tags.get(TAG_POLICY_SET_BY),
+            set_at=tags.get(TAG_POLICY_SET_AT),
+        )
+    except ApprovalError as exc:
+        raise RegistryError(
+            f"registered model {model_name} has an unusable tag {TAG_APPROVAL_POLICY}: {exc}; "
+            f"fix it with `tumorflow policy set {model_name} --approval manual|auto`"
+        ) from None
+
+
+def set_approval_policy(
+    client: MlflowClient, model_name: str, policy: ApprovalPolicy
+) -> ApprovalPolicy:
+    """Store `policy` with `model_name`, registering the model (without versions) if it is new.
+
+    The policy tag is written last, so a reader that sees it sees its approvers and author.
+    """
+    tags = {
+        TAG_APPROVERS: ",".join(policy.approvers),
+        TAG_POLICY_SET_BY: policy.set_by or "",
+        TAG_POLICY_SET_AT: policy.set_at or "",
+        TAG_APPROVAL_POLICY: policy.approval,
+    }
+    _ensure_registered(client, model_name)
+    for key, value in tags.items():
+        client.set_registered_model_tag(model_name, key, value)
+    log.info("approval policy of %s: %s", model_name, policy.describe())
+    return policy
 
 
 def version_by_alias(client: MlflowClient, model_name: str, alias: str) -> ModelVersion | None:
@@ -133,6 +188,18 @@ def _experiment_id(client: MlflowClient, experiment: str) -> str:
     return found.experiment_id if found else client.create_experiment(experiment)
 
 
+def _ensure_registered(client: MlflowClient, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    if _registered_model(client, model_name) is not None:
+        return
+    try:
+        client.create_registered_model(model_name, description="tumorflow tumor classifier")
+    except MlflowException as exc:  # registered meanwhile by a concurrent run
+        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def register_model_version(
     client: MlflowClient,
     model_name: str,
@@ -141,14 +208,7 @@ def register_model_version(
     experiment: str = DEFAULT_EXPERIMENT,
 ) -> ModelVersion:
     """Register the model folder as a new version of `model_name` with `tags`."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException as exc:
-        if not _is_missing(exc):
-            raise
-        client.create_registered_model(model_name, description="tumorflow tumor classifier")
+    _ensure_registered(client, model_name)
     source, run_id = _model_source(client, model_dir, experiment)
     version = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
     log.info("registered %s version %s from %s", model_name, version.version, source)

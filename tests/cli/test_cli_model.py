@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import getpass
 import json
 import socket
 import time
@@ -24,15 +25,13 @@ def test_approve_while_a_run_waits(
             run,
             "--comment",
             "checked the tumor cases",
-            "--by",
-            "dr-lee",
             "--tracking-uri",
             mlflow_server,
         ]
     )
     thread.join(timeout=30)
     assert code == 0
-    assert f"of run {run}: approved by dr-lee" in capsys.readouterr().out
+    assert f"of run {run}: approved by {getpass.getuser()}" in capsys.readouterr().out
     assert result[0].approved and result[0].comment == "checked the tumor cases"
 
 
@@ -62,17 +61,19 @@ def test_override_of_a_failed_gate(tmp_path, mlflow_server, capsys, approval_can
     assert "--override" in capsys.readouterr().err
     assert main(["approve", run, "--override", *uri]) == 2
     assert "needs a reason" in capsys.readouterr().err
-    assert (
-        main(["approve", run, "--override", "--reason", "known label noise", "--by", "qa", *uri])
-        == 0
-    )
+    assert main(["approve", run, "--override", "--reason", "known label noise", *uri]) == 0
     assert "override of a failed gate" in capsys.readouterr().out
     assert (
         main(["status", "--model-name", name, "--model-base-path", str(tmp_path / "none"), *uri])
         == 0
     )
     out = capsys.readouterr().out
-    assert "approved*" in out and "qa" in out and "known label noise" in out and run in out
+    assert (
+        "approved*" in out
+        and getpass.getuser() in out
+        and "known label noise" in out
+        and run in out
+    )
 
 
 def test_unknown_run_and_unreachable_server_are_clear(mlflow_server, capsys):

@@ -1,5 +1,6 @@
 """The whole DAG under kfp.local on a tiny phantom dataset, tracked by a real MLflow server."""
 
+import getpass
 import io
 import json
 import threading
@@ -220,8 +221,6 @@ def test_manual_approval_through_the_cli_while_the_run_waits_then_rollback(
             [
                 "approve",
                 run_name,
-                "--by",
-                "dr-who",
                 "--comment",
                 "ok",
                 "--tracking-uri",
@@ -234,7 +233,7 @@ def test_manual_approval_through_the_cli_while_the_run_waits_then_rollback(
     assert approved.deployed_version == 2
     assert approved.gate["champion_version"] == "1"  # compared with the champion it replaces
     champion = client.get_model_version_by_alias("e2e-model", "champion")
-    assert champion.tags["approval.by"] == "dr-who"
+    assert champion.tags["approval.by"] == getpass.getuser()
     assert champion.tags["serving_version"] == "2"
 
     base = Path(first.model_base_path)
