@@ -308,6 +308,7 @@ def run_approval(
     pipeline_run: str,
     output_dir: Path,
     model_base_path: str | None = None,
+    trigger_reason: str = "",
 ) -> ApprovalDecision:
     """The approval step: register the candidate, wait (manual) or decide (auto), write approval.json.
 
@@ -320,7 +321,14 @@ def run_approval(
     if policy.approval != gate.approval:
         log.info("gate.approval=%s, but %s", gate.approval, policy.source)
     if tracking_uri:
-        registry.register_candidate(tracking_uri, model_name, model_dir, decision, pipeline_run)
+        registry.register_candidate(
+            tracking_uri,
+            model_name,
+            model_dir,
+            decision,
+            pipeline_run,
+            trigger_reason=trigger_reason,
+        )
         if policy.to_store is not None:
             client = registry.connect(tracking_uri)
             if registry.get_approval_policy(client, model_name) is None:

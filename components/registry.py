@@ -32,6 +32,8 @@ TAG_PIPELINE_RUN = "tumorflow.pipeline_run"
 TAG_GATE_PASSED = "gate.passed"
 TAG_SERVING_VERSION = "serving_version"
 TAG_SERVING_PATH = "serving_path"
+# Why the run that made this version started (a drift alarm, a schedule); empty: by hand.
+TAG_TRIGGER_REASON = "tumorflow.trigger_reason"
 # Which approval policy a version's approval obeyed ("manual") and where it came from.
 TAG_APPROVAL_POLICY_APPLIED = "approval.policy"
 TAG_APPROVAL_POLICY_SOURCE = "approval.policy_source"
@@ -222,6 +224,7 @@ def register_candidate(
     decision: dict[str, Any],
     pipeline_run: str,
     experiment: str = DEFAULT_EXPERIMENT,
+    trigger_reason: str = "",
 ) -> ModelVersion:
     """Register (once per pipeline run) the model version that waits for approval and deploy."""
     client = connect(tracking_uri)
@@ -233,6 +236,8 @@ def register_candidate(
         TAG_GATE_PASSED: str(bool(decision["passed"])).lower(),
         "approval.status": "pending",
     }
+    if trigger_reason:
+        tags[TAG_TRIGGER_REASON] = trigger_reason[:5000]
     return register_model_version(client, model_name, model_dir, tags, experiment)
 
 

@@ -197,7 +197,9 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
         gate_config=p["gate_config"],
         tracking_uri=p["tracking_uri"],
         model_name=p["model_name"],
+        model_base_path=p["model_base_path"],
         pipeline_run=pipeline_run,
+        trigger_reason=p["trigger_reason"],
     ).set_display_name("approval")
     approving.set_caching_options(False)
 

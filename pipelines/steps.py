@@ -276,10 +276,13 @@ def approval(
     gate_config: dict,
     tracking_uri: str,
     model_name: str,
+    model_base_path: str,
     pipeline_run: str,
+    trigger_reason: str,
     record: Output[Artifact],
 ) -> bool:
-    """Register the candidate; in manual mode wait for `tumorflow approve|reject RUN`."""
+    """Register the candidate (tagged with why the run started); wait for a person when the
+    model's policy or the run's config says manual (`tumorflow approve|reject RUN`)."""
     from pathlib import Path
 
     from tumorflow.components.approval import run_approval
@@ -293,6 +296,8 @@ def approval(
         model_name=model_name,
         pipeline_run=pipeline_run,
         output_dir=Path(record.path),
+        model_base_path=model_base_path,
+        trigger_reason=trigger_reason,
     )
     record.metadata.update(result.summary())
     return result.approved

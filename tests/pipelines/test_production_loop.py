@@ -318,6 +318,14 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
         reviewer.join(timeout=60)
         assert day4.trigger_reason and day4.trigger_reason.startswith("drift detected")
         assert day4.approval["status"] == "rejected"
+        rejected = [
+            v
+            for v in registry.search_model_versions(f"name = '{MODEL}'")
+            if v.tags.get("approval.status") == "rejected"
+        ]
+        assert len(rejected) == 1
+        assert rejected[0].tags["tumorflow.trigger_reason"] == day4.trigger_reason
+        assert rejected[0].tags["approval.policy"] == "manual"
         assert day4.deployed_version is None
         labels = registry.get_registered_model(MODEL).aliases
         assert (
