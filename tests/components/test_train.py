@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import write_synthetic_split
 
 from tumorflow.components.backbones import build_classifier
-from tumorflow.components.input_bench import write_synthetic_split
 from tumorflow.components.train import (
     LATEST,
     _set_stage_trainable,
