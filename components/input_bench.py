@@ -9,7 +9,6 @@ the split step keeps 8-bit JPEGs), then measures images/s of:
     the batches (with AUTOTUNE parallelism and prefetch, as the guide writes it);
 (c) bare parallel decoding of the same TFRecords (read + decode only), the limit, in RGB and in
     one channel (the limit of the one-channel mode).
-The synthetic-data writers also serve the tests as tiny split datasets.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,49 +70,6 @@ def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
-def write_synthetic_split(
-    output_dir: Path,
-    counts: dict[str, int],
-    size: int,
-    seed: int = 0,
-    classes: Iterable[str] = BENCH_CLASSES,
-    shard_size: int = 1024,
-) -> Path:
-    """A split dataset (docs/artifacts.md) of synthetic scans: `counts[split]` images per class.
-
-    Writes PNG TFRecord shards and `split_manifest.json`; returns `output_dir`.
-    """
-    output_dir = Path(output_dir)
-    classes = list(classes)
-    rng = np.random.default_rng(seed)
-    splits: dict[str, dict] = {}
-    for split, per_class in counts.items():
-        records = []
-        for index in range(per_class * len(classes)):
-            label = index % len(classes)
-            pixels = draw_synthetic_scan(rng, label, len(classes), size)
-            path = f"{classes[label]}/{split}-{index:05d}.png"
-            records.append(Record(encode_image(pixels, "PNG"), label, path, f"g-{split}-{index}"))
-        shards = write_shards(records, output_dir, split, shard_size)
-        splits[split] = {
-            "count": len(records),
-            "class_counts": dict.fromkeys(classes, per_class),
-            "shards": shards,
-        }
-    manifest = {
-        "classes": classes,
-        "splits": splits,
-        "class_weights": dict.fromkeys(classes, 1.0),
-        "seed": seed,
-        "grouping": {"groups": sum(s["count"] for s in splits.values())},
-        "strategy": "synthetic",
-        "quarantined": 0,
-        "source": {"source": "synthetic"},
-    }
-    (output_dir / MANIFEST_JSON).write_text(json.dumps(manifest, indent=2))
-    return output_dir
-
-
 def _write_bench_data(
     workdir: Path, n_images: int, source_size: int, seed: int
 ) -> tuple[Path, Path]:
@@ -143,8 +98,10 @@ def _write_bench_data(
 
 @dataclass(frozen=True)
 class Pass:
-    """One full pass over a dataset: images/s of wall time and CPU ms per image (all threads)."""
+    """One full pass over a dataset: the images it gave, images/s of wall time and CPU ms per
+    image (all threads)."""
 
+    images: int
     rate: float
     cpu_ms: float
 
@@ -159,7 +116,7 @@ def _one_pass(dataset, batched: bool) -> Pass:
         count += int(element[0].shape[0]) if batched else 1
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     del iterator
-    return Pass(count / wall, 1000.0 * cpu / max(count, 1))
+    return Pass(count, count / wall, 1000.0 * cpu / max(count, 1))
 
 
 def _warm_up(dataset, batches: int = 3) -> None:
@@ -271,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         f"median of {max(1, args.repeats)} passes"
     )
     print(
-        f"{'pipeline':<46} {'images/s':>10} {'min-max':>13} {'cpu ms/img':>11} "
+        f"{'pipeline':<46} {'images':>7} {'images/s':>10} {'min-max':>13} {'cpu ms/img':>11} "
         f"{'vs keras':>9} {'vs decode':>10}"
     )
     for name, runs in passes.items():
@@ -279,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
         spread = f"{min(p.rate for p in runs):.0f}-{max(p.rate for p in runs):.0f}"
         cpu_ms = statistics.median(p.cpu_ms for p in runs)
         print(
-            f"{name:<46} {rate:>10.1f} {spread:>13} {cpu_ms:>11.2f} "
+            f"{name:<46} {min(p.images for p in runs):>7} {rate:>10.1f} {spread:>13} "
+            f"{cpu_ms:>11.2f} "
             f"{rate / keras_rate:>8.2f}x {rate / decode_rate:>9.2f}x"
         )
     for label, name, bare in (("rgb", OURS_RGB, BARE), ("grey", OURS_GREY, BARE_GREY)):

@@ -2,36 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from helpers import free_port, wait_until
 
 
 def wait_for_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Wait until `url` answers 200; fail at once when `process` (the server) has exited."""
+
+    def answers() -> bool:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before answering {url}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+                return response.status == 200
         except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+            return False
+
+    wait_until(answers, timeout, f"{url} answering", interval=0.3)
 
 
 @pytest.fixture(scope="session")
@@ -102,24 +98,42 @@ def approval_candidate(tmp_path: Path, mlflow_server: str):
 
 
 @pytest.fixture()
-def approval_waiter(mlflow_server: str):
-    """Start `wait_for_approval` in a thread, as the pipeline's approval step waits."""
-    import threading
+def approval_waiter(mlflow_server: str) -> Iterator[Callable[..., tuple[threading.Thread, list]]]:
+    """Start `wait_for_approval` in a thread, as the pipeline's approval step waits; return once
+    it waits (it logs that it does) or has already returned."""
+    from tumorflow.components import approval
 
-    from tumorflow.components.approval import wait_for_approval
+    waiting: set[str] = set()
+
+    class Announcements(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("waiting up to"):
+                waiting.update(word.strip("`") for word in message.split())
+
+    logger = logging.getLogger(approval.__name__)
+    handler, level = Announcements(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
     def start(name: str, run: str, timeout_s: float) -> tuple[threading.Thread, list]:
         result: list = []
         thread = threading.Thread(
             target=lambda: result.append(
-                wait_for_approval(mlflow_server, name, run, timeout_s, 0.2)
+                approval.wait_for_approval(mlflow_server, name, run, timeout_s, 0.2)
             )
         )
         thread.start()
-        time.sleep(0.5)
+        wait_until(
+            lambda: run in waiting or not thread.is_alive(), 30, f"a wait for approval of {run}"
+        )
         return thread, result
 
-    return start
+    try:
+        yield start
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

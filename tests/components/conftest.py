@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import image_bytes, write_split
 
 CLASSES = ["cyst", "normal", "stone", "tumor"]
 # Each class is an image of one grey level (plus noise); a "brightness" model separates them.
 CLASS_LEVELS = [40.0, 100.0, 160.0, 220.0]
-
-
-def brightness_png(label: int, size: tuple[int, int], seed: int, mode: str = "RGB") -> bytes:
-    """A noisy image whose mean grey level codes `label`."""
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(CLASS_LEVELS[label] + rng.normal(0, 8, size=(*size, 3)), 0, 255)
-    image = Image.fromarray(pixels.astype(np.uint8)).convert(mode)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture()
@@ -71,13 +60,15 @@ def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture()
 def split_dir(tmp_path: Path) -> Path:
-    """A split dataset with a 24-image test split (6 per class, assorted sizes)."""
-    from tumorflow.components.tfrecords import MANIFEST_JSON, Record, write_shards
+    """A split dataset with a 24-image test split (6 per class, assorted sizes), each image a
+    noisy grey whose mean level codes its class."""
+    from tumorflow.components.tfrecords import Record
 
-    folder = tmp_path / "split"
     records = [
         Record(
-            encoded=brightness_png(label, (40 + 3 * i, 36 + 5 * i), seed=10 * label + i),
+            encoded=image_bytes(
+                10 * label + i, (40 + 3 * i, 36 + 5 * i), level=CLASS_LEVELS[label]
+            ),
             label=label,
             path=f"{CLASSES[label]}/{i}.png",
             group=f"{label}-{i}",
@@ -85,13 +76,7 @@ def split_dir(tmp_path: Path) -> Path:
         for label in range(len(CLASSES))
         for i in range(6)
     ]
-    shards = write_shards(records, folder, "test", shard_size=100)
-    manifest = {
-        "classes": CLASSES,
-        "splits": {"test": {"count": len(records), "shards": shards}},
-    }
-    (folder / MANIFEST_JSON).write_text(json.dumps(manifest))
-    return folder
+    return write_split(tmp_path / "split", CLASSES, {"test": records})
 
 
 @pytest.fixture(scope="session")

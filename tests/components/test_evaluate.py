@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import write_synthetic_split
 
 from tumorflow.components.backbones import build_classifier
 from tumorflow.components.evaluate import (
@@ -16,7 +17,6 @@ from tumorflow.components.evaluate import (
     expected_calibration_error,
     log_kfp_metrics,
 )
-from tumorflow.components.input_bench import write_synthetic_split
 from tumorflow.core.errors import ModelError
 
 CLASSES = ["a", "b", "c"]

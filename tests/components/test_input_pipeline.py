@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
+from helpers import encode, write_split, write_synthetic_split
 
-from tumorflow.components.input_bench import encode_image, write_synthetic_split
 from tumorflow.components.input_pipeline import augment_batch, decoded_examples, make_dataset
 from tumorflow.core.config import AugmentConfig
 from tumorflow.core.errors import DatasetError
@@ -124,23 +122,14 @@ def test_empty_or_missing_split_is_a_dataset_error(split_dir):
 
 
 def test_jpeg_decodes_scaled_in_the_dct_and_matches_an_antialiased_resize():
-    import io
-
-    import numpy as np
     import tensorflow as tf
     from PIL import Image
 
     from tumorflow.components.input_pipeline import decode_to_size
 
-    rng = np.random.default_rng(0)
-    smooth = Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).resize(
-        (512, 512), Image.BICUBIC
-    )
-    jpeg, png = io.BytesIO(), io.BytesIO()
-    smooth.save(jpeg, "JPEG", quality=95)
-    smooth.save(png, "PNG")
+    smooth = Image.fromarray(_smooth_image(np.random.default_rng(0), 512, 512)[:, :, 0])
     expected = np.asarray(smooth.convert("RGB").resize((64, 64), Image.BOX), dtype=np.float32)
-    for data in (jpeg.getvalue(), png.getvalue()):
+    for data in (encode(smooth, "JPEG"), encode(smooth, "PNG")):
         pixels = decode_to_size(tf.constant(data), 64).numpy()
         assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
         assert np.abs(pixels.astype(np.float32) - expected).mean() < 4.0
@@ -191,17 +180,15 @@ def test_padded_images_are_resized_from_their_own_pixels_only():
 
 
 def test_training_batches_from_images_of_mixed_sizes(tmp_path):
-    from tumorflow.components.tfrecords import MANIFEST_JSON, Record, write_shards
+    from tumorflow.components.tfrecords import Record
 
     rng = np.random.default_rng(1)
     sides = [(40, 40), (56, 48), (100, 120), (33, 70)] * 3
     records = [
-        Record(encode_image(_smooth_image(rng, h, w), "PNG"), i % 2, f"{i}.png", str(i))
+        Record(encode(_smooth_image(rng, h, w)), i % 2, f"{i}.png", str(i))
         for i, (h, w) in enumerate(sides)
     ]
-    shards = write_shards(records, tmp_path, "train", 5)
-    manifest = {"classes": ["a", "b"], "splits": {"train": {"count": 12, "shards": shards}}}
-    (tmp_path / MANIFEST_JSON).write_text(json.dumps(manifest))
+    write_split(tmp_path, ["a", "b"], {"train": records}, shard_size=5)
 
     batches = _first_epoch(make_dataset(tmp_path, "train", 32, 5, AugmentConfig(), True, 0))
 
@@ -218,7 +205,7 @@ def test_grayscale_training_matches_the_grayscale_serving_decode():
 
     rng = np.random.default_rng(2)
     grey = _smooth_image(rng, 48, 48)[:, :, :1].repeat(3, axis=2)
-    png = encode_image(grey, "PNG")
+    png = encode(grey)
     served = decode_to_size(tf.constant(png), 32, grayscale=True).numpy()
     one_channel = tf.constant(grey[None, :, :, :1])
     trained = augment_batch(one_channel, _all_off(), tf.constant([0, 0], tf.int64), 32).numpy()

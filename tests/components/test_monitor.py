@@ -3,14 +3,13 @@ on drift, with the reason recorded."""
 
 from __future__ import annotations
 
-import io
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import encode
 
 from tumorflow.components.drift_features import image_feature_table
 from tumorflow.core.config import PipelineConfig
@@ -26,12 +25,6 @@ def scans(seed: int, brightness: float = 0.0) -> list[np.ndarray]:
         np.clip(rng.normal(rng.normal(100, 15) + brightness, 20, (32, 32)), 0, 255).astype(np.uint8)
         for _ in range(IMAGES)
     ]
-
-
-def encode(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def serve_requests(log_root: Path, images: list[np.ndarray]) -> None:

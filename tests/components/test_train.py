@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import write_synthetic_split
 
 from tumorflow.components.backbones import build_classifier
 from tumorflow.components.checkpoints import LATEST
-from tumorflow.components.input_bench import write_synthetic_split
 from tumorflow.components.train import _set_stage_trainable, train_model
 from tumorflow.core.config import TrainConfig
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import noise_image
 from PIL import Image
 
 from tumorflow.components.download import download_dataset
@@ -19,11 +20,6 @@ from tumorflow.core.config import DatasetConfig, SplitConfig
 from tumorflow.core.errors import DatasetError
 
 SMALL_SPLIT = SplitConfig(val_fraction=0.2, test_fraction=0.2, min_test_per_class=1)
-
-
-def _noise_image(seed: int, size: int = 32, mode: str = "L") -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
-    return Image.fromarray(pixels, mode="L").convert(mode)
 
 
 def _save(path: Path, image: Image.Image | bytes, fmt: str = "PNG") -> None:
@@ -39,7 +35,10 @@ def _dataset_folder(
 ) -> Path:
     for index, name in enumerate(classes):
         for number in range(per_class):
-            _save(root / name / f"{name}-{number}.png", _noise_image(seed + 1000 * index + number))
+            _save(
+                root / name / f"{name}-{number}.png",
+                noise_image(seed + 1000 * index + number, mode="L"),
+            )
     return root
 
 
@@ -115,16 +114,16 @@ def test_near_duplicate_slices_never_straddle_splits(tmp_path: Path, tiny_phanto
 @pytest.mark.parametrize(
     ("mode", "make"),
     [
-        ("L", lambda: _noise_image(1)),
-        ("RGBA", lambda: _noise_image(2, mode="RGBA")),
-        ("LA", lambda: _noise_image(3, mode="LA")),
-        ("P", lambda: _noise_image(4, mode="RGB").convert("P")),
+        ("L", lambda: noise_image(1, mode="L")),
+        ("RGBA", lambda: noise_image(2, mode="RGBA")),
+        ("LA", lambda: noise_image(3, mode="LA")),
+        ("P", lambda: noise_image(4, mode="P")),
         (
             "I;16",
             lambda: Image.fromarray(np.linspace(0, 4000, 32 * 32, dtype=np.uint16).reshape(32, 32)),
         ),
-        ("CMYK", lambda: _noise_image(5, mode="CMYK")),
-        ("1", lambda: _noise_image(6, mode="1")),
+        ("CMYK", lambda: noise_image(5, mode="CMYK")),
+        ("1", lambda: noise_image(6, mode="1")),
         (
             "F",
             lambda: Image.fromarray(
@@ -156,11 +155,13 @@ def test_transparency_is_composited_on_black() -> None:
 def test_gray_rgba_and_16_bit_files_are_written_as_rgb_png_and_jpegs_kept(tmp_path: Path) -> None:
     source = tmp_path / "source"
     for number in range(5):
-        _save(source / "cyst" / f"gray-{number}.png", _noise_image(number, size=40))
+        _save(source / "cyst" / f"gray-{number}.png", noise_image(number, size=40, mode="L"))
         _save(
-            source / "cyst" / f"gray-{number}.jpg", _noise_image(50 + number, size=40), fmt="JPEG"
+            source / "cyst" / f"gray-{number}.jpg",
+            noise_image(50 + number, size=40, mode="L"),
+            fmt="JPEG",
         )
-        _save(source / "tumor" / f"rgba-{number}.png", _noise_image(100 + number, mode="RGBA"))
+        _save(source / "tumor" / f"rgba-{number}.png", noise_image(100 + number, mode="RGBA"))
         deep = np.random.default_rng(number).integers(0, 65535, (36, 36), dtype=np.uint16)
         _save(source / "tumor" / f"deep-{number}.png", Image.fromarray(deep))
     _run(source, tmp_path)
@@ -182,13 +183,13 @@ def test_gray_rgba_and_16_bit_files_are_written_as_rgb_png_and_jpegs_kept(tmp_pa
 
 def test_small_huge_changed_and_conflicting_files_are_quarantined(tmp_path: Path) -> None:
     source = _dataset_folder(tmp_path / "source")
-    _save(source / "cyst" / "tiny.png", _noise_image(7, size=8))
+    _save(source / "cyst" / "tiny.png", noise_image(7, size=8, mode="L"))
     Image.new("1", (8200, 8200)).save(source / "tumor" / "bomb.png")
-    _save(source / "cyst" / "same.png", _noise_image(8))
-    _save(source / "tumor" / "same.png", _noise_image(8))
+    _save(source / "cyst" / "same.png", noise_image(8, mode="L"))
+    _save(source / "tumor" / "same.png", noise_image(8, mode="L"))
     download_dataset(str(source), tmp_path / "raw", DatasetConfig())
     changed = tmp_path / "raw" / "files" / "cyst" / "cyst-0.png"
-    _noise_image(99).save(changed)
+    noise_image(99, mode="L").save(changed)
     validate_and_split(tmp_path / "raw", tmp_path / "split", SMALL_SPLIT)
     with (tmp_path / "split" / "quarantine.csv").open() as handle:
         reasons = {row["path"]: row["reason"] for row in csv.DictReader(handle)}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 from tumorflow.core import storage
 from tumorflow.core.errors import SourceUnavailableError
@@ -72,10 +72,7 @@ def test_a_missing_bucket_is_a_clear_error(tmp_path: Path, gcs_emulator: str) ->
 
 
 def test_unreachable_gcs_fails_fast_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(storage, "RETRY_DEADLINE_S", 1.0)
     started = time.monotonic()
     with pytest.raises(SourceUnavailableError, match="STORAGE_EMULATOR_HOST"):

@@ -1,15 +1,15 @@
 """The whole DAG under kfp.local on a tiny phantom dataset, tracked by a real MLflow server."""
 
 import getpass
-import io
 import json
+import logging
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import image_bytes, noise_image, wait_until
+from PIL import ImageFilter
 
 from tumorflow.core.config import load_config
 from tumorflow.pipelines.runner import run_local
@@ -35,13 +35,6 @@ def _tiny_config(run_root: Path, tracking_uri: str, *overrides: str):
             *overrides,
         ],
     )
-
-
-def _png(size: int = 60) -> bytes:
-    buffer = io.BytesIO()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def test_a_passing_run_deploys_a_servable_version(passing_run):
     version_dir = Path(summary.model_base_path) / "e2e-model" / "1"
     assert (version_dir / "saved_model.pb").exists()
     serving = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
-    outputs = serving(image_bytes=tf.constant([_png(), _png(80)]))
+    outputs = serving(image_bytes=tf.constant([image_bytes(0, 60, "L"), image_bytes(1, 80, "L")]))
     scores = outputs["scores"].numpy()
     assert scores.shape == (2, 4)
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-4)
@@ -102,17 +95,32 @@ def test_the_run_is_tracked_in_mlflow(passing_run, mlflow_server):
     assert client.get_model_version_by_alias("e2e-model", "champion").version == "1"
 
 
-def test_a_failing_gate_deploys_nothing(passing_run, mlflow_server):
+def test_a_failing_gate_deploys_nothing_and_reuses_the_first_runs_training(
+    passing_run, mlflow_server, caplog
+):
     config, first = passing_run
     strict = config.model_copy(deep=True)
     strict.gate.rules[0].threshold = 1.01
+    caplog.set_level(logging.INFO)  # as the CLI logs: the runner reads kfp.local's cache hits
     summary = run_local(strict)
     assert summary.gate["passed"] is False
     assert summary.deployed_version is None
     versions = sorted(p.name for p in (Path(first.model_base_path) / "e2e-model").iterdir())
     assert versions == ["1"]
-    assert "train" not in summary.task_seconds or summary.task_seconds["train"] < 30
     assert json.loads(json.dumps(summary.to_dict()))["deployed_version"] is None
+
+    # Only the gate's rules changed: the steps before it came from the cache (and left nothing
+    # in this run's folder), the gate ran again and judged the same figures. (evaluate is not
+    # among them: kfp.local takes an output artifact without a file as a cache miss, and its
+    # Metrics and ClassificationMetrics outputs have none, so it scores the cached model again.)
+    ran = {path.name for path in summary.run_dir.iterdir() if path.is_dir()}
+    for task in ("download", "validate-and-split", "train", "drift-reference"):
+        assert summary.task_seconds.get(task) == "cached", task
+        assert task not in ran, task
+    assert isinstance(summary.task_seconds.get("gate"), float) and "gate" in ran
+    assert "deploy" not in summary.task_seconds and "deploy" not in ran
+    challenger = pytest.approx(first.gate["challenger"], rel=1e-6, nan_ok=True)
+    assert summary.gate["challenger"] == challenger
 
 
 def test_the_review_notebook_runs_on_the_run(passing_run, tmp_path):
@@ -146,13 +154,14 @@ def _run_in_background(config):
 
 def _waiting_run(client, model_name: str, timeout: float = 240) -> str:
     """The pipeline run whose candidate waits for a decision."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def waiting() -> str | None:
         for version in client.search_model_versions(f"name = '{model_name}'"):
             if version.tags.get("approval.status") == "pending":
                 return version.tags["tumorflow.pipeline_run"]
-        time.sleep(1)
-    raise AssertionError("no pipeline run waited for approval")
+        return None
+
+    return wait_until(waiting, timeout, "a pipeline run waiting for approval", interval=1)
 
 
 def _finished(thread, outcome):
@@ -192,7 +201,7 @@ def _predicted_version(port: int, label: str) -> int:
         request = predict_pb2.PredictRequest()
         request.model_spec.name = "e2e-model"
         request.model_spec.version_label = label
-        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([_png()]))
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([image_bytes(0, 60, "L")]))
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         return stub.Predict(request, timeout=10).model_spec.version.value
 
@@ -263,9 +272,12 @@ def test_manual_approval_through_the_cli_while_the_run_waits_then_rollback(
             )
             == 0
         )
-        deadline = time.monotonic() + 30
-        while _served_version(server.grpc_port, "stable") != 1 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(
+            lambda: _served_version(server.grpc_port, "stable") == 1,
+            30,
+            "the server following the rollback",
+            interval=0.5,
+        )
         assert _predicted_version(server.grpc_port, "stable") == 1
     finally:
         server.stop()
@@ -281,22 +293,33 @@ def test_an_unanswered_approval_times_out_and_deploys_nothing(passing_run, mlflo
     assert sorted(p.name for p in (Path(first.model_base_path) / "e2e-model").iterdir()) == before
 
 
-def test_drift_starts_a_retraining_run_and_records_why(passing_run, tmp_path):
-    from PIL import ImageFilter
+def _blurred_dark_scans(folder: Path, count: int = 40) -> Path:
+    """Blurred, darker scans from a "new scanner"."""
+    folder.mkdir()
+    for index in range(count):
+        image = noise_image(index, 64, "L", level=60, spread=10)
+        image.filter(ImageFilter.GaussianBlur(3)).save(folder / f"{index}.png")
+    return folder
 
+
+def _blurred_dark_scans(folder: Path, count: int = 40) -> Path:
+    """Blurred, darker scans from a "new scanner"."""
+    folder.mkdir()
+    for index in range(count):
+        image = noise_image(index, 64, "L", level=60, spread=10)
+        image.filter(ImageFilter.GaussianBlur(3)).save(folder / f"{index}.png")
+    return folder
+
+
+def test_drift_starts_a_retraining_run_and_records_why(passing_run, tmp_path):
     from tumorflow.pipelines.monitor import check_and_trigger, local_trigger
 
     config, first = passing_run
-    # the served model's reference against blurred, darker scans from a "new scanner"
+    # the served model's reference against scans from a new scanner
     reference = next(
         Path(first.model_base_path).glob("e2e-model/*/assets.extra/drift_reference.parquet")
     )
-    scans = tmp_path / "recent"
-    scans.mkdir()
-    rng = np.random.default_rng(3)
-    for index in range(40):
-        pixels = rng.normal(60, 10, (64, 64)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(3)).save(scans / f"{index}.png")
+    scans = _blurred_dark_scans(tmp_path / "recent")
     result = check_and_trigger(
         config, str(scans), str(reference), tmp_path / "monitor", local_trigger
     )
@@ -306,17 +329,6 @@ def test_drift_starts_a_retraining_run_and_records_why(passing_run, tmp_path):
     assert trigger["reason"] == result.reason
 
 
-def _blurred_dark_scans(folder: Path, count: int = 40) -> Path:
-    from PIL import ImageFilter
-
-    folder.mkdir()
-    rng = np.random.default_rng(3)
-    for index in range(count):
-        pixels = rng.normal(60, 10, (64, 64)).clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(3)).save(folder / f"{index}.png")
-    return folder
-
-
 def test_the_monitoring_pipeline_retrains_only_when_requests_drift(passing_run, tmp_path):
     from tumorflow.pipelines.runner import artifact_path
 
@@ -324,7 +336,9 @@ def test_the_monitoring_pipeline_retrains_only_when_requests_drift(passing_run, 
     drifted = run_local(config, monitor_source=str(_blurred_dark_scans(tmp_path / "new-scanner")))
     assert drifted.run_name.startswith("tumorflow-monitor-")
     assert drifted.trigger_reason.startswith("drift detected")
-    assert json.loads((drifted.run_dir / "trigger.json").read_text())["reason"]
+    trigger = json.loads((drifted.run_dir / "drift-check" / "verdict" / "trigger.json").read_text())
+    assert trigger["reason"] == drifted.trigger_reason
+    assert trigger["current_rows"] == 40
     assert drifted.gate is not None, "the retraining DAG did not run"
 
     same = artifact_path(first.run_dir, "download", "raw") / "files"

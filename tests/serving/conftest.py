@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import free_port, image_bytes
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 CLASSES = ("normal", "tumor", "cyst")
 IMAGE_SIZE = 16
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def png_bytes(seed: int, size: int = 24, mode: str = "RGB") -> bytes:
-    """A small random PNG (any size and colour mode: the model decodes and resizes)."""
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "L": 1}[mode]
-    pixels = rng.integers(0, 256, (size, size, channels), dtype=np.uint8).squeeze()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def build_bytes_model(path: Path, seed: int = 0) -> Path:
@@ -163,8 +145,8 @@ def server(model_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="session")
 def image() -> object:
-    """`image(seed, size=24, mode="RGB")` → PNG bytes (test modules cannot import conftest)."""
-    return png_bytes
+    """`image(seed, size=24, mode="RGB")` → PNG bytes of random pixels (`helpers.image_bytes`)."""
+    return image_bytes
 
 
 @pytest.fixture(scope="session")

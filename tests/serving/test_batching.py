@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
+from helpers import wait_until
 
 from tumorflow.core.errors import ConfigError
 from tumorflow.serving.batching import BatchingParameters, BatchScheduler
@@ -90,9 +90,10 @@ def test_a_failing_merged_batch_reruns_members_alone() -> None:
 
 
 def test_full_queue_answers_resource_exhausted_and_recovers() -> None:
-    release = threading.Event()
+    release, running = threading.Event(), threading.Event()
 
     def slow(inputs):
+        running.set()
         release.wait(10)
         return {"y": inputs["x"]}
 
@@ -102,9 +103,12 @@ def test_full_queue_answers_resource_exhausted_and_recovers() -> None:
             threading.Thread(target=scheduler.run, args=("key", slow, {"x": np.array([i])}))
             for i in range(3)
         ]
-        for thread in threads:
+        threads[0].start()
+        assert running.wait(10), "the first call never ran"
+        for thread in threads[1:]:
             thread.start()
-            time.sleep(0.05)
+        # The one batch thread is busy, so the other two calls fill the queue of two batches.
+        wait_until(lambda: scheduler._queued.get("key") == 2, 10, "two batches queued")
         with pytest.raises(ServingError) as caught:
             scheduler.run("key", slow, {"x": np.array([9])})
         assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

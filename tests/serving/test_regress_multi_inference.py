@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import tensorflow as tf
+from helpers import free_port, image_bytes
 from tensorflow_serving.apis import (
     classification_pb2,
     inference_pb2,
@@ -81,8 +82,6 @@ def build_half_plus_three(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     from tumorflow.serving.server import ModelServer, ServerOptions
-
-    from .conftest import free_port
 
     base = tmp_path_factory.mktemp("models")
     build_half_plus_three(base / "half_plus_three" / "123")
@@ -276,8 +275,7 @@ def test_binary_bytes_to_an_example_parsing_input_are_invalid_argument(stub) -> 
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "half_plus_three"
     request.model_spec.signature_name = "regress_x_to_y"
-    png = tf.io.encode_png(tf.zeros([4, 4, 3], tf.uint8)).numpy()
-    request.inputs["inputs"].CopyFrom(tf.make_tensor_proto([png], dtype=tf.string))
+    request.inputs["inputs"].CopyFrom(tf.make_tensor_proto([image_bytes(size=4)], dtype=tf.string))
     with pytest.raises(grpc.RpcError) as caught:
         stub.Predict(request, timeout=30)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 import tensorflow as tf
+from helpers import wait_until
 from tensorflow_serving.apis import get_model_status_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from tumorflow.core.errors import ConfigError
@@ -19,13 +19,6 @@ from tumorflow.serving.status import ServingError
 
 pytestmark = pytest.mark.slow
 State = get_model_status_pb2.ModelVersionStatus.State
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def install(source: Path, base: Path, version: int) -> None:
@@ -137,13 +130,15 @@ def test_hot_swap_under_load_fails_no_request(
     try:
         for client in clients:
             client.start()
-        wait_until(lambda: len(versions) > 20)
+        wait_until(lambda: len(versions) > 20, 30, "version 1 answering")
         install(bytes_model_v2, base, 2)
         wait_until(
-            lambda: versions[-1] == 2 and server.repository.statuses("tumor")[1].state == State.END
+            lambda: versions[-1] == 2 and server.repository.statuses("tumor")[1].state == State.END,
+            30,
+            "version 2 answering and version 1 unloaded",
         )
         served_after = len(versions)
-        wait_until(lambda: len(versions) > served_after + 20)
+        wait_until(lambda: len(versions) > served_after + 20, 30, "version 2 answering on")
     finally:
         stop.set()
         for client in clients:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 
 import grpc
 import pytest
+from helpers import wait_until
 
 from tumorflow.cli.serve import add_serve_arguments
 from tumorflow.core.errors import ConfigError
@@ -114,10 +114,9 @@ def test_requests_are_logged_for_drift(tmp_path, bytes_model_v1, image) -> None:
             prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
     finally:
         server.stop()
-    deadline = time.monotonic() + 30
-    while not list((tmp_path / "log").rglob("*.parquet")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    (part,) = list((tmp_path / "log" / "tumor").rglob("*.parquet"))
+    (part,) = wait_until(
+        lambda: list((tmp_path / "log" / "tumor").rglob("*.parquet")), 30, "a request log part"
+    )
     import pyarrow.parquet as pq
 
     table = pq.read_table(part)

@@ -1,0 +1,141 @@
+"""What the test modules share: a free port, waiting on an event instead of sleeping, and tiny
+images and split datasets. Importable as `helpers` (pytest's `pythonpath`), where conftest is
+not under `--import-mode=importlib`."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+
+from tumorflow.components.input_bench import BENCH_CLASSES, draw_synthetic_scan
+from tumorflow.components.tfrecords import MANIFEST_JSON, Record, write_shards
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on at the moment of the call."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Call `predicate` until it returns something truthy and return that; fail the test saying
+    `what` did not happen once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:g}s")
+        time.sleep(interval)
+
+
+def encode(image: np.ndarray | Image.Image, fmt: str = "PNG", quality: int = 95) -> bytes:
+    """The file bytes (PNG, JPEG, ...) of an image or of uint8/uint16 pixels (grey or RGB)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, quality=quality)
+    return buffer.getvalue()
+
+
+def noise_image(
+    seed: int,
+    size: int | tuple[int, int] = 32,
+    mode: str = "RGB",
+    level: float | None = None,
+    spread: float = 8.0,
+) -> Image.Image:
+    """A seeded random image of `size` (side, or height and width) in colour `mode`: uniform
+    noise, or with `level` a flat grey of that mean with Gaussian noise of `spread`."""
+    height, width = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    if level is None:
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    else:
+        pixels = np.clip(level + rng.normal(0, spread, (height, width, 3)), 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8)).convert(mode)
+
+
+def image_bytes(
+    seed: int = 0,
+    size: int | tuple[int, int] = 24,
+    mode: str = "RGB",
+    fmt: str = "PNG",
+    level: float | None = None,
+    spread: float = 8.0,
+) -> bytes:
+    """`noise_image(...)` encoded as `fmt`: what a client sends or a dataset folder holds."""
+    return encode(noise_image(seed, size, mode, level, spread), fmt)
+
+
+def write_split(
+    folder: Path,
+    classes: Sequence[str],
+    records: Mapping[str, Sequence[Record]],
+    shard_size: int = 1024,
+    **manifest_fields: object,
+) -> Path:
+    """A split dataset (docs/artifacts.md) holding `records[split]`: TFRecord shards and
+    `split_manifest.json` (with any further manifest fields given); returns `folder`."""
+    folder = Path(folder)
+    splits = {}
+    for split, rows in records.items():
+        splits[split] = {
+            "count": len(rows),
+            "class_counts": {
+                name: sum(row.label == index for row in rows) for index, name in enumerate(classes)
+            },
+            "shards": write_shards(list(rows), folder, split, shard_size),
+        }
+    manifest = {"classes": list(classes), "splits": splits, **manifest_fields}
+    (folder / MANIFEST_JSON).write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+def write_synthetic_split(
+    folder: Path,
+    counts: Mapping[str, int],
+    size: int,
+    seed: int = 0,
+    classes: Iterable[str] = BENCH_CLASSES,
+    shard_size: int = 1024,
+) -> Path:
+    """A split dataset of synthetic CT-like scans (PNG), `counts[split]` images per class, whose
+    lesion's place and size tell the class: something a tiny model can learn."""
+    classes = list(classes)
+    rng = np.random.default_rng(seed)
+    records = {}
+    for split, per_class in counts.items():
+        records[split] = [
+            Record(
+                encode(draw_synthetic_scan(rng, index % len(classes), len(classes), size)),
+                index % len(classes),
+                f"{classes[index % len(classes)]}/{split}-{index:05d}.png",
+                f"g-{split}-{index}",
+            )
+            for index in range(per_class * len(classes))
+        ]
+    return write_split(
+        folder,
+        classes,
+        records,
+        shard_size,
+        class_weights=dict.fromkeys(classes, 1.0),
+        seed=seed,
+        grouping={"groups": sum(len(rows) for rows in records.values())},
+        strategy="synthetic",
+        quarantined=0,
+        source={"source": "synthetic"},
+    )
