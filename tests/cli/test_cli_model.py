@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import getpass
 import json
-import socket
 import time
 import uuid
 
 import pytest
+from helpers import free_port
 
 from tumorflow.cli.main import main
 
@@ -18,7 +18,6 @@ def test_approve_while_a_run_waits(
 ):
     name, run = approval_candidate(passed=True)
     thread, result = approval_waiter(name, run, timeout_s=60)
-    time.sleep(0.5)
     code = main(
         [
             "approve",
@@ -79,9 +78,7 @@ def test_override_of_a_failed_gate(tmp_path, mlflow_server, capsys, approval_can
 def test_unknown_run_and_unreachable_server_are_clear(mlflow_server, capsys):
     assert main(["approve", "no-such-run", "--tracking-uri", mlflow_server]) == 2
     assert "has no candidate model version" in capsys.readouterr().err
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
+    closed_port = free_port()
     started = time.monotonic()
     assert (
         main(["reject", "r1", "--reason", "x", "--tracking-uri", f"http://127.0.0.1:{closed_port}"])

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 
 from tumorflow.core.config import PipelineConfig, load_config
@@ -135,14 +136,6 @@ class Client:
         raise AssertionError(f"requests were still answered by {self.latest()}, not {version}")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _start_server(
     models_config: Path, request_log: Path, log: Path
 ) -> tuple[subprocess.Popen, int]:
@@ -150,7 +143,7 @@ def _start_server(
     import grpc
     from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,

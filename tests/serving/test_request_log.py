@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import wait_until
 
 from tumorflow.components.drift_features import IMAGE_FEATURES, EmbeddingProjection
 from tumorflow.core.config import DriftConfig
@@ -135,9 +136,7 @@ def test_rows_are_flushed_every_few_seconds_without_closing(
         inputs={"image_bytes": np.array([level_png(40)], dtype=object)},
         outputs=predict_outputs(1),
     )
-    deadline = time.monotonic() + 10
-    while not list(tmp_path.rglob("part-*.parquet")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: list(tmp_path.rglob("part-*.parquet")), 10, "a written log part")
     assert len(read_store(tmp_path)) == 1
     assert not list(tmp_path.rglob(".part-*"))
     request_log.close()
