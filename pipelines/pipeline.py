@@ -96,6 +96,7 @@ def retrain_pipeline(
         gate_config=gate_config,
         tracking_uri=tracking_uri,
         model_name=model_name,
+        model_base_path=model_base_path,
     ).set_display_name("gate: thresholds + champion/challenger")
     gating.set_caching_options(False)
 

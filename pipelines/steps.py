@@ -68,9 +68,11 @@ def train(
     pipeline_run: str,
     model: Output[Model],
 ):
-    """Two-stage fine-tuning; resumes from `checkpoint_root` when the same inputs ran before."""
+    """Two-stage fine-tuning, then the serving SavedModel exported once (with its digests) into
+    the model; resumes from `checkpoint_root` when the same inputs ran before."""
     from pathlib import Path
 
+    from tumorflow.components.export import export_model_artifact
     from tumorflow.components.train import checkpoint_key, train_model
     from tumorflow.core.config import TrainConfig
 
@@ -84,7 +86,7 @@ def train(
         experiment=experiment,
         run_tags={"tumorflow.pipeline_run": pipeline_run},
     )
-    model.metadata.update(result.summary())
+    model.metadata.update({**result.summary(), **export_model_artifact(Path(model.path))})
 
 
 @component
@@ -95,8 +97,10 @@ def evaluate(
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     classification: Output[ClassificationMetrics],
+    positive_class: str = "tumor",
 ):
-    """Score the held-out test split; log to MLflow and to the pipeline UI."""
+    """Score the held-out test split through the model's serving SavedModel; log to MLflow and
+    to the pipeline UI (the ROC curve of `positive_class`)."""
     import json
     from pathlib import Path
 
@@ -109,8 +113,9 @@ def evaluate(
         Path(evaluation.path),
         tracking_uri=tracking_uri or None,
         mlflow_run_id=info.get("mlflow_run_id"),
+        positive_class=positive_class,
     )
-    log_kfp_metrics(result, Path(evaluation.path), metrics, classification)
+    log_kfp_metrics(result, Path(evaluation.path), metrics, classification, positive_class)
 
 
 @component
@@ -190,11 +195,14 @@ def gate(
     gate_config: dict,
     tracking_uri: str,
     model_name: str,
+    model_base_path: str,
     decision: Output[Artifact],
     report: Output[Markdown],
     champion_classification: Output[ClassificationMetrics],
 ) -> bool:
-    """Absolute thresholds plus champion/challenger on the same test images: the blessing."""
+    """Absolute thresholds plus champion/challenger on the same test images: the blessing.
+
+    Fails when a version is served under `model_base_path` but the registry cannot be read."""
     from pathlib import Path
 
     from tumorflow.components.gate import run_gate
@@ -207,6 +215,7 @@ def gate(
         tracking_uri=tracking_uri or None,
         model_name=model_name,
         output_dir=Path(decision.path),
+        model_base_path=model_base_path or None,
     )
     Path(report.path).write_text(result.markdown)
     result.log_champion_classification(champion_classification)
@@ -256,7 +265,9 @@ def deploy(
     tracking_uri: str,
     pipeline_run: str,
 ) -> int:
-    """Export the TF Serving SavedModel as a new version, atomically; move the registry aliases."""
+    """Publish the gated SavedModel as a new version, atomically; move the registry aliases.
+
+    Returns the new version, or 0 when the model is identical to the served one (nothing new)."""
     from pathlib import Path
 
     from tumorflow.components.deploy import deploy_model
@@ -273,4 +284,4 @@ def deploy(
         approval_dir=Path(record.path),
         rollout=rollout,
     )
-    return result.version
+    return result.version if result.deployed else 0
