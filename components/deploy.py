@@ -1,8 +1,8 @@
 """Deploy: a blessed model becomes the next integer version that TF Serving serves as `stable`.
 
 The SavedModel published is the one the train step exported and evaluate scored, copied byte for
-byte (its digest checked). Local model base paths: it is copied into `<base>/<name>/.tmp-<uuid>/`
-and renamed to
+byte (its digest checked). Local model base paths: it is copied into `<base>/.tmp-<name>-<uuid>/`
+(beside, not inside, the folder that version listings walk) and renamed to
 `<base>/<name>/<version>/`; `rename` onto an existing version fails, so two concurrent deploys take
 distinct versions and a reader never sees half a version (TF Serving ignores non-integer names).
 gs:// base paths have no rename: the files are uploaded into `<version>/` with `saved_model.pb`
@@ -112,14 +112,15 @@ def candidate_export(model_dir: Path) -> tuple[Path, dict[str, str]]:
 
 def identical_served_version(
     model_base_path: str, model_name: str, weights_sha256: str
-) -> serving_layout.ServedVersion | None:
-    """The served (stable) version whose weights equal `weights_sha256`, if it is one."""
-    served = serving_layout.served_version(model_base_path, model_name)
-    if served is None:
+) -> int | None:
+    """The `stable` version of models.config when its weights equal `weights_sha256`."""
+    stable = serving_layout.serving_labels(model_base_path, model_name)[0].get(STABLE)
+    if stable is None:
         return None
-    data, _ = storage.read_versioned(served.asset(serving_layout.MODEL_INFO))
+    folder = serving_layout.version_uri(model_base_path, model_name, stable)
+    data, _ = storage.read_versioned(serving_layout.asset_uri(folder, serving_layout.MODEL_INFO))
     served_weights = json.loads(data).get("weights_sha256") if data else None
-    return served if served_weights == weights_sha256 else None
+    return stable if served_weights == weights_sha256 else None
 
 
 def _stage_copy(export_dir: Path, staging: Path, saved_model_sha256: str) -> None:
@@ -203,9 +204,10 @@ def deploy_model(
         )
     same = identical_served_version(model_base_path, model_name, digests[WEIGHTS_DIGEST])
     if same is not None:
-        reason = f"identical to served version {same.version}"
+        reason = f"identical to served version {same}"
         log.info("%s: %s (same weights); nothing deployed", model_name, reason)
-        return DeployResult(same.version, same.version_uri, None, False, reason, digest)
+        path = serving_layout.version_uri(model_base_path, model_name, same)
+        return DeployResult(same, path, None, False, reason, digest)
 
     client = model_version = None
     if tracking_uri:
@@ -222,9 +224,10 @@ def deploy_model(
                 },
             )
     root = storage.join(model_base_path, model_name)
-    staging_parent = Path(tempfile.mkdtemp()) if storage.is_remote(root) else Path(root)
-    staging_parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_parent / f".tmp-{uuid.uuid4().hex}"
+    staging_parent = Path(tempfile.mkdtemp()) if storage.is_remote(root) else Path(model_base_path)
+    if not storage.is_remote(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+    staging = staging_parent / f".tmp-{model_name}-{uuid.uuid4().hex}"
     try:
         _stage_copy(export_dir, staging, digest)
         write_version_assets(
