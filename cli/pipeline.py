@@ -75,7 +75,9 @@ def print_summary(summary) -> None:
     if summary.deployed_version is not None:
         print(f"deployed       version {summary.deployed_version} under {summary.model_base_path}")
     else:
-        print("deployed       nothing")
+        print(f"deployed       {summary.deploy_note or 'nothing'}")
+    if summary.dataset_version:
+        print(f"dataset        {summary.dataset_version[:23]}")
     print(f"mlflow         {summary.tracking_uri}")
     print(
         f"serve it       tumorflow serve --model_config_file {summary.model_base_path}/models.config"

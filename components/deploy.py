@@ -1,6 +1,8 @@
 """Deploy: a blessed model becomes the next integer version that TF Serving serves as `stable`.
 
-Local model base paths: the SavedModel is exported into `<base>/<name>/.tmp-<uuid>/` and renamed to
+The SavedModel published is the one the train step exported and evaluate scored, copied byte for
+byte (its digest checked). Local model base paths: it is copied into `<base>/.tmp-<name>-<uuid>/`
+(beside, not inside, the folder that version listings walk) and renamed to
 `<base>/<name>/<version>/`; `rename` onto an existing version fails, so two concurrent deploys take
 distinct versions and a reader never sees half a version (TF Serving ignores non-integer names).
 gs:// base paths have no rename: the files are uploaded into `<version>/` with `saved_model.pb`
@@ -38,11 +40,20 @@ class DeployRefused(TumorflowError):
     """The model may not be deployed: the gate failed or approval was not given."""
 
 
+# Model-version tag: the `saved_model_sha256` of the published SavedModel.
+TAG_SERVING_DIGEST = "serving_digest"
+
+
 @dataclass(frozen=True)
 class DeployResult:
+    """The served version: the new one, or (`deployed` False) the stable one it would repeat."""
+
     version: int
     path: str
     registered_version: str | None
+    deployed: bool = True
+    reason: str = ""
+    serving_digest: str | None = None
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -83,6 +94,49 @@ def _copy_drift_reference(reference: Path, assets: Path) -> None:
         shutil.copyfile(projection, assets / PROJECTION_FILE)
 
 
+def candidate_export(model_dir: Path) -> tuple[Path, dict[str, str]]:
+    """The model folder's serving export and its recorded digests (written by the train step)."""
+    from tumorflow.components.export import SAVED_MODEL_DIGEST, SERVING_EXPORT, WEIGHTS_DIGEST
+
+    info_path = Path(model_dir) / "model_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    export_dir = Path(model_dir) / SERVING_EXPORT
+    digests = {key: info.get(key) for key in (SAVED_MODEL_DIGEST, WEIGHTS_DIGEST)}
+    if not (export_dir / SAVED_MODEL).exists() or not all(digests.values()):
+        raise DeployRefused(
+            f"{model_dir} has no recorded serving export ({SERVING_EXPORT}/ with its digests in "
+            "model_info.json); re-run the train step, which exports it"
+        )
+    return export_dir, digests
+
+
+def identical_served_version(
+    model_base_path: str, model_name: str, weights_sha256: str
+) -> int | None:
+    """The `stable` version of models.config when its weights equal `weights_sha256`."""
+    stable = serving_layout.serving_labels(model_base_path, model_name)[0].get(STABLE)
+    if stable is None:
+        return None
+    folder = serving_layout.version_uri(model_base_path, model_name, stable)
+    data, _ = storage.read_versioned(serving_layout.asset_uri(folder, serving_layout.MODEL_INFO))
+    served_weights = json.loads(data).get("weights_sha256") if data else None
+    return stable if served_weights == weights_sha256 else None
+
+
+def _stage_copy(export_dir: Path, staging: Path, saved_model_sha256: str) -> None:
+    """Copy the gated SavedModel byte for byte and check that the copy has the recorded digest."""
+    from tumorflow.components.export import saved_model_digest
+
+    shutil.copytree(export_dir, staging)
+    copied = saved_model_digest(staging)
+    if copied != saved_model_sha256:
+        raise DeployRefused(
+            f"the serving export in {export_dir} has digest {copied[:12]}… but the train step "
+            f"recorded {saved_model_sha256[:12]}…: it changed after it was evaluated; re-run "
+            "the pipeline"
+        )
+
+
 def _publish(local_version: Path, model_base_path: str, model_name: str) -> int:
     """Move/upload an exported version into place under the next free integer; return it."""
     root = serving_layout.model_root(model_base_path, model_name)
@@ -116,7 +170,14 @@ def deploy_model(
     approval_dir: Path | None = None,
     rollout: str = STABLE,
 ) -> DeployResult:
-    """Export the model as the next served version, move `stable`/`champion`, keep `previous`.
+    """Publish the model's gated serving export as the next served version, move
+    `stable`/`champion`, keep `previous`.
+
+    The SavedModel the train step exported (and evaluate scored) is copied byte for byte, its
+    digest checked against the recorded one and recorded (tumorflow.json and the model-version
+    tag `serving_digest`); only `assets.extra/` is written (deploy info, drift reference, the
+    warm-up addressed to `model_name`). A model whose weights equal the served stable version's
+    publishes nothing: `DeployResult.deployed` is False and `reason` says which version.
 
     With `rollout="canary"` the new version is loaded under the `canary` label (registry alias
     `canary`) while `stable` and `champion` stay; `promote_canary` makes it stable later. Refuses
@@ -126,13 +187,27 @@ def deploy_model(
     if rollout not in (STABLE, CANARY):
         raise DeployRefused(f"rollout must be {STABLE!r} or {CANARY!r}, not {rollout!r}")
     from tumorflow.components import registry
-    from tumorflow.components.export import export_serving_model
+    from tumorflow.components.export import SAVED_MODEL_DIGEST, WEIGHTS_DIGEST, write_version_assets
 
     decision = _read_json(Path(decision_path), "decision")
     approval = (
         _read_json(Path(approval_dir) / "approval.json", "approval") if approval_dir else None
     )
     check_deployable(decision, approval)
+    export_dir, digests = candidate_export(Path(model_dir))
+    digest = digests[SAVED_MODEL_DIGEST]
+    gated = decision.get("challenger_saved_model_sha256")
+    if gated and gated != digest:
+        raise DeployRefused(
+            f"the gate's decision is about SavedModel {gated[:12]}…, not this model's "
+            f"{digest[:12]}…; deploy the model that was gated"
+        )
+    same = identical_served_version(model_base_path, model_name, digests[WEIGHTS_DIGEST])
+    if same is not None:
+        reason = f"identical to served version {same}"
+        log.info("%s: %s (same weights); nothing deployed", model_name, reason)
+        path = serving_layout.version_uri(model_base_path, model_name, same)
+        return DeployResult(same, path, None, False, reason, digest)
 
     client = model_version = None
     if tracking_uri:
@@ -149,20 +224,22 @@ def deploy_model(
                 },
             )
     root = storage.join(model_base_path, model_name)
-    staging_parent = Path(tempfile.mkdtemp()) if storage.is_remote(root) else Path(root)
-    staging_parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_parent / f".tmp-{uuid.uuid4().hex}"
+    staging_parent = Path(tempfile.mkdtemp()) if storage.is_remote(root) else Path(model_base_path)
+    if not storage.is_remote(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+    staging = staging_parent / f".tmp-{model_name}-{uuid.uuid4().hex}"
     try:
-        export_serving_model(
-            model_dir,
+        _stage_copy(export_dir, staging, digest)
+        write_version_assets(
             staging,
-            model_name=model_name,
-            extra_info={
+            model_name,
+            {
                 "model_name": model_name,
                 "registered_version": model_version.version if model_version else None,
                 "pipeline_run": pipeline_run,
                 "gate_passed": bool(decision["passed"]),
                 "deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                TAG_SERVING_DIGEST: digest,
             },
         )
         if drift_reference is not None:
@@ -199,6 +276,7 @@ def deploy_model(
             else str(Path(path).resolve()),
             registry.TAG_GATE_PASSED: str(bool(decision["passed"])).lower(),
             registry.TAG_PIPELINE_RUN: pipeline_run,
+            TAG_SERVING_DIGEST: digest,
         }
         if approval is not None:
             tags.update(approval_tags(approval))
@@ -215,7 +293,9 @@ def deploy_model(
         path,
         " as canary" if as_canary else "",
     )
-    return DeployResult(version, path, model_version.version if model_version else None)
+    return DeployResult(
+        version, path, model_version.version if model_version else None, serving_digest=digest
+    )
 
 
 def approval_tags(approval: dict[str, Any]) -> dict[str, str]:

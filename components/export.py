@@ -10,6 +10,7 @@ answer as gRPC `INVALID_ARGUMENT`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 SIGNATURE = "serving_default"
 INPUT = "image_bytes"
 EMBEDDING_LAYER = "embedding"
+# The serving export inside a train-step model folder: what evaluate scores and deploy publishes.
+SERVING_EXPORT = "saved_model"
+SAVED_MODEL_DIGEST = "saved_model_sha256"
+WEIGHTS_DIGEST = "weights_sha256"
 
 
 def read_model_info(model_dir: Path) -> dict[str, Any]:
@@ -43,6 +48,38 @@ def read_model_info(model_dir: Path) -> dict[str, Any]:
     if missing:
         raise ModelError(f"{info_path} lacks {', '.join(missing)}; re-run the train step")
     return info
+
+
+def saved_model_digest(folder: Path) -> str:
+    """sha256 over a SavedModel's files (relative path and bytes, in path order), leaving out
+    `assets.extra/`, which deploy writes into: equal digests mean byte-identical models."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.relative_to(folder).parts[0] != serving_layout.ASSETS_EXTRA
+    )
+    if not any(p.name == serving_layout.SAVED_MODEL for p in files):
+        raise ModelError(f"{folder} holds no {serving_layout.SAVED_MODEL}: not a SavedModel")
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def weights_digest(model: Any) -> str:
+    """sha256 over a Keras model's weight arrays in order (dtype, shape, values): the same for
+    the same weights however the model file was written."""
+    digest = hashlib.sha256()
+    for array in model.get_weights():
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def decode_for_model(image_bytes: Any, image_size: int, grayscale: bool = False) -> Any:
@@ -124,8 +161,9 @@ def export_serving_model(
     """Write the SavedModel of `model_dir` (a train-step model folder) into `export_dir`.
 
     `export_dir` gets saved_model.pb, variables/, and assets.extra/ with tumorflow.json (classes,
-    image size, backbone, MLflow ids, plus `extra_info`) and the TF Serving warm-up request. The
-    export is reloaded and checked against `model.predict` before this returns.
+    image size, backbone, MLflow ids, `weights_sha256`, plus `extra_info`) and the TF Serving
+    warm-up request. The export is reloaded and checked against `model.predict` before this
+    returns.
     """
     import keras
     import tensorflow as tf
@@ -152,23 +190,53 @@ def export_serving_model(
     module = _serving_module(model, classes, image_size, grayscale)
     tf.saved_model.save(module, str(export_dir), signatures={SIGNATURE: module.serve})
 
-    assets = export_dir / serving_layout.ASSETS_EXTRA
-    assets.mkdir(parents=True, exist_ok=True)
     meta = {
         "classes": classes,
         "image_size": [image_size, image_size],
         "grayscale": grayscale,
         "backbone": info.get("backbone"),
         "mlflow_run_id": info.get("mlflow_run_id"),
-        **(extra_info or {}),
+        WEIGHTS_DIGEST: weights_digest(model),
     }
-    (assets / serving_layout.MODEL_INFO).write_text(json.dumps(meta, indent=2))
-    png = _warmup_png(image_size)
-    _write_warmup(assets / serving_layout.WARMUP_FILE, png, model_name)
-    _check_export(export_dir, model, png, image_size, grayscale)
+    write_version_assets(export_dir, model_name, {**meta, **(extra_info or {})})
+    _check_export(export_dir, model, _warmup_png(image_size), image_size, grayscale)
     log.info(
         "exported %s to %s (%d classes, input %s)", model_dir, export_dir, len(classes), image_size
     )
+
+
+def write_version_assets(export_dir: Path, model_name: str, info: dict[str, Any]) -> None:
+    """(Re)write `assets.extra/`: tumorflow.json updated with `info`, and the warm-up request
+    addressed to `model_name`. Outside the SavedModel digest, so deploy may call it on a copy."""
+    assets = Path(export_dir) / serving_layout.ASSETS_EXTRA
+    assets.mkdir(parents=True, exist_ok=True)
+    info_path = assets / serving_layout.MODEL_INFO
+    meta = json.loads(info_path.read_text()) if info_path.exists() else {}
+    meta.update(info)
+    info_path.write_text(json.dumps(meta, indent=2))
+    png = _warmup_png(int(meta["image_size"][0]))
+    _write_warmup(assets / serving_layout.WARMUP_FILE, png, model_name)
+
+
+def export_model_artifact(model_dir: Path) -> dict[str, str]:
+    """Export the serving SavedModel once, into `<model_dir>/saved_model/`, and record its
+    digests (`saved_model_sha256`, `weights_sha256`) in model_info.json; return them.
+
+    Evaluate scores this export, the gate blesses it and deploy publishes it byte for byte.
+    """
+    model_dir = Path(model_dir)
+    export_dir = model_dir / SERVING_EXPORT
+    export_serving_model(model_dir, export_dir)
+    meta = json.loads(
+        (export_dir / serving_layout.ASSETS_EXTRA / serving_layout.MODEL_INFO).read_text()
+    )
+    digests = {
+        SAVED_MODEL_DIGEST: saved_model_digest(export_dir),
+        WEIGHTS_DIGEST: meta[WEIGHTS_DIGEST],
+    }
+    info_path = model_dir / "model_info.json"
+    info_path.write_text(json.dumps({**json.loads(info_path.read_text()), **digests}, indent=2))
+    return digests
 
 
 def _check_export(

@@ -175,7 +175,9 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     )
     model = training.outputs["model"]
 
-    evaluation = steps.evaluate(model=model, split=split, tracking_uri=p["tracking_uri"])
+    evaluation = steps.evaluate(
+        model=model, split=split, tracking_uri=p["tracking_uri"], dataset=p["dataset"]
+    )
     evaluation.set_display_name("evaluate")
 
     reference = steps.drift_reference(
@@ -188,6 +190,7 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
         gate_config=p["gate_config"],
         tracking_uri=p["tracking_uri"],
         model_name=p["model_name"],
+        model_base_path=p["model_base_path"],
     ).set_display_name("gate: thresholds + champion/challenger")
     gating.set_caching_options(False)
 

@@ -38,6 +38,8 @@ class RunSummary:
     tracking_uri: str
     trigger_reason: str | None = None
     dataset_version: str | None = None
+    # Why nothing was deployed although approval passed (the model equals the served one).
+    deploy_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +53,7 @@ class RunSummary:
             "tracking_uri": self.tracking_uri,
             "trigger_reason": self.trigger_reason,
             "dataset_version": self.dataset_version,
+            "deploy_note": self.deploy_note,
         }
 
 
@@ -167,6 +170,13 @@ def run_local(
         trigger = _read_json(run_dir / "drift-check" / "verdict" / "trigger.json") or {}
         trigger_reason = trigger.get("reason")
     version = _task_parameter(run_dir, "deploy", "Output")
+    note = None
+    if version is not None and int(version) == 0:
+        from tumorflow.core.serving_layout import serving_labels
+
+        labels, _ = serving_labels(arguments["model_base_path"], config.deploy.model_name)
+        note = f"nothing new: the model is identical to served version {labels.get('stable')}"
+        version = None
     fingerprint = _task_parameter(run_dir, "dataset-version", "fingerprint")
     return RunSummary(
         run_name=run_dir.name,
@@ -179,6 +189,7 @@ def run_local(
         tracking_uri=arguments["tracking_uri"],
         trigger_reason=trigger_reason,
         dataset_version=fingerprint,
+        deploy_note=note,
     )
 
 

@@ -97,12 +97,14 @@ def train(
     experiment: str,
     model: Output[Model],
 ):
-    """Two-stage fine-tuning; resumes from `checkpoint_root` when the same inputs ran before.
+    """Two-stage fine-tuning, then the serving SavedModel exported once (with its digests) into
+    the model; resumes from `checkpoint_root` when the same inputs ran before.
 
     Cached: its inputs name everything the model depends on (the split, hence the dataset
     version, and the training section), and nothing of one run."""
     from pathlib import Path
 
+    from tumorflow.components.export import export_model_artifact
     from tumorflow.components.train import checkpoint_key, train_model
     from tumorflow.core.config import TrainConfig
 
@@ -116,7 +118,7 @@ def train(
         experiment=experiment,
         run_tags={"tumorflow.dataset_version": split.metadata.get("dataset_version", "")},
     )
-    model.metadata.update(result.summary())
+    model.metadata.update({**result.summary(), **export_model_artifact(Path(model.path))})
 
 
 @component
@@ -124,16 +126,19 @@ def evaluate(
     model: Input[Model],
     split: Input[Dataset],
     tracking_uri: str,
+    dataset: dict,
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     classification: Output[ClassificationMetrics],
 ):
-    """Score the held-out test split; log to MLflow and to the pipeline UI."""
+    """Score the held-out test split through the model's serving SavedModel; log to MLflow and
+    to the pipeline UI (the ROC curve of the dataset's `positive_class`)."""
     import json
     from pathlib import Path
 
     from tumorflow.components.evaluate import evaluate_model, log_kfp_metrics
 
+    positive_class = dataset.get("positive_class") or "tumor"
     info = json.loads((Path(model.path) / "model_info.json").read_text())
     result = evaluate_model(
         Path(model.path),
@@ -141,8 +146,14 @@ def evaluate(
         Path(evaluation.path),
         tracking_uri=tracking_uri or None,
         mlflow_run_id=info.get("mlflow_run_id"),
+        positive_class=positive_class,
     )
-    log_kfp_metrics(result, Path(evaluation.path), metrics, classification)
+    log_kfp_metrics(result, Path(evaluation.path), metrics, classification, positive_class)
+    # The UI reads these two from their metadata; a file at each path lets kfp.local's cache,
+    # which treats an output without a file as missing, reuse this step.
+    for artifact in (metrics, classification):
+        Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(artifact.path).write_text(json.dumps(artifact.metadata))
 
 
 @component
@@ -245,11 +256,14 @@ def gate(
     gate_config: dict,
     tracking_uri: str,
     model_name: str,
+    model_base_path: str,
     decision: Output[Artifact],
     report: Output[Markdown],
     champion_classification: Output[ClassificationMetrics],
 ) -> bool:
-    """Absolute thresholds plus champion/challenger on the same test images: the blessing."""
+    """Absolute thresholds plus champion/challenger on the same test images: the blessing.
+
+    Fails when a version is served under `model_base_path` but the registry cannot be read."""
     from pathlib import Path
 
     from tumorflow.components.gate import run_gate
@@ -262,6 +276,7 @@ def gate(
         tracking_uri=tracking_uri or None,
         model_name=model_name,
         output_dir=Path(decision.path),
+        model_base_path=model_base_path or None,
     )
     Path(report.path).write_text(result.markdown)
     result.log_champion_classification(champion_classification)
@@ -316,7 +331,9 @@ def deploy(
     tracking_uri: str,
     pipeline_run: str,
 ) -> int:
-    """Export the TF Serving SavedModel as a new version, atomically; move the registry aliases."""
+    """Publish the gated SavedModel as a new version, atomically; move the registry aliases.
+
+    Returns the new version, or 0 when the model is identical to the served one (nothing new)."""
     from pathlib import Path
 
     from tumorflow.components.deploy import deploy_model
@@ -333,4 +350,4 @@ def deploy(
         approval_dir=Path(record.path),
         rollout=rollout,
     )
-    return result.version
+    return result.version if result.deployed else 0

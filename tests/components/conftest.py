@@ -20,7 +20,8 @@ def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
     """Build a train-step model folder whose model classifies by mean brightness.
 
     `confusion` swaps that many class centres, so the model gets those classes wrong: two models
-    of different quality on the same images.
+    of different quality on the same images. `exported` adds the serving export and its digests,
+    as the pipeline's train step does.
     """
 
     def make(
@@ -28,6 +29,7 @@ def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
         image_size: tuple[int, int] = (32, 32),
         confusion: int = 0,
         run_id: str | None = None,
+        exported: bool = False,
     ) -> Path:
         import keras
 
@@ -53,6 +55,10 @@ def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
             "mlflow_run_id": run_id,
         }
         (folder / "model_info.json").write_text(json.dumps(info))
+        if exported:
+            from tumorflow.components.export import export_model_artifact
+
+            export_model_artifact(folder)
         return folder
 
     return make

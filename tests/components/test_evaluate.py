@@ -1,4 +1,5 @@
-"""Evaluation: metrics with known answers, calibration, the evaluation folder, KFP and MLflow."""
+"""Evaluation through the serving export: the evaluation folder, KFP and MLflow (the formulas
+are tested in test_metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,69 +11,9 @@ import pytest
 from helpers import write_synthetic_split
 
 from tumorflow.components.backbones import build_classifier
-from tumorflow.components.evaluate import (
-    PLOTS,
-    compute_metrics,
-    evaluate_model,
-    expected_calibration_error,
-    log_kfp_metrics,
-)
+from tumorflow.components.evaluate import PLOTS, evaluate_model, log_kfp_metrics
+from tumorflow.components.export import export_model_artifact
 from tumorflow.core.errors import ModelError
-
-CLASSES = ["a", "b", "c"]
-
-
-def _one_hot_probs(predicted: list[int], n_classes: int = 3, top: float = 0.8) -> np.ndarray:
-    probs = np.full((len(predicted), n_classes), (1 - top) / (n_classes - 1))
-    probs[np.arange(len(predicted)), predicted] = top
-    return probs
-
-
-def test_metrics_of_a_known_three_class_confusion():
-    y_true = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
-    y_pred = [0, 0, 0, 1, 1, 1, 2, 2, 2, 0]
-
-    metrics = compute_metrics(y_true, _one_hot_probs(y_pred), CLASSES)
-
-    assert metrics["confusion_matrix"] == [[3, 1, 0], [0, 2, 1], [1, 0, 2]]
-    assert metrics["n"] == 10 and metrics["accuracy"] == pytest.approx(0.7)
-    a, b = metrics["per_class"]["a"], metrics["per_class"]["b"]
-    assert a["precision"] == pytest.approx(0.75) and a["recall"] == pytest.approx(0.75)
-    assert a["specificity"] == pytest.approx(5 / 6) and a["support"] == 4
-    assert b["f1"] == pytest.approx(2 / 3) and b["specificity"] == pytest.approx(6 / 7)
-    assert b["sensitivity"] == b["recall"]
-    assert metrics["macro_f1"] == pytest.approx((0.75 + 2 / 3 + 2 / 3) / 3)
-    # Class a: 3 positives at 0.8 beat 5 negatives at 0.1 and tie one at 0.8; 1 positive at 0.1 ties 5.
-    assert a["roc_auc"] == pytest.approx(19 / 24)
-
-
-def test_a_class_missing_from_the_labels_gives_null_auc_and_valid_json():
-    y_true = np.array([0, 0, 1, 1])
-    metrics = compute_metrics(y_true, _one_hot_probs([0, 1, 1, 2]), CLASSES)
-
-    assert metrics["per_class"]["c"]["roc_auc"] is None
-    assert metrics["per_class"]["c"]["support"] == 0
-    assert metrics["macro_roc_auc"] == pytest.approx(
-        np.mean([metrics["per_class"][k]["roc_auc"] for k in ("a", "b")])
-    )
-    json.dumps(metrics, allow_nan=False)
-    alone = compute_metrics(np.array([1, 1]), _one_hot_probs([1, 0]), CLASSES)
-    assert alone["macro_roc_auc"] is None
-
-
-def test_ece_is_zero_when_calibrated_and_large_when_over_confident():
-    y_true = np.array([0] * 70 + [1] * 30)
-    calibrated = _one_hot_probs([0] * 100, n_classes=2, top=0.7)
-    over_confident = _one_hot_probs([0] * 100, n_classes=2, top=0.99)
-
-    assert expected_calibration_error(y_true, calibrated) == pytest.approx(0.0, abs=1e-9)
-    assert expected_calibration_error(y_true, over_confident) == pytest.approx(0.29)
-    assert compute_metrics(y_true, over_confident, ["x", "y"])["ece"] == pytest.approx(0.29)
-
-
-def test_wrong_prediction_width_is_a_model_error():
-    with pytest.raises(ModelError, match="do not match"):
-        compute_metrics(np.array([0, 1]), np.ones((2, 2)) / 2, CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +31,7 @@ def model_and_split(tmp_path_factory):
         "mlflow_run_id": None,
     }
     (model_dir / "model_info.json").write_text(json.dumps(info))
+    export_model_artifact(model_dir)
     return model_dir, split_dir
 
 
@@ -108,6 +50,37 @@ def test_evaluate_model_writes_every_file(model_and_split, tmp_path):
     ) == pytest.approx(1.0, abs=1e-4)
     for name in PLOTS:
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    info = json.loads((model_dir / "model_info.json").read_text())
+    assert metrics["saved_model_sha256"] == info["saved_model_sha256"]
+
+
+def test_the_scores_are_those_of_the_serving_signature(model_and_split, tmp_path):
+    import tensorflow as tf
+
+    from tumorflow.components.tfrecords import read_records
+
+    model_dir, split_dir = model_and_split
+    evaluate_model(model_dir, split_dir, tmp_path)
+    records = list(read_records(split_dir, "test"))
+    served = tf.saved_model.load(str(model_dir / "saved_model")).signatures["serving_default"]
+    scores = served(image_bytes=tf.constant([r.encoded for r in records]))["scores"].numpy()
+    with (tmp_path / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    written = np.array(
+        [[float(row[f"p_{c}"]) for c in ("cyst", "normal", "stone", "tumor")] for row in rows]
+    )
+    np.testing.assert_allclose(written, scores, atol=1e-6)
+    assert [row["path"] for row in rows] == [r.path for r in records]
+
+
+def test_a_model_without_its_serving_export_is_refused(model_and_split, tmp_path):
+    import shutil
+
+    model_dir, split_dir = model_and_split
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("saved_model"))
+    with pytest.raises(ModelError, match="re-run the train step"):
+        evaluate_model(bare, split_dir, tmp_path / "out")
 
 
 def test_kfp_classification_metrics_are_filled(model_and_split, tmp_path):
@@ -117,13 +90,24 @@ def test_kfp_classification_metrics_are_filled(model_and_split, tmp_path):
     metrics = evaluate_model(model_dir, split_dir, tmp_path)
     scalars, classification = Metrics(), ClassificationMetrics()
 
-    log_kfp_metrics(metrics, tmp_path, scalars, classification)
+    log_kfp_metrics(metrics, tmp_path, scalars, classification, positive_class="stone")
 
     assert scalars.metadata["accuracy"] == pytest.approx(metrics["accuracy"])
     assert "recall:tumor" in scalars.metadata
     matrix = classification.metadata["confusionMatrix"]
     assert [row["row"] for row in matrix["rows"]] == metrics["confusion_matrix"]
-    assert len(classification.metadata["confidenceMetrics"]) >= 2
+    curve = classification.metadata["confidenceMetrics"]
+    assert len(curve) >= 2
+    stone = roc_points_of(tmp_path, "stone")
+    assert [point["falsePositiveRate"] for point in curve] == stone["fpr"]
+
+
+def roc_points_of(evaluation_dir, name):
+    from tumorflow.components.evaluate import roc_points
+    from tumorflow.components.metrics import read_predictions
+
+    scored = read_predictions(evaluation_dir / "predictions.csv")
+    return roc_points(scored.y_true, scored.probs, scored.classes)[name]
 
 
 def test_classes_that_differ_from_the_split_are_refused(model_and_split, tmp_path):

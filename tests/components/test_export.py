@@ -181,3 +181,39 @@ def test_a_grayscale_model_serves_colour_images_as_grey(make_model_dir, tmp_path
     np.testing.assert_allclose(embedding[0], [76.0, 76.0, 76.0], atol=1.5)
     meta = json.loads((export_dir / "assets.extra" / "tumorflow.json").read_text())
     assert meta["grayscale"] is True
+
+
+def test_the_model_export_records_digests_that_ignore_assets_extra(make_model_dir):
+    from tumorflow.components.export import saved_model_digest, write_version_assets
+
+    model_dir = make_model_dir(exported=True)
+    info = json.loads((model_dir / "model_info.json").read_text())
+    export_dir = model_dir / "saved_model"
+    digest = info["saved_model_sha256"]
+    assert digest == saved_model_digest(export_dir) and len(digest) == 64
+
+    write_version_assets(export_dir, "kidney-ct", {"deployed_at": "now"})
+    (export_dir / "assets.extra" / "drift_reference.parquet").write_bytes(b"reference")
+    assert saved_model_digest(export_dir) == digest
+    meta = json.loads((export_dir / "assets.extra" / "tumorflow.json").read_text())
+    assert meta["deployed_at"] == "now" and meta["weights_sha256"] == info["weights_sha256"]
+
+    (export_dir / "saved_model.pb").write_bytes((export_dir / "saved_model.pb").read_bytes() + b"x")
+    assert saved_model_digest(export_dir) != digest
+
+
+def test_the_weights_digest_follows_the_weights_not_the_file(make_model_dir, tmp_path):
+    import keras
+
+    from tumorflow.components.export import weights_digest
+
+    one, same = make_model_dir("one", exported=True), make_model_dir("same", exported=True)
+    other = make_model_dir("other", confusion=1, exported=True)
+    digests = {
+        name: json.loads((folder / "model_info.json").read_text())["weights_sha256"]
+        for name, folder in (("one", one), ("same", same), ("other", other))
+    }
+    assert digests["one"] == digests["same"] != digests["other"]
+    model = keras.saving.load_model(one / "model.keras")
+    model.save(tmp_path / "resaved.keras")
+    assert weights_digest(keras.saving.load_model(tmp_path / "resaved.keras")) == digests["one"]

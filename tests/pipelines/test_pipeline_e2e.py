@@ -177,6 +177,9 @@ def _manual(config, timeout_s: float):
     manual.gate.approval = "manual"
     manual.gate.approval_timeout_s = timeout_s
     manual.gate.approval_poll_s = 0.5
+    # Another seed, so the approved model is new: the same weights again would deploy nothing.
+    manual.train.seed = config.train.seed + 1
+    manual.gate.champion_rules = []
     return manual
 
 
