@@ -200,7 +200,9 @@ def _labelled_version(port: int, label: str) -> int:
 
 
 def _cached(summary: RunSummary) -> set[str]:
-    return {task for task, seconds in summary.task_seconds.items() if seconds == "cached"}
+    """The steps this run reused: kfp.local leaves no folder in the run for a cache hit."""
+    steps = {"dataset-version", "download", "validate-and-split", "train", "evaluate"}
+    return {step for step in steps if not (summary.run_dir / step).exists()}
 
 
 def _split_images(summary: RunSummary) -> int:
