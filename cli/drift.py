@@ -119,7 +119,7 @@ def _drift_ingest(args: argparse.Namespace) -> int:
 
     if args.images:
         if not args.model_name:
-            raise ConfigError("--images needs --model_name: the model the images' rows belong to")
+            raise ConfigError("--images needs --model-name: the model the images' rows belong to")
         version = None
         if args.model_base_path:
             from tumorflow.core.serving_layout import served_version
@@ -215,12 +215,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--images", metavar="DIR", help="a folder of recent images (image features only)"
     )
     ingest.add_argument(
+        "--model-name",
         "--model_name",
+        dest="model_name",
         metavar="NAME",
         help="model the rows belong to (required with --images; default: the logged model name)",
     )
     ingest.add_argument(
+        "--model-base-path",
         "--model_base_path",
+        dest="model_base_path",
         metavar="BASE",
         help="served models (local or gs://): adds the embedding projection of the logged "
         "version, or with --images the served version number",
