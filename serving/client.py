@@ -84,7 +84,8 @@ def predict_grpc(
             response = stub.Predict(request, timeout=timeout)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
-            if "http1" in details.lower() or "http/1" in details.lower():
+            # An HTTP/1 server answers gRPC's HTTP/2 preface with something that is no HTTP/2.
+            if any(sign in details.lower() for sign in ("http1", "parsing http/2")):
                 raise ServerUnavailableError(
                     f"{server} speaks HTTP/1, not gRPC: is it the REST port? Add --rest, or give "
                     "the gRPC port (--port of `tumorflow serve`, default 8500)"
