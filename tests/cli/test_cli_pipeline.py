@@ -165,19 +165,15 @@ def test_a_run_shows_one_line_per_task_and_keeps_the_rest_in_its_log(
 def test_a_failing_task_is_one_line_naming_the_task_and_the_cause(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    one_class = tmp_path / "scans" / "tumor"
-    one_class.mkdir(parents=True)
-    assert main(["phantom", "--output", str(tmp_path / "p"), "--per-class", "4"]) == 0
-    for index, image in enumerate(sorted((tmp_path / "p").rglob("Tumor*/*.jpg"))):
-        (one_class / f"{index}.jpg").write_bytes(image.read_bytes())
-    capsys.readouterr()
+    """A folder that exists but is not laid out as the preset expects fails inside the pipeline:
+    one line names the task, the exception its output ended with, and the run log."""
+    (tmp_path / "scans" / "tumor").mkdir(parents=True)
     code = main(["run", "--dataset", str(tmp_path / "scans"), "--run-root", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith(
-        "tumorflow run: error: task validate-and-split failed: DatasetError: "
-    )
-    assert "two classes" in err[-1] and str(tmp_path / "r" / "logs") in err[-1]
+    assert err[-2].split() == ["download", "FAILED"]
+    assert err[-1].startswith("tumorflow run: error: task download failed: DatasetError: ")
+    assert "has no folder" in err[-1] and str(tmp_path / "r" / "logs") in err[-1]
     assert "Traceback" not in "\n".join(err)
 
 
