@@ -78,8 +78,10 @@ def _monitor(args: argparse.Namespace) -> int:
         print(f"submitted monitoring run {run_id} to {args.host}")
         return 0
     # Fail in one line, before any task starts, when there is nothing to compare with.
+    from tumorflow.cli.pipeline import check_local_source
+
+    check_local_source(args.current, "--current")
     resolve_served_reference(config.resolved_model_base_path(), config.deploy.model_name)
-    from tumorflow.cli.pipeline import print_summary
     from tumorflow.pipelines.runner import run_local
 
     summary = run_local(config, monitor_source=args.current)
@@ -96,7 +98,7 @@ def _monitor(args: argparse.Namespace) -> int:
         else:
             print(f"drift: not checked: {found.get('message', '')}")
     if summary.trigger_reason:
-        print_summary(summary)
+        print(summary.report())
     else:
         print("no retraining needed")
     return 0
@@ -129,7 +131,7 @@ def _drift_ingest(args: argparse.Namespace) -> int:
 
     if args.images:
         if not args.model_name:
-            raise ConfigError("--images needs --model_name: the model the images' rows belong to")
+            raise ConfigError("--images needs --model-name: the model the images' rows belong to")
         version = None
         if args.model_base_path:
             from tumorflow.core.serving_layout import served_version
@@ -225,12 +227,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--images", metavar="DIR", help="a folder of recent images (image features only)"
     )
     ingest.add_argument(
+        "--model-name",
         "--model_name",
+        dest="model_name",
         metavar="NAME",
         help="model the rows belong to (required with --images; default: the logged model name)",
     )
     ingest.add_argument(
+        "--model-base-path",
         "--model_base_path",
+        dest="model_base_path",
         metavar="BASE",
         help="served models (local or gs://): adds the embedding projection of the logged "
         "version, or with --images the served version number",

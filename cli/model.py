@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+from pathlib import Path
 
 from tumorflow.cli.pipeline import add_config_arguments, config_from_args
+from tumorflow.core.errors import ConfigError
+
+_SQLITE = "sqlite:///"
 
 
 def _store(args: argparse.Namespace) -> tuple[str, str, str, int]:
@@ -20,10 +24,25 @@ def _store(args: argparse.Namespace) -> tuple[str, str, str, int]:
     )
 
 
+def _store_exists(tracking_uri: str) -> bool:
+    """False for a local SQLite store that no run has created (opening it would create it)."""
+    return not tracking_uri.startswith(_SQLITE) or Path(tracking_uri.removeprefix(_SQLITE)).exists()
+
+
+def _existing_store(tracking_uri: str) -> str:
+    """The tracking URI of a command that needs runs to act on; one line when there are none."""
+    if not _store_exists(tracking_uri):
+        raise ConfigError(
+            f"no runs yet: {tracking_uri.removeprefix(_SQLITE)} does not exist; pass the "
+            "--run-root (or --tracking-uri) of the run"
+        )
+    return tracking_uri
+
+
 def _decide(args: argparse.Namespace, status: str) -> int:
     from tumorflow.components.approval import record_decision
 
-    tracking_uri, _, _, _ = _store(args)
+    tracking_uri = _existing_store(_store(args)[0])
     text = "; ".join(t for t in (args.reason, getattr(args, "comment", None)) if t)
     decision = record_decision(
         tracking_uri,
@@ -42,10 +61,8 @@ def _decide(args: argparse.Namespace, status: str) -> int:
 
 
 def _approve(args: argparse.Namespace) -> int:
-    from tumorflow.core.errors import TumorflowError
-
     if args.reason and not args.override:
-        raise TumorflowError("--reason goes with --override; use --comment for a note")
+        raise ConfigError("--reason goes with --override; use --comment for a note")
     return _decide(args, "approved")
 
 
@@ -57,7 +74,8 @@ def _status(args: argparse.Namespace) -> int:
     from tumorflow.components.deploy import model_status
 
     tracking_uri, model_name, base, _ = _store(args)
-    status = model_status(tracking_uri, model_name, base, last=args.last)
+    has_runs = _store_exists(tracking_uri)
+    status = model_status(tracking_uri if has_runs else None, model_name, base, last=args.last)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -68,6 +86,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"on disk        {serving['on_disk'] or 'no versions'}")
     print(f"loaded         {serving['loaded'] or 'none'}   labels: {labels}")
     aliases = ", ".join(f"{k}={v}" for k, v in sorted(status["aliases"].items())) or "none"
+    if not has_runs:
+        print(f"registry       {tracking_uri}   no runs yet")
+        return 0
     print(f"registry       {tracking_uri}   aliases: {aliases}")
     if not status["versions"]:
         print("no registered versions yet")
@@ -98,6 +119,7 @@ def _move_stable(args: argparse.Namespace) -> int:
     from tumorflow.components.deploy import promote_canary, rollback
 
     tracking_uri, model_name, base, keep_versions = _store(args)
+    tracking_uri = _existing_store(tracking_uri)
     by = args.by or getpass.getuser()
     if args.command == "promote":
         result = promote_canary(tracking_uri, model_name, base, keep_versions=keep_versions, by=by)

@@ -8,8 +8,14 @@ from pathlib import Path
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The configuration flags every command that needs a PipelineConfig shares."""
+    """The configuration flags every command that needs a PipelineConfig shares, `--run-root`
+    included: a run's registry, models and logs are found from it."""
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    parser.add_argument(
+        "--run-root",
+        metavar="DIR",
+        help="the folder of runs, the MLflow store and served models (run_root, default: runs)",
+    )
     parser.add_argument(
         "--preset",
         metavar="NAME",
@@ -53,46 +59,29 @@ def config_from_args(args: argparse.Namespace, *, default_preset: str | None = "
     return load_config(getattr(args, "config", None), preset, overrides)
 
 
-def print_summary(summary) -> None:
-    print()
-    print(f"run            {summary.run_name}")
-    print(f"artifacts      {summary.run_dir}")
-    print("task wall time (s):")
-    for task, seconds in summary.task_seconds.items():
-        print(f"  {task:<28}{seconds:>8}")
-    if summary.trigger_reason:
-        print(f"triggered by   {summary.trigger_reason}")
-    if summary.gate is not None:
-        verdict = "PASSED" if summary.gate.get("passed") else "FAILED"
-        print(f"gate           {verdict}  ({summary.run_dir / 'gate' / 'report'})")
-        for rule in summary.gate.get("rules", []):
-            mark = "ok  " if rule.get("passed") else "FAIL"
-            value = rule.get("value")
-            shown = f"{value:.4f}" if isinstance(value, int | float) else value
-            print(f"  {mark} {rule.get('name', rule.get('metric'))}: {shown}")
-    if summary.approval is not None:
-        print(f"approval       {summary.approval.get('status')}")
-    if summary.deployed_version is not None:
-        print(f"deployed       version {summary.deployed_version} under {summary.model_base_path}")
-    else:
-        print(f"deployed       {summary.deploy_note or 'nothing'}")
-    if summary.dataset_version:
-        print(f"dataset        {summary.dataset_version[:23]}")
-    print(f"mlflow         {summary.tracking_uri}")
-    print(
-        f"serve it       tumorflow serve --model_config_file {summary.model_base_path}/models.config"
-        " --model_config_file_poll_wait_seconds 10"
-    )
+def check_local_source(source: str, name: str) -> None:
+    """A local dataset or drift source that does not exist fails here, in one line, before a
+    pipeline starts (phantom, kaggle: and gs:// sources are checked by the steps that fetch them)."""
+    from tumorflow.core import storage
+    from tumorflow.core.errors import SourceUnavailableError
+
+    if source == "phantom" or source.startswith("kaggle:") or storage.is_remote(source):
+        return
+    if not Path(source).expanduser().exists():
+        raise SourceUnavailableError(f"{name} {source}: no such file or folder")
 
 
 def _run(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.runner import run_local
 
     config = config_from_args(args)
+    check_local_source(config.dataset.source, "--dataset" if args.dataset else "dataset.source")
+    if args.monitor:
+        check_local_source(args.monitor, "--monitor")
     summary = run_local(config, enable_caching=not args.no_cache, monitor_source=args.monitor)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
-    print_summary(summary)
+    print(summary.report())
     return 0
 
 
@@ -138,7 +127,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PRESET|SOURCE",
         help="a preset name, or a source: a folder, an archive, kaggle:owner/slug, gs://...",
     )
-    run.add_argument("--run-root", metavar="DIR", help="where runs, MLflow and models go")
     run.add_argument("--no-cache", action="store_true", help="run every step again")
     run.add_argument(
         "--monitor",

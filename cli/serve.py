@@ -11,7 +11,6 @@ import argparse
 from pathlib import Path
 
 from tumorflow.core.config import DriftConfig
-from tumorflow.core.errors import ConfigError
 
 
 def _flag(text: str) -> bool:
@@ -94,24 +93,41 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from tumorflow.serving.client import ModelTarget, predict_grpc, predict_rest
+    """One line per image: its class and probabilities, or why it has none; exit 2 when any
+    image could not be read or was refused, after answering the others."""
+    import sys
 
-    images = []
+    from tumorflow.serving.client import ModelTarget, predict_each, predict_grpc, predict_rest
+
+    readable: list[tuple[str, bytes]] = []
+    failed = False
     for path in args.images:
         try:
-            images.append(Path(path).read_bytes())
+            readable.append((path, Path(path).read_bytes()))
         except OSError as exc:
-            raise ConfigError(f"cannot read image {path}: {exc.strerror}") from None
+            print(f"{path}: error: cannot read it: {exc.strerror}", file=sys.stderr)
+            failed = True
+    if not readable:
+        return 2
     target = ModelTarget(
         args.model_name, args.model_version, args.version_label, args.signature_name
     )
-    call = predict_rest if args.rest else predict_grpc
-    predictions = call(args.server, images, target, timeout=args.timeout)
-    for path, prediction in zip(args.images, predictions, strict=True):
-        probabilities = "  ".join(f"{name}={p:.4f}" for name, p in prediction.probabilities.items())
-        version = f" (v{prediction.model_version})" if prediction.model_version else ""
-        print(f"{path}: {prediction.predicted_class}{version}  {probabilities}")
-    return 0
+    answers = predict_each(
+        predict_rest if args.rest else predict_grpc,
+        args.server,
+        [data for _, data in readable],
+        target,
+        timeout=args.timeout,
+    )
+    for (path, _), answer in zip(readable, answers, strict=True):
+        if isinstance(answer, Exception):
+            print(f"{path}: error: {answer}", file=sys.stderr)
+            failed = True
+            continue
+        probabilities = "  ".join(f"{name}={p:.4f}" for name, p in answer.probabilities.items())
+        version = f" (v{answer.model_version})" if answer.model_version else ""
+        print(f"{path}: {answer.predicted_class}{version}  {probabilities}")
+    return 2 if failed else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

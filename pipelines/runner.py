@@ -3,25 +3,40 @@ submitted to a Kubeflow Pipelines endpoint."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import re
+import shutil
+import sys
+import threading
 import time
+import warnings
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from tumorflow.components.progress import progress_text
 from tumorflow.core.config import PipelineConfig
 from tumorflow.core.errors import TumorflowError
 
 log = logging.getLogger(__name__)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TASK_START = re.compile(r"Executing task '?([\w-]+)'?")
+_TASK_END = re.compile(r"Task '?([\w-]+)'? finished with status (\w+)")
+_TASK_CACHED = re.compile(r"Task '?([\w-]+)'? cache hit")
+_INNER_FAILURE = re.compile(r"Inner task failed: '?([\w-]+)'?")
+_APPROVAL_WAIT = re.compile(r"`tumorflow approve (\S+)`")
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+_TASK_COLUMN = 22
 
 
 class PipelineRunError(TumorflowError):
-    """A task of the pipeline failed; its own log (printed above) says why."""
+    """A task of the pipeline failed; the run log says why."""
 
 
 @dataclass
@@ -40,6 +55,7 @@ class RunSummary:
     dataset_version: str | None = None
     # Why nothing was deployed although approval passed (the model equals the served one).
     deploy_note: str | None = None
+    log_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,32 +70,189 @@ class RunSummary:
             "trigger_reason": self.trigger_reason,
             "dataset_version": self.dataset_version,
             "deploy_note": self.deploy_note,
+            "log_path": str(self.log_path) if self.log_path else None,
         }
 
+    def __str__(self) -> str:
+        deployed = (
+            f"deployed version {self.deployed_version}"
+            if self.deployed_version is not None
+            else "deployed nothing"
+        )
+        return f"run {self.run_name}: {deployed}; artifacts under {self.run_dir}"
 
-class _TaskTimer(logging.Filter):
-    """Reads kfp.local's own task log lines to time each task (kfp.local reports no durations)."""
+    def report(self) -> str:
+        """The summary `tumorflow run` prints: tasks, the gate's rules, approval, deployment."""
+        lines = [
+            "",
+            f"run            {self.run_name}",
+            f"artifacts      {self.run_dir}",
+        ]
+        if self.log_path is not None:
+            lines.append(f"log            {self.log_path}")
+        lines.append("task wall time (s):")
+        lines += [f"  {task:<28}{seconds:>8}" for task, seconds in self.task_seconds.items()]
+        if self.trigger_reason:
+            lines.append(f"triggered by   {self.trigger_reason}")
+        if self.gate is not None:
+            verdict = "PASSED" if self.gate.get("passed") else "FAILED"
+            lines.append(f"gate           {verdict}  ({self.run_dir / 'gate' / 'report'})")
+            for rule in self.gate.get("rules", []):
+                mark = "ok  " if rule.get("passed") else "FAIL"
+                value = rule.get("value")
+                shown = f"{value:.4f}" if isinstance(value, int | float) else value
+                lines.append(f"  {mark} {rule.get('name', rule.get('metric'))}: {shown}")
+        if self.approval is not None:
+            lines.append(f"approval       {self.approval.get('status')}")
+        if self.deployed_version is not None:
+            lines.append(
+                f"deployed       version {self.deployed_version} under {self.model_base_path}"
+            )
+        else:
+            lines.append(f"deployed       {self.deploy_note or 'nothing'}")
+        if self.dataset_version:
+            lines.append(f"dataset        {self.dataset_version[:23]}")
+        lines.append(f"mlflow         {self.tracking_uri}")
+        lines.append(
+            f"serve it       tumorflow serve --model_config_file {self.model_base_path}/"
+            "models.config --model_config_file_poll_wait_seconds 10"
+        )
+        return "\n".join(lines)
 
-    _start = re.compile(r"Executing task '?([\w-]+)'?")
-    _end = re.compile(r"Task '?([\w-]+)'? finished with status")
-    _cached = re.compile(r"Task '?([\w-]+)'? cache hit")
 
-    def __init__(self) -> None:
+class _RunConsole(io.TextIOBase):
+    """What a local run shows, and the run log that keeps everything else.
+
+    Installed as a filter on the root logger (kfp.local logs there) and as `sys.stdout` (kfp.local
+    prints its tasks' streamed output there). Everything goes to the run log; the terminal gets
+    one line per task as it finishes, the training's epoch lines (`components.progress`) and the
+    approval prompt. With `verbose`, kfp.local's own output also reaches the terminal as before.
+    """
+
+    def __init__(
+        self, log_path: Path, terminal: TextIO, echo: TextIO, verbose: bool, decision_flags: str
+    ) -> None:
         super().__init__()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = log_path.open("a", encoding="utf-8")
+        self._terminal = terminal
+        self._echo = echo
+        self._verbose = verbose
+        self._decision_flags = decision_flags
+        self._lock = threading.Lock()
+        self._local = threading.local()  # kfp.local runs independent tasks in threads
+        self._tty = terminal.isatty()
+        self._open_line = False
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float | str] = {}
+        self._tails: dict[str, deque[str]] = {}
 
+    # -- kfp.local's log records ------------------------------------------------------------
     def filter(self, record: logging.LogRecord) -> bool:
         message = _ANSI.sub("", str(record.getMessage()))
-        if match := self._start.search(message):
+        if match := _TASK_START.search(message):
             self.started[match.group(1)] = record.created
-        elif match := self._end.search(message):
-            task = match.group(1)
+            self._local.task = match.group(1)
+        elif match := _TASK_END.search(message):
+            task, status = match.groups()
             if task in self.started:
                 self.seconds[task] = round(record.created - self.started[task], 1)
-        elif match := self._cached.search(message):
+            if status == "SUCCESS" and task in self.seconds:
+                self._show(f"{task:<{_TASK_COLUMN}}{self.seconds[task]:>7.1f} s")
+        elif match := _TASK_CACHED.search(message):
             self.seconds[match.group(1)] = "cached"
+            self._show(f"{match.group(1):<{_TASK_COLUMN}}{'cached':>9}")
+        if self._verbose:
+            return True
+        stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        self._write_log(f"{stamp} {record.levelname} {message}")
+        return False
+
+    def log_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        """`warnings.showwarning` during a quiet run: to the run log."""
+        self._write_log(f"{category.__name__}: {message} ({filename}:{lineno})")
+
+    # -- the tasks' streamed output (sys.stdout) ---------------------------------------------
+    def writable(self) -> bool:
         return True
+
+    def write(self, text: str) -> int:
+        pending = getattr(self._local, "pending", "") + text
+        *lines, self._local.pending = pending.split("\n")
+        for line in lines:
+            self._task_line(_ANSI.sub("", line).rstrip())
+        if self._verbose:
+            self._echo.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._log.flush()
+        if self._verbose:
+            self._echo.flush()
+
+    def _task_line(self, line: str) -> None:
+        self._write_log(line)
+        task = getattr(self._local, "task", None) or ""
+        if task and line.strip():
+            self._tails.setdefault(task, deque(maxlen=50)).append(line.strip())
+        if (text := progress_text(line)) is not None and not self._verbose:
+            self._show(f"{task:<{_TASK_COLUMN}}{text}", transient=True)
+        elif match := _APPROVAL_WAIT.search(line):
+            run, flags = match.group(1), self._decision_flags
+            self._show(
+                f"{task:<{_TASK_COLUMN}}waiting for: tumorflow approve {run}{flags}   "
+                f"(or: tumorflow reject {run}{flags} --reason ...)"
+            )
+
+    def _write_log(self, line: str) -> None:
+        with self._lock:
+            self._log.write(line + "\n")
+
+    def _show(self, text: str, transient: bool = False) -> None:
+        """A line on the terminal; on a TTY an epoch line is rewritten in place by the next."""
+        with self._lock:
+            if self._open_line:
+                self._terminal.write("\r\x1b[K")
+            if transient and self._tty:
+                width = shutil.get_terminal_size().columns - 1
+                self._terminal.write(text[:width])
+                self._open_line = True
+            else:
+                self._terminal.write(text + "\n")
+                self._open_line = False
+            self._terminal.flush()
+
+    # -- failure and end ---------------------------------------------------------------------
+    def failure(self, error: RuntimeError, pipeline_root: Path) -> PipelineRunError:
+        """One line: the failing task, the exception its output ended with, where the log is."""
+        message = _ANSI.sub("", str(error))
+        match = _INNER_FAILURE.search(message) or _TASK_END.search(message)
+        unfinished = [task for task in self.started if task not in self.seconds]
+        task = match.group(1) if match else (unfinished[-1] if unfinished else None)
+        if task is None:
+            return PipelineRunError(f"{message} (run log: {self.log_path})")
+        self._show(f"{task:<{_TASK_COLUMN}}{'FAILED':>9}")
+        cause = next(
+            (
+                f": {found.group(1)}: {found.group(2)}"
+                for line in reversed(self._tails.get(task, ()))
+                if (found := _EXCEPTION_LINE.match(line))
+            ),
+            "",
+        )
+        where = "its output is above" if self._verbose else f"its output is in {self.log_path}"
+        return PipelineRunError(
+            f"task {task} failed{cause} ({where}; outputs so far under {pipeline_root})"
+        )
+
+    def close(self) -> None:
+        if self._open_line:
+            self._show("")
+        super().close()  # flushes
+        with self._lock:
+            self._log.close()
 
 
 def _newest_run_dir(pipeline_root: Path, pipeline_name: str, not_before: float) -> Path:
@@ -140,6 +313,7 @@ def run_local(
     run_root = Path(config.run_root).resolve()
     pipeline_root = run_root / "pipeline_root"
     pipeline_root.mkdir(parents=True, exist_ok=True)
+    _keep_mlflow_artifacts_in(config, run_root)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(pipeline_root),
@@ -148,23 +322,31 @@ def run_local(
     arguments = pipeline_parameters(config, local=True)
     if trigger_reason:
         arguments["trigger_reason"] = trigger_reason
-    timer = _TaskTimer()
+    name = PIPELINE_NAME if monitor_source is None else MONITOR_PIPELINE_NAME
+    verbose = log.isEnabledFor(logging.DEBUG)
+    console = _RunConsole(
+        run_root / "logs" / f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}.log",
+        terminal=sys.stderr,
+        echo=sys.stdout,
+        verbose=verbose,
+        decision_flags=_decision_flags(config, run_root),
+    )
     root_logger = logging.getLogger()
-    root_logger.addFilter(timer)
+    root_logger.addFilter(console)
     started = time.time()
     try:
-        if monitor_source is None:
-            retrain_pipeline(**arguments)
-        else:
-            monitor_pipeline(current_source=monitor_source, **arguments)
+        with contextlib.redirect_stdout(console), warnings.catch_warnings():
+            if not verbose:
+                warnings.showwarning = console.log_warning
+            if monitor_source is None:
+                retrain_pipeline(**arguments)
+            else:
+                monitor_pipeline(current_source=monitor_source, **arguments)
     except RuntimeError as exc:
-        raise PipelineRunError(
-            f"{_ANSI.sub('', str(exc))} The failing task's log above says why; outputs so far are "
-            f"under {pipeline_root}."
-        ) from None
+        raise console.failure(exc, pipeline_root) from None
     finally:
-        root_logger.removeFilter(timer)
-    name = PIPELINE_NAME if monitor_source is None else MONITOR_PIPELINE_NAME
+        root_logger.removeFilter(console)
+        console.close()
     run_dir = _newest_run_dir(pipeline_root, name, started)
     if monitor_source is not None:
         trigger = _read_json(run_dir / "drift-check" / "verdict" / "trigger.json") or {}
@@ -181,7 +363,7 @@ def run_local(
     return RunSummary(
         run_name=run_dir.name,
         run_dir=run_dir,
-        task_seconds=timer.seconds,
+        task_seconds=console.seconds,
         gate=_read_json(run_dir / "gate" / "decision" / "decision.json"),
         approval=_read_json(run_dir / "approval" / "record" / "approval.json"),
         deployed_version=int(version) if version is not None else None,
@@ -190,7 +372,31 @@ def run_local(
         trigger_reason=trigger_reason,
         dataset_version=fingerprint,
         deploy_note=note,
+        log_path=console.log_path,
     )
+
+
+def _keep_mlflow_artifacts_in(config: PipelineConfig, run_root: Path) -> None:
+    """With the local tracking store, create the experiment with its artifacts under
+    `<run_root>/mlartifacts`: MLflow's default is `./mlruns` of whatever the current folder is.
+    A tracking server decides itself where artifacts go."""
+    tracking_uri = config.resolved_tracking_uri()
+    if tracking_uri.startswith(("http://", "https://")):
+        return
+    from tumorflow.components.registry import connect
+
+    client = connect(tracking_uri)
+    if client.get_experiment_by_name(config.tracking.experiment) is None:
+        client.create_experiment(
+            config.tracking.experiment, artifact_location=(run_root / "mlartifacts").as_uri()
+        )
+
+
+def _decision_flags(config: PipelineConfig, run_root: Path) -> str:
+    """The flags `tumorflow approve|reject` need to find this run's registry."""
+    if config.tracking.tracking_uri:
+        return f" --tracking-uri {config.tracking.tracking_uri}"
+    return f" --run-root {run_root}"
 
 
 def compile_pipeline(

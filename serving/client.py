@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tumorflow.core.errors import TumorflowError
@@ -21,6 +22,11 @@ IMAGE_INPUT = "image_bytes"
 
 class ServerUnavailableError(TumorflowError):
     """The model server cannot be reached or refused the request."""
+
+
+class RequestRejectedError(ServerUnavailableError):
+    """The server refused the request's content (INVALID_ARGUMENT, HTTP 400): e.g. an image it
+    cannot decode."""
 
 
 @dataclass(frozen=True)
@@ -77,14 +83,24 @@ def predict_grpc(
         try:
             response = stub.Predict(request, timeout=timeout)
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            code, details = exc.code(), exc.details() or ""
+            # An HTTP/1 server answers gRPC's HTTP/2 preface with something that is no HTTP/2.
+            if any(sign in details.lower() for sign in ("http1", "parsing http/2")):
                 raise ServerUnavailableError(
-                    f"no model server answers at {server} ({exc.code().name}); start one with "
+                    f"{server} speaks HTTP/1, not gRPC: is it the REST port? Add --rest, or give "
+                    "the gRPC port (--port of `tumorflow serve`, default 8500)"
+                ) from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ServerUnavailableError(
+                    f"no model server answers at {server} ({code.name}); start one with "
                     "`tumorflow serve` or check --server"
                 ) from None
-            raise ServerUnavailableError(
-                f"{server} refused the request: {exc.code().name}: {exc.details()}"
-            ) from None
+            error = (
+                RequestRejectedError
+                if code == grpc.StatusCode.INVALID_ARGUMENT
+                else ServerUnavailableError
+            )
+            raise error(f"{server} refused the request: {code.name}: {details}") from None
     scores = tf.make_ndarray(response.outputs["scores"])
     classes = tf.make_ndarray(response.outputs["classes"])
     return _rows(scores, classes, response.model_spec.version.value)
@@ -109,6 +125,10 @@ def predict_rest(
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
+    not_rest = ServerUnavailableError(
+        f"{server} does not answer TF Serving's REST API: is it the gRPC port? Drop --rest, or "
+        "give the REST port (--rest_api_port of `tumorflow serve`, default 8501)"
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             answer = json.loads(response.read())
@@ -116,13 +136,45 @@ def predict_rest(
         detail = exc.read().decode(errors="replace")
         with contextlib.suppress(ValueError, KeyError, TypeError):
             detail = json.loads(detail)["error"]
-        raise ServerUnavailableError(
-            f"{server} refused the request: HTTP {exc.code}: {detail}"
-        ) from None
+        error = RequestRejectedError if exc.code == 400 else ServerUnavailableError
+        raise error(f"{server} refused the request: HTTP {exc.code}: {detail}") from None
+    except (http.client.HTTPException, ConnectionResetError, ValueError):
+        # A gRPC (HTTP/2) port answers an HTTP/1 request with bytes that are no status line.
+        raise not_rest from None
     except OSError as exc:
         raise ServerUnavailableError(
             f"no model server answers at http://{server} ({exc}); start one with `tumorflow serve` "
             "or check --server"
         ) from None
-    rows = answer["predictions"]
-    return _rows([r["scores"] for r in rows], [r["classes"] for r in rows], target.version)
+    try:
+        rows = answer["predictions"]
+        return _rows([r["scores"] for r in rows], [r["classes"] for r in rows], target.version)
+    except (KeyError, TypeError):
+        raise not_rest from None
+
+
+def predict_each(
+    predict: Callable[..., list[ImagePrediction]],
+    server: str,
+    images: Sequence[bytes],
+    target: ModelTarget,
+    timeout: float = 10.0,
+) -> list[ImagePrediction | RequestRejectedError]:
+    """`predict` (`predict_grpc` or `predict_rest`) of a batch, answering every image it can.
+
+    One request for the batch; when the server rejects it (an image it cannot decode fails the
+    whole batch), one request per image, so that the rejected ones are named and the others
+    answered. Server unavailability still raises.
+    """
+    try:
+        return list(predict(server, images, target, timeout=timeout))
+    except RequestRejectedError as rejected:
+        if len(images) == 1:
+            return [rejected]
+    answers: list[ImagePrediction | RequestRejectedError] = []
+    for image in images:
+        try:
+            answers.extend(predict(server, [image], target, timeout=timeout))
+        except RequestRejectedError as rejected:
+            answers.append(rejected)
+    return answers

@@ -1,0 +1,229 @@
+"""`tumorflow run`, `status`, `approve` as a user meets them: short output, --run-root everywhere,
+one-line errors, nothing written outside the run root."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tumorflow.cli.main import build_parser, main
+
+TINY_RUN = [
+    "--set",
+    "dataset.phantom.per_class=16",
+    "--set",
+    "dataset.phantom.size=48",
+    "--set",
+    "train.image_size=48",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.stage1.epochs=2",
+    "--set",
+    "train.stage2.epochs=1",
+    "--set",
+    "gate.bootstrap_resamples=50",
+    "--set",
+    "split.min_test_per_class=1",
+    "--set",
+    "gate.rules=[{metric: accuracy, threshold: 0.0}]",
+]
+TASKS = ("download", "validate-and-split", "train", "evaluate", "gate", "approval", "deploy")
+
+
+def _user_env() -> dict[str, str]:
+    """The environment of a user who has set no log level."""
+    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+
+
+def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`tumorflow ARGV` as a user runs it: a fresh interpreter, no log level set beforehand."""
+    env = _user_env()
+    return subprocess.run(
+        [sys.executable, "-m", "tumorflow.cli.main", *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run"],
+        ["compile"],
+        ["submit", "--host", "http://kfp"],
+        ["approve", "r1"],
+        ["reject", "r1", "--reason", "x"],
+        ["status"],
+        ["rollback"],
+        ["promote"],
+        ["monitor", "--current", "c"],
+    ],
+)
+def test_every_command_that_reads_or_writes_a_run_takes_run_root(command: list[str]) -> None:
+    args = build_parser().parse_args([*command, "--run-root", "elsewhere"])
+    assert args.run_root == "elsewhere"
+
+
+def test_help_states_the_flag_rule(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "kebab-case" in out and "--model_config_file" in out and "--run-root" in out
+
+
+def test_drift_ingest_takes_both_spellings_of_its_model_flags() -> None:
+    parser = build_parser()
+    for spelling in ("--model-name", "--model_name"):
+        args = parser.parse_args(["drift-ingest", "--store", "s", "--images", "d", spelling, "m"])
+        assert args.model_name == "m"
+
+
+@pytest.mark.parametrize(
+    ("flag", "source"),
+    [("--dataset", "missing-scans"), ("--monitor", "missing-requests")],
+)
+def test_a_missing_local_source_fails_before_the_pipeline_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, source: str
+) -> None:
+    root = tmp_path / "runs"
+    code = main(["run", flag, str(tmp_path / source), "--run-root", str(root)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == (
+        f"tumorflow run: error: {flag} {tmp_path / source}: no such file or folder"
+    )
+    assert not (root / "pipeline_root").exists()
+
+
+def test_status_of_a_fresh_folder_says_no_runs_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root = tmp_path / "fresh"
+    assert main(["status", "--run-root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "no runs yet" in out and "no versions" in out
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("command", [["approve", "r1"], ["rollback"], ["promote"]])
+def test_commands_that_need_a_run_say_there_is_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: list[str]
+) -> None:
+    root = tmp_path / "fresh"
+    assert main([*command, "--run-root", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tumorflow {command[0]}: error: no runs yet: ")
+    assert "--run-root" in err and len(err.splitlines()) == 1
+    assert not (root / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tmp_path: Path) -> None:
+    argv = ["validate", "--preset", "phantom", "--set", "dataset.phantom.per_class=12"]
+    argv += ["--set", "dataset.phantom.size=48"]
+    quiet = _cli(*argv, "--output", str(tmp_path / "quiet"), cwd=tmp_path)
+    verbose = _cli("-v", *argv, "--output", str(tmp_path / "verbose"), cwd=tmp_path)
+    assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr[-2000:]
+    native = ("cuInit", "oneDNN", "absl::InitializeLog", "cpu_feature_guard")
+    assert not any(marker in quiet.stderr + quiet.stdout for marker in native)
+    assert any(marker in verbose.stderr for marker in native)
+    assert "Quarantined: 3 files" in quiet.stdout
+
+
+@pytest.mark.slow
+def test_a_run_shows_one_line_per_task_and_keeps_the_rest_in_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs"
+    assert main(["run", "--run-root", str(root), *TINY_RUN]) == 0
+    captured = capsys.readouterr()
+    progress = captured.err.splitlines()
+    finished = [line for line in progress if " epoch " not in line]
+    for task in TASKS:
+        assert sum(line.split()[0] == task for line in finished if line.strip()) == 1, task
+    assert re.search(r"^train\s+\d+\.\d s$", captured.err, re.MULTILINE)
+    assert len(finished) <= len(TASKS) + 2  # and the two drift tasks
+    assert len(progress) - len(finished) <= 3  # at most a line per epoch: TINY_RUN trains 2 + 1
+    assert "executor_input" not in captured.out + captured.err
+    assert "have no effect" not in captured.err
+    log_path = Path(re.search(r"^log\s+(\S+)", captured.out, re.MULTILINE).group(1))
+    assert "executor_input" in log_path.read_text()
+    assert "deployed       version 1" in captured.out
+    assert not (tmp_path / "mlruns").exists()
+    assert any((root / "mlartifacts").rglob("model_info.json"))
+
+    assert main(["status", "--run-root", str(root)]) == 0
+    assert "aliases: champion=1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_failing_task_is_one_line_naming_the_task_and_the_cause(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A folder that exists but is not laid out as the preset expects fails inside the pipeline:
+    one line names the task, the exception its output ended with, and the run log."""
+    (tmp_path / "scans" / "tumor").mkdir(parents=True)
+    code = main(["run", "--dataset", str(tmp_path / "scans"), "--run-root", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-2].split() == ["download", "FAILED"]
+    assert err[-1].startswith("tumorflow run: error: task download failed: DatasetError: ")
+    assert "has no folder" in err[-1] and str(tmp_path / "r" / "logs") in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.slow
+def test_the_approve_command_a_run_prints_approves_it(tmp_path: Path) -> None:
+    """A manual-approval run prints the `tumorflow approve` line to type; typed in another
+    terminal (another process), it lets the waiting run deploy."""
+    root = tmp_path / "runs"
+    argv = [
+        "run",
+        "--run-root",
+        str(root),
+        *TINY_RUN,
+        "--set",
+        "gate.approval=manual",
+        "--set",
+        "gate.approval_timeout_s=300",
+    ]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "tumorflow.cli.main", *argv],
+        cwd=tmp_path,
+        env=_user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(run.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 400
+    prompt = None
+    while prompt is None and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(1)
+        prompt = next(
+            (line for line in err_lines if "waiting for: tumorflow approve" in line), None
+        )
+    assert prompt is not None, "".join(err_lines)[-2000:]
+    command = prompt.split("waiting for: ")[1].split("   (or:")[0].split()
+    assert command[:2] == ["tumorflow", "approve"] and "--run-root" in command
+    approved = _cli(*command[1:], "--by", "dr-lee", cwd=tmp_path / "..")
+    assert approved.returncode == 0, approved.stderr
+    assert "approved by dr-lee" in approved.stdout
+    out, _ = run.communicate(timeout=300)
+    reader.join(timeout=10)
+    assert run.returncode == 0, "".join(err_lines)[-2000:]
+    assert "approval       approved" in out and "deployed       version 1" in out
