@@ -32,6 +32,7 @@ from tumorflow.components.checkpoints import (
     restore_checkpoint,
 )
 from tumorflow.components.input_pipeline import make_dataset
+from tumorflow.components.progress import epoch_progress
 from tumorflow.components.tfrecords import read_split_manifest
 from tumorflow.components.tracking import TrainingRun, training_params
 from tumorflow.core.config import TrainConfig
@@ -358,7 +359,7 @@ def train_model(
                 initial_epoch=initial_epoch,
                 class_weight=class_weight,
                 shuffle=False,
-                callbacks=[*callbacks, checkpointer],
+                callbacks=[*callbacks, checkpointer, epoch_progress(f"stage {stage}")],
                 verbose=verbose,
             )
             epochs_run[key] = sum(1 for row in history if row["stage"] == stage)
