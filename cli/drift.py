@@ -9,7 +9,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tumorflow.cli.pipeline import add_config_arguments, config_from_args
+from tumorflow.cli.pipeline import (
+    add_config_arguments,
+    add_no_registry_argument,
+    config_from_args,
+)
 from tumorflow.core.errors import ConfigError
 
 _SOURCE_HELP = (
@@ -202,9 +206,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     monitor.add_argument(
         "--host", metavar="URL", help="submit the monitoring pipeline to this Kubeflow endpoint"
     )
-    monitor.add_argument(
-        "--no-registry", action="store_true", help="with --host: allow no tracking URI"
-    )
+    add_no_registry_argument(monitor)
     monitor.set_defaults(handler=_monitor)
 
     ingest = subparsers.add_parser(

@@ -55,9 +55,6 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: from the configuration)"
     )
-    parser.add_argument(
-        "--run-root", metavar="DIR", help="where runs, MLflow and models go (default: runs)"
-    )
     parser.add_argument("--json", action="store_true", help="print the policy as JSON")
 
 

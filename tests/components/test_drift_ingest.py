@@ -183,7 +183,7 @@ def test_drift_ingest_command_prints_the_rows_written(
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "scan.png").write_bytes(level_png(50))
     assert main(["drift-ingest", "--store", str(store), "--images", str(tmp_path / "images")]) == 2
-    assert "--images needs --model_name" in capsys.readouterr().err
+    assert "--images needs --model-name" in capsys.readouterr().err
     served = tmp_path / "models" / "kidney-ct" / "5" / "saved_model.pb"
     served.parent.mkdir(parents=True)
     served.write_bytes(b"")
