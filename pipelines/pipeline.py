@@ -238,7 +238,7 @@ def monitor_pipeline(p: dict[str, Any]) -> None:
         window_hours=p["window_hours"],
     ).set_display_name("drift check: recent requests vs served reference")
     check.set_caching_options(False)
-    with dsl.If(check.outputs["drifted"] == True, name="drifted"):  # noqa: E712
+    with dsl.If(check.outputs["Output"] == True, name="drifted"):  # noqa: E712
         retrain_pipeline(**(p | {"trigger_reason": check.outputs["reason"]})).set_display_name(
             "retrain"
         )

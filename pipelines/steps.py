@@ -214,11 +214,14 @@ def drift_check(
     window_hours: float,
     report: Output[HTML],
     verdict: Output[Artifact],
-) -> NamedTuple("Check", drifted=bool, reason=str):
+    reason: dsl.OutputPath(str),
+) -> bool:
     """Recent served requests (or images) against the served model's reference: drifted, and
-    why (the reason becomes the retraining run's `trigger_reason`; trigger.json records it)."""
+    why (`reason` becomes the retraining run's `trigger_reason`; trigger.json records it).
+
+    (A bool return and an output-path parameter rather than a NamedTuple: kfp.local cannot
+    resolve a dsl.If condition on a NamedTuple field.)"""
     import shutil
-    from collections import namedtuple
     from pathlib import Path
 
     from tumorflow.components.monitor import (
@@ -241,12 +244,14 @@ def drift_check(
         shutil.copyfile(result.html_path, report.path)
     else:
         Path(report.path).write_text(f"<p>{result.message}</p>")
-    reason = ""
+    why = ""
     if result.drift_detected:
         record = write_trigger_record(result, window, current_source, reference, Path(verdict.path))
-        reason = record["reason"]
-    verdict.metadata.update({"drift_detected": result.drift_detected, "reason": reason})
-    return namedtuple("Check", "drifted reason")(result.drift_detected, reason)
+        why = record["reason"]
+    verdict.metadata.update({"drift_detected": result.drift_detected, "reason": why})
+    Path(reason).parent.mkdir(parents=True, exist_ok=True)
+    Path(reason).write_text(why)
+    return result.drift_detected
 
 
 @component

@@ -49,7 +49,7 @@ def drift_check(tmp_path: Path, base: Path, current: Path, **settings):
     from tumorflow.pipelines.steps import drift_check as step
 
     verdict = dsl.Artifact(uri=str(tmp_path / "verdict"))
-    outcome = step.python_func(
+    drifted = step.python_func(
         current_source=str(current),
         model_base_path=str(base),
         model_name="kidney-ct",
@@ -57,8 +57,9 @@ def drift_check(tmp_path: Path, base: Path, current: Path, **settings):
         window_hours=settings.get("window_hours", 24.0),
         report=dsl.HTML(uri=str(tmp_path / "report.html")),
         verdict=verdict,
+        reason=str(tmp_path / "reason"),
     )
-    return outcome, verdict
+    return drifted, (tmp_path / "reason").read_text(), verdict
 
 
 @pytest.fixture()
@@ -74,9 +75,9 @@ def served(tmp_path: Path) -> Path:
 
 def test_drift_in_the_request_log_triggers_retraining_and_records_why(tmp_path: Path, served: Path):
     serve_requests(tmp_path / "log", scans(1, brightness=45))
-    outcome, verdict = drift_check(tmp_path, served, tmp_path / "log")
-    assert outcome.drifted is True
-    assert "drift detected" in outcome.reason and "intensity_mean" in outcome.reason
+    drifted, reason, verdict = drift_check(tmp_path, served, tmp_path / "log")
+    assert drifted is True
+    assert "drift detected" in reason and "intensity_mean" in reason
     record = json.loads((tmp_path / "verdict" / "trigger.json").read_text())
     assert set(record) == {
         "reason",
@@ -92,19 +93,19 @@ def test_drift_in_the_request_log_triggers_retraining_and_records_why(tmp_path: 
         "report_json",
         "verdict",
     }
-    assert record["reason"] == outcome.reason
+    assert record["reason"] == reason
     assert record["current_rows"] == IMAGES
     assert "intensity_mean" in record["drifted_columns"]
     assert record["share_of_drifted_columns"] >= record["drift_share_threshold"]
     assert record["reference_source"].endswith("7/assets.extra/drift_reference.parquet")
     assert Path(record["report_html"]).exists()
-    assert verdict.metadata == {"drift_detected": True, "reason": outcome.reason}
+    assert verdict.metadata == {"drift_detected": True, "reason": reason}
 
 
 def test_no_drift_means_no_retraining(tmp_path: Path, served: Path):
     serve_requests(tmp_path / "log", scans(2))
-    outcome, _ = drift_check(tmp_path, served, tmp_path / "log")
-    assert outcome.drifted is False and outcome.reason == ""
+    drifted, reason, _ = drift_check(tmp_path, served, tmp_path / "log")
+    assert drifted is False and reason == ""
     assert not (tmp_path / "verdict" / "trigger.json").exists()
     assert "<html" in (tmp_path / "report.html").read_text()
 

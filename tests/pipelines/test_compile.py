@@ -172,7 +172,7 @@ def test_the_monitoring_pipeline_retrains_only_when_drifted(tmp_path: Path):
     condition = tasks["condition-1"]
     assert "drift-check" in condition.dependent_tasks
     assert condition.trigger_policy.condition == (
-        "inputs.parameter_values['pipelinechannel--drift-check-drifted'] == true"
+        "inputs.parameter_values['pipelinechannel--drift-check-Output'] == true"
     )
     nested = spec.components[condition.component_ref.name].dag.tasks
     assert set(nested) == {"tumorflow-retrain"}
