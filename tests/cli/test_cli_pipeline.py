@@ -3,6 +3,7 @@ one-line errors, nothing written outside the run root."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import subprocess
@@ -35,7 +36,16 @@ TINY_RUN = [
     "--set",
     "gate.rules=[{metric: accuracy, threshold: 0.0}]",
 ]
-TASKS = ("download", "validate-and-split", "train", "evaluate", "gate", "approval", "deploy")
+TASKS = (
+    "dataset-version",
+    "download",
+    "validate-and-split",
+    "train",
+    "evaluate",
+    "gate",
+    "approval",
+    "deploy",
+)
 
 
 def _user_env() -> dict[str, str]:
@@ -178,8 +188,9 @@ def test_a_failing_task_is_one_line_naming_the_task_and_the_cause(
     code = main(["run", "--dataset", str(tmp_path / "scans"), "--run-root", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-2].split() == ["download", "FAILED"]
-    assert err[-1].startswith("tumorflow run: error: task download failed: DatasetError: ")
+    # the first task to read the folder is the one that fingerprints it
+    assert err[-2].split() == ["dataset-version", "FAILED"]
+    assert err[-1].startswith("tumorflow run: error: task dataset-version failed: DatasetError: ")
     assert "has no folder" in err[-1] and str(tmp_path / "r" / "logs") in err[-1]
     assert "Traceback" not in "\n".join(err)
 
@@ -220,9 +231,9 @@ def test_the_approve_command_a_run_prints_approves_it(tmp_path: Path) -> None:
     assert prompt is not None, "".join(err_lines)[-2000:]
     command = prompt.split("waiting for: ")[1].split("   (or:")[0].split()
     assert command[:2] == ["tumorflow", "approve"] and "--run-root" in command
-    approved = _cli(*command[1:], "--by", "dr-lee", cwd=tmp_path / "..")
+    approved = _cli(*command[1:], cwd=tmp_path / "..")
     assert approved.returncode == 0, approved.stderr
-    assert "approved by dr-lee" in approved.stdout
+    assert f"approved by {getpass.getuser()}" in approved.stdout
     out, _ = run.communicate(timeout=300)
     reader.join(timeout=10)
     assert run.returncode == 0, "".join(err_lines)[-2000:]
