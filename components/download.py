@@ -259,6 +259,8 @@ def _fetch(source: str, staging: Path, dataset: DatasetConfig) -> _Fetched:
             phantom.seed,
             phantom.slices_per_patient,
             phantom.corrupt,
+            phantom.noise_scale,
+            phantom.lesion_scale,
         )
         return _Fetched(root, "phantom", None, {"phantom": phantom.model_dump()})
     if source.startswith("kaggle:"):
