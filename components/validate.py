@@ -27,6 +27,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -208,8 +209,10 @@ def check_images(
     check = functools.partial(check_image, files_dir)
     progress = {"total": len(rows), "desc": "validate", "unit": "img", "disable": None}
     if workers > 1 and len(rows) >= PROCESS_POOL_MIN_IMAGES:
-        # spawn, not fork: the parent may hold TensorFlow's threads (a pipeline step)
-        context = multiprocessing.get_context("spawn")
+        # fork is cheap and needs no `__main__` guard in the caller, but is unsafe once
+        # TensorFlow's threads run in this process: spawn then
+        start = "fork" if "tensorflow" not in sys.modules and os.name == "posix" else "spawn"
+        context = multiprocessing.get_context(start)
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             chunk = max(1, min(64, len(rows) // (8 * workers)))
             return list(tqdm(pool.map(check, rows, chunksize=chunk), **progress))
