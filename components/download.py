@@ -151,13 +151,18 @@ def original_name(escaped: str) -> str:
     return unquote_to_bytes(escaped).decode("utf-8", "surrogateescape")
 
 
-def _is_safe_part(part: str) -> bool:
+def _is_utf8(name: str) -> bool:
     try:
-        encoded = part.encode("utf-8")
+        name.encode("utf-8")
     except UnicodeEncodeError:
         return False
+    return True
+
+
+def _is_safe_part(part: str) -> bool:
     return (
-        len(encoded) <= MAX_NAME_BYTES
+        _is_utf8(part)
+        and len(part.encode("utf-8")) <= MAX_NAME_BYTES
         and not part.startswith("-")
         and not any(ord(char) < 32 or ord(char) == 127 for char in part)
     )
@@ -340,6 +345,8 @@ def _class_folders(
             c for c in container.iterdir() if c.is_dir() and not _is_hidden(c.name)
         ):
             label = class_map.get(folder.name.lower()) if class_map else folder.name.lower()
+            if label is not None and not _is_utf8(label):
+                label = escape_name(label)
             if label is None:
                 logger.info(
                     "skipping folder %s: not in dataset.class_map", folder.relative_to(base)

@@ -14,7 +14,7 @@ from pathlib import Path
 import kagglehub
 import pytest
 import requests
-from helpers import HOSTILE_NAMES, write_hostile_name_corpus
+from helpers import HOSTILE_NAMES, image_bytes, write_hostile_name_corpus
 
 from tumorflow.components.download import (
     download_dataset,
@@ -251,3 +251,13 @@ def test_escaped_names_round_trip_every_byte() -> None:
         escaped = escape_name(name)
         assert escaped.isprintable() and "\n" not in escaped
         assert os.fsencode(original_name(escaped)) == raw
+
+
+def test_a_class_folder_whose_name_is_not_utf8_becomes_a_printable_label(tmp_path: Path) -> None:
+    for folder in (b"caf\xe9", b"normal"):
+        os.makedirs(os.path.join(bytes(tmp_path / "src"), folder))
+        with open(os.path.join(bytes(tmp_path / "src"), folder, b"a.png"), "wb") as handle:
+            handle.write(image_bytes(len(folder)))
+    result = download_dataset(str(tmp_path / "src"), tmp_path / "raw", DatasetConfig())
+    assert result.label_counts == {"caf%E9": 1, "normal": 1}
+    assert {row.label for row in read_manifest(tmp_path / "raw")} == {"caf%E9", "normal"}
