@@ -1,4 +1,4 @@
-"""`tumorflow bench input|serving`: benchmarks that print ratios against a baseline of the same run."""
+"""`tumorflow bench input|serving|split`: benchmarks that print ratios against a baseline of the same run."""
 
 from __future__ import annotations
 
@@ -17,11 +17,20 @@ def _run_serving(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def _run_split(args: argparse.Namespace) -> int:
+    from tumorflow.components import split_bench
+
+    return split_bench.run(args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from tumorflow.components.input_bench import add_arguments as add_input_arguments
+    from tumorflow.components.split_bench import add_arguments as add_split_arguments
     from tumorflow.serving.bench import add_arguments as add_serving_arguments
 
-    parser = subparsers.add_parser("bench", help="measure the input pipeline or the server")
+    parser = subparsers.add_parser(
+        "bench", help="measure the input pipeline, the server or duplicate grouping"
+    )
     which = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
     input_parser = which.add_parser(
         "input", help="training input pipeline vs the Keras baseline and bare decoding"
@@ -33,3 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_serving_arguments(serving_parser)
     serving_parser.set_defaults(handler=_run_serving)
+    split_parser = which.add_parser(
+        "split", help="near-duplicate grouping: all-pairs vs the multi-index search"
+    )
+    add_split_arguments(split_parser)
+    split_parser.set_defaults(handler=_run_split)

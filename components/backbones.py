@@ -90,15 +90,19 @@ def _preprocess_model(backbone: str, image_size: int) -> keras.Model:
     return keras.Model(inputs, outputs, name="preprocess")
 
 
-def _custom_cnn(image_size: int) -> keras.Model:
-    """A small from-scratch CNN (four conv blocks) for quick runs and the offline demo."""
+def _custom_cnn(image_size: int, batchnorm_momentum: float) -> keras.Model:
+    """A small from-scratch CNN (four conv blocks) for quick runs and the offline demo.
+
+    `batchnorm_momentum` sets how fast the BatchNormalization statistics used at inference follow
+    the training batches: with few steps per epoch a high momentum lags the weights and makes
+    validation scores swing."""
     import keras
 
     inputs = keras.Input((image_size, image_size, 3), name="cnn_input")
     x = inputs
     for filters in (32, 64, 128, 192):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
+        x = keras.layers.BatchNormalization(momentum=batchnorm_momentum)(x)
         x = keras.layers.Activation("relu")(x)
         x = keras.layers.MaxPooling2D()(x)
     return keras.Model(inputs, x, name=CUSTOM_CNN)
@@ -144,10 +148,13 @@ def _load_backbone_weights(backbone: keras.Model, name: str, path: str) -> None:
         ) from exc
 
 
-def build_backbone(backbone: str, image_size: int, weights: str) -> keras.Model:
+def build_backbone(
+    backbone: str, image_size: int, weights: str, batchnorm_momentum: float = 0.9
+) -> keras.Model:
     """The feature extractor alone: `[batch, H, W, 3]` preprocessed pixels to a feature map.
 
     `weights` is `none` (random init), `imagenet` (Keras download / cache) or a weights file path.
+    `batchnorm_momentum` applies to the from-scratch custom_cnn only.
     """
     _check_backbone(backbone)
     if image_size < 32:
@@ -163,14 +170,19 @@ def build_backbone(backbone: str, image_size: int, weights: str) -> keras.Model:
         raise ConfigError(
             "custom_cnn has no ImageNet weights: use `train.weights=none` or a weights file"
         )
-    model = _custom_cnn(image_size)
+    model = _custom_cnn(image_size, batchnorm_momentum)
     if weights != "none":
         _load_backbone_weights(model, backbone, weights)
     return model
 
 
 def build_classifier(
-    backbone: str, num_classes: int, image_size: int, weights: str, dropout: float
+    backbone: str,
+    num_classes: int,
+    image_size: int,
+    weights: str,
+    dropout: float,
+    batchnorm_momentum: float = 0.9,
 ) -> tuple[keras.Model, keras.Model]:
     """The full classifier and its backbone sub-model (the part frozen in stage 1).
 
@@ -182,7 +194,7 @@ def build_classifier(
 
     if num_classes < 2:
         raise ConfigError(f"a classifier needs at least two classes, got {num_classes}")
-    base = build_backbone(backbone, image_size, weights)
+    base = build_backbone(backbone, image_size, weights, batchnorm_momentum)
     inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
     x = _preprocess_model(backbone, image_size)(inputs)
     # A pretrained backbone keeps BatchNormalization in inference mode; one trained from scratch

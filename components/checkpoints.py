@@ -1,7 +1,8 @@
 """Per-epoch training checkpoints: where they live, what they hold, and resuming from them.
 
-A checkpoint folder holds the weights with optimizer state, the early-stopping best weights and
-a `state.json` (stage, epoch, history, callback counters, MLflow run id); `latest.json` names the
+A checkpoint folder holds the weights with optimizer state, the early-stopping best weights, the
+weights of the best epoch so far over both stages (`BestEpoch`) and a `state.json` (stage,
+epoch, history, callback counters, best epoch, MLflow run id); `latest.json` names the
 newest complete one. `checkpoint_key` names the checkpoint folder of one dataset and config, so a
 re-run of an interrupted pipeline finds it.
 """
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest.json"
 WEIGHTS_FILE = "model.weights.h5"
 BEST_WEIGHTS_FILE = "best.npz"
+BEST_EPOCH_FILE = "best_epoch.npz"
 STATE_FILE = "state.json"
 
 
@@ -99,17 +101,23 @@ class CheckpointStore:
         state: dict[str, Any],
         best_weights: list[np.ndarray] | None,
         best_weights_from: Path | None,
+        best_epoch_weights: list[np.ndarray] | None = None,
     ) -> Path:
-        """Write weights with optimizer state, early-stopping best weights and `state` atomically."""
+        """Write weights with optimizer state, the early-stopping and best-epoch weights (new
+        ones, else carried over from `best_weights_from`) and `state`, atomically."""
         name = f"ckpt-s{state['stage']}-e{state['epoch']:04d}"
         tmp = self.root / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         model.save_weights(tmp / WEIGHTS_FILE)
-        if best_weights is not None:
-            np.savez(tmp / BEST_WEIGHTS_FILE, *best_weights)
-        elif best_weights_from is not None and (best_weights_from / BEST_WEIGHTS_FILE).exists():
-            shutil.copyfile(best_weights_from / BEST_WEIGHTS_FILE, tmp / BEST_WEIGHTS_FILE)
+        for file_name, arrays in (
+            (BEST_WEIGHTS_FILE, best_weights),
+            (BEST_EPOCH_FILE, best_epoch_weights),
+        ):
+            if arrays is not None:
+                np.savez(tmp / file_name, *arrays)
+            elif best_weights_from is not None and (best_weights_from / file_name).exists():
+                shutil.copyfile(best_weights_from / file_name, tmp / file_name)
         (tmp / STATE_FILE).write_text(
             json.dumps({**state, "fingerprint": self.fingerprint}, indent=2)
         )
@@ -182,3 +190,60 @@ def restore_callback_state(
         reduce_lr.wait = saved["reduce_lr"]["wait"]
         reduce_lr.best = saved["reduce_lr"]["best"]
         reduce_lr.cooldown_counter = saved["reduce_lr"]["cooldown_counter"]
+
+
+class BestEpoch:
+    """The best epoch so far over both stages by a validation metric, and its weights.
+
+    `monitor` is `val_loss` (lower is better), `val_macro_f1` (higher is better) or None (keep the
+    last epoch). A tie keeps the earlier epoch. Saved in each checkpoint, so a resumed run
+    restores the same epoch an uninterrupted one would.
+    """
+
+    def __init__(self, monitor: str | None) -> None:
+        self.monitor = monitor
+        self.value: float | None = None
+        self.stage = 0
+        self.epoch = 0
+        self.weights: list[np.ndarray] | None = None
+
+    def offer(self, model: keras.Model, row: dict[str, Any], stage: int) -> list[np.ndarray] | None:
+        """Take the epoch of history `row` if it beats the best; its weights when it does."""
+        value = row.get(self.monitor) if self.monitor else None
+        if value is None or not np.isfinite(value):
+            return None
+        if self.value is not None and (
+            value >= self.value if self.monitor == "val_loss" else value <= self.value
+        ):
+            return None
+        self.value, self.stage, self.epoch = float(value), stage, int(row["epoch"])
+        self.weights = model.get_weights()
+        return self.weights
+
+    def state(self) -> dict[str, Any]:
+        """What `state.json` and model_info.json record of it."""
+        return {
+            "monitor": self.monitor or "last",
+            "value": self.value,
+            "stage": self.stage,
+            "epoch": self.epoch,
+        }
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Take back the best epoch (and its weights) a checkpoint recorded."""
+        saved = checkpoint.get("best_epoch") or {}
+        best_file = checkpoint["dir"] / BEST_EPOCH_FILE
+        if (
+            saved.get("monitor") == self.monitor
+            and saved.get("value") is not None
+            and best_file.exists()
+        ):
+            self.value, self.stage, self.epoch = saved["value"], saved["stage"], saved["epoch"]
+            self.weights = _load_arrays(best_file)
+
+    def apply(self, model: keras.Model) -> bool:
+        """Give `model` the best epoch's weights; False when there is none to restore."""
+        if self.weights is None:
+            return False
+        model.set_weights(self.weights)
+        return True

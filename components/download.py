@@ -3,8 +3,15 @@
 Sources: `phantom` (the synthetic generator), a local folder, a local archive (.zip, .tar,
 .tar.gz, .tgz, ... extracted safely), `kaggle:<owner>/<slug>[/versions/N]` (kagglehub) and
 `gs://bucket/prefix` (the storage layer). The output (docs/artifacts.md "Raw dataset"):
-`files/<original relative path>`, `manifest.csv` (path,label,sha256,bytes,source_split) and
-`source.json`.
+`files/<relative path>`, `manifest.csv` (path,label,sha256,bytes,source_split,original_path)
+and `source.json`.
+
+Any name a folder can hold is kept as data. A path part that is not valid UTF-8, holds a control
+character (a newline), starts with a dash or is longer than `MAX_NAME_BYTES` is copied under a
+safe name (`<readable stem>~<hash of the original><suffix>`), and so is a name that differs only
+in case from one already copied (a case-insensitive file system would merge them); the original
+is kept, percent-encoded and reversible (`original_name`), in the `original_path` column, which is
+empty where the copy kept its name.
 
 Which files are listed: files with an image extension (see `IMAGE_EXTENSIONS`) under a class
 folder, at any depth below it. Hidden files and folders (`.DS_Store`, `._x.jpg`, `__MACOSX`) and
@@ -24,7 +31,8 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote, unquote_to_bytes
 
 from tqdm import tqdm
 
@@ -40,7 +48,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", "
 MANIFEST_CSV = "manifest.csv"
 SOURCE_JSON = "source.json"
 FILES = "files"
-MANIFEST_COLUMNS = ("path", "label", "sha256", "bytes", "source_split")
+MANIFEST_COLUMNS = ("path", "label", "sha256", "bytes", "source_split", "original_path")
+# Longest path part kept as it is (bytes): room left under the usual 255 for derived names.
+MAX_NAME_BYTES = 200
+_UNSAFE_CHARS = re.compile(r"[^\w.+-]+", re.ASCII)
 _KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+(/versions/(\d+))?$")
 _STAGING = ".staging"
 
@@ -54,6 +65,8 @@ class ManifestRow:
     sha256: str
     bytes: int
     source_split: str
+    # The path as the source named it, percent-encoded, when the copy was renamed; else "".
+    original_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,8 +128,74 @@ def _digest(lines: list[str]) -> str:
 
 
 def manifest_fingerprint(rows: list[ManifestRow]) -> str:
-    """The dataset version of a manifest: its paths, labels, splits and SHA-256s, in path order."""
-    return _digest(sorted(f"{r.path}\t{r.label}\t{r.source_split}\t{r.sha256}" for r in rows))
+    """The dataset version of a manifest: its (original) paths, labels, splits and SHA-256s."""
+    return _digest(
+        sorted(
+            f"{r.original_path or r.path}\t{r.label}\t{r.source_split}\t{r.sha256}" for r in rows
+        )
+    )
+
+
+def _raw_bytes(name: str) -> bytes:
+    """The bytes of a file name as the file system gave them (undecodable bytes included)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def escape_name(name: str) -> str:
+    """A printable, reversible (`original_name`) spelling of any file name or path."""
+    return quote(_raw_bytes(name), safe="/ !#$&'()*+,;=@[]^`{}~-._")
+
+
+def original_name(escaped: str) -> str:
+    """The name `escape_name` spelled (undecodable bytes as surrogate escapes, as os gives)."""
+    return unquote_to_bytes(escaped).decode("utf-8", "surrogateescape")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_safe_part(part: str) -> bool:
+    return (
+        _is_utf8(part)
+        and len(part.encode("utf-8")) <= MAX_NAME_BYTES
+        and not part.startswith("-")
+        and not any(ord(char) < 32 or ord(char) == 127 for char in part)
+    )
+
+
+def _renamed_part(part: str) -> str:
+    """A short ASCII name for a path part, unique to its original bytes."""
+    tag = hashlib.sha256(_raw_bytes(part)).hexdigest()[:10]
+    suffix = PurePosixPath(part).suffix
+    suffix = suffix.lower() if suffix.lower() in IMAGE_EXTENSIONS else ""
+    stem = part[: len(part) - len(suffix)] if suffix else part
+    readable = _UNSAFE_CHARS.sub("_", stem.encode("ascii", "replace").decode()).lstrip("-._")
+    return f"{readable[:60]}~{tag}{suffix}"
+
+
+def safe_copy_paths(relatives: list[str]) -> list[tuple[str, str]]:
+    """(path to copy to, escaped original or "") for each source path, in the given order.
+
+    Hostile parts are renamed (see the module docstring); of paths that differ only in case the
+    first keeps its name and the others are renamed, so no two copies can collide.
+    """
+    taken: set[str] = set()
+    result = []
+    for relative in relatives:
+        *folders, name = PurePosixPath(relative).parts
+        safe = [part if _is_safe_part(part) else _renamed_part(part) for part in folders]
+        candidate = name if _is_safe_part(name) else _renamed_part(name)
+        if "/".join([*safe, candidate]).casefold() in taken:
+            candidate = _renamed_part(name)
+        path = "/".join([*safe, candidate])
+        taken.add(path.casefold())
+        result.append((path, "" if path == relative else escape_name(relative)))
+    return result
 
 
 def sha256_file(path: Path) -> str:
@@ -185,6 +264,8 @@ def _fetch(source: str, staging: Path, dataset: DatasetConfig) -> _Fetched:
             phantom.seed,
             phantom.slices_per_patient,
             phantom.corrupt,
+            phantom.noise_scale,
+            phantom.lesion_scale,
         )
         return _Fetched(root, "phantom", None, {"phantom": phantom.model_dump()})
     if source.startswith("kaggle:"):
@@ -264,6 +345,8 @@ def _class_folders(
             c for c in container.iterdir() if c.is_dir() and not _is_hidden(c.name)
         ):
             label = class_map.get(folder.name.lower()) if class_map else folder.name.lower()
+            if label is not None and not _is_utf8(label):
+                label = escape_name(label)
             if label is None:
                 logger.info(
                     "skipping folder %s: not in dataset.class_map", folder.relative_to(base)
@@ -342,10 +425,13 @@ def resolve_dataset_version(dataset: DatasetConfig) -> DatasetVersion:
     path = Path(source).expanduser()
     if path.is_dir():
         listed, _, _ = _labelled_images(path, dataset)
+        names = safe_copy_paths([image.relative_to(path).as_posix() for image, _, _ in listed])
         rows = [
-            ManifestRow(image.relative_to(path).as_posix(), label, sha256_file(image), 0, split)
-            for image, label, split in tqdm(
-                listed, desc="fingerprint", unit="img", disable=None, leave=False
+            ManifestRow(copy_path, label, sha256_file(image), 0, split, original)
+            for (image, label, split), (copy_path, original) in zip(
+                tqdm(listed, desc="fingerprint", unit="img", disable=None, leave=False),
+                names,
+                strict=True,
             )
         ]
         return DatasetVersion(
@@ -377,7 +463,9 @@ def write_manifest(rows: list[ManifestRow], path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         for row in rows:
-            writer.writerow([row.path, row.label, row.sha256, row.bytes, row.source_split])
+            writer.writerow(
+                [row.path, row.label, row.sha256, row.bytes, row.source_split, row.original_path]
+            )
 
 
 def read_manifest(raw_dir: Path) -> list[ManifestRow]:
@@ -389,12 +477,17 @@ def read_manifest(raw_dir: Path) -> list[ManifestRow]:
         )
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
+        missing = set(MANIFEST_COLUMNS) - {"original_path"} - set(reader.fieldnames or ())
         if missing:
             raise DatasetError(f"{path} lacks the columns {sorted(missing)}")
         return [
             ManifestRow(
-                r["path"], r["label"], r["sha256"], int(r["bytes"]), r["source_split"] or ""
+                r["path"],
+                r["label"],
+                r["sha256"],
+                int(r["bytes"]),
+                r["source_split"] or "",
+                r.get("original_path") or "",
             )
             for r in reader
         ]
@@ -420,10 +513,14 @@ def download_dataset(
         listed, skipped_files, skipped_folders = _labelled_images(fetched.root, dataset)
         rows = []
         files_dir = output_dir / FILES
-        for image, label, split in tqdm(
-            listed, desc="copy images", unit="img", disable=None, leave=False
+        names = safe_copy_paths(
+            [image.relative_to(fetched.root).as_posix() for image, _, _ in listed]
+        )
+        for (image, label, split), (relative, original) in zip(
+            tqdm(listed, desc="copy images", unit="img", disable=None, leave=False),
+            names,
+            strict=True,
         ):
-            relative = image.relative_to(fetched.root).as_posix()
             target = files_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             if staging in image.parents:
@@ -431,7 +528,9 @@ def download_dataset(
             else:
                 shutil.copyfile(image, target)
             rows.append(
-                ManifestRow(relative, label, sha256_file(target), target.stat().st_size, split)
+                ManifestRow(
+                    relative, label, sha256_file(target), target.stat().st_size, split, original
+                )
             )
     finally:
         shutil.rmtree(staging, ignore_errors=True)

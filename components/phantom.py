@@ -87,7 +87,9 @@ class _Patient:
     texture_seed: int
 
 
-def _draw_patient(rng: np.random.Generator, kind: str) -> _Patient:
+def _draw_patient(
+    rng: np.random.Generator, kind: str, noise_scale: float = 1.0, lesion_scale: float = 1.0
+) -> _Patient:
     side = int(rng.integers(0, 2))
     cx, cy = rng.uniform(-0.06, 0.06), rng.uniform(-0.04, 0.06)
     a, b = rng.uniform(0.74, 0.92), rng.uniform(0.52, 0.70)
@@ -136,6 +138,7 @@ def _draw_patient(rng: np.random.Generator, kind: str) -> _Patient:
         )
     else:
         lesions = ()
+    lesions = tuple((rho, psi, radius * lesion_scale) for rho, psi, radius in lesions)
     harmonics = tuple((rng.uniform(0.06, 0.18), rng.uniform(0, 2 * np.pi)) for _ in range(4))
     return _Patient(
         kind=kind,
@@ -152,7 +155,7 @@ def _draw_patient(rng: np.random.Generator, kind: str) -> _Patient:
         tumor_harmonics=harmonics,
         window_level=rng.uniform(30, 55),
         window_width=rng.uniform(370, 450),
-        noise_hu=rng.uniform(5, 14),
+        noise_hu=rng.uniform(5, 14) * noise_scale,
         texture_seed=int(rng.integers(0, 2**31)),
     )
 
@@ -268,15 +271,27 @@ def generate_phantom(
     seed: int = 0,
     slices_per_patient: int = 4,
     corrupt: int = 0,
+    noise_scale: float = 1.0,
+    lesion_scale: float = 1.0,
 ) -> Path:
     """Write the phantom under `output_dir` (kidney CT layout plus kidneyData.csv); return it.
 
     The same arguments always give byte-identical files. `corrupt` adds that many broken files
-    (empty, truncated JPEG, text named .png) to the class folders.
+    (empty, truncated JPEG, text named .png) to the class folders. `noise_scale` multiplies the
+    image noise and `lesion_scale` the lesion sizes: above and below 1 they make a harder set,
+    closer to real scans than the easy default.
     """
-    if per_class < 1 or size < 16 or slices_per_patient < 1 or corrupt < 0:
+    if (
+        per_class < 1
+        or size < 16
+        or slices_per_patient < 1
+        or corrupt < 0
+        or noise_scale < 0
+        or lesion_scale <= 0
+    ):
         raise ConfigError(
-            "phantom: per_class and slices_per_patient must be >= 1, size >= 16, corrupt >= 0"
+            "phantom: per_class and slices_per_patient must be >= 1, size >= 16, corrupt >= 0, "
+            "noise_scale >= 0, lesion_scale > 0"
         )
     output_dir = Path(output_dir)
     folder = images_folder(output_dir)
@@ -286,7 +301,7 @@ def generate_phantom(
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for first in range(0, per_class, slices_per_patient):
             patient_rng = np.random.default_rng([seed, class_index, first])
-            patient = _draw_patient(patient_rng, kind)
+            patient = _draw_patient(patient_rng, kind, noise_scale, lesion_scale)
             count = min(slices_per_patient, per_class - first)
             for k in range(count):
                 offset = k - (count - 1) / 2

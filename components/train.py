@@ -6,6 +6,11 @@ at the lower stage-2 rate with early stopping and learning-rate reduction on `va
 from-scratch `custom_cnn` has nothing pretrained to protect: stage 1 trains all of it and stage 2
 goes on at the lower rate, its BatchNormalization layers training normally.
 
+Every epoch also scores validation macro-F1. The model keeps the weights of the best epoch over
+both stages by `TrainConfig.keep_weights` (validation loss or macro-F1; or the last epoch), a
+resumed run included. `lr_schedule=warmup_cosine` replaces the constant rate of each stage with a
+linear warm-up and a cosine decay (and stage 2's ReduceLROnPlateau with it).
+
 Writes the "Model" folder of docs/artifacts.md: model.keras, model_info.json, history.csv,
 training_curves.png (checkpoints live in `checkpoint_dir`).
 """
@@ -24,6 +29,7 @@ import numpy as np
 
 from tumorflow.components.backbones import CUSTOM_CNN, build_classifier, default_image_size
 from tumorflow.components.checkpoints import (
+    BestEpoch,
     CheckpointStore,
     callback_state,
     checkpoint_key,
@@ -32,6 +38,7 @@ from tumorflow.components.checkpoints import (
     restore_checkpoint,
 )
 from tumorflow.components.input_pipeline import make_dataset
+from tumorflow.components.metrics import batch_metrics
 from tumorflow.components.progress import epoch_progress
 from tumorflow.components.tfrecords import read_split_manifest
 from tumorflow.components.tracking import TrainingRun, training_params
@@ -58,7 +65,10 @@ HISTORY_COLUMNS = (
     "val_loss",
     "val_accuracy",
     "learning_rate",
+    "val_macro_f1",
 )
+# The floor of the cosine decay, as a fraction of the stage's learning rate.
+_COSINE_FLOOR = 0.05
 
 
 @dataclass
@@ -78,12 +88,16 @@ class TrainResult:
     def summary(self) -> dict[str, Any]:
         """Flat key/values for pipeline artifact metadata."""
         val_accuracy = [row["val_accuracy"] for row in self.history if row.get("val_accuracy")]
+        kept = self.info.get("kept_epoch", {})
         return {
             "backbone": self.info["backbone"],
             "image_size": self.info["image_size"][0],
             "epochs_stage1": self.info["epochs_run"]["stage1"],
             "epochs_stage2": self.info["epochs_run"]["stage2"],
             "best_val_accuracy": max(val_accuracy) if val_accuracy else None,
+            "kept_epoch": f"stage {kept['stage']} epoch {kept['epoch']}"
+            if kept.get("epoch")
+            else "last",
             "mlflow_run_id": self.mlflow_run_id or "",
         }
 
@@ -112,6 +126,28 @@ def _class_weights(manifest: dict, classes: list[str]) -> dict[int, float]:
     return result
 
 
+def warmup_cosine_rate(base: float, epoch: int, epochs: int, warmup: int) -> float:
+    """The learning rate of `epoch` (0-based) of a stage of `epochs`: linear warm-up to `base`
+    over `warmup` epochs, then a cosine decay to `_COSINE_FLOOR * base` at the last epoch."""
+    if epoch < warmup:
+        return base * (epoch + 1) / (warmup + 1)
+    decay_epochs = epochs - warmup - 1
+    progress = (epoch - warmup) / decay_epochs if decay_epochs > 0 else 0.0
+    floor = _COSINE_FLOOR * base
+    return float(floor + 0.5 * (base - floor) * (1 + np.cos(np.pi * min(progress, 1.0))))
+
+
+def _macro_f1_scorer(val_ds: Any) -> Any:
+    """A function of the model giving its validation macro-F1 (the metric formulas' own)."""
+    labels = np.concatenate([np.asarray(y) for _, y in val_ds]).astype(int)
+
+    def score(model: keras.Model) -> float:
+        probs = model.predict(val_ds, verbose=0)
+        return float(batch_metrics(labels[None], probs[None], ["macro_f1"])["macro_f1"][0])
+
+    return score
+
+
 def _stage_callback_class() -> type:
     import keras
 
@@ -132,6 +168,9 @@ def _stage_callback_class() -> type:
             reduce_lr: keras.callbacks.ReduceLROnPlateau | None = None,
             resume: dict[str, Any] | None = None,
             tracker: TrainingRun | None = None,
+            best: BestEpoch | None = None,
+            val_macro_f1: Any = None,
+            previous_dir: Path | None = None,
         ) -> None:
             super().__init__()
             self.store = store
@@ -142,7 +181,10 @@ def _stage_callback_class() -> type:
             self.reduce_lr = reduce_lr
             self.resume = resume
             self.tracker = tracker
-            self.last_dir: Path | None = resume["dir"] if resume else None
+            self.best = best or BestEpoch(None)
+            self.val_macro_f1 = val_macro_f1
+            # The newest checkpoint, of this stage or the one before: what it holds carries over.
+            self.last_dir: Path | None = previous_dir
 
         def on_train_begin(self, logs: dict | None = None) -> None:
             if self.resume:
@@ -154,7 +196,9 @@ def _stage_callback_class() -> type:
             for key in HISTORY_COLUMNS[2:6]:
                 row[key] = float(logs[key]) if key in logs else None
             row["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
+            row["val_macro_f1"] = self.val_macro_f1(self.model) if self.val_macro_f1 else None
             self.history.append(row)
+            best_epoch_weights = self.best.offer(self.model, row, self.stage)
             step = len(self.history) - 1
             if self.tracker is not None:
                 self.tracker.log_epoch(self.stage, row, step)
@@ -169,17 +213,22 @@ def _stage_callback_class() -> type:
                     "history": self.history,
                     "learning_rate": row["learning_rate"],
                     "callbacks": callbacks_state,
+                    "best_epoch": self.best.state(),
                 },
                 best_weights,
                 self.last_dir,
+                best_epoch_weights,
             )
             log.info(
-                "stage %d epoch %d: loss %.4f val_loss %s val_accuracy %s (checkpoint saved)",
+                "stage %d epoch %d: loss %.4f val_loss %s val_accuracy %s val_macro_f1 %s%s "
+                "(checkpoint saved)",
                 self.stage,
                 epoch + 1,
                 row["loss"] or float("nan"),
                 row["val_loss"],
                 row["val_accuracy"],
+                row["val_macro_f1"],
+                " (best so far)" if best_epoch_weights is not None else "",
             )
 
     return StageCheckpoint
@@ -209,12 +258,15 @@ def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
         writer.writeheader()
         for row in history:
             writer.writerow(
-                {key: ("" if row[key] is None else row[key]) for key in HISTORY_COLUMNS}
+                {key: ("" if row.get(key) is None else row[key]) for key in HISTORY_COLUMNS}
             )
 
 
-def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy (train and val) over all epochs, the stage boundary marked."""
+def plot_training_curves(
+    history: list[dict[str, Any]], path: Path, kept: dict[str, Any] | None = None
+) -> None:
+    """Loss and accuracy (train and val, and val macro-F1) over all epochs, the stage boundary
+    and the kept epoch marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,10 +274,23 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
 
     steps = list(range(1, len(history) + 1))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    kept_step = next(
+        (
+            step
+            for step, row in zip(steps, history, strict=True)
+            if kept and (row["stage"], row["epoch"]) == (kept.get("stage"), kept.get("epoch"))
+        ),
+        None,
+    )
     for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
-            values = [np.nan if row[key] is None else row[key] for row in history]
+        keys = [(metric, "-"), (f"val_{metric}", "--")]
+        if metric == "accuracy":
+            keys.append(("val_macro_f1", ":"))
+        for key, style in keys:
+            values = [np.nan if row.get(key) is None else row[key] for row in history]
             axis.plot(steps, values, style, marker="o", label=key)
+        if kept_step is not None:
+            axis.axvline(kept_step, color="green", alpha=0.4, label="kept epoch")
         stage1 = sum(1 for row in history if row["stage"] == 1)
         if 0 < stage1 < len(history):
             axis.axvline(stage1 + 0.5, color="grey", linestyle=":", label="stage 2 starts")
@@ -292,6 +357,7 @@ def train_model(
             image_size,
             "none" if resume else config.weights,
             config.dropout,
+            config.batchnorm_momentum,
         )
         tracker = None
         if tracking_uri:
@@ -302,6 +368,14 @@ def train_model(
         class_weight = _class_weights(manifest, classes) if config.use_class_weights else None
         verbose = 1 if sys.stdout.isatty() else 2
         callback_class = _stage_callback_class()
+        monitor = (
+            None if config.keep_weights == "last" else config.keep_weights.removeprefix("best_")
+        )
+        best = BestEpoch(monitor)
+        if resume:
+            best.restore(resume)
+        val_macro_f1 = _macro_f1_scorer(val_ds)
+        last_dir = resume["dir"] if resume else None
         epochs_run = {"stage1": 0, "stage2": 0}
 
         for stage, stage_config in ((1, config.stage1), (2, config.stage2)):
@@ -326,6 +400,14 @@ def train_model(
                 continue
             early = reduce_lr = None
             callbacks: list[keras.callbacks.Callback] = []
+            if config.lr_schedule == "warmup_cosine":
+                callbacks.append(
+                    keras.callbacks.LearningRateScheduler(
+                        lambda epoch, _, base=stage_config.learning_rate, epochs=stage_config.epochs: (
+                            warmup_cosine_rate(base, epoch, epochs, config.warmup_epochs)
+                        )
+                    )
+                )
             if stage == 2:
                 early = keras.callbacks.EarlyStopping(
                     monitor="val_loss",
@@ -333,15 +415,27 @@ def train_model(
                     restore_best_weights=True,
                     verbose=1,
                 )
-                reduce_lr = keras.callbacks.ReduceLROnPlateau(
-                    monitor="val_loss",
-                    factor=config.reduce_lr_factor,
-                    patience=config.reduce_lr_patience,
-                    verbose=1,
-                )
-                callbacks = [early, reduce_lr]
+                callbacks.append(early)
+                if config.lr_schedule == "constant":
+                    reduce_lr = keras.callbacks.ReduceLROnPlateau(
+                        monitor="val_loss",
+                        factor=config.reduce_lr_factor,
+                        patience=config.reduce_lr_patience,
+                        verbose=1,
+                    )
+                    callbacks.append(reduce_lr)
             checkpointer = callback_class(
-                store, stage, history, run_state, early, reduce_lr, stage_resume, tracker
+                store,
+                stage,
+                history,
+                run_state,
+                early,
+                reduce_lr,
+                stage_resume,
+                tracker,
+                best,
+                val_macro_f1,
+                last_dir,
             )
             log.info(
                 "stage %d: %d trainable weights of %d, learning rate %g, epochs %d..%d",
@@ -363,7 +457,7 @@ def train_model(
                 verbose=verbose,
             )
             epochs_run[key] = sum(1 for row in history if row["stage"] == stage)
-            store.save(
+            last_dir = store.save(
                 model,
                 {
                     **run_state,
@@ -373,16 +467,25 @@ def train_model(
                     "history": history,
                     "learning_rate": float(np.asarray(model.optimizer.learning_rate)),
                     "callbacks": {},
+                    "best_epoch": best.state(),
                 },
                 None,
                 checkpointer.last_dir,
             )
             resume = None
 
+        if best.apply(model):
+            log.info(
+                "keeping the weights of stage %d epoch %d (best %s %.4f)",
+                best.stage,
+                best.epoch,
+                best.monitor,
+                best.value,
+            )
         output_dir.mkdir(parents=True, exist_ok=True)
         model.save(output_dir / MODEL_FILE)
         _write_history(output_dir / HISTORY_FILE, history)
-        plot_training_curves(history, output_dir / CURVES_FILE)
+        plot_training_curves(history, output_dir / CURVES_FILE, best.state())
         info = {
             "backbone": config.backbone,
             "weights": config.weights,
@@ -392,6 +495,8 @@ def train_model(
             "stage1": config.stage1.model_dump(),
             "stage2": config.stage2.model_dump(),
             "epochs_run": epochs_run,
+            "kept_epoch": best.state(),
+            "lr_schedule": config.lr_schedule,
             "dtype_policy": policy,
             "mlflow_run_id": tracker.run_id if tracker else None,
         }

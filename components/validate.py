@@ -11,21 +11,26 @@ they are; other accepted images are normalised to 8-bit RGB PNG: grayscale is re
 RGBA/LA/palette transparency is composited on black, 16-bit and float images are windowed to 8
 bits between their 0.5th and 99.5th percentiles, CMYK/YCbCr converted.
 
-Decoding runs twice in a thread pool (once to validate and hash, once per shard to encode), so
-memory stays at one shard of encoded bytes even for the 12,446-image kidney CT set.
+Decoding runs twice: once to validate and hash, in a pool of processes on every core (Pillow's
+checks and the pHash DCT hold the GIL, so threads would use about one core), and once per shard
+to encode, in a thread pool, so memory stays at one shard of encoded bytes even for the
+12,446-image kidney CT set. Small sets are checked in threads (starting processes costs more).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -57,6 +62,8 @@ SPLIT_MANIFEST_COLUMNS = (
 _CONVERTIBLE = {"1", "L", "RGB", "CMYK", "YCbCr", "RGBX"}
 _WITH_ALPHA = {"RGBA", "LA", "PA", "La", "RGBa"}
 _HIGH_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# Fewer images than this are checked in threads: starting processes would cost more.
+PROCESS_POOL_MIN_IMAGES = 500
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,25 @@ def check_image(files_dir: Path, row: download.ManifestRow) -> ImageCheck:
     return ImageCheck(row.path, None, width, height, phash64(image))
 
 
+def check_images(
+    files_dir: Path, rows: list[download.ManifestRow], workers: int | None = None
+) -> list[ImageCheck]:
+    """`check_image` of every row, in order, on `workers` processes (default: every core)."""
+    workers = workers or os.cpu_count() or 1
+    check = functools.partial(check_image, files_dir)
+    progress = {"total": len(rows), "desc": "validate", "unit": "img", "disable": None}
+    if workers > 1 and len(rows) >= PROCESS_POOL_MIN_IMAGES:
+        # fork is cheap and needs no `__main__` guard in the caller, but is unsafe once
+        # TensorFlow's threads run in this process: spawn then
+        start = "fork" if "tensorflow" not in sys.modules and os.name == "posix" else "spawn"
+        context = multiprocessing.get_context(start)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            chunk = max(1, min(64, len(rows) // (8 * workers)))
+            return list(tqdm(pool.map(check, rows, chunksize=chunk), **progress))
+    with ThreadPoolExecutor(max_workers=workers + 1) as pool:
+        return list(tqdm(pool.map(check, rows), **progress))
+
+
 def encode_for_training(path: Path) -> bytes:
     """The bytes a split stores for an already validated image.
 
@@ -311,16 +337,8 @@ def validate_and_split(
     _prepare_output(output_dir)
     files_dir = raw_dir / download.FILES
     workers = min(8, (os.cpu_count() or 1) + 1)
+    checks = check_images(files_dir, rows)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        checks = list(
-            tqdm(
-                pool.map(lambda row: check_image(files_dir, row), rows),
-                total=len(rows),
-                desc="validate",
-                unit="img",
-                disable=None,
-            )
-        )
         conflicts = _conflicting_labels(
             [row for row, check in zip(rows, checks, strict=True) if check.reason is None]
         )

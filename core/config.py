@@ -30,6 +30,9 @@ class PhantomConfig(_Section):
     slices_per_patient: int = Field(4, ge=1)
     # Broken files (zero-byte, truncated, not an image) added to show the quarantine at work.
     corrupt: int = Field(0, ge=0)
+    # Harder sets: image noise times `noise_scale`, lesion sizes times `lesion_scale`.
+    noise_scale: float = Field(1.0, ge=0)
+    lesion_scale: float = Field(1.0, gt=0, le=2)
 
 
 class DatasetConfig(_Section):
@@ -108,6 +111,15 @@ class TrainConfig(_Section):
     reduce_lr_patience: int = Field(2, ge=1)
     reduce_lr_factor: float = Field(0.3, gt=0, lt=1)
     use_class_weights: bool = True
+    # The weights the model keeps: those of the best epoch over both stages by validation loss or
+    # validation macro-F1, or (last) those of the final epoch.
+    keep_weights: Literal["best_val_loss", "best_val_macro_f1", "last"] = "best_val_loss"
+    # Learning rate within a stage: constant (ReduceLROnPlateau in stage 2), or a linear warm-up
+    # over `warmup_epochs` then a cosine decay to 5% of the stage's rate by its last epoch.
+    lr_schedule: Literal["constant", "warmup_cosine"] = "constant"
+    warmup_epochs: int = Field(1, ge=0)
+    # BatchNormalization momentum of the from-scratch custom_cnn.
+    batchnorm_momentum: float = Field(0.9, gt=0, lt=1)
     # auto: mixed_float16 when a GPU is present
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -139,3 +140,42 @@ def write_synthetic_split(
         quarantined=0,
         source={"source": "synthetic"},
     )
+
+
+# File names old PACS exports and Windows shares produce, as raw bytes: undecodable bytes,
+# control characters, leading dashes, a 255-byte name, names differing only in case, and a
+# folder whose name is not UTF-8 either.
+HOSTILE_NAMES = (
+    b"bad_\xff_name.png",
+    b"latin1_\xe9t\xe9.png",
+    b"line\nbreak.png",
+    b"carriage\rreturn\ttab.png",
+    b"-rf.png",
+    b"--help.png",
+    b"a" * 251 + b".png",
+    b"Case.png",
+    b"case.png",
+    b"CASE.PNG",
+    b"ok_\xc3\xa9_utf8 with spaces.png",
+    b"sub_\xfe_folder/inside.png",
+)
+
+
+def write_hostile_name_corpus(
+    folder: Path, classes: Sequence[str] = ("normal", "tumor"), per_class: int = 12, size: int = 48
+) -> dict[str, list[bytes]]:
+    """A class-folder dataset under `folder`: `per_class` ordinary synthetic scans per class plus
+    every name of `HOSTILE_NAMES` in each class, all distinct images. Returns the hostile
+    relative paths written per class, as bytes."""
+    rng = np.random.default_rng(7)
+    root = bytes(Path(folder))
+    written: dict[str, list[bytes]] = {}
+    for index, name in enumerate(classes):
+        names = [f"scan-{k:03d}.png".encode() for k in range(per_class)] + list(HOSTILE_NAMES)
+        for relative in names:
+            path = os.path.join(root, name.encode(), relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as handle:
+                handle.write(encode(draw_synthetic_scan(rng, index, len(classes), size)))
+        written[name] = list(HOSTILE_NAMES)
+    return written

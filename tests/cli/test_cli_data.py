@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import HOSTILE_NAMES, write_hostile_name_corpus
 
 from tumorflow.cli.main import main
 
@@ -91,3 +92,24 @@ def test_an_unusable_source_is_reported_without_a_traceback(
     err = capsys.readouterr().err
     assert "tumorflow validate: error:" in err and "does not exist" in err
     assert "Traceback" not in err
+
+
+def test_validate_keeps_every_hostile_file_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_hostile_name_corpus(tmp_path / "src", per_class=12)
+    code = main(["validate", str(tmp_path / "src"), "--output", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Traceback" not in captured.err
+    manifest = json.loads((tmp_path / "out" / "split" / "split_manifest.json").read_text())
+    total = sum(info["count"] for info in manifest["splits"].values())
+    with (tmp_path / "out" / "split" / "quarantine.csv").open(newline="") as handle:
+        quarantined = list(csv.DictReader(handle))
+    # every file is either in the split or quarantined with a reason; none vanished
+    assert total + len(quarantined) == 2 * (12 + len(HOSTILE_NAMES))
+    assert all(row["reason"] for row in quarantined)
+    with (tmp_path / "out" / "split" / "split_manifest.csv").open(newline="") as handle:
+        split_paths = [row["path"] for row in csv.DictReader(handle)]
+    assert any("~" in path for path in split_paths)  # renamed copies made it into the split
+    assert all("\n" not in path for path in split_paths)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 import zipfile
@@ -13,8 +14,15 @@ from pathlib import Path
 import kagglehub
 import pytest
 import requests
+from helpers import HOSTILE_NAMES, image_bytes, write_hostile_name_corpus
 
-from tumorflow.components.download import download_dataset, read_manifest
+from tumorflow.components.download import (
+    download_dataset,
+    escape_name,
+    original_name,
+    read_manifest,
+    resolve_dataset_version,
+)
 from tumorflow.core import storage
 from tumorflow.core.config import DatasetConfig, PhantomConfig, load_config
 from tumorflow.core.errors import DatasetError, SourceUnavailableError, UnsafeArchiveError
@@ -66,7 +74,7 @@ def test_phantom_source_writes_the_raw_dataset(tmp_path: Path) -> None:
     result = download_dataset("phantom", tmp_path / "raw", dataset)
     assert result.label_counts == {"cyst": 4, "normal": 4, "stone": 4, "tumor": 4}
     rows = _manifest(tmp_path / "raw")
-    assert list(rows[0]) == ["path", "label", "sha256", "bytes", "source_split"]
+    assert list(rows[0]) == ["path", "label", "sha256", "bytes", "source_split", "original_path"]
     first = tmp_path / "raw" / "files" / rows[0]["path"]
     assert rows[0]["path"].startswith(KIDNEY_SUBDIR + "/")
     assert hashlib.sha256(first.read_bytes()).hexdigest() == rows[0]["sha256"]
@@ -212,3 +220,44 @@ def test_unusable_sources_and_outputs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceUnavailableError, match="not a raw dataset"):
         download_dataset("phantom", tmp_path / "mine", DatasetConfig())
     assert (tmp_path / "mine" / "thesis.docx").read_text() == "precious"
+
+
+def test_any_file_name_is_kept_with_a_reversible_original(tmp_path: Path) -> None:
+    written = write_hostile_name_corpus(tmp_path / "src", per_class=2)
+    result = download_dataset(str(tmp_path / "src"), tmp_path / "raw", DatasetConfig())
+    rows = read_manifest(tmp_path / "raw")
+    assert len(rows) == len(result.rows) == 2 * (2 + len(HOSTILE_NAMES))
+    originals = {os.fsencode(original_name(row.original_path or row.path)) for row in rows}
+    for label, names in written.items():
+        assert {label.encode() + b"/" + name for name in names} <= originals
+    copies = [row.path for row in rows]
+    assert len({path.casefold() for path in copies}) == len(copies)
+    for row in rows:
+        copy = tmp_path / "raw" / "files" / row.path
+        assert copy.is_file() and hashlib.sha256(copy.read_bytes()).hexdigest() == row.sha256
+        row.path.encode("ascii" if row.original_path else "utf-8")
+        assert "\n" not in row.path and not Path(row.path).name.startswith("-")
+    kept = {row.path for row in rows if not row.original_path}
+    assert "normal/ok_\u00e9_utf8 with spaces.png" in kept
+    assert len(kept & {"normal/Case.png", "normal/case.png", "normal/CASE.PNG"}) == 1
+    # the folder's fingerprint (what the pipeline caches on) is the downloaded manifest's
+    version = resolve_dataset_version(DatasetConfig(source=str(tmp_path / "src")))
+    assert version.fingerprint == result.dataset_version
+
+
+def test_escaped_names_round_trip_every_byte() -> None:
+    for raw in (*HOSTILE_NAMES, bytes(range(1, 256)).replace(b"/", b""), b"100%25 %zz.png"):
+        name = os.fsdecode(raw)
+        escaped = escape_name(name)
+        assert escaped.isprintable() and "\n" not in escaped
+        assert os.fsencode(original_name(escaped)) == raw
+
+
+def test_a_class_folder_whose_name_is_not_utf8_becomes_a_printable_label(tmp_path: Path) -> None:
+    for folder in (b"caf\xe9", b"normal"):
+        os.makedirs(os.path.join(bytes(tmp_path / "src"), folder))
+        with open(os.path.join(bytes(tmp_path / "src"), folder, b"a.png"), "wb") as handle:
+            handle.write(image_bytes(len(folder)))
+    result = download_dataset(str(tmp_path / "src"), tmp_path / "raw", DatasetConfig())
+    assert result.label_counts == {"caf%E9": 1, "normal": 1}
+    assert {row.label for row in read_manifest(tmp_path / "raw")} == {"caf%E9", "normal"}

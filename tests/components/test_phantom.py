@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tumorflow.components.phantom import CLASSES, CSV_NAME, generate_phantom, images_folder
+from tumorflow.components.phantom import (
+    CLASSES,
+    CSV_NAME,
+    _draw_patient,
+    generate_phantom,
+    images_folder,
+)
 from tumorflow.core.errors import ConfigError
 
 
@@ -87,3 +93,20 @@ def test_corrupt_files_are_added_beside_the_images(tmp_path: Path) -> None:
 def test_invalid_arguments_are_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="per_class"):
         generate_phantom(tmp_path, per_class=0)
+
+
+def test_the_harder_set_is_noisier_and_its_lesions_smaller(tmp_path: Path) -> None:
+    easy = generate_phantom(tmp_path / "easy", per_class=4, size=64, seed=2)
+    hard = generate_phantom(
+        tmp_path / "hard", per_class=4, size=64, seed=2, noise_scale=3.0, lesion_scale=0.5
+    )
+
+    def roughness(root: Path, kind: str) -> float:
+        pixels = _pixels(root, kind, 1)
+        return float(np.abs(np.diff(pixels, axis=1)).mean())
+
+    assert roughness(hard, "Normal") > 1.3 * roughness(easy, "Normal")
+    for kind in ("Cyst", "Stone", "Tumor"):
+        default = _draw_patient(np.random.default_rng(3), kind)
+        small = _draw_patient(np.random.default_rng(3), kind, lesion_scale=0.5)
+        assert [r for *_, r in small.lesions] == pytest.approx([r / 2 for *_, r in default.lesions])

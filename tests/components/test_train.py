@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from helpers import wait_until, write_synthetic_split
 
 from tumorflow.components.backbones import build_classifier
 from tumorflow.components.checkpoints import LATEST
-from tumorflow.components.train import _set_stage_trainable, train_model
+from tumorflow.components.train import _set_stage_trainable, train_model, warmup_cosine_rate
 from tumorflow.core.config import TrainConfig
 
 
@@ -85,6 +86,11 @@ def test_two_stages_write_the_model_folder_and_a_rerun_resumes(split_dir, tmp_pa
     again = train_model(split_dir, tmp_path / "model2", _config(), tmp_path / "ckpt")
     assert "resuming from stage 2 epoch 2" in caplog.text
     assert again.history == result.history
+    assert again.info["kept_epoch"] == result.info["kept_epoch"]
+    resumed = keras.models.load_model(tmp_path / "model2" / "model.keras")
+    assert all(
+        (a == b).all() for a, b in zip(model.get_weights(), resumed.get_weights(), strict=True)
+    )
 
 
 _CHILD = """
@@ -183,3 +189,70 @@ def test_mlflow_run_has_both_stages_per_epoch_and_the_curves(split_dir, tmp_path
     assert {"model/training_curves.png", "model/model.keras"} <= artifacts
     info = json.loads((tmp_path / "model" / "model_info.json").read_text())
     assert info["mlflow_run_id"] == run.info.run_id
+
+
+def test_warmup_cosine_rises_to_the_stage_rate_then_decays_to_the_floor():
+    rates = [warmup_cosine_rate(1e-3, epoch, 8, 2) for epoch in range(8)]
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(1e-3)
+    assert all(later < earlier for earlier, later in itertools.pairwise(rates[2:]))
+    assert rates[-1] == pytest.approx(0.05e-3)
+    assert warmup_cosine_rate(1e-3, 0, 1, 0) == pytest.approx(1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", ["best_val_loss", "best_val_macro_f1"])
+def test_the_model_keeps_the_best_epoch_over_both_stages(split_dir, tmp_path, keep):
+    import keras
+
+    from tumorflow.components.input_pipeline import make_dataset
+
+    config = _config(
+        backbone="custom_cnn",
+        stage1={"epochs": 3, "learning_rate": 3e-2},
+        stage2={"epochs": 2, "learning_rate": 1e-2},
+        keep_weights=keep,
+        lr_schedule="warmup_cosine",
+    )
+    result = train_model(split_dir, tmp_path / "model", config, tmp_path / "ckpt")
+    metric = keep.removeprefix("best_")
+    values = [row[metric] for row in result.history]
+    best = min(values) if metric == "val_loss" else max(values)
+    first = next(row for row in result.history if row[metric] == best)
+    kept = result.info["kept_epoch"]
+    assert (kept["stage"], kept["epoch"]) == (first["stage"], first["epoch"])
+    model = keras.models.load_model(tmp_path / "model" / "model.keras")
+    val = make_dataset(split_dir, "val", 32, 8, None, False, 0, False)
+    loss, accuracy = model.evaluate(val, verbose=0)
+    assert accuracy == pytest.approx(first["val_accuracy"], abs=1e-6)
+    assert loss == pytest.approx(first["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_hostile_file_names_go_through_download_validate_and_training(tmp_path):
+    from helpers import HOSTILE_NAMES, write_hostile_name_corpus
+
+    from tumorflow.components.download import download_dataset
+    from tumorflow.components.tfrecords import read_records
+    from tumorflow.components.validate import validate_and_split
+    from tumorflow.core.config import DatasetConfig, SplitConfig
+
+    write_hostile_name_corpus(tmp_path / "src", per_class=12)
+    download_dataset(str(tmp_path / "src"), tmp_path / "raw", DatasetConfig())
+    split = validate_and_split(tmp_path / "raw", tmp_path / "split", SplitConfig())
+    assert sum(split.summary()["images"].values()) + len(split.quarantined) == 2 * (
+        12 + len(HOSTILE_NAMES)
+    )
+    stored = [
+        record.path
+        for name in ("train", "val", "test")
+        for record in read_records(tmp_path / "split", name)
+    ]
+    assert any("~" in path for path in stored)
+    config = _config(
+        backbone="custom_cnn",
+        stage1={"epochs": 1, "learning_rate": 1e-3},
+        stage2={"epochs": 0, "learning_rate": 1e-4},
+    )
+    result = train_model(tmp_path / "split", tmp_path / "model", config, tmp_path / "ckpt")
+    assert result.info["classes"] == ["normal", "tumor"]
+    assert (tmp_path / "model" / "model.keras").stat().st_size > 0

@@ -264,3 +264,20 @@ def test_rerunning_replaces_the_split_but_a_foreign_folder_is_refused(tmp_path: 
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(DatasetError, match="not a split dataset"):
         validate_and_split(tmp_path / "raw", tmp_path / "foreign", SMALL_SPLIT)
+
+
+def test_checking_on_every_core_gives_what_threads_give(tmp_path: Path, monkeypatch) -> None:
+    from tumorflow.components import validate
+    from tumorflow.components.download import FILES, read_manifest
+    from tumorflow.core.config import PhantomConfig, load_config
+
+    dataset = load_config(preset="phantom").dataset.model_copy(
+        update={"phantom": PhantomConfig(per_class=6, size=40, corrupt=3)}
+    )
+    download_dataset("phantom", tmp_path / "raw", dataset)
+    rows = read_manifest(tmp_path / "raw")
+    threads = validate.check_images(tmp_path / "raw" / FILES, rows, workers=1)
+    monkeypatch.setattr(validate, "PROCESS_POOL_MIN_IMAGES", 1)
+    processes = validate.check_images(tmp_path / "raw" / FILES, rows, workers=2)
+    assert processes == threads
+    assert sum(check.reason is not None for check in processes) == 3
