@@ -1,4 +1,4 @@
-"""`tumorflow bench input|serving`: benchmarks that print ratios against a baseline of the same run."""
+"""`tumorflow bench input|serving|explain`: benchmarks that print ratios against a baseline of the same run."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ def _run_serving(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def _run_explain(args: argparse.Namespace) -> int:
+    from tumorflow.components import pointing_game
+
+    return pointing_game.run(args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from tumorflow.components.input_bench import add_arguments as add_input_arguments
     from tumorflow.serving.bench import add_arguments as add_serving_arguments
@@ -33,3 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_serving_arguments(serving_parser)
     serving_parser.set_defaults(handler=_run_serving)
+    from tumorflow.components.pointing_game import add_arguments as add_explain_arguments
+
+    explain_parser = which.add_parser(
+        "explain", help="pointing game of the explain signature's Grad-CAM on phantom lesions"
+    )
+    add_explain_arguments(explain_parser)
+    explain_parser.set_defaults(handler=_run_explain)
