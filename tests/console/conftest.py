@@ -66,3 +66,67 @@ def sign_in():
 def csrf_of():
     """`csrf_of(client, path)`: the CSRF token of the forms on a page."""
     return _csrf_of
+
+
+def _write_run_folder(root, run: str) -> None:
+    import json
+
+    task = root / "pipeline_root" / run / "gate" / "decision"
+    task.mkdir(parents=True)
+    rule = {
+        "name": "recall:tumor vs champion",
+        "kind": "champion",
+        "metric": "recall:tumor",
+        "op": ">=",
+        "threshold": -0.02,
+        "bound": "lower",
+        "value": 0.91,
+        "champion_value": 0.88,
+        "ci": [-0.01, 0.07],
+        "passed": True,
+        "detail": "",
+    }
+    (task / "decision.json").write_text(
+        json.dumps(
+            {
+                "passed": True,
+                "rules": [rule],
+                "champion_version": "3",
+                "classes": ["cyst", "tumor"],
+                "confusion_matrices": {
+                    "challenger": [[5, 1], [0, 6]],
+                    "champion": [[4, 2], [1, 5]],
+                },
+                "notes": ["re-scored champion 3 on this test split"],
+            }
+        )
+    )
+    evaluate = root / "pipeline_root" / run / "evaluate" / "metrics"
+    evaluate.mkdir(parents=True)
+    per_class = {"precision": 0.9, "recall": 0.8, "f1": 0.85, "specificity": 0.95, "support": 6}
+    (evaluate / "metrics.json").write_text(
+        json.dumps(
+            {
+                "classes": ["cyst", "tumor"],
+                "accuracy": 0.92,
+                "macro_f1": 0.91,
+                "ece": 0.04,
+                "per_class": {"cyst": per_class, "tumor": per_class},
+            }
+        )
+    )
+    (evaluate / "predictions.csv").write_text(
+        "path,label_index,p_cyst,p_tumor\nTumor/7.jpg,1,0.7,0.3\nCyst/1.jpg,0,0.9,0.1\n"
+    )
+    from PIL import Image, ImageDraw
+
+    roc = Image.new("RGB", (160, 120), "white")
+    ImageDraw.Draw(roc).line([(10, 110), (30, 20), (150, 10)], fill="navy", width=3)
+    roc.save(evaluate / "roc.png")
+
+
+@pytest.fixture()
+def write_run_folder():
+    """`write_run_folder(run_root, run)`: the gate's and evaluate's files of a run, as the
+    pipeline leaves them under the kfp.local pipeline root."""
+    return _write_run_folder

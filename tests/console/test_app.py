@@ -124,3 +124,22 @@ def test_behind_a_proxy_the_header_is_the_identity_and_its_absence_is_refused(
     page = client.get(f"/runs/{run}", headers=headers)
     assert page.status_code == 200 and 'id="user">victor<' in page.text
     assert "may view this run but not decide" in page.text
+
+
+def test_the_review_page_shows_the_gate_the_classes_and_the_wrong_images(
+    console_factory, approval_candidate, sign_in, write_run_folder
+):
+    model, run = approval_candidate(passed=True)
+    client_for, settings = console_factory(model)
+    write_run_folder(settings.run_root, run)
+    client = client_for()
+    sign_in(client, "victor")
+    page = client.get(f"/runs/{run}").text
+    assert "recall:tumor vs champion" in page and "0.9100" in page and "0.8800" in page
+    assert "[-0.010, 0.070]" in page and "champion version 3" in page
+    assert "re-scored champion 3" in page
+    assert page.count('class="confusion"') == 2
+    assert "Tumor/7.jpg" in page and "Cyst/1.jpg" not in page
+    assert f"/runs/{run}/files/evaluate/metrics/roc.png" in page
+    assert client.get(f"/runs/{run}/files/evaluate/metrics/roc.png").content.startswith(b"\x89PNG")
+    assert client.get(f"/runs/{run}/files/../../../etc/passwd").status_code == 404

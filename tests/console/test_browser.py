@@ -90,12 +90,13 @@ def _sign_in(driver, url: str, token: str) -> None:
 
 
 def test_a_reviewer_signs_in_reviews_the_waiting_run_and_approves_it(
-    browser, live_console, approval_candidate, approval_waiter, screenshots
+    browser, live_console, approval_candidate, approval_waiter, screenshots, write_run_folder
 ):
     from selenium.webdriver.common.by import By
 
     model, run = approval_candidate(passed=True)
-    url, _ = live_console(model)
+    url, settings = live_console(model)
+    write_run_folder(settings.run_root, run)
     thread, result = approval_waiter(model, run, 120)
     _sign_in(browser, url, "alice-secret-token")
     assert browser.find_element(By.ID, "user").text == "alice"
@@ -104,6 +105,8 @@ def test_a_reviewer_signs_in_reviews_the_waiting_run_and_approves_it(
     browser.save_screenshot(str(screenshots / "runs.png"))
     row.find_element(By.LINK_TEXT, run).click()
     assert browser.find_element(By.ID, "state").text == "waiting"
+    assert "recall:tumor vs champion" in browser.find_element(By.ID, "rules").text
+    assert "Tumor/7.jpg" in browser.find_element(By.ID, "wrong").text
     browser.save_screenshot(str(screenshots / "review.png"))
     browser.find_element(By.ID, "reason").send_keys("looked at the wrong cysts")
     browser.find_element(By.ID, "approve").click()
