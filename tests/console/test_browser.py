@@ -107,6 +107,10 @@ def test_a_reviewer_signs_in_reviews_the_waiting_run_and_approves_it(
     assert browser.find_element(By.ID, "state").text == "waiting"
     assert "recall:tumor vs champion" in browser.find_element(By.ID, "rules").text
     assert "Tumor/7.jpg" in browser.find_element(By.ID, "wrong").text
+    load_ms = browser.execute_script(
+        "return performance.getEntriesByType('navigation')[0].duration"
+    )
+    print(f"review page loaded in {load_ms:.0f} ms")
     browser.save_screenshot(str(screenshots / "review.png"))
     browser.find_element(By.ID, "reason").send_keys("looked at the wrong cysts")
     browser.find_element(By.ID, "approve").click()
