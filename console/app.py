@@ -53,11 +53,6 @@ class Forbidden(Exception):
     """The signed-in user lacks the role an action needs."""
 
 
-def review_url(base_url: str, pipeline_run: str) -> str:
-    """The review page of a run, for links from outside the console (the approval step)."""
-    return f"{base_url.rstrip('/')}/runs/{pipeline_run}"
-
-
 def create_app(settings: ConsoleSettings) -> FastAPI:
     """The console application for `settings`."""
     auth = Authenticator.for_config(settings.console)

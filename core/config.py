@@ -235,6 +235,10 @@ class ConsoleConfig(_Section):
     # Append-only audit log (JSON lines). Empty: `<run_root>/audit.jsonl`, beside the registry.
     audit_log: str = ""
 
+    def review_url(self, pipeline_run: str) -> str:
+        """The console's review page of a run, for links from outside it (the approval step)."""
+        return f"{self.base_url.rstrip('/')}/runs/{pipeline_run}"
+
 
 class PipelineConfig(_Section):
     """Everything a retraining run needs; each step gets only its section."""

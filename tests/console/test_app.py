@@ -143,3 +143,15 @@ def test_the_review_page_shows_the_gate_the_classes_and_the_wrong_images(
     assert f"/runs/{run}/files/evaluate/metrics/roc.png" in page
     assert client.get(f"/runs/{run}/files/evaluate/metrics/roc.png").content.startswith(b"\x89PNG")
     assert client.get(f"/runs/{run}/files/../../../etc/passwd").status_code == 404
+
+
+def test_the_review_url_of_a_run_is_the_page_the_console_serves(
+    console_factory, approval_candidate, sign_in
+):
+    model, run = approval_candidate(passed=True)
+    client_for, settings = console_factory(model, base_url="http://testserver/")
+    client = client_for()
+    sign_in(client, "victor")
+    url = settings.console.review_url(run)
+    assert url == f"http://testserver/runs/{run}"
+    assert client.get(url).status_code == 200
