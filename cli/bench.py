@@ -1,4 +1,4 @@
-"""`tumorflow bench input|serving|split`: benchmarks that print ratios against a baseline of the same run."""
+"""`tumorflow bench input|serving|split|explain`: benchmarks that print ratios against a baseline of the same run."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def _run_split(args: argparse.Namespace) -> int:
     from tumorflow.components import split_bench
 
     return split_bench.run(args)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from tumorflow.components import pointing_game
+
+    return pointing_game.run(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,3 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_split_arguments(split_parser)
     split_parser.set_defaults(handler=_run_split)
+
+    from tumorflow.components.pointing_game import add_arguments as add_explain_arguments
+
+    explain_parser = which.add_parser(
+        "explain", help="pointing game of the explain signature's Grad-CAM on phantom lesions"
+    )
+    add_explain_arguments(explain_parser)
+    explain_parser.set_defaults(handler=_run_explain)

@@ -97,8 +97,19 @@ def _predict(args: argparse.Namespace) -> int:
     image could not be read or was refused, after answering the others."""
     import sys
 
-    from tumorflow.serving.client import ModelTarget, predict_each, predict_grpc, predict_rest
+    from tumorflow.core.errors import ConfigError
+    from tumorflow.serving.client import (
+        ExplainedPrediction,
+        ModelTarget,
+        explain_grpc,
+        overlay_heatmap,
+        predict_each,
+        predict_grpc,
+        predict_rest,
+    )
 
+    if args.explain and args.rest:
+        raise ConfigError("--explain asks the gRPC API; drop --rest and give the gRPC port")
     readable: list[tuple[str, bytes]] = []
     failed = False
     for path in args.images:
@@ -112,21 +123,29 @@ def _predict(args: argparse.Namespace) -> int:
     target = ModelTarget(
         args.model_name, args.model_version, args.version_label, args.signature_name
     )
+    predict = explain_grpc if args.explain else predict_rest if args.rest else predict_grpc
     answers = predict_each(
-        predict_rest if args.rest else predict_grpc,
+        predict,
         args.server,
         [data for _, data in readable],
         target,
         timeout=args.timeout,
     )
-    for (path, _), answer in zip(readable, answers, strict=True):
+    if args.explain:
+        Path(args.explain).mkdir(parents=True, exist_ok=True)
+    for (path, data), answer in zip(readable, answers, strict=True):
         if isinstance(answer, Exception):
             print(f"{path}: error: {answer}", file=sys.stderr)
             failed = True
             continue
+        overlay = ""
+        if isinstance(answer, ExplainedPrediction):
+            target_file = Path(args.explain) / f"{Path(path).stem}.gradcam.png"
+            target_file.write_bytes(overlay_heatmap(data, answer.heatmap))
+            overlay, answer = f"  overlay={target_file}", answer.prediction
         probabilities = "  ".join(f"{name}={p:.4f}" for name, p in answer.probabilities.items())
         version = f" (v{answer.model_version})" if answer.model_version else ""
-        print(f"{path}: {answer.predicted_class}{version}  {probabilities}")
+        print(f"{path}: {answer.predicted_class}{version}  {probabilities}{overlay}")
     return 2 if failed else 0
 
 
@@ -156,4 +175,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rest", action="store_true", help="use the REST API instead of gRPC"
     )
     predict_parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    predict_parser.add_argument(
+        "--explain",
+        metavar="OUT_DIR",
+        default="",
+        help="ask the model's explain signature (gRPC) and write Grad-CAM overlays into OUT_DIR",
+    )
     predict_parser.set_defaults(handler=_predict)

@@ -27,7 +27,12 @@ from tumorflow.core.errors import ModelError
 log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
+# Grad-CAM of the predicted class; EXPLAIN_CLASS_SIGNATURE takes the class as `class_index` too.
+EXPLAIN_SIGNATURE = "explain"
+EXPLAIN_CLASS_SIGNATURE = "explain_class"
 INPUT = "image_bytes"
+CLASS_INPUT = "class_index"
+HEATMAP = "heatmap"
 EMBEDDING_LAYER = "embedding"
 # The serving export inside a train-step model folder: what evaluate scores and deploy publishes.
 SERVING_EXPORT = "saved_model"
@@ -127,19 +132,44 @@ def _serving_module(model: Any, classes: list[str], image_size: int, grayscale: 
             "re-train it with the project's train step"
         ) from None
     dual = keras.Model(model.inputs, [model.outputs[0], embedding])
+    features_model, head_model = _split_at_feature_map(model)
     class_names = tf.constant(classes)
 
     module = tf.Module()
     module.model = dual
+    module.features_model = features_model
+    module.head_model = head_model
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)])
-    def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        images = tf.map_fn(
+    def decode(image_bytes: tf.Tensor) -> tf.Tensor:
+        return tf.map_fn(
             lambda one: decode_for_model(one, image_size, grayscale),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
-        scores, features = dual(images, training=False)
+
+    def explain(image_bytes: tf.Tensor, class_index: tf.Tensor | None) -> dict[str, tf.Tensor]:
+        images = decode(image_bytes)
+        feature_map = tf.cast(features_model(images, training=False), tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(feature_map)
+            scores = tf.cast(head_model(feature_map, training=False), tf.float32)
+            predicted = tf.argmax(scores, axis=1, output_type=tf.int64)
+            target = predicted if class_index is None else class_index
+            chosen = tf.gather(scores, target, axis=1, batch_dims=1)
+        heatmap = grad_cam(feature_map, tape.gradient(chosen, feature_map), image_size)
+        batch = tf.shape(image_bytes)[0]
+        return {
+            "scores": scores,
+            "classes": tf.tile(class_names[tf.newaxis, :], [batch, 1]),
+            "predicted_class": tf.gather(class_names, predicted),
+            "predicted_index": predicted,
+            "explained_class": tf.gather(class_names, target),
+            HEATMAP: heatmap,
+        }
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)])
+    def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        scores, features = dual(decode(image_bytes), training=False)
         scores = tf.cast(scores, tf.float32)
         batch = tf.shape(image_bytes)[0]
         index = tf.argmax(scores, axis=1, output_type=tf.int64)
@@ -151,8 +181,58 @@ def _serving_module(model: Any, classes: list[str], image_size: int, grayscale: 
             "embedding": tf.cast(features, tf.float32),
         }
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)])
+    def explain_predicted(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        return explain(image_bytes, None)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None], tf.string, name=INPUT),
+            tf.TensorSpec([None], tf.int64, name=CLASS_INPUT),
+        ]
+    )
+    def explain_requested(image_bytes: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
+        tf.debugging.assert_less(
+            class_index,
+            tf.constant(len(classes), tf.int64),
+            message=f"class_index must be below {len(classes)} (the number of classes)",
+        )
+        tf.debugging.assert_non_negative(class_index, message="class_index must be >= 0")
+        return explain(image_bytes, class_index)
+
     module.serve = serve
+    module.explain_predicted = explain_predicted
+    module.explain_requested = explain_requested
     return module
+
+
+def _split_at_feature_map(model: Any) -> tuple[Any, Any]:
+    """The classifier cut where its last spatial feature map enters the `embedding` pooling:
+    (pixels -> feature map, feature map -> scores). Every backbone ends in that pooling, so
+    this finds the last convolutional feature map of any of them."""
+    import keras
+
+    pooling = model.get_layer(EMBEDDING_LAYER)
+    feature_map = pooling.input
+    if len(feature_map.shape) != 4:
+        raise ModelError(
+            f"the {EMBEDDING_LAYER!r} layer pools a {len(feature_map.shape)}-D tensor, not a "
+            "spatial feature map: Grad-CAM needs one"
+        )
+    features_model = keras.Model(model.inputs, feature_map, name="feature_map")
+    return features_model, keras.Model(feature_map, model.outputs[0], name="head")
+
+
+def grad_cam(feature_map: Any, gradients: Any, image_size: int) -> Any:
+    """Grad-CAM (Selvaraju et al. 2017): the feature map's channels weighted by their mean
+    gradient, ReLU, upsampled bilinearly to `image_size` and scaled to 0..1 per image."""
+    import tensorflow as tf
+
+    weights = tf.reduce_mean(gradients, axis=[1, 2], keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1, keepdims=True))
+    cam = tf.image.resize(cam, (image_size, image_size), method="bilinear")[..., 0]
+    peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
+    return tf.math.divide_no_nan(cam, peak)
 
 
 def export_serving_model(
@@ -188,7 +268,15 @@ def export_serving_model(
     if export_dir.exists():
         shutil.rmtree(export_dir)
     module = _serving_module(model, classes, image_size, grayscale)
-    tf.saved_model.save(module, str(export_dir), signatures={SIGNATURE: module.serve})
+    tf.saved_model.save(
+        module,
+        str(export_dir),
+        signatures={
+            SIGNATURE: module.serve,
+            EXPLAIN_SIGNATURE: module.explain_predicted,
+            EXPLAIN_CLASS_SIGNATURE: module.explain_requested,
+        },
+    )
 
     meta = {
         "classes": classes,

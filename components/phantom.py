@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,8 +177,9 @@ def _blur(image: np.ndarray) -> np.ndarray:
 
 def _render_slice(
     patient: _Patient, offset: float, rng: np.random.Generator, size: int
-) -> np.ndarray:
-    """One axial slice as 8-bit pixels; `offset` is the slice's distance from the patient centre."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """One axial slice as 8-bit pixels, and the mask of its lesion pixels; `offset` is the slice's
+    distance from the patient centre."""
     shift = rng.uniform(-0.02, 0.02, 2)
     grid = (np.arange(size, dtype=np.float64) + 0.5) / size * 2 - 1
     ys, xs = np.meshgrid(grid - shift[1], grid - shift[0], indexing="ij")
@@ -208,11 +210,12 @@ def _render_slice(
         medial = np.sign(patient.body.x - kidney.x)
         hilum = _Ellipse(kidney.x + medial * 0.8 * kidney.a * organ_scale, kidney.y, 0.05, 0.035)
         hu[hilum.mask(xs, ys, organ_scale)] = _FAT
-    _draw_lesions(hu, patient, xs, ys, organ_scale, fine)
+    lesion_mask = _draw_lesions(hu, patient, xs, ys, organ_scale, fine)
 
     hu = _blur(hu) + rng.normal(0.0, patient.noise_hu, hu.shape)
     low = patient.window_level - patient.window_width / 2
-    return np.clip((hu - low) / patient.window_width * 255.0, 0, 255).round().astype(np.uint8)
+    pixels = np.clip((hu - low) / patient.window_width * 255.0, 0, 255).round().astype(np.uint8)
+    return pixels, lesion_mask
 
 
 def _draw_lesions(
@@ -222,14 +225,20 @@ def _draw_lesions(
     ys: np.ndarray,
     scale: float,
     fine: np.ndarray,
-) -> None:
+) -> np.ndarray:
+    """Draw the patient's lesions into `hu`; return the mask of the pixels they cover."""
     kidney = patient.kidneys[patient.lesion_side]
+    covered = np.zeros(hu.shape, dtype=bool)
     for rho, psi, radius in patient.lesions:
         x, y = kidney.point(rho * scale, psi)
         if patient.kind == "Cyst":
-            hu[_Ellipse(x, y, radius * scale, radius * scale).mask(xs, ys)] = _WATER
+            mask = _Ellipse(x, y, radius * scale, radius * scale).mask(xs, ys)
+            hu[mask] = _WATER
+            covered |= mask
         elif patient.kind == "Stone":
-            hu[_Ellipse(x, y, radius, radius).mask(xs, ys)] = _CALCIUM
+            mask = _Ellipse(x, y, radius, radius).mask(xs, ys)
+            hu[mask] = _CALCIUM
+            covered |= mask
         elif patient.kind == "Tumor":
             angle = np.arctan2(ys - y, xs - x)
             bound = np.ones_like(xs)
@@ -237,6 +246,8 @@ def _draw_lesions(
                 bound += amplitude * np.cos(order * angle + phase)
             mass = np.hypot(xs - x, ys - y) <= radius * scale * bound
             hu[mass] = _TUMOR + 70 * fine[mass] + 30 * np.sin(angle[mass] * 3)
+            covered |= mass
+    return covered
 
 
 def _encode_jpeg(pixels: np.ndarray) -> bytes:
@@ -262,6 +273,38 @@ def _write_corrupt_files(folder: Path, count: int, sample_jpeg: bytes) -> list[P
             path.write_text("this is a text file with an image extension\n")
         written.append(path)
     return written
+
+
+@dataclass(frozen=True)
+class PhantomSlice:
+    """One rendered slice: its class, file stem (`Tumor- (3)`), 8-bit pixels and the mask of the
+    pixels its lesions cover (empty for Normal): where an explanation should point."""
+
+    kind: str
+    name: str
+    pixels: np.ndarray
+    lesion_mask: np.ndarray
+
+
+def phantom_slices(
+    per_class: int = 100,
+    size: int = 96,
+    seed: int = 0,
+    slices_per_patient: int = 4,
+    noise_scale: float = 1.0,
+    lesion_scale: float = 1.0,
+) -> Iterator[PhantomSlice]:
+    """The slices `generate_phantom` writes with the same arguments, in its order, with their
+    lesion masks."""
+    for class_index, kind in enumerate(CLASSES):
+        for first in range(0, per_class, slices_per_patient):
+            patient_rng = np.random.default_rng([seed, class_index, first])
+            patient = _draw_patient(patient_rng, kind, noise_scale, lesion_scale)
+            count = min(slices_per_patient, per_class - first)
+            for k in range(count):
+                offset = k - (count - 1) / 2
+                pixels, mask = _render_slice(patient, offset, patient_rng, size)
+                yield PhantomSlice(kind, f"{kind}- ({first + k + 1})", pixels, mask)
 
 
 def generate_phantom(
@@ -297,28 +340,23 @@ def generate_phantom(
     folder = images_folder(output_dir)
     rows = []
     sample_jpeg = b""
-    for class_index, kind in enumerate(CLASSES):
+    for kind in CLASSES:
         (folder / kind).mkdir(parents=True, exist_ok=True)
-        for first in range(0, per_class, slices_per_patient):
-            patient_rng = np.random.default_rng([seed, class_index, first])
-            patient = _draw_patient(patient_rng, kind, noise_scale, lesion_scale)
-            count = min(slices_per_patient, per_class - first)
-            for k in range(count):
-                offset = k - (count - 1) / 2
-                pixels = _render_slice(patient, offset, patient_rng, size)
-                number = first + k + 1
-                name = f"{kind}- ({number})"
-                sample_jpeg = _encode_jpeg(pixels)
-                (folder / kind / f"{name}.jpg").write_bytes(sample_jpeg)
-                rows.append(
-                    (
-                        name,
-                        f"{DATASET_FOLDER}/{DATASET_FOLDER}/{kind}/{name}.jpg",
-                        kind,
-                        class_index,
-                        kind,
-                    )
-                )
+    for phantom_slice in phantom_slices(
+        per_class, size, seed, slices_per_patient, noise_scale, lesion_scale
+    ):
+        kind, name = phantom_slice.kind, phantom_slice.name
+        sample_jpeg = _encode_jpeg(phantom_slice.pixels)
+        (folder / kind / f"{name}.jpg").write_bytes(sample_jpeg)
+        rows.append(
+            (
+                name,
+                f"{DATASET_FOLDER}/{DATASET_FOLDER}/{kind}/{name}.jpg",
+                kind,
+                CLASSES.index(kind),
+                kind,
+            )
+        )
     with (output_dir / CSV_NAME).open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "path", "diag", "target", "Class"])

@@ -225,6 +225,33 @@ class RuntimeConfig(_Section):
         return value.rstrip("/")
 
 
+class ConsoleConfig(_Section):
+    """The review console (`tumorflow ui`): where it listens, who may do what, how it knows who."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Links to a run's review page start with this (the approval step's Markdown, say).
+    base_url: str = "http://127.0.0.1:8080"
+    # token: per-user sign-in tokens (`tokens`). proxy: the identity an authenticating proxy
+    # (IAP, oauth2-proxy) puts into `proxy_header`; a request without it is refused.
+    auth: Literal["token", "proxy"] = "token"
+    proxy_header: str = "X-Forwarded-Email"
+    # user -> sha256 (hex) of that user's sign-in token; never the token itself.
+    tokens: dict[str, str] = Field(default_factory=dict)
+    # model name (or "*": every model) -> role (viewer | approver | rollback) -> users.
+    roles: dict[str, dict[Literal["viewer", "approver", "rollback"], list[str]]] = Field(
+        default_factory=dict
+    )
+    # The gRPC address of the model server "Try a scan" asks.
+    model_server: str = "127.0.0.1:8500"
+    # Append-only audit log (JSON lines). Empty: `<run_root>/audit.jsonl`, beside the registry.
+    audit_log: str = ""
+
+    def review_url(self, pipeline_run: str) -> str:
+        """The console's review page of a run, for links from outside it (the approval step)."""
+        return f"{self.base_url.rstrip('/')}/runs/{pipeline_run}"
+
+
 class PipelineConfig(_Section):
     """Everything a retraining run needs; each step gets only its section."""
 
@@ -238,6 +265,7 @@ class PipelineConfig(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
 
     @field_validator("run_root")
     @classmethod

@@ -14,10 +14,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from tumorflow.components.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
 from tumorflow.core.errors import TumorflowError
 
-IMAGE_INPUT = "image_bytes"
+IMAGE_INPUT = INPUT
 
 
 class ServerUnavailableError(TumorflowError):
@@ -36,6 +38,14 @@ class ImagePrediction:
     predicted_class: str
     probabilities: dict[str, float]
     model_version: int | None
+
+
+@dataclass(frozen=True)
+class ExplainedPrediction:
+    """One image's answer with the Grad-CAM heat map of its predicted class."""
+
+    prediction: ImagePrediction
+    heatmap: Any
 
 
 @dataclass(frozen=True)
@@ -61,10 +71,14 @@ def _rows(scores: Sequence, classes: Sequence, version: int | None) -> list[Imag
     return results
 
 
-def predict_grpc(
-    server: str, images: Sequence[bytes], target: ModelTarget, timeout: float = 10.0
-) -> list[ImagePrediction]:
-    """Predict over gRPC with PredictionService.Predict; ServerUnavailableError on failure."""
+def _grpc_predict_response(
+    server: str,
+    images: Sequence[bytes],
+    target: ModelTarget,
+    outputs: Sequence[str],
+    timeout: float,
+) -> Any:
+    """One PredictionService.Predict call; its response, or ServerUnavailableError."""
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -77,11 +91,11 @@ def predict_grpc(
     elif target.label:
         request.model_spec.version_label = target.label
     request.inputs[IMAGE_INPUT].CopyFrom(tf.make_tensor_proto(list(images), dtype=tf.string))
-    request.output_filter.extend(["scores", "classes"])
+    request.output_filter.extend(outputs)
     with grpc.insecure_channel(server) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         try:
-            response = stub.Predict(request, timeout=timeout)
+            return stub.Predict(request, timeout=timeout)
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
             # An HTTP/1 server answers gRPC's HTTP/2 preface with something that is no HTTP/2.
@@ -101,9 +115,58 @@ def predict_grpc(
                 else ServerUnavailableError
             )
             raise error(f"{server} refused the request: {code.name}: {details}") from None
+
+
+def predict_grpc(
+    server: str, images: Sequence[bytes], target: ModelTarget, timeout: float = 10.0
+) -> list[ImagePrediction]:
+    """Predict over gRPC with PredictionService.Predict; ServerUnavailableError on failure."""
+    import tensorflow as tf
+
+    response = _grpc_predict_response(server, images, target, ["scores", "classes"], timeout)
     scores = tf.make_ndarray(response.outputs["scores"])
     classes = tf.make_ndarray(response.outputs["classes"])
     return _rows(scores, classes, response.model_spec.version.value)
+
+
+def explain_grpc(
+    server: str, images: Sequence[bytes], target: ModelTarget, timeout: float = 30.0
+) -> list[ExplainedPrediction]:
+    """Predict with the model's `explain` signature over gRPC: each image's answer and the
+    Grad-CAM heat map of its predicted class (0..1, at the model's input resolution)."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    target = dataclasses.replace(target, signature_name=EXPLAIN_SIGNATURE)
+    response = _grpc_predict_response(
+        server, images, target, ["scores", "classes", HEATMAP], timeout
+    )
+    rows = _rows(
+        tf.make_ndarray(response.outputs["scores"]),
+        tf.make_ndarray(response.outputs["classes"]),
+        response.model_spec.version.value,
+    )
+    heatmaps = tf.make_ndarray(response.outputs[HEATMAP])
+    return [ExplainedPrediction(row, heatmap) for row, heatmap in zip(rows, heatmaps, strict=True)]
+
+
+def overlay_heatmap(image: bytes, heatmap: Any, alpha: float = 0.45) -> bytes:
+    """The image (any format PIL reads) in grey with the heat map blended over it in a
+    blue-to-red colour ramp, at the image's own size, as PNG bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    base = Image.open(io.BytesIO(image)).convert("L").convert("RGB")
+    heat = Image.fromarray(np.clip(np.asarray(heatmap) * 255, 0, 255).astype(np.uint8), "L")
+    heat = np.asarray(heat.resize(base.size, Image.BILINEAR), dtype=np.float32) / 255.0
+    ramp = np.stack([heat, 1.0 - np.abs(heat - 0.5) * 2, 1.0 - heat], axis=-1) * 255.0
+    blend = (1 - alpha) * np.asarray(base, dtype=np.float32) + alpha * ramp
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(blend, 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def predict_rest(

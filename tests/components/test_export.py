@@ -217,3 +217,47 @@ def test_the_weights_digest_follows_the_weights_not_the_file(make_model_dir, tmp
     model = keras.saving.load_model(one / "model.keras")
     model.save(tmp_path / "resaved.keras")
     assert weights_digest(keras.saving.load_model(tmp_path / "resaved.keras")) == digests["one"]
+
+
+def _bright_corner_png() -> bytes:
+    pixels = np.full((32, 32, 3), 30, dtype=np.uint8)
+    pixels[20:30, 2:12] = 250
+    return _encode(pixels, "PNG")
+
+
+def test_explain_answers_the_serving_scores_and_a_heat_map_at_input_resolution(exported):
+    import tensorflow as tf
+
+    _, _, loaded = exported
+    images = tf.constant(
+        [_bright_corner_png(), _encode(np.full((40, 50, 3), 100, np.uint8), "PNG")]
+    )
+    served = loaded.signatures["serving_default"](image_bytes=images)
+    explained = loaded.signatures["explain"](image_bytes=images)
+    np.testing.assert_allclose(explained["scores"].numpy(), served["scores"].numpy(), atol=1e-5)
+    assert (
+        explained["predicted_class"].numpy().tolist() == served["predicted_class"].numpy().tolist()
+    )
+    assert (
+        explained["explained_class"].numpy().tolist() == served["predicted_class"].numpy().tolist()
+    )
+    heatmap = explained["heatmap"].numpy()
+    assert heatmap.shape == (2, 32, 32)
+    assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 + 1e-6
+
+
+def test_explaining_a_requested_class_points_at_the_evidence_for_it(exported):
+    import tensorflow as tf
+
+    _, _, loaded = exported
+    # The brightness model's evidence for "tumor" (the brightest class) is bright pixels.
+    result = loaded.signatures["explain_class"](
+        image_bytes=tf.constant([_bright_corner_png()]), class_index=tf.constant([3], tf.int64)
+    )
+    assert result["explained_class"].numpy().tolist() == [b"tumor"]
+    row, column = np.unravel_index(result["heatmap"].numpy()[0].argmax(), (32, 32))
+    assert 20 <= row < 30 and 2 <= column < 12
+    with pytest.raises(tf.errors.InvalidArgumentError, match="class_index"):
+        loaded.signatures["explain_class"](
+            image_bytes=tf.constant([_bright_corner_png()]), class_index=tf.constant([7], tf.int64)
+        )

@@ -1,0 +1,132 @@
+"""The review console on a real MLflow server, signed in through its own login form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TOKENS = {"alice": "alice-secret-token", "victor": "victor-secret-token"}
+
+
+@pytest.fixture()
+def console_factory(tmp_path: Path, mlflow_server: str):
+    """`console_factory(model_name, **console_overrides)` → (TestClient factory, settings):
+    alice approves and rolls back `model_name`, victor views every model."""
+    from fastapi.testclient import TestClient
+
+    from tumorflow.console.app import ConsoleSettings, create_app
+    from tumorflow.console.auth import token_digest
+    from tumorflow.core.config import ConsoleConfig
+
+    def make(model_name: str, model_base_path: str = "", **overrides):
+        console = ConsoleConfig.model_validate(
+            {
+                "tokens": {user: token_digest(token) for user, token in TOKENS.items()},
+                "roles": {
+                    model_name: {"approver": ["alice"], "rollback": ["alice"]},
+                    "*": {"viewer": ["victor"]},
+                },
+                **overrides,
+            }
+        )
+        settings = ConsoleSettings(
+            console=console,
+            run_root=tmp_path / "runs",
+            tracking_uri=mlflow_server,
+            model_base_path=model_base_path or str(tmp_path / "models"),
+            model_name=model_name,
+        )
+        app = create_app(settings)
+        return (lambda: TestClient(app, follow_redirects=False)), settings
+
+    return make
+
+
+def _sign_in(client, user: str) -> None:
+    response = client.post("/login", data={"token": TOKENS[user]})
+    assert response.status_code == 303, response.text
+
+
+def _csrf_of(client, path: str) -> str:
+    import re
+
+    page = client.get(path)
+    assert page.status_code == 200, page.text
+    return re.search(r'name="csrf" value="([0-9a-f]+)"', page.text).group(1)
+
+
+@pytest.fixture()
+def sign_in():
+    """`sign_in(client, user)`: the login form with the user's token."""
+    return _sign_in
+
+
+@pytest.fixture()
+def csrf_of():
+    """`csrf_of(client, path)`: the CSRF token of the forms on a page."""
+    return _csrf_of
+
+
+def _write_run_folder(root, run: str) -> None:
+    import json
+
+    task = root / "pipeline_root" / run / "gate" / "decision"
+    task.mkdir(parents=True)
+    rule = {
+        "name": "recall:tumor vs champion",
+        "kind": "champion",
+        "metric": "recall:tumor",
+        "op": ">=",
+        "threshold": -0.02,
+        "bound": "lower",
+        "value": 0.91,
+        "champion_value": 0.88,
+        "ci": [-0.01, 0.07],
+        "passed": True,
+        "detail": "",
+    }
+    (task / "decision.json").write_text(
+        json.dumps(
+            {
+                "passed": True,
+                "rules": [rule],
+                "champion_version": "3",
+                "classes": ["cyst", "tumor"],
+                "confusion_matrices": {
+                    "challenger": [[5, 1], [0, 6]],
+                    "champion": [[4, 2], [1, 5]],
+                },
+                "notes": ["re-scored champion 3 on this test split"],
+            }
+        )
+    )
+    evaluate = root / "pipeline_root" / run / "evaluate" / "metrics"
+    evaluate.mkdir(parents=True)
+    per_class = {"precision": 0.9, "recall": 0.8, "f1": 0.85, "specificity": 0.95, "support": 6}
+    (evaluate / "metrics.json").write_text(
+        json.dumps(
+            {
+                "classes": ["cyst", "tumor"],
+                "accuracy": 0.92,
+                "macro_f1": 0.91,
+                "ece": 0.04,
+                "per_class": {"cyst": per_class, "tumor": per_class},
+            }
+        )
+    )
+    (evaluate / "predictions.csv").write_text(
+        "path,label_index,p_cyst,p_tumor\nTumor/7.jpg,1,0.7,0.3\nCyst/1.jpg,0,0.9,0.1\n"
+    )
+    from PIL import Image, ImageDraw
+
+    roc = Image.new("RGB", (160, 120), "white")
+    ImageDraw.Draw(roc).line([(10, 110), (30, 20), (150, 10)], fill="navy", width=3)
+    roc.save(evaluate / "roc.png")
+
+
+@pytest.fixture()
+def write_run_folder():
+    """`write_run_folder(run_root, run)`: the gate's and evaluate's files of a run, as the
+    pipeline leaves them under the kfp.local pipeline root."""
+    return _write_run_folder
