@@ -9,8 +9,10 @@ Sources: `phantom` (the synthetic generator), a local folder, a local archive (.
 Which files are listed: files with an image extension (see `IMAGE_EXTENSIONS`) under a class
 folder, at any depth below it. Hidden files and folders (`.DS_Store`, `._x.jpg`, `__MACOSX`) and
 files with other extensions are skipped and counted in the log. A broken file with an image
-extension is still listed: validation quarantines it with a reason. DICOM is not listed (Pillow
-cannot decode it); convert it to PNG first.
+extension is still listed: validation quarantines it with a reason. DICOM files (`.dcm`, or
+extension-less files of a series folder) are decoded by components/dicom.py into pseudonymous
+8-bit PNG slices, with their metadata in `slices.csv`; an undecodable one becomes a note that
+validation quarantines with the reason.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tumorflow.components import archive
+from tumorflow.components import archive, dicom
 from tumorflow.components.phantom import generate_phantom
 from tumorflow.core import storage
 from tumorflow.core.config import DatasetConfig
@@ -281,7 +283,7 @@ def _list_images(folder: Path) -> tuple[list[Path], int]:
         relative = path.relative_to(folder).parts
         if not path.is_file() or any(_is_hidden(part) for part in relative):
             continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+        if path.suffix.lower() in IMAGE_EXTENSIONS or dicom.is_dicom_file(path):
             images.append(path)
         else:
             skipped += 1
@@ -290,9 +292,9 @@ def _list_images(folder: Path) -> tuple[list[Path], int]:
 
 def _labelled_images(
     root: Path, dataset: DatasetConfig
-) -> tuple[list[tuple[Path, str, str]], int, list[str]]:
-    """(image, label, source_split) for every listed image under a fetched root, the number of
-    non-image files skipped, and the folders skipped."""
+) -> tuple[list[tuple[Path, str, str, Path]], int, list[str]]:
+    """(image, label, source_split, class folder) for every listed image under a fetched root,
+    the number of non-image files skipped, and the folders skipped."""
     base = _dataset_base(root, dataset)
     folders, skipped_folders = _class_folders(base, dataset)
     if not folders:
@@ -303,7 +305,7 @@ def _labelled_images(
     for folder, label, split in folders:
         images, skipped = _list_images(folder)
         skipped_files += skipped
-        listed.extend((image, label, split) for image in images)
+        listed.extend((image, label, split, folder) for image in images)
     return listed, skipped_files, skipped_folders
 
 
@@ -344,7 +346,7 @@ def resolve_dataset_version(dataset: DatasetConfig) -> DatasetVersion:
         listed, _, _ = _labelled_images(path, dataset)
         rows = [
             ManifestRow(image.relative_to(path).as_posix(), label, sha256_file(image), 0, split)
-            for image, label, split in tqdm(
+            for image, label, split, _ in tqdm(
                 listed, desc="fingerprint", unit="img", disable=None, leave=False
             )
         ]
@@ -367,7 +369,7 @@ def _prepare_output(output_dir: Path) -> None:
             )
         for name in (FILES, _STAGING):
             shutil.rmtree(output_dir / name, ignore_errors=True)
-        for name in (MANIFEST_CSV, SOURCE_JSON):
+        for name in (MANIFEST_CSV, SOURCE_JSON, dicom.SLICES_CSV):
             (output_dir / name).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -418,12 +420,26 @@ def download_dataset(
     try:
         fetched = _fetch(source.strip(), staging, dataset)
         listed, skipped_files, skipped_folders = _labelled_images(fetched.root, dataset)
-        rows = []
+        rows, source_rows = [], []
         files_dir = output_dir / FILES
-        for image, label, split in tqdm(
+        dicoms = None
+        for image, label, split, folder in tqdm(
             listed, desc="copy images", unit="img", disable=None, leave=False
         ):
             relative = image.relative_to(fetched.root).as_posix()
+            if dicom.is_dicom_file(image):
+                dicoms = dicoms or dicom.DicomIngest(dataset.dicom, files_dir)
+                source_rows.append(ManifestRow(relative, label, sha256_file(image), 0, split))
+                for written in dicoms.add(
+                    image, folder.relative_to(fetched.root).as_posix(), relative
+                ):
+                    target = files_dir / written
+                    rows.append(
+                        ManifestRow(
+                            written, label, sha256_file(target), target.stat().st_size, split
+                        )
+                    )
+                continue
             target = files_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             if staging in image.parents:
@@ -433,6 +449,9 @@ def download_dataset(
             rows.append(
                 ManifestRow(relative, label, sha256_file(target), target.stat().st_size, split)
             )
+            source_rows.append(rows[-1])
+        if dicoms is not None:
+            dicoms.write_table(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not rows:
@@ -444,7 +463,7 @@ def download_dataset(
     if (
         expected_version is not None
         and expected_version.detail.get("kind") == "folder"
-        and expected_version.fingerprint != content
+        and expected_version.fingerprint != manifest_fingerprint(source_rows)
     ):
         raise DatasetError(
             f"{source} changed while it was being downloaded (dataset version "

@@ -32,6 +32,28 @@ class PhantomConfig(_Section):
     corrupt: int = Field(0, ge=0)
 
 
+class DicomConfig(_Section):
+    """How DICOM becomes 8-bit slices, and the salt of the pseudonymous ids that replace PHI."""
+
+    # CT: Hounsfield units (RescaleSlope/Intercept) shown through this window (abdomen: 40/400).
+    window_center: float = 40.0
+    window_width: float = Field(400.0, gt=0)
+    # MR (and any other modality): scaled between these percentiles of the slice.
+    mr_percentiles: tuple[float, float] = (1.0, 99.0)
+    # Salt of the pseudonymous patient/study/site ids: this text, or the content of
+    # `pseudonym_salt_file` when set. Keep it secret and fixed, so the ids stay stable.
+    pseudonym_salt: str = ""
+    pseudonym_salt_file: str = ""
+
+    @field_validator("mr_percentiles")
+    @classmethod
+    def _percentiles_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 <= low < high <= 100:
+            raise ValueError("mr_percentiles must be two percentiles, low < high, within 0..100")
+        return value
+
+
 class DatasetConfig(_Section):
     """Where the images come from and how folder names map to labels."""
 
@@ -51,6 +73,7 @@ class DatasetConfig(_Section):
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)
     # Refuse archives that would unpack to more than this (zip bombs).
     max_archive_bytes: int = Field(20 * 2**30, ge=1)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
 
 
 class SplitConfig(_Section):
@@ -119,13 +142,17 @@ class GateRule(_Section):
 
     `metric` names a value of the evaluation (accuracy, macro_f1, macro_roc_auc, ece,
     recall:<class>, precision:<class>, f1:<class>, specificity:<class>). `bound` chooses the point
-    estimate or the bootstrap lower/upper confidence bound.
+    estimate or the bootstrap lower/upper confidence bound. With `per` (a slice column of the
+    evaluation: site, manufacturer, model, source_folder, a metadata-table column), the rule binds
+    the worst slice among those with at least `min_cases` test images.
     """
 
     metric: str
     op: Literal[">=", "<="] = ">="
     threshold: float
     bound: Literal["point", "lower", "upper"] = "point"
+    per: str = ""
+    min_cases: int = Field(0, ge=0)
 
 
 class ChampionRule(_Section):
