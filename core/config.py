@@ -39,7 +39,7 @@ class DicomConfig(_Section):
     window_center: float = 40.0
     window_width: float = Field(400.0, gt=0)
     # MR (and any other modality): scaled between these percentiles of the slice.
-    mr_percentiles: tuple[float, float] = (1.0, 99.0)
+    mr_percentiles: list[float] = Field(default_factory=lambda: [1.0, 99.0])
     # Salt of the pseudonymous patient/study/site ids: this text, or the content of
     # `pseudonym_salt_file` when set. Keep it secret and fixed, so the ids stay stable.
     pseudonym_salt: str = ""
@@ -47,9 +47,8 @@ class DicomConfig(_Section):
 
     @field_validator("mr_percentiles")
     @classmethod
-    def _percentiles_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not 0 <= low < high <= 100:
+    def _percentiles_ordered(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not 0 <= value[0] < value[1] <= 100:
             raise ValueError("mr_percentiles must be two percentiles, low < high, within 0..100")
         return value
 
