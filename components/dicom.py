@@ -43,8 +43,8 @@ SLICE_COLUMNS = (
     "modality",
     "source_folder",
 )
-# The slice columns evaluation reports metrics for (patient and study ids are groups, not slices).
-SLICE_DIMENSIONS = ("site", "manufacturer", "model", "modality", "source_folder")
+# Columns of slices.csv that are groups, not evaluation slices; every other one is a slice.
+GROUP_COLUMNS = ("path", "patient", "study")
 _MAGIC_OFFSET = 128
 
 
@@ -161,7 +161,7 @@ class DicomIngest:
     """Turns DICOM files into pseudonymous PNG slices under a raw dataset's `files/` folder.
 
     `add` writes the slices of one file and returns their relative paths (or the `.dcm-rejected`
-    note of an undecodable one); `write_table` writes slices.csv for the slices written.
+    note of an undecodable one); `records` are the slices.csv rows of the slices written.
     """
 
     config: DicomConfig
@@ -211,11 +211,6 @@ class DicomIngest:
             self.records.append({"path": relative, **info})
             written.append(relative)
         return written
-
-    def write_table(self, output_dir: Path) -> None:
-        """slices.csv in `output_dir`, when any DICOM slice was written."""
-        if self.records:
-            write_slice_table(self.records, Path(output_dir) / SLICES_CSV)
 
 
 def write_slice_table(records: list[dict[str, str]], path: Path) -> None:

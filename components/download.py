@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tumorflow.components import archive, dicom
+from tumorflow.components import archive, dicom, metadata_table
 from tumorflow.components.phantom import generate_phantom
 from tumorflow.core import storage
 from tumorflow.core.config import DatasetConfig
@@ -420,19 +420,19 @@ def download_dataset(
     try:
         fetched = _fetch(source.strip(), staging, dataset)
         listed, skipped_files, skipped_folders = _labelled_images(fetched.root, dataset)
-        rows, source_rows = [], []
+        rows, source_rows, originals = [], [], []
         files_dir = output_dir / FILES
         dicoms = None
         for image, label, split, folder in tqdm(
             listed, desc="copy images", unit="img", disable=None, leave=False
         ):
             relative = image.relative_to(fetched.root).as_posix()
+            class_folder = folder.relative_to(fetched.root).as_posix()
             if dicom.is_dicom_file(image):
                 dicoms = dicoms or dicom.DicomIngest(dataset.dicom, files_dir)
                 source_rows.append(ManifestRow(relative, label, sha256_file(image), 0, split))
-                for written in dicoms.add(
-                    image, folder.relative_to(fetched.root).as_posix(), relative
-                ):
+                for written in dicoms.add(image, class_folder, relative):
+                    originals.append((written, relative, class_folder))
                     target = files_dir / written
                     rows.append(
                         ManifestRow(
@@ -450,8 +450,13 @@ def download_dataset(
                 ManifestRow(relative, label, sha256_file(target), target.stat().st_size, split)
             )
             source_rows.append(rows[-1])
-        if dicoms is not None:
-            dicoms.write_table(output_dir)
+            originals.append((relative, relative, class_folder))
+        metadata_table.write_slices(
+            output_dir,
+            metadata_table.merge_slice_records(
+                fetched.root, dataset, originals, dicoms.records if dicoms else []
+            ),
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not rows:

@@ -209,15 +209,17 @@ def score_saved_model(saved_model_dir: Path, split_dir: Path, split: str = "test
 
 def attach_slices(scored: Predictions, split_dir: Path) -> Predictions:
     """The predictions with the slice columns of the split's slices.csv (site, manufacturer,
-    model, modality, source_folder: those with any known value); unchanged without one."""
-    from tumorflow.components.dicom import SLICE_DIMENSIONS, read_slice_table
+    model, modality, source_folder, metadata-table columns: those with any known value);
+    unchanged without one."""
+    from tumorflow.components.dicom import GROUP_COLUMNS, read_slice_table
 
     table = read_slice_table(split_dir)
     if not table:
         return scored
+    columns = sorted({c for row in table.values() for c in row} - set(GROUP_COLUMNS))
     slices = {
-        column: [table.get(path, {}).get(column, "") for path in scored.paths]
-        for column in SLICE_DIMENSIONS
+        column: [table.get(path, {}).get(column) or "" for path in scored.paths]
+        for column in columns
     }
     return dataclasses.replace(
         scored, slices={column: values for column, values in slices.items() if any(values)}

@@ -73,6 +73,15 @@ class DatasetConfig(_Section):
     # Refuse archives that would unpack to more than this (zip bombs).
     max_archive_bytes: int = Field(20 * 2**30, ge=1)
     dicom: DicomConfig = Field(default_factory=DicomConfig)
+    # A metadata table (CSV; a path inside the dataset root, or absolute) with one row per image:
+    # `metadata_path_column` holds the image's path (from the dataset root or its class folder)
+    # or file name. Its `metadata_patient_column` makes patients the split groups (pseudonymous
+    # ids, salted as DICOM ones); `metadata_columns` are kept as evaluation slices (site, ...).
+    # Other columns never leave ingest.
+    metadata_table: str = ""
+    metadata_path_column: str = "path"
+    metadata_patient_column: str = ""
+    metadata_columns: list[str] = Field(default_factory=list)
 
 
 class SplitConfig(_Section):
