@@ -112,6 +112,11 @@ class SplitResult:
             f"distance <= {grouping['max_distance']}, largest {grouping['largest_group']} "
             "images); no group straddles two splits.",
         ]
+        if grouping.get("patients"):
+            lines.append(
+                f"Patients (DICOM PatientID or the metadata table): {grouping['patients']}, "
+                "each kept within one group."
+            )
         leaks = self.manifest.get("source_split_leaks", {})
         if leaks.get("groups"):
             lines.append(

@@ -146,6 +146,7 @@ def test_ingest_keeps_patients_together_and_writes_no_phi(tmp_path: Path) -> Non
     ]
     # every slice looks different: only the patient ids keep a patient's slices together
     assert split.grouping["patients"] == split.grouping["groups"] == 24
+    assert "Patients (DICOM PatientID or the metadata table): 24" in split.report_markdown()
     with (tmp_path / "split" / "split_manifest.csv").open() as handle:
         manifest = list(csv.DictReader(handle))
     slices = dicom.read_slice_table(tmp_path / "split")
