@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tumorflow.cli.pipeline import add_config_arguments
 from tumorflow.core.config import DriftConfig
 
 
@@ -97,10 +98,12 @@ def _predict(args: argparse.Namespace) -> int:
     image could not be read or was refused, after answering the others."""
     import sys
 
+    from tumorflow.cli.pipeline import config_from_args
     from tumorflow.core.errors import ConfigError
     from tumorflow.serving.client import (
         ExplainedPrediction,
         ModelTarget,
+        encoded_images,
         explain_grpc,
         overlay_heatmap,
         predict_each,
@@ -110,13 +113,17 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.explain and args.rest:
         raise ConfigError("--explain asks the gRPC API; drop --rest and give the gRPC port")
+    dicom_config = config_from_args(args, default_preset=None).dataset.dicom
     readable: list[tuple[str, bytes]] = []
     failed = False
     for path in args.images:
         try:
-            readable.append((path, Path(path).read_bytes()))
+            readable.extend(encoded_images(path, Path(path).read_bytes(), dicom_config))
         except OSError as exc:
             print(f"{path}: error: cannot read it: {exc.strerror}", file=sys.stderr)
+            failed = True
+        except ValueError as exc:
+            print(f"{path}: error: {exc}", file=sys.stderr)
             failed = True
     if not readable:
         return 2
@@ -162,7 +169,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict_parser = subparsers.add_parser(
         "predict", help="classify images with a running model server"
     )
-    predict_parser.add_argument("images", nargs="+", metavar="IMAGE", help="encoded image files")
+    predict_parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="encoded image files (JPEG, PNG, ...) or DICOM files, converted here with the "
+        "dataset.dicom window of --preset/--config/--set",
+    )
     predict_parser.add_argument(
         "--server", default="127.0.0.1:8500", help="HOST:PORT (gRPC, or REST with --rest)"
     )
@@ -181,4 +194,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="",
         help="ask the model's explain signature (gRPC) and write Grad-CAM overlays into OUT_DIR",
     )
+    add_config_arguments(predict_parser)
     predict_parser.set_defaults(handler=_predict)

@@ -16,8 +16,10 @@ empty where the copy kept its name.
 Which files are listed: files with an image extension (see `IMAGE_EXTENSIONS`) under a class
 folder, at any depth below it. Hidden files and folders (`.DS_Store`, `._x.jpg`, `__MACOSX`) and
 files with other extensions are skipped and counted in the log. A broken file with an image
-extension is still listed: validation quarantines it with a reason. DICOM is not listed (Pillow
-cannot decode it); convert it to PNG first.
+extension is still listed: validation quarantines it with a reason. DICOM files (`.dcm`, or
+extension-less files of a series folder) are decoded by components/dicom.py into pseudonymous
+8-bit PNG slices, with their metadata in `slices.csv`; an undecodable one becomes a note that
+validation quarantines with the reason.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from tqdm import tqdm
 
-from tumorflow.components import archive
+from tumorflow.components import archive, dicom, metadata_table
 from tumorflow.components.phantom import generate_phantom
 from tumorflow.core import storage
 from tumorflow.core.config import DatasetConfig
@@ -364,7 +366,7 @@ def _list_images(folder: Path) -> tuple[list[Path], int]:
         relative = path.relative_to(folder).parts
         if not path.is_file() or any(_is_hidden(part) for part in relative):
             continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS:
+        if path.suffix.lower() in IMAGE_EXTENSIONS or dicom.is_dicom_file(path):
             images.append(path)
         else:
             skipped += 1
@@ -373,9 +375,9 @@ def _list_images(folder: Path) -> tuple[list[Path], int]:
 
 def _labelled_images(
     root: Path, dataset: DatasetConfig
-) -> tuple[list[tuple[Path, str, str]], int, list[str]]:
-    """(image, label, source_split) for every listed image under a fetched root, the number of
-    non-image files skipped, and the folders skipped."""
+) -> tuple[list[tuple[Path, str, str, Path]], int, list[str]]:
+    """(image, label, source_split, class folder) for every listed image under a fetched root,
+    the number of non-image files skipped, and the folders skipped."""
     base = _dataset_base(root, dataset)
     folders, skipped_folders = _class_folders(base, dataset)
     if not folders:
@@ -386,7 +388,7 @@ def _labelled_images(
     for folder, label, split in folders:
         images, skipped = _list_images(folder)
         skipped_files += skipped
-        listed.extend((image, label, split) for image in images)
+        listed.extend((image, label, split, folder) for image in images)
     return listed, skipped_files, skipped_folders
 
 
@@ -425,10 +427,10 @@ def resolve_dataset_version(dataset: DatasetConfig) -> DatasetVersion:
     path = Path(source).expanduser()
     if path.is_dir():
         listed, _, _ = _labelled_images(path, dataset)
-        names = safe_copy_paths([image.relative_to(path).as_posix() for image, _, _ in listed])
+        names = safe_copy_paths([image.relative_to(path).as_posix() for image, *_ in listed])
         rows = [
             ManifestRow(copy_path, label, sha256_file(image), 0, split, original)
-            for (image, label, split), (copy_path, original) in zip(
+            for (image, label, split, _), (copy_path, original) in zip(
                 tqdm(listed, desc="fingerprint", unit="img", disable=None, leave=False),
                 names,
                 strict=True,
@@ -453,7 +455,7 @@ def _prepare_output(output_dir: Path) -> None:
             )
         for name in (FILES, _STAGING):
             shutil.rmtree(output_dir / name, ignore_errors=True)
-        for name in (MANIFEST_CSV, SOURCE_JSON):
+        for name in (MANIFEST_CSV, SOURCE_JSON, dicom.SLICES_CSV):
             (output_dir / name).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -511,16 +513,32 @@ def download_dataset(
     try:
         fetched = _fetch(source.strip(), staging, dataset)
         listed, skipped_files, skipped_folders = _labelled_images(fetched.root, dataset)
-        rows = []
+        rows, source_rows, originals = [], [], []
         files_dir = output_dir / FILES
+        dicoms = None
         names = safe_copy_paths(
-            [image.relative_to(fetched.root).as_posix() for image, _, _ in listed]
+            [image.relative_to(fetched.root).as_posix() for image, *_ in listed]
         )
-        for (image, label, split), (relative, original) in zip(
+        for (image, label, split, folder), (relative, original) in zip(
             tqdm(listed, desc="copy images", unit="img", disable=None, leave=False),
             names,
             strict=True,
         ):
+            class_folder = folder.relative_to(fetched.root).as_posix()
+            if dicom.is_dicom_file(image):
+                dicoms = dicoms or dicom.DicomIngest(dataset.dicom, files_dir)
+                source_rows.append(
+                    ManifestRow(relative, label, sha256_file(image), 0, split, original)
+                )
+                for written in dicoms.add(image, class_folder, relative):
+                    originals.append((written, relative, class_folder))
+                    target = files_dir / written
+                    rows.append(
+                        ManifestRow(
+                            written, label, sha256_file(target), target.stat().st_size, split
+                        )
+                    )
+                continue
             target = files_dir / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             if staging in image.parents:
@@ -532,6 +550,14 @@ def download_dataset(
                     relative, label, sha256_file(target), target.stat().st_size, split, original
                 )
             )
+            source_rows.append(rows[-1])
+            originals.append((relative, relative, class_folder))
+        metadata_table.write_slices(
+            output_dir,
+            metadata_table.merge_slice_records(
+                fetched.root, dataset, originals, dicoms.records if dicoms else []
+            ),
+        )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not rows:
@@ -543,7 +569,7 @@ def download_dataset(
     if (
         expected_version is not None
         and expected_version.detail.get("kind") == "folder"
-        and expected_version.fingerprint != content
+        and expected_version.fingerprint != manifest_fingerprint(source_rows)
     ):
         raise DatasetError(
             f"{source} changed while it was being downloaded (dataset version "

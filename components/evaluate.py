@@ -9,6 +9,7 @@ split's encoded image bytes): the artifact evaluated is the one deploy publishes
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -24,6 +25,7 @@ from tumorflow.components.metrics import (
     compute_metrics,
     expected_calibration_error,
     gate_metric_values,
+    metrics_per_slice,
     read_predictions,
 )
 from tumorflow.core.errors import DatasetError, ModelError
@@ -205,6 +207,25 @@ def score_saved_model(saved_model_dir: Path, split_dir: Path, split: str = "test
     return Predictions(paths, np.array(labels, dtype=int), np.concatenate(scores), classes)
 
 
+def attach_slices(scored: Predictions, split_dir: Path) -> Predictions:
+    """The predictions with the slice columns of the split's slices.csv (site, manufacturer,
+    model, modality, source_folder, metadata-table columns: those with any known value);
+    unchanged without one."""
+    from tumorflow.components.dicom import GROUP_COLUMNS, read_slice_table
+
+    table = read_slice_table(split_dir)
+    if not table:
+        return scored
+    columns = sorted({c for row in table.values() for c in row} - set(GROUP_COLUMNS))
+    slices = {
+        column: [table.get(path, {}).get(column) or "" for path in scored.paths]
+        for column in columns
+    }
+    return dataclasses.replace(
+        scored, slices={column: values for column, values in slices.items() if any(values)}
+    )
+
+
 def _log_to_mlflow(
     tracking_uri: str, run_id: str, split: str, metrics: dict[str, Any], output_dir: Path
 ) -> None:
@@ -236,7 +257,9 @@ def evaluate_model(
     """Score one split through the model's serving SavedModel; write metrics.json,
     predictions.csv and the plots.
 
-    metrics.json also records `saved_model_sha256`, the digest of the SavedModel scored.
+    metrics.json also records `saved_model_sha256`, the digest of the SavedModel scored, and for
+    a split with slices.csv (DICOM) `slices`: images and metrics per site, scanner, modality and
+    source folder; predictions.csv then carries those columns for the gate.
     Metrics (as `test_accuracy`, `test_recall_tumor`, ...) and the files also go to the MLflow
     run `mlflow_run_id` when both it and `tracking_uri` are given. The log line reports the
     sensitivity and specificity of `positive_class`. Returns the metrics.
@@ -266,7 +289,10 @@ def evaluate_model(
             f"the serving export of {model_dir} outputs classes {scored.classes}, not "
             f"{dataset_classes}; re-run the train step"
         )
+    scored = attach_slices(scored, split_dir)
     metrics = compute_metrics(scored.y_true, scored.probs, scored.classes)
+    if scored.slices:
+        metrics["slices"] = metrics_per_slice(scored)
     metrics["saved_model_sha256"] = saved_model_digest(saved_model)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False))

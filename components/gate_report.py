@@ -12,6 +12,30 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None or not np.isfinite(value) else f"{value:.4f}"
 
 
+def _slice_sections(decision: GateDecision) -> list[str]:
+    """One table per slice column (site, scanner, ...): images and each gated metric with its CI."""
+    lines: list[str] = []
+    confidence = decision.bootstrap["confidence"]
+    for column, entries in decision.slices.items():
+        names = sorted({name for entry in entries.values() for name in entry["values"]})
+        lines += [
+            "",
+            f"## Per {column} ({confidence:.0%} bootstrap CIs)",
+            "",
+            f"| {column} | images | " + " | ".join(names) + " |",
+            "|---|---:|" + "---|" * len(names),
+        ]
+        for value, entry in entries.items():
+            cells = []
+            for name in names:
+                point = entry["values"].get(name)
+                ci = entry["intervals"].get(name)
+                interval = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+                cells.append(_fmt(point) + interval)
+            lines.append(f"| {value} | {entry['n']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_report(decision: GateDecision) -> str:
     """The gate report for the pipeline UI: every rule, both models' values, CI, PASS/FAIL."""
     verdict = "PASSED" if decision.passed else "FAILED"
@@ -51,6 +75,7 @@ def markdown_report(decision: GateDecision) -> str:
             lines.append(
                 f"| {name} | {_fmt(decision.challenger[name])} | [{_fmt(low)}, {_fmt(high)}] | {_fmt(theirs)} |"
             )
+    lines += _slice_sections(decision)
     lines += ["", "## Calibration", ""]
     lines.append(
         f"Expected calibration error ({ECE_BINS} bins): challenger {_fmt(decision.challenger.get('ece'))}"

@@ -1,6 +1,7 @@
 """The gate's rules, pure: metric values and bootstrap CIs in, rule results and the decision out.
 
-Absolute rules compare a point estimate or a CI bound with a threshold. Champion rules compare
+Absolute rules compare a point estimate or a CI bound with a threshold; a rule `per` a slice
+column (site, scanner, ...) binds the worst slice with at least `min_cases` images. Champion rules compare
 the challenger with the champion re-scored on the same test images (non-inferiority within a
 margin, or a minimum gain), with the paired bootstrap CI of challenger − champion reported.
 No TensorFlow, no MLflow, no files: `gate.run_gate` gathers the inputs and writes the outputs.
@@ -20,6 +21,7 @@ from tumorflow.components.metrics import (
     bootstrap_metrics,
     check_metric,
     confidence_interval,
+    defined_metric_values,
     metric_value,
 )
 from tumorflow.core.config import ChampionRule, GateConfig, GateRule
@@ -42,7 +44,7 @@ class ChampionEvaluation:
 @dataclass
 class RuleResult:
     name: str
-    kind: str  # absolute | champion
+    kind: str  # absolute | slice | champion
     metric: str
     op: str
     threshold: float
@@ -67,6 +69,8 @@ class GateDecision:
     confusion_matrices: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     challenger_saved_model_sha256: str | None = None
+    # {column: {value: {"n", "values": {metric: point}, "intervals": {metric: [low, high]}}}}
+    slices: dict[str, Any] = field(default_factory=dict)
     decided_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -105,6 +109,82 @@ def absolute_rule(
         passed=passed,
         detail=f"{what} {value:.4f} {rule.op} {rule.threshold:g}",
     )
+
+
+def slice_summary(
+    predictions: Predictions, names: list[str], gate: GateConfig
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Images, point values and bootstrap CIs of `names` on every slice of every slice column
+    (metrics undefined on a slice, e.g. the recall of a class it has no images of, left out)."""
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for column in predictions.slices:
+        summary[column] = {}
+        for value, rows in predictions.slice_rows(column).items():
+            part = predictions.subset(rows)
+            values = defined_metric_values(part.y_true, part.probs, part.classes, names)
+            defined = [name for name in names if np.isfinite(values[name])]
+            intervals: dict[str, list[float]] = {}
+            if gate.bootstrap_resamples > 0 and defined:
+                indices = bootstrap_indices(len(rows), gate.bootstrap_resamples, gate.seed)
+                samples = bootstrap_metrics(part.y_true, part.probs, part.classes, defined, indices)
+                intervals = {
+                    name: list(confidence_interval(samples[name], gate.confidence))
+                    for name in defined
+                }
+            summary[column][value] = {
+                "n": len(rows),
+                "values": {name: values[name] for name in defined},
+                "intervals": intervals,
+            }
+    return summary
+
+
+def slice_rule(
+    rule: GateRule, slices: dict[str, dict[str, dict[str, Any]]], confidence: float
+) -> RuleResult:
+    """The rule on every slice of `rule.per` with at least `rule.min_cases` images: the worst
+    slice decides. With no such slice there is nothing to bind and the rule passes (said so)."""
+    if rule.per not in slices:
+        raise GateError(
+            f"gate rule {rule.metric} per {rule.per!r}: the evaluation has no slice column "
+            f"{rule.per!r} (it has: {', '.join(slices) or 'none, the split has no slices.csv'})"
+        )
+    name = (
+        f"{rule.metric} {rule.op} {rule.threshold:g} ({rule.bound}) on every {rule.per} "
+        f"with >= {rule.min_cases} images"
+    )
+    candidates = []
+    for value, entry in slices[rule.per].items():
+        if entry["n"] < rule.min_cases or rule.metric not in entry["values"]:
+            continue
+        ci = entry["intervals"].get(rule.metric)
+        if rule.bound == "point":
+            checked = entry["values"][rule.metric]
+        elif ci is None:
+            raise GateError(
+                f"rule on the {rule.bound} bound of {rule.metric} per {rule.per} needs bootstrap "
+                "resamples; set gate.bootstrap_resamples above 0"
+            )
+        else:
+            checked = ci[0] if rule.bound == "lower" else ci[1]
+        candidates.append((checked, value, entry["n"], tuple(ci) if ci else None))
+    if not candidates:
+        return RuleResult(
+            name, "slice", rule.metric, rule.op, rule.threshold, rule.bound, float("nan"),
+            None, None, True,
+            f"no {rule.per} has {rule.min_cases} or more images with {rule.metric} defined: "
+            "nothing to bind",
+        )  # fmt: skip
+    worst = (min if rule.op == ">=" else max)(candidates, key=lambda c: c[0])
+    checked, value, n, ci = worst
+    passed = bool(checked >= rule.threshold if rule.op == ">=" else checked <= rule.threshold)
+    what = "point estimate" if rule.bound == "point" else f"{rule.bound} {confidence:.0%} bound"
+    return RuleResult(
+        name, "slice", rule.metric, rule.op, rule.threshold, rule.bound, checked, None, ci,
+        passed,
+        f"worst {rule.per} {value} (n={n}): {what} {checked:.4f} {rule.op} {rule.threshold:g}; "
+        f"{len(candidates)} of {len(slices[rule.per])} {rule.per} values checked",
+    )  # fmt: skip
 
 
 def champion_rule(
@@ -204,7 +284,13 @@ def evaluate_gate(
     if gate.bootstrap_resamples > 0 and len(y_true) > 0:
         samples = bootstrap_metrics(y_true, probs, classes, gated, indices)
     cis = {name: confidence_interval(values, gate.confidence) for name, values in samples.items()}
-    results = [absolute_rule(rule, metrics, cis, gate.confidence) for rule in gate.rules]
+    slices = slice_summary(predictions, gated, gate) if predictions.slices else {}
+    results = [
+        slice_rule(rule, slices, gate.confidence)
+        if rule.per
+        else absolute_rule(rule, metrics, cis, gate.confidence)
+        for rule in gate.rules
+    ]
     champion_values = None
     if champion is None:
         notes.append("No champion in the registry yet: absolute rules only.")
@@ -244,4 +330,5 @@ def evaluate_gate(
         },
         notes=notes,
         challenger_saved_model_sha256=metrics.get("saved_model_sha256"),
+        slices=slices,
     )

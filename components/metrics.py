@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +25,64 @@ GLOBAL_METRICS = ("accuracy", "macro_f1", "macro_roc_auc", "ece")
 PER_CLASS_STATS = ("precision", "recall", "f1", "sensitivity", "specificity")
 # Resample rows scored at once by `bootstrap_metrics` (memory: about rows * n * C * 8 bytes).
 _BLOCK_CELLS = 4_000_000
+SLICE_PREFIX = "slice:"
 
 
 @dataclass(frozen=True)
 class Predictions:
-    """One model's scores of a split: image paths, labels [n], probabilities [n, C], class names."""
+    """One model's scores of a split: image paths, labels [n], probabilities [n, C], class names,
+    and the slice each image belongs to per slice column (`slices["site"][i]`, '' = unknown)."""
 
     paths: list[str]
     y_true: np.ndarray
     probs: np.ndarray
     classes: list[str]
+    slices: dict[str, list[str]] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:
-        """predictions.csv: `path,label_index,p_<class>...` (docs/artifacts.md "Evaluation")."""
+        """predictions.csv: `path,label_index,p_<class>...,slice:<column>...` (docs/artifacts.md
+        "Evaluation")."""
+        columns = list(self.slices)
         with Path(path).open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", "label_index", *(f"p_{name}" for name in self.classes)])
-            for name, label, row in zip(self.paths, self.y_true, self.probs, strict=True):
-                writer.writerow([name, int(label), *(f"{p:.6f}" for p in row)])
+            writer.writerow(
+                [
+                    "path",
+                    "label_index",
+                    *(f"p_{name}" for name in self.classes),
+                    *(SLICE_PREFIX + column for column in columns),
+                ]
+            )
+            for index, (name, label, row) in enumerate(
+                zip(self.paths, self.y_true, self.probs, strict=True)
+            ):
+                writer.writerow(
+                    [
+                        name,
+                        int(label),
+                        *(f"{p:.6f}" for p in row),
+                        *(self.slices[column][index] for column in columns),
+                    ]
+                )
+
+    def subset(self, rows: np.ndarray) -> Predictions:
+        """The predictions of the rows `rows` (indices)."""
+        rows = np.asarray(rows, dtype=int)
+        return Predictions(
+            [self.paths[i] for i in rows],
+            self.y_true[rows],
+            self.probs[rows],
+            self.classes,
+            {column: [values[i] for i in rows] for column, values in self.slices.items()},
+        )
+
+    def slice_rows(self, column: str) -> dict[str, np.ndarray]:
+        """Row indices of each known value of a slice column (unknown, '', left out)."""
+        groups: dict[str, list[int]] = {}
+        for index, value in enumerate(self.slices[column]):
+            if value:
+                groups.setdefault(value, []).append(index)
+        return {value: np.array(rows) for value, rows in sorted(groups.items())}
 
 
 def read_predictions(path: Path, classes: list[str] | None = None) -> Predictions:
@@ -58,6 +98,11 @@ def read_predictions(path: Path, classes: list[str] | None = None) -> Prediction
     if missing:
         raise ModelError(f"{path} lacks the columns {missing}; re-run the evaluate step")
     score_columns = [columns[f"p_{c}"] for c in wanted]
+    slice_columns = {
+        name.removeprefix(SLICE_PREFIX): index
+        for index, name in enumerate(header)
+        if name.startswith(SLICE_PREFIX)
+    }
     return Predictions(
         paths=[row[columns["path"]] for row in rows],
         y_true=np.array([int(row[columns["label_index"]]) for row in rows], dtype=int),
@@ -65,6 +110,7 @@ def read_predictions(path: Path, classes: list[str] | None = None) -> Prediction
             [[float(row[i]) for i in score_columns] for row in rows], dtype=np.float64
         ).reshape(len(rows), len(wanted)),
         classes=wanted,
+        slices={column: [row[index] for row in rows] for column, index in slice_columns.items()},
     )
 
 
@@ -294,3 +340,52 @@ def confidence_interval(samples: np.ndarray, confidence: float) -> tuple[float, 
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def defined_metric_values(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str], names: list[str]
+) -> dict[str, float]:
+    """Point values of `names` on a (small) set of images, NaN where a metric is undefined there:
+    recall/sensitivity/f1 of a class with no images of it, precision of a class never predicted,
+    specificity without images of the other classes (`batch_metrics` counts those as 0)."""
+    y_true = np.asarray(y_true).astype(int)
+    probs = np.asarray(probs, dtype=np.float64)
+    batch = batch_metrics(y_true[None], probs[None], _indexed(names, classes))
+    values = {
+        name: float(batch[key][0])
+        for name, key in zip(names, _indexed(names, classes), strict=True)
+    }
+    predicted = probs.argmax(axis=1)
+    for name in names:
+        if ":" not in name:
+            continue
+        stat, label = name.split(":", 1)
+        index = classes.index(label)
+        count = {
+            "recall": (y_true == index).sum(),
+            "sensitivity": (y_true == index).sum(),
+            "f1": (y_true == index).sum(),
+            "precision": (predicted == index).sum(),
+            "specificity": (y_true != index).sum(),
+        }[stat]
+        if count == 0:
+            values[name] = float("nan")
+    return values
+
+
+def metrics_per_slice(predictions: Predictions) -> dict[str, dict[str, dict[str, Any]]]:
+    """{column: {value: {"n": images, <metric>: point value...}}} for every slice column;
+    metrics undefined on a slice (see `defined_metric_values`) are left out."""
+    names = metric_names(predictions.classes)
+    report: dict[str, dict[str, dict[str, Any]]] = {}
+    for column in predictions.slices:
+        report[column] = {}
+        for value, rows in predictions.slice_rows(column).items():
+            values = defined_metric_values(
+                predictions.y_true[rows], predictions.probs[rows], predictions.classes, names
+            )
+            report[column][value] = {
+                "n": len(rows),
+                **{name: v for name, v in values.items() if np.isfinite(v)},
+            }
+    return report

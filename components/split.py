@@ -122,6 +122,31 @@ def group_duplicates(
     return Grouping(group_of.astype(np.int64), stats)
 
 
+def group_patients(grouping: Grouping, patients: list[str]) -> Grouping:
+    """Merge the duplicate groups with patients: all images of one patient id ('' = unknown)
+    end in one group, so a patient never straddles two splits."""
+    if not any(patients):
+        return grouping
+    group_of = np.asarray(grouping.group_of)
+    union = _UnionFind(len(group_of))
+    first_of: dict[tuple[str, str], int] = {}
+    for index, (group, patient) in enumerate(zip(group_of.tolist(), patients, strict=True)):
+        union.union(first_of.setdefault(("group", str(group)), index), index)
+        if patient:
+            union.union(first_of.setdefault(("patient", patient), index), index)
+    roots = np.array([union.find(i) for i in range(len(group_of))], dtype=np.int64)
+    _, merged = np.unique(roots, return_inverse=True)
+    sizes = np.bincount(merged)
+    stats = {
+        **grouping.stats,
+        "groups": len(sizes),
+        "patients": len({p for p in patients if p}),
+        "largest_group": int(sizes.max()),
+        "grouped_images": int(sizes[sizes > 1].sum()),
+    }
+    return Grouping(merged.astype(np.int64), stats)
+
+
 def _greedy_assign(
     group_ids: np.ndarray,
     label_index: np.ndarray,

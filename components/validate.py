@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from tumorflow.components import download, split, tfrecords
+from tumorflow.components import dicom, download, split, tfrecords
 from tumorflow.components.hashing import phash64
 from tumorflow.components.input_pipeline import MAX_IMAGE_PIXELS
 from tumorflow.core.config import SplitConfig
@@ -119,6 +119,11 @@ class SplitResult:
             f"distance <= {grouping['max_distance']}, largest {grouping['largest_group']} "
             "images); no group straddles two splits.",
         ]
+        if grouping.get("patients"):
+            lines.append(
+                f"Patients (DICOM PatientID or the metadata table): {grouping['patients']}, "
+                "each kept within one group."
+            )
         leaks = self.manifest.get("source_split_leaks", {})
         if leaks.get("groups"):
             lines.append(
@@ -180,6 +185,8 @@ def check_image(files_dir: Path, row: download.ManifestRow) -> ImageCheck:
     path = files_dir / row.path
     if not path.is_file():
         return ImageCheck(row.path, "file missing")
+    if rejected := dicom.rejection_reason(path):
+        return ImageCheck(row.path, rejected)
     data = path.read_bytes()
     if not data:
         return ImageCheck(row.path, "empty file (0 bytes)")
@@ -274,7 +281,7 @@ def _prepare_output(output_dir: Path) -> None:
             )
         for old in output_dir.glob("*.tfrecord"):
             old.unlink()
-        for name in (tfrecords.MANIFEST_JSON, SPLIT_MANIFEST_CSV, QUARANTINE_CSV):
+        for name in (tfrecords.MANIFEST_JSON, SPLIT_MANIFEST_CSV, QUARANTINE_CSV, dicom.SLICES_CSV):
             (output_dir / name).unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -368,7 +375,10 @@ def validate_and_split(
                 f"no valid images in {raw_dir}: all {len(rows)} files were quarantined (see {output_dir / QUARANTINE_CSV})"
             )
         class_names = _resolve_classes([row.label for row, _ in kept], classes)
-        result = _split_and_write(kept, class_names, split_config, files_dir, output_dir, pool)
+        slice_table = dicom.read_slice_table(raw_dir)
+        result = _split_and_write(
+            kept, class_names, split_config, files_dir, output_dir, pool, slice_table
+        )
     manifest = {**result, "quarantined": len(quarantined), "source": source_info}
     (output_dir / tfrecords.MANIFEST_JSON).write_text(json.dumps(manifest, indent=2) + "\n")
     counts = {name: info["class_counts"] for name, info in manifest["splits"].items()}
@@ -391,8 +401,10 @@ def _split_and_write(
     files_dir: Path,
     output_dir: Path,
     pool: ThreadPoolExecutor,
+    slice_table: dict[str, dict[str, str]],
 ) -> dict:
-    """Group, split, check the split is usable, write shards and split_manifest.csv."""
+    """Group, split, check the split is usable, write shards, split_manifest.csv and (for
+    DICOM) slices.csv. Images of one patient (slices.csv) are one group."""
     paths = [row.path for row, _ in kept]
     labels = [row.label for row, _ in kept]
     label_index = np.array([classes.index(label) for label in labels], dtype=np.int64)
@@ -402,6 +414,9 @@ def _split_and_write(
         [row.sha256 for row, _ in kept],
         np.array([check.phash for _, check in kept], dtype=np.uint64),
         split_config,
+    )
+    grouping = split.group_patients(
+        grouping, [slice_table.get(path, {}).get("patient", "") for path in paths]
     )
     assigned, split_info = split.split_by_duplicate_groups(
         grouping.group_of,
@@ -456,6 +471,9 @@ def _split_and_write(
                 )
             )
     _write_csv(output_dir / SPLIT_MANIFEST_CSV, SPLIT_MANIFEST_COLUMNS, sorted(manifest_rows))
+    kept_slices = [slice_table[path] for path in paths if path in slice_table]
+    if kept_slices:
+        dicom.write_slice_table(kept_slices, output_dir / dicom.SLICES_CSV)
     return {
         "classes": classes,
         "splits": splits_info,

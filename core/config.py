@@ -35,6 +35,27 @@ class PhantomConfig(_Section):
     lesion_scale: float = Field(1.0, gt=0, le=2)
 
 
+class DicomConfig(_Section):
+    """How DICOM becomes 8-bit slices, and the salt of the pseudonymous ids that replace PHI."""
+
+    # CT: Hounsfield units (RescaleSlope/Intercept) shown through this window (abdomen: 40/400).
+    window_center: float = 40.0
+    window_width: float = Field(400.0, gt=0)
+    # MR (and any other modality): scaled between these percentiles of the slice.
+    mr_percentiles: list[float] = Field(default_factory=lambda: [1.0, 99.0])
+    # Salt of the pseudonymous patient/study/site ids: this text, or the content of
+    # `pseudonym_salt_file` when set. Keep it secret and fixed, so the ids stay stable.
+    pseudonym_salt: str = ""
+    pseudonym_salt_file: str = ""
+
+    @field_validator("mr_percentiles")
+    @classmethod
+    def _percentiles_ordered(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("mr_percentiles must be two percentiles, low < high, within 0..100")
+        return value
+
+
 class DatasetConfig(_Section):
     """Where the images come from and how folder names map to labels."""
 
@@ -54,6 +75,16 @@ class DatasetConfig(_Section):
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)
     # Refuse archives that would unpack to more than this (zip bombs).
     max_archive_bytes: int = Field(20 * 2**30, ge=1)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    # A metadata table (CSV; a path inside the dataset root, or absolute) with one row per image:
+    # `metadata_path_column` holds the image's path (from the dataset root or its class folder)
+    # or file name. Its `metadata_patient_column` makes patients the split groups (pseudonymous
+    # ids, salted as DICOM ones); `metadata_columns` are kept as evaluation slices (site, ...).
+    # Other columns never leave ingest.
+    metadata_table: str = ""
+    metadata_path_column: str = "path"
+    metadata_patient_column: str = ""
+    metadata_columns: list[str] = Field(default_factory=list)
 
 
 class SplitConfig(_Section):
@@ -131,13 +162,17 @@ class GateRule(_Section):
 
     `metric` names a value of the evaluation (accuracy, macro_f1, macro_roc_auc, ece,
     recall:<class>, precision:<class>, f1:<class>, specificity:<class>). `bound` chooses the point
-    estimate or the bootstrap lower/upper confidence bound.
+    estimate or the bootstrap lower/upper confidence bound. With `per` (a slice column of the
+    evaluation: site, manufacturer, model, source_folder, a metadata-table column), the rule binds
+    the worst slice among those with at least `min_cases` test images.
     """
 
     metric: str
     op: Literal[">=", "<="] = ">="
     threshold: float
     bound: Literal["point", "lower", "upper"] = "point"
+    per: str = ""
+    min_cases: int = Field(0, ge=0)
 
 
 class ChampionRule(_Section):

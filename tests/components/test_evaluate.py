@@ -135,3 +135,29 @@ def test_metrics_and_plots_go_to_the_mlflow_run(model_and_split, tmp_path, mlflo
     assert "test_recall_tumor" in logged
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/reliability.png"} <= artifacts
+
+
+def test_a_split_with_slices_csv_is_evaluated_per_site_and_scanner(model_and_split, tmp_path):
+    import shutil
+
+    from tumorflow.components.dicom import SLICES_CSV, write_slice_table
+    from tumorflow.components.tfrecords import read_records
+
+    model_dir, split_dir = model_and_split
+    sliced = tmp_path / "split"
+    shutil.copytree(split_dir, sliced)
+    paths = [record.path for record in read_records(sliced, "test")]
+    write_slice_table(
+        [
+            {"path": p, "patient": f"patient-{i}", "site": f"site-{i % 2}", "manufacturer": "ACME"}
+            for i, p in enumerate(paths)
+        ],
+        sliced / SLICES_CSV,
+    )
+    metrics = evaluate_model(model_dir, sliced, tmp_path / "eval")
+    assert set(metrics["slices"]) == {"site", "manufacturer"}
+    assert {v: e["n"] for v, e in metrics["slices"]["site"].items()} == {"site-0": 6, "site-1": 6}
+    assert metrics["slices"]["manufacturer"]["ACME"]["accuracy"] == metrics["accuracy"]
+    with (tmp_path / "eval" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["slice:site"] for row in rows} == {"site-0", "site-1"}

@@ -217,3 +217,56 @@ def test_a_champion_scored_on_other_images_is_not_comparable():
     assert not decision.passed
     assert decision.rules[-1].name == "champion comparable"
     assert any("--override" in note for note in decision.notes)
+
+
+def _two_sites(good: int, bad: int, bad_accuracy: float) -> Predictions:
+    """Site A: `good` images scored well; site B: `bad` images scored at `bad_accuracy`."""
+    a, b = _predictions(good, 0.97, seed=1), _predictions(bad, bad_accuracy, seed=2)
+    return Predictions(
+        a.paths + [f"b{p}" for p in b.paths],
+        np.concatenate([a.y_true, b.y_true]),
+        np.concatenate([a.probs, b.probs]),
+        CLASSES,
+        {"site": ["site-a"] * good + ["site-b"] * bad},
+    )
+
+
+def test_a_per_site_rule_binds_the_worst_site_with_enough_cases():
+    rule = GateRule(metric="recall:tumor", threshold=0.85, per="site", min_cases=30)
+    gate = GateConfig(rules=[rule], champion_rules=[], bootstrap_resamples=200)
+    weak = _two_sites(200, 60, 0.5)
+    decision = evaluate_gate(_scored(weak), weak, gate, None)
+    assert not decision.passed
+    assert decision.rules[0].kind == "slice"
+    assert "site-b" in decision.rules[0].detail
+    assert decision.rules[0].value < 0.85
+    # the whole test set passes the same threshold: only the per-site view catches site B
+    assert _scored(weak)["per_class"]["tumor"]["recall"] > 0.8
+    # the same weak site under the case minimum is not bound
+    few = _two_sites(200, 20, 0.5)
+    assert evaluate_gate(_scored(few), few, gate, None).passed
+
+
+def test_the_gate_reports_counts_and_intervals_per_slice():
+    from tumorflow.components.gate_report import markdown_report
+
+    predictions = _two_sites(100, 40, 0.6)
+    gate = GateConfig(rules=[GateRule(metric="accuracy", threshold=0.5)], champion_rules=[])
+    decision = evaluate_gate(_scored(predictions), predictions, gate, None)
+    sites = decision.slices["site"]
+    assert {value: entry["n"] for value, entry in sites.items()} == {"site-a": 100, "site-b": 40}
+    low, high = sites["site-b"]["intervals"]["accuracy"]
+    assert low <= sites["site-b"]["values"]["accuracy"] <= high
+    assert sites["site-a"]["values"]["accuracy"] > sites["site-b"]["values"]["accuracy"]
+    report = markdown_report(decision)
+    assert "## Per site" in report
+    assert "| site-b | 40 |" in report
+
+
+def test_a_per_rule_on_a_missing_slice_column_names_the_ones_there():
+    predictions = _two_sites(40, 40, 0.9)
+    rule = GateRule(metric="accuracy", threshold=0.8, per="manufacturer")
+    with pytest.raises(GateError, match=r"no slice column 'manufacturer'.*site"):
+        evaluate_gate(
+            _scored(predictions), predictions, GateConfig(rules=[rule], champion_rules=[]), None
+        )

@@ -165,3 +165,21 @@ def test_predictions_round_trip_and_reorder_by_class(tmp_path):
     np.testing.assert_allclose(swapped.probs, written.probs[:, ::-1])
     with pytest.raises(ModelError, match="p_c"):
         read_predictions(tmp_path / "predictions.csv", ["a", "c"])
+
+
+def test_per_slice_metrics_count_images_and_leave_undefined_ones_out(tmp_path):
+    from tumorflow.components.metrics import Predictions, metrics_per_slice, read_predictions
+
+    y = np.array([0, 1, 1, 0, 0, 0])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4], [0.8, 0.2], [0.3, 0.7]])
+    predictions = Predictions(
+        [f"i{k}" for k in range(6)], y, probs, ["normal", "tumor"], {"site": ["a"] * 3 + ["b"] * 3}
+    )
+    report = metrics_per_slice(predictions)["site"]
+    assert report["a"]["n"] == 3 and report["b"]["n"] == 3
+    assert report["a"]["recall:tumor"] == 0.5
+    assert report["b"]["accuracy"] == pytest.approx(2 / 3)
+    # site b has no tumor images: its tumor recall is undefined, not 0
+    assert "recall:tumor" not in report["b"]
+    predictions.write(tmp_path / "p.csv")
+    assert read_predictions(tmp_path / "p.csv").slices == predictions.slices

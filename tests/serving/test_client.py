@@ -71,3 +71,36 @@ def test_predict_with_an_unknown_model_reports_not_found(server, image_files, ca
     )
     assert code == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_predict_converts_dicom_client_side_with_the_training_decode(
+    server, tmp_path, capsys
+) -> None:
+    import numpy as np
+    from dicom_fixtures import ct_phantom, write_dicom
+
+    from tumorflow.components.dicom import dicom_to_png
+    from tumorflow.core.config import DicomConfig
+
+    single = write_dicom(tmp_path / "ct.dcm", ct_phantom(200, size=64))
+    frames = np.stack([ct_phantom(level, size=64, seed=1) for level in (0, 300)])
+    multi = write_dicom(tmp_path / "series" / "IM0001", frames)  # no extension, as in a series
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"not dicom at all")
+    png = tmp_path / "ct.png"
+    (png_bytes,) = dicom_to_png(single, DicomConfig())
+    png.write_bytes(png_bytes)
+    argv = ["predict", "--server", f"127.0.0.1:{server.grpc_port}", "--model_name", "tumor"]
+    code = main([*argv, str(single), str(multi), str(broken), str(png)])
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert code == 2
+    assert [line.split(": ")[0] for line in lines] == [
+        str(single),
+        f"{multi}#0",
+        f"{multi}#1",
+        str(png),
+    ]
+    # the DICOM and the PNG its decode makes get the very same answer
+    assert lines[0].split(": ", 1)[1] == lines[3].split(": ", 1)[1]
+    assert f"{broken}: error: not a DICOM file" in captured.err
