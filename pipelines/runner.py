@@ -442,6 +442,12 @@ def compile_pipeline(
             container = executor.get("container", {})
             if container.get("image") == steps.PROJECT_IMAGE:
                 container["image"] = image
+        # A multi-worker training job names the image in its worker pools (pipelines/distributed.py).
+        for component in spec["components"].values():
+            pools = component.get("inputDefinitions", {}).get("parameters", {})
+            for pool in pools.get("worker_pool_specs", {}).get("defaultValue", []):
+                if pool["container_spec"].get("image_uri") == steps.PROJECT_IMAGE:
+                    pool["container_spec"]["image_uri"] = image
         output.write_text(yaml.safe_dump_all([spec, *platform], sort_keys=False))
     return output
 

@@ -106,6 +106,9 @@ def test_compile_lays_the_training_out_as_the_config_says(tmp_path):
     pools = train["worker_pool_specs"]["defaultValue"]
     assert [pool["replica_count"] for pool in pools] == [1, 1]
     assert pools[0]["machine_spec"]["machine_type"] == "g2-standard-8"
+    assert {pool["container_spec"]["image_uri"] for pool in pools} == {
+        "example.com/tumorflow-python:1"
+    }
     evaluate = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]
     assert evaluate["image"] == "example.com/tumorflow-python:1"
 
