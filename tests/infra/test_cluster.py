@@ -99,6 +99,7 @@ def mlflow_objects(monkeypatch) -> dict:
     for kind, model in {
         "StatefulSet": "V1StatefulSet",
         "Namespace": "V1Namespace",
+        "NetworkPolicy": "V1NetworkPolicy",
     }.items():
         monkeypatch.setitem(MODELS, kind, model)
     return by_name(render(INFRA / "k8s" / "mlflow"))

@@ -34,7 +34,7 @@ def _engine() -> list[str] | None:
         and subprocess.run([docker, "info"], capture_output=True, check=False).returncode == 0
     ):
         return ["docker"]
-    for name in ("podman", "buildah"):
+    for name in ("buildah", "podman"):
         if shutil.which(name):
             return [name]
     return None
