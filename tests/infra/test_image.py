@@ -24,6 +24,10 @@ pytestmark = [pytest.mark.image, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/tumorflow-python:test"
 BUCKET = "bucket"
+# Where the phantom puts its class folders (the Kaggle kidney CT layout; core/presets/phantom.yaml).
+PHANTOM_SUBDIR = (
+    "CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone/CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone"
+)
 STEPS = ("dataset-version", "download", "validate-and-split", "train")
 
 
@@ -115,19 +119,19 @@ def _executor_input(
 ) -> dict:
     """What the launcher passes as `{{$}}`: the task's inputs resolved, its outputs placed."""
     parameters, artifacts = {}, {}
-    for name, spec in task.get("inputs", {}).get("parameters", {}).items():
+    for key, spec in task.get("inputs", {}).get("parameters", {}).items():
         if "componentInputParameter" in spec:
-            parameters[name] = defaults[spec["componentInputParameter"]]
+            parameters[key] = defaults[spec["componentInputParameter"]]
         elif "runtimeValue" in spec:
-            parameters[name] = spec["runtimeValue"]["constant"]
+            parameters[key] = spec["runtimeValue"]["constant"]
         else:
             producer = spec["taskOutputParameter"]
-            parameters[name] = outputs[producer["producerTask"]]["parameters"][
+            parameters[key] = outputs[producer["producerTask"]]["parameters"][
                 producer["outputParameterKey"]
             ]
-    for name, spec in task.get("inputs", {}).get("artifacts", {}).items():
+    for key, spec in task.get("inputs", {}).get("artifacts", {}).items():
         producer = spec["taskOutputArtifact"]
-        artifacts[name] = {
+        artifacts[key] = {
             "artifacts": outputs[producer["producerTask"]]["artifacts"][
                 producer["outputArtifactKey"]
             ]
@@ -138,21 +142,21 @@ def _executor_input(
         "inputs": {"parameterValues": parameters, "artifacts": artifacts},
         "outputs": {
             "artifacts": {
-                name: {
+                key: {
                     "artifacts": [
                         {
-                            "name": name,
+                            "name": key,
                             "type": {"schemaTitle": spec["artifactType"]["schemaTitle"]},
-                            "uri": f"gs://{BUCKET}/{base}/{name}",
+                            "uri": f"gs://{BUCKET}/{base}/{key}",
                             "metadata": {},
                         }
                     ]
                 }
-                for name, spec in output_spec.get("artifacts", {}).items()
+                for key, spec in output_spec.get("artifacts", {}).items()
             },
             "parameters": {
-                name: {"outputFile": f"/gcs/{BUCKET}/{base}/{name}"}
-                for name in output_spec.get("parameters", {})
+                key: {"outputFile": f"/gcs/{BUCKET}/{base}/{key}"}
+                for key in output_spec.get("parameters", {})
             },
             "outputFile": f"/gcs/{BUCKET}/{base}/executor_output.json",
         },
@@ -179,7 +183,11 @@ def _recorded_outputs(gcs: Path, run: str, name: str, executor_input: dict) -> d
 def test_compiled_steps_run_in_the_image_as_the_launcher_runs_them(engine, image, tmp_path):
     config = PipelineConfig.model_validate(
         {
-            "dataset": {"source": "phantom", "phantom": {"per_class": 8, "size": 48}},
+            "dataset": {
+                "source": "phantom",
+                "subdir": PHANTOM_SUBDIR,
+                "phantom": {"per_class": 8, "size": 48},
+            },
             "train": {
                 "image_size": 32,
                 "batch_size": 8,
