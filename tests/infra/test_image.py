@@ -186,7 +186,7 @@ def test_compiled_steps_run_in_the_image_as_the_launcher_runs_them(engine, image
             "dataset": {
                 "source": "phantom",
                 "subdir": PHANTOM_SUBDIR,
-                "phantom": {"per_class": 8, "size": 48},
+                "phantom": {"per_class": 24, "size": 48},
             },
             "train": {
                 "image_size": 32,
