@@ -8,7 +8,7 @@ LOCK := requirements.lock
 # The venv is rebuilt only when the lock or the project metadata changes.
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast lint format bench image clean
 
 setup: $(STAMP)
 
@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/tumorflow run --preset phantom
 
 test: setup lint
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not image"
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow"
@@ -42,6 +42,16 @@ format: setup
 bench: setup
 	$(BIN)/tumorflow bench input
 	$(BIN)/tumorflow bench serving
+
+# The production and -gpu images (infra/Dockerfile) with docker, podman or buildah, whichever is
+# present. IMAGE=REGISTRY/tumorflow-python:0.1.0 names them.
+IMAGE ?= localhost/tumorflow-python:0.1.0
+ENGINE := $(shell (docker info >/dev/null 2>&1 && echo docker) || command -v podman 2>/dev/null || command -v buildah 2>/dev/null)
+
+image:
+	@test -n "$(ENGINE)" || { echo "make image: no docker, podman or buildah on PATH"; exit 2; }
+	$(if $(findstring buildah,$(ENGINE)),$(ENGINE) bud,$(ENGINE) build) -f infra/Dockerfile --target production -t $(IMAGE) .
+	$(if $(findstring buildah,$(ENGINE)),$(ENGINE) bud,$(ENGINE) build) -f infra/Dockerfile --target gpu -t $(IMAGE)-gpu .
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""`tumorflow bench input|serving|split|explain`: benchmarks that print ratios against a baseline of the same run."""
+"""`tumorflow bench input|serving|split|explain|train`: benchmarks that print ratios against a baseline of the same run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ def _run_input(args: argparse.Namespace) -> int:
     from tumorflow.components import input_bench
 
     return input_bench.run(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from tumorflow.components import train_bench
+
+    return train_bench.run(args)
 
 
 def _run_serving(args: argparse.Namespace) -> int:
@@ -32,10 +38,11 @@ def _run_explain(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from tumorflow.components.input_bench import add_arguments as add_input_arguments
     from tumorflow.components.split_bench import add_arguments as add_split_arguments
+    from tumorflow.components.train_bench import add_arguments as add_train_arguments
     from tumorflow.serving.bench import add_arguments as add_serving_arguments
 
     parser = subparsers.add_parser(
-        "bench", help="measure the input pipeline, the server or duplicate grouping"
+        "bench", help="measure the input pipeline, training, the server or duplicate grouping"
     )
     which = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
     input_parser = which.add_parser(
@@ -43,6 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_input_arguments(input_parser)
     input_parser.set_defaults(handler=_run_input)
+    train_parser = which.add_parser(
+        "train", help="training images/s per replica count, with the scaling efficiency"
+    )
+    add_train_arguments(train_parser)
+    train_parser.set_defaults(handler=_run_train)
     serving_parser = which.add_parser(
         "serving", help="gRPC Predict vs in-process calls and a Flask baseline"
     )

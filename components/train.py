@@ -37,6 +37,7 @@ from tumorflow.components.checkpoints import (
     restore_callback_state,
     restore_checkpoint,
 )
+from tumorflow.components.distribute import training_distribution
 from tumorflow.components.input_pipeline import make_dataset
 from tumorflow.components.metrics import batch_metrics
 from tumorflow.components.progress import epoch_progress
@@ -327,7 +328,13 @@ def train_model(
             raise DatasetError(f"the {split} split of {split_dir} is empty; cannot train")
     image_size = config.image_size or default_image_size(config.backbone)
     policy = _resolve_mixed_precision(config.mixed_precision)
-    store = CheckpointStore(checkpoint_dir, model_fingerprint(config, image_size, classes, policy))
+    distribution = training_distribution()
+    store = distribution.checkpoint_store(
+        CheckpointStore(checkpoint_dir, model_fingerprint(config, image_size, classes, policy))
+    )
+    output_dir = distribution.output_dir(output_dir)
+    tracking_uri = tracking_uri if distribution.is_chief else None
+    batch_size = distribution.global_batch(config.batch_size)
     resume = store.latest()
     history: list[dict[str, Any]] = list(resume["history"]) if resume else []
     resumed_from = (resume["stage"], resume["epoch"]) if resume else None
@@ -336,20 +343,25 @@ def train_model(
 
     previous_policy = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy(policy)
+    # Model, optimizer and datasets are built in the strategy's scope (components/distribute.py).
+    strategy_scope = distribution.strategy.scope()
+    strategy_scope.__enter__()
     try:
         keras.utils.set_random_seed(config.seed)
-        train_ds = make_dataset(
-            split_dir,
-            "train",
-            image_size,
-            config.batch_size,
-            config.augment,
-            True,
-            config.seed,
-            config.grayscale,
+        train_ds = distribution.shard(
+            make_dataset(
+                split_dir,
+                "train",
+                image_size,
+                batch_size,
+                config.augment,
+                True,
+                config.seed,
+                config.grayscale,
+            )
         )
-        val_ds = make_dataset(
-            split_dir, "val", image_size, config.batch_size, None, False, 0, config.grayscale
+        val_ds = distribution.shard(
+            make_dataset(split_dir, "val", image_size, batch_size, None, False, 0, config.grayscale)
         )
         model, base = build_classifier(
             config.backbone,
@@ -385,7 +397,9 @@ def train_model(
             )
             _set_stage_trainable(model, base, config.backbone, stage, config.unfreeze_top_layers)
             model.compile(
-                optimizer=keras.optimizers.Adam(stage_config.learning_rate),
+                optimizer=keras.optimizers.Adam(
+                    distribution.learning_rate(stage_config.learning_rate)
+                ),
                 loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"],
             )
@@ -514,4 +528,5 @@ def train_model(
             resumed_from=resumed_from,
         )
     finally:
+        strategy_scope.__exit__(None, None, None)
         keras.mixed_precision.set_global_policy(previous_policy)

@@ -244,6 +244,12 @@ class RuntimeConfig(_Section):
     accelerator_count: int = Field(1, ge=0)
     train_cpu: str = "8"
     train_memory: str = "32G"
+    # Training replicas (machines): >1 runs training as a multi-worker Vertex AI custom job of
+    # `machine_type` machines, each with the accelerators above (pipelines/distributed.py).
+    workers: int = Field(1, ge=1)
+    machine_type: str = "g2-standard-8"
+    # Kubeflow on GKE: the training pod gets the GPU node pool's node selector and toleration.
+    gke_gpu_pool: bool = False
     # The bucket a cluster run keeps its models and checkpoints in, unless deploy.model_base_path
     # or checkpoint_root say otherwise.
     bucket: str = "gs://tumorflow-models"

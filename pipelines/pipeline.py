@@ -16,6 +16,7 @@ and runtime sections field by field, plus the run's `trigger_reason`.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import typing
@@ -24,8 +25,8 @@ from typing import Any
 
 from kfp import dsl
 
-from tumorflow.core.config import PipelineConfig
-from tumorflow.pipelines import steps
+from tumorflow.core.config import PipelineConfig, RuntimeConfig
+from tumorflow.pipelines import distributed, steps
 
 PIPELINE_NAME = "tumorflow-retrain"
 MONITOR_PIPELINE_NAME = "tumorflow-monitor"
@@ -39,11 +40,26 @@ WHOLE_SECTIONS = {
 }
 # Config sections whose fields are parameters of their own (the steps take single values).
 FIELD_SECTIONS = ("deploy", "tracking", "drift", "runtime")
-# Fields that are not run parameters: the image is fixed at compile time, the bucket only
-# resolves the cluster defaults, the request sample rate belongs to the server.
-NOT_PARAMETERS = frozenset({"runtime.image", "runtime.bucket", "drift.request_sample_rate"})
+# Fields that are not run parameters: the image and the training layout (workers, machine type)
+# are fixed at compile time, the bucket only resolves the cluster defaults, the request sample
+# rate belongs to the server.
+NOT_PARAMETERS = frozenset(
+    {
+        "runtime.image",
+        "runtime.bucket",
+        "runtime.workers",
+        "runtime.machine_type",
+        "runtime.gke_gpu_pool",
+        "drift.request_sample_rate",
+    }
+)
 # Parameters of one run that are not configuration.
 RUN_PARAMETERS = {"trigger_reason": ""}
+# The runtime section the retraining DAG is traced with: its training layout (workers, machine
+# type, GPU node pool) shapes the DAG, so it is fixed when the pipeline is compiled.
+_TRAINING_LAYOUT: contextvars.ContextVar[RuntimeConfig | None] = contextvars.ContextVar(
+    "training_layout", default=None
+)
 
 
 def pipeline_parameters(
@@ -158,21 +174,16 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     ).set_display_name("drift report")
     drift.set_caching_options(False)
 
-    training = (
-        steps.train(
-            split=split,
-            train_config=p["train_config"],
-            checkpoint_root=p["checkpoint_root"],
-            tracking_uri=p["tracking_uri"],
-            experiment=p["experiment"],
-        )
-        .set_display_name("two-stage fine-tuning")
-        .set_accelerator_type(p["accelerator_type"])
-        .set_accelerator_limit(p["accelerator_count"])
-        .set_cpu_limit(p["train_cpu"])
-        .set_memory_limit(p["train_memory"])
-        .set_retry(num_retries=2)
-    )
+    training = distributed.train_task(
+        steps.train,
+        _TRAINING_LAYOUT.get() or RuntimeConfig(),
+        p,
+        split=split,
+        train_config=p["train_config"],
+        checkpoint_root=p["checkpoint_root"],
+        tracking_uri=p["tracking_uri"],
+        experiment=p["experiment"],
+    ).set_display_name("two-stage fine-tuning")
     model = training.outputs["model"]
 
     evaluation = steps.evaluate(
@@ -219,6 +230,20 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
             tracking_uri=p["tracking_uri"],
             pipeline_run=pipeline_run,
         ).set_display_name("deploy to TF Serving").set_caching_options(False)
+
+
+def retrain_pipeline_for(runtime: RuntimeConfig) -> Any:
+    """The retraining pipeline with the training task laid out for `runtime`
+    (pipelines/distributed.py); the module's `retrain_pipeline` is the default layout's."""
+    if distributed.same_layout(runtime, RuntimeConfig()):
+        return retrain_pipeline
+    token = _TRAINING_LAYOUT.set(runtime)
+    try:
+        return dsl.pipeline(
+            name=PIPELINE_NAME, description=retrain_pipeline.component_spec.description
+        )(retrain_pipeline.pipeline_func)
+    finally:
+        _TRAINING_LAYOUT.reset(token)
 
 
 @dsl.pipeline(

@@ -417,12 +417,16 @@ def compile_pipeline(
     from kfp import compiler
 
     from tumorflow.pipelines import steps
-    from tumorflow.pipelines.pipeline import monitor_pipeline, pipeline_parameters, retrain_pipeline
+    from tumorflow.pipelines.pipeline import (
+        monitor_pipeline,
+        pipeline_parameters,
+        retrain_pipeline_for,
+    )
 
-    pipelines = {"retrain": retrain_pipeline, "monitor": monitor_pipeline}
+    config = config or PipelineConfig()
+    pipelines = {"retrain": retrain_pipeline_for(config.runtime), "monitor": monitor_pipeline}
     if pipeline not in pipelines:
         raise PipelineRunError(f"unknown pipeline {pipeline!r}: choose {' or '.join(pipelines)}")
-    config = config or PipelineConfig()
     defaults = pipeline_parameters(config, local=False, no_registry=no_registry)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(
@@ -432,12 +436,19 @@ def compile_pipeline(
     if image != steps.PROJECT_IMAGE:
         # The steps are declared once with the config's default image; a configured one
         # replaces it in the compiled executors.
-        spec = yaml.safe_load(output.read_text())
+        # A second document (kfp-kubernetes' platform spec) follows when runtime.gke_gpu_pool.
+        spec, *platform = yaml.safe_load_all(output.read_text())
         for executor in spec["deploymentSpec"]["executors"].values():
             container = executor.get("container", {})
             if container.get("image") == steps.PROJECT_IMAGE:
                 container["image"] = image
-        output.write_text(yaml.safe_dump(spec, sort_keys=False))
+        # A multi-worker training job names the image in its worker pools (pipelines/distributed.py).
+        for component in spec["components"].values():
+            pools = component.get("inputDefinitions", {}).get("parameters", {})
+            for pool in pools.get("worker_pool_specs", {}).get("defaultValue", []):
+                if pool["container_spec"].get("image_uri") == steps.PROJECT_IMAGE:
+                    pool["container_spec"]["image_uri"] = image
+        output.write_text(yaml.safe_dump_all([spec, *platform], sort_keys=False))
     return output
 
 

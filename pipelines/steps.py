@@ -118,7 +118,8 @@ def train(
         experiment=experiment,
         run_tags={"tumorflow.dataset_version": split.metadata.get("dataset_version", "")},
     )
-    model.metadata.update({**result.summary(), **export_model_artifact(Path(model.path))})
+    # A non-chief worker of a multi-worker job trained into a scratch folder (distribute.py).
+    model.metadata.update({**result.summary(), **export_model_artifact(result.model_dir)})
 
 
 @component

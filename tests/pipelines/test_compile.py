@@ -85,6 +85,9 @@ def test_the_parameters_are_the_config_model_once(spec):
             if f"{section}.{field}" not in {
                 "runtime.image",
                 "runtime.bucket",
+                "runtime.workers",
+                "runtime.machine_type",
+                "runtime.gke_gpu_pool",
                 "drift.request_sample_rate",
             }:
                 assert field in parameters, f"{section}.{field}"

@@ -1,0 +1,130 @@
+"""The cluster around the pipeline: Terraform (parsed with python-hcl2) for the GKE cluster, its
+CPU and GPU pools and the buckets, and the MLflow manifests rendered and checked against the
+Kubernetes API models, consistent with what the compiled training task asks for."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tumorflow.core.config import RuntimeConfig
+from tumorflow.pipelines import distributed
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+
+# The kustomize renderer and API-model check of the TF Serving manifests' tests, reused.
+_spec = importlib.util.spec_from_file_location(
+    "k8s_manifests_checks", Path(__file__).with_name("test_k8s_manifests.py")
+)
+_checks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_checks)
+MODELS, by_name, render = _checks.MODELS, _checks.by_name, _checks.render
+
+
+def _plain(value):
+    """python-hcl2's tree without its markers: string keys and values unquoted."""
+    if isinstance(value, dict):
+        return {
+            key.strip('"'): _plain(item)
+            for key, item in value.items()
+            if key not in ("__is_block__", "__comments__")
+        }
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, str) and len(value) > 1 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+@pytest.fixture(scope="module")
+def terraform() -> dict:
+    hcl2 = pytest.importorskip("hcl2")
+    merged: dict = {"resource": {}, "variable": {}, "output": {}}
+    for path in sorted((INFRA / "terraform").glob("*.tf")):
+        parsed = _plain(hcl2.loads(path.read_text()))
+        for block in parsed.get("resource", []):
+            for kind, items in block.items():
+                merged["resource"].setdefault(kind, {}).update(items)
+        for key in ("variable", "output"):
+            for block in parsed.get(key, []):
+                merged[key].update(block)
+    return merged
+
+
+def test_gpu_pool_scales_from_zero_tainted_for_the_training_task(terraform):
+    gpu = terraform["resource"]["google_container_node_pool"]["gpu"]
+    (autoscaling,) = gpu["autoscaling"]
+    assert autoscaling["min_node_count"] == 0 and gpu["initial_node_count"] == 0
+    (node,) = gpu["node_config"]
+    (taint,) = node["taint"]
+    assert taint["key"] == distributed.GPU_TAINT_KEY
+    assert taint["value"] == distributed.GPU_TAINT_VALUE
+    assert taint["effect"] == "NO_SCHEDULE"
+    (accelerator,) = node["guest_accelerator"]
+    assert accelerator["type"] == "${var.gpu_type}"
+    # the default GPU is the one the pipeline's default runtime asks for
+    default_gpu = terraform["variable"]["gpu_type"]["default"]
+    assert default_gpu == distributed.gke_accelerator(RuntimeConfig().accelerator_type)
+    assert terraform["variable"]["gpu_machine_type"]["default"] == (RuntimeConfig().machine_type)
+
+
+def test_cluster_has_workload_identity_and_both_pools_use_it(terraform):
+    cluster = terraform["resource"]["google_container_cluster"]["tumorflow"]
+    (identity,) = cluster["workload_identity_config"]
+    assert identity["workload_pool"] == "${var.project_id}.svc.id.goog"
+    pools = terraform["resource"]["google_container_node_pool"]
+    assert set(pools) == {"cpu", "gpu"}
+    for pool in pools.values():
+        (node,) = pool["node_config"]
+        assert node["workload_metadata_config"] == [{"mode": "GKE_METADATA"}]
+    members = terraform["resource"]["google_service_account_iam_member"]
+    bound = str(members)
+    assert "mlflow/mlflow" in bound and "default/tumorflow-serving" in bound
+
+
+def test_buckets_are_private_and_serving_only_reads(terraform):
+    buckets = terraform["resource"]["google_storage_bucket"]
+    assert set(buckets) == {"models", "mlflow"}
+    for bucket in buckets.values():
+        assert bucket["public_access_prevention"] == "enforced"
+        assert bucket["uniform_bucket_level_access"] is True
+    grants = terraform["resource"]["google_storage_bucket_iam_member"]
+    assert grants["serving_models"]["role"] == "roles/storage.objectViewer"
+
+
+@pytest.fixture()
+def mlflow_objects(monkeypatch) -> dict:
+    for kind, model in {
+        "StatefulSet": "V1StatefulSet",
+        "Namespace": "V1Namespace",
+        "NetworkPolicy": "V1NetworkPolicy",
+    }.items():
+        monkeypatch.setitem(MODELS, kind, model)
+    return by_name(render(INFRA / "k8s" / "mlflow"))
+
+
+def test_mlflow_server_uses_postgres_and_a_gcs_artifact_root(mlflow_objects):
+    deployment = mlflow_objects["Deployment/mlflow"]
+    (container,) = deployment.spec.template.spec.containers
+    assert container.image == "REGISTRY/mlflow-gcs:3.17.2"
+    args = dict(arg.removeprefix("--").split("=", 1) for arg in container.args)
+    assert args["backend-store-uri"].startswith("postgresql://")
+    assert args["default-artifact-root"] == "$(ARTIFACT_ROOT)"
+    settings = mlflow_objects["ConfigMap/mlflow-settings"].data
+    assert settings["artifact_root"].startswith("gs://")
+    service = mlflow_objects["Service/mlflow"]
+    assert service.spec.ports[0].port == 5000
+    assert service.spec.selector == deployment.spec.template.metadata.labels
+    postgres = mlflow_objects["StatefulSet/mlflow-postgres"]
+    (db,) = postgres.spec.template.spec.containers
+    password = next(var for var in db.env if var.name == "POSTGRES_PASSWORD")
+    assert password.value_from.secret_key_ref.name == "mlflow-postgres"
+    assert mlflow_objects["Service/mlflow-postgres"].spec.selector == (
+        postgres.spec.template.metadata.labels
+    )
+    assert deployment.spec.template.spec.service_account_name == "mlflow"
+    assert all(
+        o.metadata.namespace == "mlflow" for k, o in mlflow_objects.items() if "Namespace/" not in k
+    )
