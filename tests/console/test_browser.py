@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +46,8 @@ def browser(tmp_path):
         service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options
     )
     driver.set_page_load_timeout(60)
+    # elements of the page a click leads to are looked for until they appear (a loaded machine)
+    driver.implicitly_wait(10)
     yield driver
     driver.quit()
 
@@ -184,7 +186,15 @@ def test_rollback_from_the_models_page_moves_the_served_label(
     browser.save_screenshot(str(screenshots / "rollback-confirm.png"))
     browser.find_element(By.ID, "reason").send_keys("version 2 misses stones")
     browser.find_element(By.ID, "confirm-button").click()
-    assert browser.current_url.endswith("/models")
+    # the page after the POST: wait for it rather than read the one still showing
+    wait_until(
+        lambda: (
+            browser.current_url.endswith("/models")
+            and browser.find_elements(By.CSS_SELECTOR, ".label-stable")
+        ),
+        30,
+        "the Models page after the rollback",
+    )
     assert browser.find_element(By.CSS_SELECTOR, ".label-stable").text == "1"
     assert serving_layout.serving_labels(str(base), model)[0]["stable"] == 1
     assert "version 2 misses stones" in browser.page_source
