@@ -179,3 +179,25 @@ def write_hostile_name_corpus(
                 handle.write(encode(draw_synthetic_scan(rng, index, len(classes), size)))
         written[name] = list(HOSTILE_NAMES)
     return written
+
+
+# A training run in a child process whose epochs end slowly, so a test can kill it after its
+# first checkpoint: argv = split dir, work dir, TrainConfig JSON, seconds per epoch end.
+SLOW_TRAINING_CHILD = """
+from pathlib import Path
+from tumorflow.components import train
+from tumorflow.core.config import TrainConfig
+
+original = train._stage_callback_class
+def slow_callback_class():
+    base = original()
+    class Slow(base):
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            time.sleep(float(sys.argv[4]))
+    return Slow
+train._stage_callback_class = slow_callback_class
+config = TrainConfig.model_validate_json(sys.argv[3])
+work = Path(sys.argv[2])
+result = train.train_model(Path(sys.argv[1]), work / "model", config, work / "ckpt")
+"""

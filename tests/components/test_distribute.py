@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_until, write_synthetic_split
+from helpers import SLOW_TRAINING_CHILD, free_port, wait_until, write_synthetic_split
 
 from tumorflow.components.checkpoints import LATEST
 from tumorflow.components.distribute import cluster_from_environment, scaled_batch_and_rate
@@ -69,7 +69,8 @@ def test_batch_and_learning_rate_scale_linearly_with_replicas():
     assert batch == 64 and rate == pytest.approx(4e-3)
 
 
-_CHILD = """
+_CHILD = (
+    """
 import json, logging, sys, time
 logging.basicConfig(level=logging.INFO)
 import tensorflow as tf
@@ -79,24 +80,11 @@ if devices > 1:
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * devices
     )
-from pathlib import Path
-from tumorflow.components import train
-from tumorflow.core.config import TrainConfig
-
-original = train._stage_callback_class
-def slow_callback_class():
-    base = original()
-    class Slow(base):
-        def on_epoch_end(self, epoch, logs=None):
-            super().on_epoch_end(epoch, logs)
-            time.sleep(float(sys.argv[4]))
-    return Slow
-train._stage_callback_class = slow_callback_class
-config = TrainConfig.model_validate_json(sys.argv[3])
-work = Path(sys.argv[2])
-result = train.train_model(Path(sys.argv[1]), work / "model", config, work / "ckpt")
-print("RESULT " + json.dumps(result.summary()), flush=True)
 """
+    + SLOW_TRAINING_CHILD
+    + """print("RESULT " + json.dumps(result.summary()), flush=True)
+"""
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import wait_until, write_synthetic_split
+from helpers import SLOW_TRAINING_CHILD, wait_until, write_synthetic_split
 
 from tumorflow.components.backbones import build_classifier
 from tumorflow.components.checkpoints import LATEST
@@ -93,25 +93,13 @@ def test_two_stages_write_the_model_folder_and_a_rerun_resumes(split_dir, tmp_pa
     )
 
 
-_CHILD = """
+_CHILD = (
+    """
 import logging, sys, time
 logging.basicConfig(level=logging.INFO)
-from pathlib import Path
-from tumorflow.components import train
-from tumorflow.core.config import TrainConfig
-
-original = train._stage_callback_class
-def slow_callback_class():
-    base = original()
-    class Slow(base):
-        def on_epoch_end(self, epoch, logs=None):
-            super().on_epoch_end(epoch, logs)
-            time.sleep(float(sys.argv[4]))
-    return Slow
-train._stage_callback_class = slow_callback_class
-config = TrainConfig.model_validate_json(sys.argv[3])
-train.train_model(Path(sys.argv[1]), Path(sys.argv[2]) / "model", config, Path(sys.argv[2]) / "ckpt")
 """
+    + SLOW_TRAINING_CHILD
+)
 
 
 def _train_in_subprocess(split_dir: Path, workdir: Path, config: TrainConfig, pause: float):
