@@ -40,10 +40,6 @@ class DeployRefused(TumorflowError):
     """The model may not be deployed: the gate failed or approval was not given."""
 
 
-# Model-version tag: the `saved_model_sha256` of the published SavedModel.
-TAG_SERVING_DIGEST = "serving_digest"
-
-
 @dataclass(frozen=True)
 class DeployResult:
     """The served version: the new one, or (`deployed` False) the stable one it would repeat."""
@@ -239,7 +235,7 @@ def deploy_model(
                 "pipeline_run": pipeline_run,
                 "gate_passed": bool(decision["passed"]),
                 "deployed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                TAG_SERVING_DIGEST: digest,
+                registry.TAG_SERVING_DIGEST: digest,
             },
         )
         if drift_reference is not None:
@@ -276,7 +272,7 @@ def deploy_model(
             else str(Path(path).resolve()),
             registry.TAG_GATE_PASSED: str(bool(decision["passed"])).lower(),
             registry.TAG_PIPELINE_RUN: pipeline_run,
-            TAG_SERVING_DIGEST: digest,
+            registry.TAG_SERVING_DIGEST: digest,
         }
         if approval is not None:
             tags.update(approval_tags(approval))

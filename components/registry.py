@@ -32,6 +32,8 @@ TAG_PIPELINE_RUN = "tumorflow.pipeline_run"
 TAG_GATE_PASSED = "gate.passed"
 TAG_SERVING_VERSION = "serving_version"
 TAG_SERVING_PATH = "serving_path"
+# The `saved_model_sha256` of the published SavedModel.
+TAG_SERVING_DIGEST = "serving_digest"
 # Why the run that made this version started (a drift alarm, a schedule); empty: by hand.
 TAG_TRIGGER_REASON = "tumorflow.trigger_reason"
 # Which approval policy a version's approval obeyed ("manual") and where it came from.
