@@ -244,8 +244,11 @@ class RuntimeConfig(_Section):
     accelerator_count: int = Field(1, ge=0)
     train_cpu: str = "8"
     train_memory: str = "32G"
-    # Training replicas (machines): >1 runs training as a multi-worker Vertex AI custom job of
-    # `machine_type` machines, each with the accelerators above (pipelines/distributed.py).
+    # Where the compiled pipeline runs: Vertex AI Pipelines, or Kubeflow Pipelines (on GKE).
+    target: Literal["vertex", "kubeflow"] = "vertex"
+    # Training replicas (machines): >1 runs training as a multi-worker job, each replica with the
+    # accelerators above: on Vertex AI a custom job of `machine_type` machines, on Kubeflow a
+    # Training Operator TFJob (pipelines/distributed.py).
     workers: int = Field(1, ge=1)
     machine_type: str = "g2-standard-8"
     # Kubeflow on GKE: the training pod gets the GPU node pool's node selector and toleration.

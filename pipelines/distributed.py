@@ -1,16 +1,23 @@
-"""The training task on a cluster: one GPU task, or a multi-worker Vertex AI custom job.
+"""The training task on a cluster: one GPU task, or a multi-worker job.
 
 `runtime.workers == 1`: today's single task with its accelerator, CPU and memory limits; with
 `runtime.gke_gpu_pool`, plus the GKE GPU node pool's node selector and toleration (kfp-kubernetes)
 so Kubeflow schedules it there (the compiled YAML then holds a second, platform document).
-`runtime.workers > 1`: the same component run as a Vertex AI custom training job
-(google-cloud-pipeline-components) with worker pools: worker pool 0 the chief, pool 1 the other
-`workers - 1` replicas, each with `machine_type` and its accelerators; Vertex sets TF_CONFIG /
-CLUSTER_SPEC on each and training picks MultiWorkerMirroredStrategy (components/distribute.py).
+`runtime.workers > 1`, by `runtime.target`:
+- `vertex`: the same component run as a Vertex AI custom training job
+  (google-cloud-pipeline-components) with worker pools: worker pool 0 the chief, pool 1 the other
+  `workers - 1` replicas, each with `machine_type` and its accelerators; Vertex sets TF_CONFIG /
+  CLUSTER_SPEC on each.
+- `kubeflow`: a launcher task that runs the same component as a Kubeflow Training Operator TFJob
+  (pipelines/tfjob.py): one Chief and `workers - 1` Workers, each with the task's accelerators,
+  CPU and memory and, with `gke_gpu_pool`, the GPU pool's node selector and toleration; the
+  operator sets TF_CONFIG.
+Either way training picks MultiWorkerMirroredStrategy from it (components/distribute.py).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from tumorflow.core.config import RuntimeConfig
@@ -23,7 +30,9 @@ GPU_TAINT_VALUE = "present"
 
 
 # The runtime fields that shape the training task (the others are run parameters).
-LAYOUT_FIELDS = frozenset({"workers", "machine_type", "gke_gpu_pool", "accelerator_type"})
+LAYOUT_FIELDS = frozenset(
+    {"target", "workers", "machine_type", "gke_gpu_pool", "accelerator_type", "image"}
+)
 
 
 def same_layout(a: RuntimeConfig, b: RuntimeConfig) -> bool:
@@ -31,13 +40,48 @@ def same_layout(a: RuntimeConfig, b: RuntimeConfig) -> bool:
     return a.model_dump(include=LAYOUT_FIELDS) == b.model_dump(include=LAYOUT_FIELDS)
 
 
+def in_image(component: Any, image: str) -> Any:
+    """`component` (declared in the default image, pipelines/steps.py) running in `image`: the
+    compiled executor, a Vertex worker pool or a TFJob then names that image."""
+    if component.component_spec.implementation.container.image == image:
+        return component
+    spec = copy.deepcopy(component.component_spec)
+    spec.implementation.container.image = image
+    relabelled = copy.copy(component)
+    relabelled.component_spec = spec
+    return relabelled
+
+
 def gke_accelerator(accelerator_type: str) -> str:
     """The GKE node label value of a Vertex AI accelerator name: NVIDIA_L4 -> nvidia-l4."""
     return accelerator_type.lower().replace("_", "-")
 
 
+def gpu_pool_placement(runtime: RuntimeConfig) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The GKE GPU node pool's node selector and tolerations for `runtime` (none without
+    `gke_gpu_pool` or without accelerators)."""
+    if not (runtime.gke_gpu_pool and runtime.accelerator_count):
+        return {}, []
+    return (
+        {GKE_ACCELERATOR_LABEL: gke_accelerator(runtime.accelerator_type)},
+        [
+            {
+                "key": GPU_TAINT_KEY,
+                "operator": "Equal",
+                "value": GPU_TAINT_VALUE,
+                "effect": "NoSchedule",
+            }
+        ],
+    )
+
+
 def train_task(component: Any, runtime: RuntimeConfig, p: dict[str, Any], **inputs: Any) -> Any:
     """The pipeline's training task for `runtime` (module docstring); `p` the run parameters."""
+    node_selector, tolerations = gpu_pool_placement(runtime)
+    if runtime.workers > 1 and runtime.target == "kubeflow":
+        from tumorflow.pipelines.tfjob import tfjob_train_task
+
+        return tfjob_train_task(component, runtime, p, node_selector, tolerations, **inputs)
     if runtime.workers > 1:
         from google_cloud_pipeline_components.v1.custom_job import (
             create_custom_training_job_from_component,
@@ -64,11 +108,8 @@ def train_task(component: Any, runtime: RuntimeConfig, p: dict[str, Any], **inpu
         .set_memory_limit(p["train_memory"])
         .set_retry(num_retries=2)
     )
-    if runtime.gke_gpu_pool and runtime.accelerator_count:
-        kubernetes.add_node_selector(
-            task, GKE_ACCELERATOR_LABEL, gke_accelerator(runtime.accelerator_type)
-        )
-        kubernetes.add_toleration(
-            task, key=GPU_TAINT_KEY, operator="Equal", value=GPU_TAINT_VALUE, effect="NoSchedule"
-        )
+    for key, value in node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
+    for toleration in tolerations:
+        kubernetes.add_toleration(task, **toleration)
     return task

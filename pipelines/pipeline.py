@@ -40,13 +40,14 @@ WHOLE_SECTIONS = {
 }
 # Config sections whose fields are parameters of their own (the steps take single values).
 FIELD_SECTIONS = ("deploy", "tracking", "drift", "runtime")
-# Fields that are not run parameters: the image and the training layout (workers, machine type)
-# are fixed at compile time, the bucket only resolves the cluster defaults, the request sample
+# Fields that are not run parameters: the image and the training layout (target, workers, machine
+# type) are fixed at compile time, the bucket only resolves the cluster defaults, the request sample
 # rate belongs to the server.
 NOT_PARAMETERS = frozenset(
     {
         "runtime.image",
         "runtime.bucket",
+        "runtime.target",
         "runtime.workers",
         "runtime.machine_type",
         "runtime.gke_gpu_pool",
@@ -55,11 +56,25 @@ NOT_PARAMETERS = frozenset(
 )
 # Parameters of one run that are not configuration.
 RUN_PARAMETERS = {"trigger_reason": ""}
-# The runtime section the retraining DAG is traced with: its training layout (workers, machine
-# type, GPU node pool) shapes the DAG, so it is fixed when the pipeline is compiled.
+# The runtime section the DAGs are traced with: its image and training layout (target, workers,
+# machine type, GPU node pool) shape the DAG, so they are fixed when the pipeline is compiled.
 _TRAINING_LAYOUT: contextvars.ContextVar[RuntimeConfig | None] = contextvars.ContextVar(
     "training_layout", default=None
 )
+
+
+# The retraining pipeline the monitoring pipeline nests, traced for the same runtime.
+_NESTED_RETRAIN: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "nested_retrain", default=None
+)
+
+
+def _runtime() -> RuntimeConfig:
+    return _TRAINING_LAYOUT.get() or RuntimeConfig()
+
+
+def _in_image(component: Any) -> Any:
+    return distributed.in_image(component, _runtime().image)
 
 
 def pipeline_parameters(
@@ -151,21 +166,23 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     # Names this run in MLflow tags and `tumorflow approve RUN`; resolved by the backend. Only
     # the uncached steps (approval, deploy) take it.
     pipeline_run = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-    version = steps.dataset_version(dataset=p["dataset"]).set_display_name("dataset version")
+    version = _in_image(steps.dataset_version)(dataset=p["dataset"]).set_display_name(
+        "dataset version"
+    )
     version.set_caching_options(False)
-    fetched = steps.download(
+    fetched = _in_image(steps.download)(
         dataset=p["dataset"],
         fingerprint=version.outputs["fingerprint"],
         source=version.outputs["source"],
         detail=version.outputs["detail"],
     ).set_display_name("download")
 
-    splitting = steps.validate_and_split(
+    splitting = _in_image(steps.validate_and_split)(
         raw=fetched.outputs["raw"], split_config=p["split_config"], dataset=p["dataset"]
     ).set_display_name("validate & split")
     split = splitting.outputs["split"]
 
-    drift = steps.drift_report(
+    drift = _in_image(steps.drift_report)(
         split=split,
         model_base_path=p["model_base_path"],
         model_name=p["model_name"],
@@ -175,8 +192,8 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     drift.set_caching_options(False)
 
     training = distributed.train_task(
-        steps.train,
-        _TRAINING_LAYOUT.get() or RuntimeConfig(),
+        _in_image(steps.train),
+        _runtime(),
         p,
         split=split,
         train_config=p["train_config"],
@@ -186,16 +203,16 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     ).set_display_name("two-stage fine-tuning")
     model = training.outputs["model"]
 
-    evaluation = steps.evaluate(
+    evaluation = _in_image(steps.evaluate)(
         model=model, split=split, tracking_uri=p["tracking_uri"], dataset=p["dataset"]
     )
     evaluation.set_display_name("evaluate")
 
-    reference = steps.drift_reference(
+    reference = _in_image(steps.drift_reference)(
         split=split, model=model, embedding_components=p["embedding_components"]
     ).set_display_name("drift reference")
 
-    gating = steps.gate(
+    gating = _in_image(steps.gate)(
         evaluation=evaluation.outputs["evaluation"],
         split=split,
         gate_config=p["gate_config"],
@@ -205,7 +222,7 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     ).set_display_name("gate: thresholds + champion/challenger")
     gating.set_caching_options(False)
 
-    approving = steps.approval(
+    approving = _in_image(steps.approval)(
         decision=gating.outputs["decision"],
         model=model,
         gate_config=p["gate_config"],
@@ -218,7 +235,7 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     approving.set_caching_options(False)
 
     with dsl.If(approving.outputs["Output"] == True, name="approved"):  # noqa: E712
-        steps.deploy(
+        _in_image(steps.deploy)(
             model=model,
             decision=gating.outputs["decision"],
             record=approving.outputs["record"],
@@ -232,18 +249,23 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
         ).set_display_name("deploy to TF Serving").set_caching_options(False)
 
 
-def retrain_pipeline_for(runtime: RuntimeConfig) -> Any:
-    """The retraining pipeline with the training task laid out for `runtime`
-    (pipelines/distributed.py); the module's `retrain_pipeline` is the default layout's."""
-    if distributed.same_layout(runtime, RuntimeConfig()):
-        return retrain_pipeline
+def _traced_for(runtime: RuntimeConfig, pipeline: Any) -> Any:
+    """`pipeline` traced again with `runtime`'s image and training layout."""
     token = _TRAINING_LAYOUT.set(runtime)
     try:
-        return dsl.pipeline(
-            name=PIPELINE_NAME, description=retrain_pipeline.component_spec.description
-        )(retrain_pipeline.pipeline_func)
+        return dsl.pipeline(name=pipeline.name, description=pipeline.component_spec.description)(
+            pipeline.pipeline_func
+        )
     finally:
         _TRAINING_LAYOUT.reset(token)
+
+
+def retrain_pipeline_for(runtime: RuntimeConfig) -> Any:
+    """The retraining pipeline with its steps in `runtime.image` and the training task laid out
+    for `runtime` (pipelines/distributed.py); the module's `retrain_pipeline` is the default's."""
+    if distributed.same_layout(runtime, RuntimeConfig()):
+        return retrain_pipeline
+    return _traced_for(runtime, retrain_pipeline)
 
 
 @dsl.pipeline(
@@ -255,7 +277,7 @@ def retrain_pipeline_for(runtime: RuntimeConfig) -> Any:
     inspect.Parameter("current_source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)
 )
 def monitor_pipeline(p: dict[str, Any]) -> None:
-    check = steps.drift_check(
+    check = _in_image(steps.drift_check)(
         current_source=p.pop("current_source"),
         model_base_path=p["model_base_path"],
         model_name=p["model_name"],
@@ -263,7 +285,19 @@ def monitor_pipeline(p: dict[str, Any]) -> None:
         window_hours=p["window_hours"],
     ).set_display_name("drift check: recent requests vs served reference")
     check.set_caching_options(False)
+    # The nested retraining DAG is laid out for the same runtime (image, target, workers).
+    retrain = _NESTED_RETRAIN.get() or retrain_pipeline
     with dsl.If(check.outputs["Output"] == True, name="drifted"):  # noqa: E712
-        retrain_pipeline(**(p | {"trigger_reason": check.outputs["reason"]})).set_display_name(
-            "retrain"
-        )
+        retrain(**(p | {"trigger_reason": check.outputs["reason"]})).set_display_name("retrain")
+
+
+def monitor_pipeline_for(runtime: RuntimeConfig) -> Any:
+    """The monitoring pipeline whose drift check and nested retraining follow `runtime`."""
+    if distributed.same_layout(runtime, RuntimeConfig()):
+        return monitor_pipeline
+    # Traced first: KFP cannot define a pipeline while tracing another.
+    token = _NESTED_RETRAIN.set(retrain_pipeline_for(runtime))
+    try:
+        return _traced_for(runtime, monitor_pipeline)
+    finally:
+        _NESTED_RETRAIN.reset(token)

@@ -410,45 +410,29 @@ def compile_pipeline(
     pipeline, or the monitoring pipeline (drift check, then retraining when drifted).
 
     The config's values (default: the defaults) become the parameters' defaults shown in the
-    pipeline UI, and its `runtime.image` every step's image. A config without a tracking URI is
-    refused unless `no_registry` (the gate would have no champion to compare with).
+    pipeline UI, its `runtime.image` every step's image and its `runtime.target` how a
+    multi-worker training runs (Vertex AI custom job or Kubeflow TFJob). A config without a
+    tracking URI is refused unless `no_registry` (the gate would have no champion to compare
+    with).
     """
-    import yaml
     from kfp import compiler
 
-    from tumorflow.pipelines import steps
     from tumorflow.pipelines.pipeline import (
-        monitor_pipeline,
+        monitor_pipeline_for,
         pipeline_parameters,
         retrain_pipeline_for,
     )
 
     config = config or PipelineConfig()
-    pipelines = {"retrain": retrain_pipeline_for(config.runtime), "monitor": monitor_pipeline}
+    pipelines = {"retrain": retrain_pipeline_for, "monitor": monitor_pipeline_for}
     if pipeline not in pipelines:
         raise PipelineRunError(f"unknown pipeline {pipeline!r}: choose {' or '.join(pipelines)}")
     defaults = pipeline_parameters(config, local=False, no_registry=no_registry)
     output.parent.mkdir(parents=True, exist_ok=True)
+    # The steps are traced in the config's image and training layout (pipelines/pipeline.py).
     compiler.Compiler().compile(
-        pipelines[pipeline], package_path=str(output), pipeline_parameters=defaults
+        pipelines[pipeline](config.runtime), package_path=str(output), pipeline_parameters=defaults
     )
-    image = config.runtime.image
-    if image != steps.PROJECT_IMAGE:
-        # The steps are declared once with the config's default image; a configured one
-        # replaces it in the compiled executors.
-        # A second document (kfp-kubernetes' platform spec) follows when runtime.gke_gpu_pool.
-        spec, *platform = yaml.safe_load_all(output.read_text())
-        for executor in spec["deploymentSpec"]["executors"].values():
-            container = executor.get("container", {})
-            if container.get("image") == steps.PROJECT_IMAGE:
-                container["image"] = image
-        # A multi-worker training job names the image in its worker pools (pipelines/distributed.py).
-        for component in spec["components"].values():
-            pools = component.get("inputDefinitions", {}).get("parameters", {})
-            for pool in pools.get("worker_pool_specs", {}).get("defaultValue", []):
-                if pool["container_spec"].get("image_uri") == steps.PROJECT_IMAGE:
-                    pool["container_spec"]["image_uri"] = image
-        output.write_text(yaml.safe_dump_all([spec, *platform], sort_keys=False))
     return output
 
 
@@ -468,6 +452,10 @@ def submit(
 
     from tumorflow.pipelines.pipeline import pipeline_parameters
 
+    # A Kubeflow Pipelines endpoint runs a multi-worker training as a TFJob.
+    config = config.model_copy(
+        update={"runtime": config.runtime.model_copy(update={"target": "kubeflow"})}
+    )
     arguments = pipeline_parameters(config, local=False, no_registry=no_registry)
     if trigger_reason:
         arguments["trigger_reason"] = trigger_reason

@@ -85,13 +85,14 @@ def test_the_parameters_are_the_config_model_once(spec):
             if f"{section}.{field}" not in {
                 "runtime.image",
                 "runtime.bucket",
+                "runtime.target",
                 "runtime.workers",
                 "runtime.machine_type",
                 "runtime.gke_gpu_pool",
                 "drift.request_sample_rate",
             }:
                 assert field in parameters, f"{section}.{field}"
-    assert not {"source", "classes", "image", "bucket"} & parameters
+    assert not {"source", "classes", "image", "bucket", "target"} & parameters
     defaults = spec.root.input_definitions.parameters
     assert defaults["model_base_path"].default_value.string_value == "gs://tumorflow-models/serving"
     assert defaults["checkpoint_root"].default_value.string_value == (

@@ -114,3 +114,105 @@ def test_compile_lays_the_training_out_as_the_config_says(tmp_path):
 
     default = compile_pipeline(tmp_path / "d.yaml", no_registry=True).read_text()
     assert "worker_pool_specs" not in default and "nodeSelector" not in default
+
+
+def _compiled_config(tmp_path: Path, runtime: dict, pipeline: str = "retrain") -> list[dict]:
+    from tumorflow.pipelines.runner import compile_pipeline
+
+    config = PipelineConfig.model_validate({"runtime": runtime})
+    path = compile_pipeline(
+        tmp_path / f"{pipeline}.yaml", config=config, pipeline=pipeline, no_registry=True
+    )
+    return list(yaml.safe_load_all(path.read_text()))
+
+
+def _constant(task: dict, name: str):
+    return task["inputs"]["parameters"][name]["runtimeValue"]["constant"]
+
+
+KUBEFLOW_WORKERS = {
+    "target": "kubeflow",
+    "workers": 3,
+    "gke_gpu_pool": True,
+    "accelerator_type": "NVIDIA_TESLA_T4",
+    "image": "example.com/tumorflow-python:1",
+}
+
+
+def test_several_workers_on_kubeflow_are_a_tfjob_launched_by_the_training_step(tmp_path):
+    (spec,) = _compiled_config(tmp_path, KUBEFLOW_WORKERS)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "train" not in tasks
+    launcher = tasks["train-tfjob"]
+    assert launcher["taskInfo"]["name"] == "two-stage fine-tuning"
+    assert int(_constant(launcher, "workers")) == 3
+    assert _constant(launcher, "image") == "example.com/tumorflow-python:1"
+    # each replica runs the training component's own command line
+    command, args = _constant(launcher, "command"), _constant(launcher, "args")
+    assert "def train(" in command[-1] and "kfp.dsl.executor_main" in command[-2]
+    assert args == ["--executor_input", "{{$}}", "--function_to_execute", "train"]
+    assert _constant(launcher, "node_selector") == {
+        "cloud.google.com/gke-accelerator": "nvidia-tesla-t4"
+    }
+    assert _constant(launcher, "tolerations") == [
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"}
+    ]
+    # the replicas' accelerators, CPU and memory stay run parameters, as for one task
+    for name in ("accelerator_count", "train_cpu", "train_memory", "train_config"):
+        assert launcher["inputs"]["parameters"][name] == {"componentInputParameter": name}
+    assert launcher["inputs"]["artifacts"]["split"]["taskOutputArtifact"]["producerTask"] == (
+        "validate-and-split"
+    )
+    evaluated = tasks["evaluate"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
+    assert evaluated == {"outputArtifactKey": "model", "producerTask": "train-tfjob"}
+    # the launcher itself asks for no GPU and runs in the project image like every step
+    executors = spec["deploymentSpec"]["executors"]
+    assert "resources" not in executors["exec-train-tfjob"]["container"]
+    assert {e["container"]["image"] for e in executors.values()} == {
+        "example.com/tumorflow-python:1"
+    }
+    assert "worker_pool_specs" not in yaml.safe_dump(spec)
+
+
+def test_submit_compiles_for_kubeflow(tmp_path, monkeypatch):
+    """`tumorflow submit` goes to a Kubeflow Pipelines endpoint, so multi-worker training is a
+    TFJob there even when the config's target is Vertex AI."""
+    import kfp
+
+    from tumorflow.pipelines import runner
+
+    submitted = {}
+
+    class Client:
+        def __init__(self, host):
+            submitted["host"] = host
+
+        def create_run_from_pipeline_package(self, package, **kwargs):
+            submitted["spec"] = Path(package).read_text()
+            return type("Run", (), {"run_id": "run-1"})()
+
+    monkeypatch.setattr(kfp, "Client", Client)
+    config = PipelineConfig.model_validate({"runtime": {"workers": 2}})
+    assert runner.submit(config, "http://kfp.example", no_registry=True) == "run-1"
+    assert "exec-train-tfjob" in submitted["spec"]
+    assert "worker_pool_specs" not in submitted["spec"]
+
+
+def test_the_monitoring_pipeline_retrains_with_the_configured_layout(tmp_path):
+    (kubeflow,) = _compiled_config(tmp_path, KUBEFLOW_WORKERS, pipeline="monitor")
+    retrain = kubeflow["components"]["comp-tumorflow-retrain"]["dag"]["tasks"]
+    assert int(_constant(retrain["train-tfjob"], "workers")) == 3
+    images = {e["container"]["image"] for e in kubeflow["deploymentSpec"]["executors"].values()}
+    assert images == {"example.com/tumorflow-python:1"}
+
+    (vertex,) = _compiled_config(tmp_path, {"workers": 2}, pipeline="monitor")
+    train = vertex["components"]["comp-train"]["inputDefinitions"]["parameters"]
+    pools = train["worker_pool_specs"]["defaultValue"]
+    assert [pool["replica_count"] for pool in pools] == [1, 1]
+    retrain = vertex["components"]["comp-tumorflow-retrain"]["dag"]["tasks"]
+    assert retrain["train"]["componentRef"]["name"] == "comp-train"
+
+    # the default runtime nests today's one-task training
+    (default,) = _compiled_config(tmp_path, {}, pipeline="monitor")
+    assert "exec-train" in default["deploymentSpec"]["executors"]
+    assert "worker_pool_specs" not in yaml.safe_dump(default)
