@@ -58,6 +58,13 @@ resource "google_container_cluster" "tumorflow" {
   network_policy {
     enabled = true
   }
+  addons_config {
+    # A multi-worker training on Kubeflow (a TFJob) mounts the bucket at /gcs/BUCKET as Vertex AI
+    # and the KFP launcher name it (components/tfjob.py).
+    gcs_fuse_csi_driver_config {
+      enabled = true
+    }
+  }
   master_authorized_networks_config {}
   enable_shielded_nodes = true
   enable_intranode_visibility = true

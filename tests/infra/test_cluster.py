@@ -128,3 +128,37 @@ def test_mlflow_server_uses_postgres_and_a_gcs_artifact_root(mlflow_objects):
     assert all(
         o.metadata.namespace == "mlflow" for k, o in mlflow_objects.items() if "Namespace/" not in k
     )
+
+
+def test_the_cluster_mounts_buckets_for_tfjob_replicas(terraform):
+    from tumorflow.components import tfjob
+
+    cluster = terraform["resource"]["google_container_cluster"]["tumorflow"]
+    (addons,) = cluster["addons_config"]
+    (fuse,) = addons["gcs_fuse_csi_driver_config"]
+    assert fuse["enabled"] is True
+    assert tfjob.GCSFUSE_DRIVER == "gcsfuse.csi.storage.gke.io"
+
+
+@pytest.fixture()
+def training_objects(monkeypatch) -> dict:
+    for kind, model in {"Role": "V1Role", "RoleBinding": "V1RoleBinding"}.items():
+        monkeypatch.setitem(MODELS, kind, model)
+    return by_name(render(INFRA / "k8s" / "training"))
+
+
+def test_the_tfjob_launcher_may_manage_tfjobs_and_nothing_else(training_objects):
+    from tumorflow.components import tfjob
+    from tumorflow.pipelines.tfjob import TRAINING_SERVICE_ACCOUNT
+
+    role = training_objects["Role/tumorflow-tfjob-launcher"]
+    (rule,) = role.rules
+    assert rule.api_groups == [tfjob.GROUP] and rule.resources == [tfjob.PLURAL]
+    # what components/tfjob.py calls: create, then get until a final condition, then delete
+    assert sorted(rule.verbs) == ["create", "delete", "get"]
+    binding = training_objects["RoleBinding/tumorflow-tfjob-launcher"]
+    assert binding.role_ref.kind == "Role" and binding.role_ref.name == role.metadata.name
+    (subject,) = binding.subjects
+    assert (subject.kind, subject.name) == ("ServiceAccount", TRAINING_SERVICE_ACCOUNT)
+    # the Role, its binding and the service account are in the namespace the pipeline runs in
+    assert {role.metadata.namespace, binding.metadata.namespace, subject.namespace} == {"kubeflow"}
