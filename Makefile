@@ -8,7 +8,7 @@ LOCK := requirements.lock
 # The venv is rebuilt only when the lock or the project metadata changes.
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | sha256sum | cut -c1-16)
 
-.PHONY: setup demo test test-fast lint format bench image clean
+.PHONY: setup demo test test-fast lint format bench image checkov clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,19 @@ image:
 	@test -n "$(ENGINE)" || { echo "make image: no docker, podman or buildah on PATH"; exit 2; }
 	$(if $(findstring buildah,$(ENGINE)),$(ENGINE) bud,$(ENGINE) build) -f infra/Dockerfile --target production -t $(IMAGE) .
 	$(if $(findstring buildah,$(ENGINE)),$(ENGINE) bud,$(ENGINE) build) -f infra/Dockerfile --target gpu -t $(IMAGE)-gpu .
+
+# checkov, for tests/infra/test_checkov.py, in a virtualenv of its own: its pins (packaging,
+# networkx) would downgrade the project's. About a minute and a half to install.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION := 3.3.30
+
+checkov: $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
+
+$(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION):
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet checkov==$(CHECKOV_VERSION)
+	rm -f $(CHECKOV_VENV)/.installed-*
+	touch $@
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

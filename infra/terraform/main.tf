@@ -182,7 +182,7 @@ resource "google_service_account_iam_member" "pipeline_workload_identity" {
 resource "google_service_account_iam_member" "serving_workload_identity" {
   service_account_id = google_service_account.serving.name
   role               = "roles/iam.workloadIdentityUser"
-  member             = "serviceAccount:${var.project_id}.svc.id.goog[default/tumorflow-serving]"
+  member             = "serviceAccount:${var.project_id}.svc.id.goog[tumorflow/tumorflow-serving]"
 }
 
 resource "google_storage_bucket" "models" {

@@ -81,7 +81,7 @@ def test_cluster_has_workload_identity_and_both_pools_use_it(terraform):
         assert node["workload_metadata_config"] == [{"mode": "GKE_METADATA"}]
     members = terraform["resource"]["google_service_account_iam_member"]
     bound = str(members)
-    assert "mlflow/mlflow" in bound and "default/tumorflow-serving" in bound
+    assert "mlflow/mlflow" in bound and "tumorflow/tumorflow-serving" in bound
 
 
 def test_buckets_are_private_and_serving_only_reads(terraform):

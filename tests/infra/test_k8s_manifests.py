@@ -26,6 +26,9 @@ MODELS = {
     "Service": "V1Service",
     "ConfigMap": "V1ConfigMap",
     "ServiceAccount": "V1ServiceAccount",
+    "Namespace": "V1Namespace",
+    "NetworkPolicy": "V1NetworkPolicy",
+    "StatefulSet": "V1StatefulSet",
 }
 
 
@@ -64,6 +67,7 @@ def render(directory: Path) -> list[dict]:
         "patches",
         "images",
         "labels",
+        "namespace",
     }
     assert not unsupported, f"the test renderer does not implement {unsupported}"
     documents: list[dict] = []
@@ -89,6 +93,10 @@ def render(directory: Path) -> list[dict]:
             for container in _containers(doc):
                 if container["image"].split(":")[0] == image["name"]:
                     container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    if namespace := kustomization.get("namespace"):
+        for doc in documents:
+            if doc["kind"] != "Namespace":
+                doc["metadata"]["namespace"] = namespace
     for labels in kustomization.get("labels", []):
         pairs = labels["pairs"]
         for doc in documents:
@@ -255,3 +263,31 @@ def test_gpu_overlay_asks_for_a_gpu_and_keeps_the_base() -> None:
     assert any(t.key == "nvidia.com/gpu" for t in gpu.tolerations) and gpu.node_selector
     assert container.args == base.containers[0].args and container.env == base.containers[0].env
     assert container.readiness_probe == base.containers[0].readiness_probe
+
+
+def test_serving_and_console_share_the_namespace_the_console_reaches_serving_in() -> None:
+    serving = by_name(render(K8S / "base"))
+    console = by_name(render(K8S / "console"))
+    assert "Namespace/tumorflow" in serving
+    for objects in (serving, console):
+        assert {o.metadata.namespace for k, o in objects.items() if "Namespace/" not in k} == {
+            "tumorflow"
+        }
+    settings = yaml.safe_load(one(console, "ConfigMap").data["console.yaml"])
+    service = one(serving, "Service")
+    assert settings["console"]["model_server"] == (
+        f"{service.metadata.name}.{service.metadata.namespace}.svc:"
+        f"{_container_port(one(serving, 'Deployment').spec.template.spec.containers[0], 'grpc')}"
+    )
+    # and the MLflow server where infra/k8s/mlflow puts it
+    mlflow = by_name(render(K8S / "mlflow"))["Service/mlflow"]
+    assert settings["tracking"]["tracking_uri"] == (
+        f"http://{mlflow.metadata.name}.{mlflow.metadata.namespace}.svc.cluster.local:"
+        f"{mlflow.spec.ports[0].port}"
+    )
+    # each pod answers only its own ports
+    policy = serving["NetworkPolicy/tumorflow-serving"]
+    assert {p.port for p in policy.spec.ingress[0].ports} == {8500, 8501}
+    assert policy.spec.pod_selector.match_labels.items() <= (
+        one(serving, "Deployment").spec.template.metadata.labels.items()
+    )
