@@ -58,8 +58,8 @@ NOT_PARAMETERS = frozenset(
 RUN_PARAMETERS = {"trigger_reason": ""}
 # The runtime section the DAGs are traced with: its image and training layout (target, workers,
 # machine type, GPU node pool) shape the DAG, so they are fixed when the pipeline is compiled.
-_TRAINING_LAYOUT: contextvars.ContextVar[RuntimeConfig | None] = contextvars.ContextVar(
-    "training_layout", default=None
+_TRACED_RUNTIME: contextvars.ContextVar[RuntimeConfig | None] = contextvars.ContextVar(
+    "traced_runtime", default=None
 )
 
 
@@ -70,7 +70,7 @@ _NESTED_RETRAIN: contextvars.ContextVar[Any] = contextvars.ContextVar(
 
 
 def _runtime() -> RuntimeConfig:
-    return _TRAINING_LAYOUT.get() or RuntimeConfig()
+    return _TRACED_RUNTIME.get() or RuntimeConfig()
 
 
 def _in_image(component: Any) -> Any:
@@ -251,13 +251,13 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
 
 def _traced_for(runtime: RuntimeConfig, pipeline: Any) -> Any:
     """`pipeline` traced again with `runtime`'s image and training layout."""
-    token = _TRAINING_LAYOUT.set(runtime)
+    token = _TRACED_RUNTIME.set(runtime)
     try:
         return dsl.pipeline(name=pipeline.name, description=pipeline.component_spec.description)(
             pipeline.pipeline_func
         )
     finally:
-        _TRAINING_LAYOUT.reset(token)
+        _TRACED_RUNTIME.reset(token)
 
 
 def retrain_pipeline_for(runtime: RuntimeConfig) -> Any:
