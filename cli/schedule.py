@@ -24,6 +24,9 @@ def _create(args: argparse.Namespace) -> int:
     from tumorflow.pipelines.schedule import build_template
 
     config = config_from_args(args)
+    # The template is compiled for the engine it is scheduled on (multi-worker training is a
+    # TFJob on Kubeflow, a custom job on Vertex AI).
+    config.runtime.target = args.target
     scheduler = _scheduler(args, config.tracking.experiment)
     cron = scheduler.read_cron(args.cron)
     if cron.note:

@@ -120,6 +120,7 @@ class FakeKubeflow:
         self.ids = (f"id-{n}" for n in itertools.count(1))
         self.pipelines: list[dict] = []
         self.versions: list[dict] = []
+        self.uploaded: list[bytes] = []
         self.experiments: list[dict] = []
         self.recurring_runs: list[dict] = []
         self.refuse_recurring_runs: str | None = None
@@ -180,6 +181,7 @@ class FakeKubeflow:
         return 404, {"error_message": f"no route {request.method} {path}", "code": 5}
 
     def _add_version(self, pipeline_id: str, name: str, request: Request) -> dict:
+        self.uploaded.append(request.files["uploadfile"])
         version = {
             "pipeline_id": pipeline_id,
             "pipeline_version_id": next(self.ids),
@@ -481,6 +483,17 @@ def test_schedule_commands_against_kubeflow(kubeflow, capsys):
     assert "deleted schedule weekly" in capsys.readouterr().out
     assert main(["schedule", "list", *target]) == 0
     assert capsys.readouterr().out.strip() == "no schedules"
+
+
+def test_a_multi_worker_schedule_on_kubeflow_trains_as_a_tfjob(kubeflow, capsys):
+    fake, _ = kubeflow
+    settings = [arg for setting in [*SETTINGS, "runtime.workers=2"] for arg in ("--set", setting)]
+    create = ["schedule", "create", "--host", kubeflow[1].url, "--name", "w", "--cron", "0 3 * * 1"]
+    assert main([*create, *settings]) == 0
+    spec = fake.uploaded[-1].decode()
+    # The Kubeflow target launches the Training Operator, not a Vertex AI custom job.
+    assert "exec-train-tfjob" in spec
+    assert "CustomJob" not in spec and "custom_job" not in spec
 
 
 # Vertex AI
