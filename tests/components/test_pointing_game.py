@@ -47,13 +47,13 @@ def phantom_export(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_grad_cam_points_at_the_lesion_far_more_often_than_a_random_point(phantom_export):
+def test_the_explain_heat_map_points_at_the_lesion_of_four_in_five_slices(phantom_export):
     result = play_pointing_game(phantom_export, phantom_slices(40, 64, seed=7))
     print(result.summary())
     assert sum(result.counted.values()) >= 30, result.summary()
-    # The issue asks for 80%; this small model reaches less (see `tumorflow bench explain`), so
-    # the test holds the explanation to beating a random peak by a wide margin.
-    assert result.hit_rate >= 3 * result.chance_rate, result.summary()
+    # The issue's bar; this model (64 px) measured 90.9% against a random peak's 5.7%.
+    assert result.hit_rate >= 0.8, result.summary()
+    assert result.hit_rate >= 10 * result.chance_rate, result.summary()
 
 
 @pytest.mark.slow
