@@ -5,6 +5,14 @@ resolves outside the target, a symlink or hardlink, a device or fifo, or a decla
 the cap (a zip bomb) refuses the whole archive with `UnsafeArchiveError`. Regular files are then
 written one by one through our own code (never `extractall`), so nothing lands outside the target,
 not even partially.
+
+Entry names are data: a name that is not valid UTF-8 (a zip without the UTF-8 flag written by an
+old tool, a tar of a Windows share) is extracted under its raw bytes, as the file system would
+hold it, so the download step's safe copies keep it reversibly; newlines, leading dashes, long
+names and names differing only in case are extracted as they are. An entry that cannot be written
+under its name (a path part over 255 bytes, a NUL byte, a second entry of the same name or of a
+name differing only in case on a case-insensitive file system, a file where another entry needs a
+folder) is left out with a reason in `ExtractedArchive.quarantined`, and extraction goes on.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from tumorflow.core.errors import SourceUnavailableError, UnsafeArchiveError
@@ -24,6 +32,9 @@ logger = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 MAX_ENTRIES = 2_000_000
 _CHUNK = 1 << 20
+# Longest path part (bytes) the usual file systems (ext4, XFS, APFS, NTFS) hold.
+MAX_PART_BYTES = 255
+_ZIP_UTF8_FLAG = 0x800
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,19 @@ class _Entry:
     is_dir: bool
     size: int
     member: zipfile.ZipInfo | tarfile.TarInfo
+
+
+@dataclass(frozen=True)
+class ExtractedArchive:
+    """The files extracted and the entries left out: (entry name, reason), names as the file
+    system would give them (undecodable bytes as surrogate escapes)."""
+
+    files: list[Path]
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Quarantined(Exception):
+    """One entry cannot be written under its name; the message is the reason."""
 
 
 def is_archive(path: Path) -> bool:
@@ -55,6 +79,14 @@ def _safe_parts(name: str, archive: Path) -> tuple[str, ...]:
     return parts
 
 
+def _zip_name(info: zipfile.ZipInfo) -> str:
+    """An entry's name as the file system would hold it: UTF-8 when flagged or when its bytes are
+    valid UTF-8, else its raw bytes (zipfile decoded them as cp437, which maps every byte)."""
+    if info.flag_bits & _ZIP_UTF8_FLAG:
+        return info.orig_filename
+    return info.orig_filename.encode("cp437").decode("utf-8", "surrogateescape")
+
+
 def _zip_entries(archive: zipfile.ZipFile, path: Path) -> list[_Entry]:
     entries = []
     for info in archive.infolist():
@@ -72,7 +104,7 @@ def _zip_entries(archive: zipfile.ZipFile, path: Path) -> list[_Entry]:
             raise SourceUnavailableError(
                 f"{path.name}: entry {info.filename!r} is encrypted; decrypt the archive first"
             )
-        entries.append(_Entry(info.filename, info.is_dir(), info.file_size, info))
+        entries.append(_Entry(_zip_name(info), info.is_dir(), info.file_size, info))
     return entries
 
 
@@ -105,7 +137,11 @@ def _check(entries: list[_Entry], archive: Path, target: Path, max_total_bytes: 
     root = target.resolve()
     for entry in entries:
         parts = _safe_parts(entry.name, archive)
-        if parts and not root.joinpath(*parts).resolve().is_relative_to(root):
+        if (
+            parts
+            and "\0" not in entry.name
+            and not root.joinpath(*parts).resolve().is_relative_to(root)
+        ):
             raise UnsafeArchiveError(
                 f"{archive.name}: entry {entry.name!r} resolves outside the target; refusing the archive"
             )
@@ -117,24 +153,25 @@ def _check(entries: list[_Entry], archive: Path, target: Path, max_total_bytes: 
             )
 
 
-def _copy_bounded(source, destination: Path, limit: int, archive: Path, name: str) -> None:
-    """Stream one member to disk, refusing it if it yields more bytes than it declared."""
+def _copy_bounded(source, out, limit: int, archive: Path, name: str) -> None:
+    """Stream one member to the open file `out`, refusing it if it yields more bytes than it
+    declared."""
     written = 0
-    with destination.open("wb") as out:
-        while chunk := source.read(_CHUNK):
-            written += len(chunk)
-            if written > limit:
-                raise UnsafeArchiveError(
-                    f"{archive.name}: entry {name!r} is larger than it declares; refusing the archive"
-                )
-            out.write(chunk)
+    while chunk := source.read(_CHUNK):
+        written += len(chunk)
+        if written > limit:
+            raise UnsafeArchiveError(
+                f"{archive.name}: entry {name!r} is larger than it declares; refusing the archive"
+            )
+        out.write(chunk)
 
 
-def extract_archive(archive: Path, target: Path, max_total_bytes: int) -> list[Path]:
+def extract_archive(archive: Path, target: Path, max_total_bytes: int) -> ExtractedArchive:
     """Validate every entry of `archive`, then extract its regular files under `target`.
 
-    `target` must not exist yet or be empty. Returns the extracted files. On any refusal nothing
-    is written (validation happens first) and a partially written target is removed.
+    `target` must not exist yet or be empty. Returns the extracted files and the entries left out
+    with their reasons. On any refusal nothing is written (validation happens first) and a
+    partially written target is removed.
     """
     archive, target = Path(archive), Path(target)
     if target.exists() and any(target.iterdir()):
@@ -152,26 +189,77 @@ def extract_archive(archive: Path, target: Path, max_total_bytes: int) -> list[P
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         shutil.rmtree(target, ignore_errors=True)
         raise SourceUnavailableError(f"{archive} is not a readable archive: {exc}") from None
+    except UnicodeDecodeError:
+        shutil.rmtree(target, ignore_errors=True)
+        raise SourceUnavailableError(
+            f"{archive}: entry names flagged as UTF-8 are not valid UTF-8 (a broken zip writer); "
+            "re-create the archive, e.g. with `zip -r` or `tar -czf`"
+        ) from None
 
 
-def _write_entries(entries: list[_Entry], target: Path, archive: Path, open_entry) -> list[Path]:
+def _writable_parts(entry: _Entry, archive: Path) -> tuple[str, ...]:
+    """The path parts an entry is written under; `_Quarantined` when the name cannot be one."""
+    if "\0" in entry.name:
+        raise _Quarantined("its name holds a NUL byte, which no file name can")
+    parts = _safe_parts(entry.name, archive)
+    long = [p for p in parts if len(p.encode("utf-8", "surrogateescape")) > MAX_PART_BYTES]
+    if long:
+        raise _Quarantined(
+            f"a part of its name is {len(long[0].encode('utf-8', 'surrogateescape'))} bytes, "
+            f"over the {MAX_PART_BYTES}-byte limit of file systems"
+        )
+    return parts
+
+
+def _write_file(entry: _Entry, destination: Path, archive: Path, open_entry) -> None:
+    """Write one regular file, never over an earlier one; `_Quarantined` when it cannot be."""
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise _Quarantined("a folder of its path is a file of the archive") from None
+    try:
+        handle = destination.open("xb")
+    except FileExistsError:
+        raise _Quarantined(
+            "an earlier entry has the same name (a duplicate, or a name differing only in case "
+            "on a case-insensitive file system)"
+        ) from None
+    except IsADirectoryError:
+        raise _Quarantined("its name is a folder of the archive") from None
+    with handle, open_entry(entry) as source:
+        _copy_bounded(source, handle, entry.size, archive, entry.name)
+
+
+def _write_entries(
+    entries: list[_Entry], target: Path, archive: Path, open_entry
+) -> ExtractedArchive:
     target.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, quarantined = [], []
     try:
         for entry in entries:
-            parts = _safe_parts(entry.name, archive)
-            if not parts:
+            try:
+                parts = _writable_parts(entry, archive)
+                if not parts:
+                    continue
+                destination = target.joinpath(*parts)
+                if entry.is_dir:
+                    if not destination.is_dir():
+                        destination.mkdir(parents=True, exist_ok=True)
+                    continue
+                _write_file(entry, destination, archive, open_entry)
+            except (_Quarantined, FileExistsError, NotADirectoryError) as exc:
+                reason = str(exc) if isinstance(exc, _Quarantined) else "its folder is a file"
+                quarantined.append((entry.name, reason))
+                logger.warning("%s: entry %r left out: %s", archive.name, entry.name, reason)
                 continue
-            destination = target.joinpath(*parts)
-            if entry.is_dir:
-                destination.mkdir(parents=True, exist_ok=True)
-                continue
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with open_entry(entry) as source:
-                _copy_bounded(source, destination, entry.size, archive, entry.name)
             written.append(destination)
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
-    logger.info("extracted %d files from %s", len(written), archive.name)
-    return written
+    logger.info(
+        "extracted %d files from %s (%d entries left out)",
+        len(written),
+        archive.name,
+        len(quarantined),
+    )
+    return ExtractedArchive(written, quarantined)

@@ -349,7 +349,10 @@ def validate_and_split(
         conflicts = _conflicting_labels(
             [row for row, check in zip(rows, checks, strict=True) if check.reason is None]
         )
-        quarantined: list[tuple[str, str]] = []
+        quarantined: list[tuple[str, str]] = [
+            (name, f"archive entry not extracted: {reason}")
+            for name, reason in source_info.get(download.ARCHIVE_QUARANTINE, [])
+        ]
         kept: list[tuple[download.ManifestRow, ImageCheck]] = []
         for row, check in zip(rows, checks, strict=True):
             reason = check.reason or conflicts.get(row.sha256)
