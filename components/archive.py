@@ -7,7 +7,7 @@ written one by one through our own code (never `extractall`), so nothing lands o
 not even partially.
 
 Entry names are data: a name that is not valid UTF-8 (a zip without the UTF-8 flag written by an
-old tool, a tar of a Windows share) is extracted under its raw bytes, as the file system would
+old tool, one flagged UTF-8 by a broken writer, a tar of a Windows share) is extracted under its raw bytes, as the file system would
 hold it, so the download step's safe copies keep it reversibly; newlines, leading dashes, long
 names and names differing only in case are extracted as they are. An entry that cannot be written
 under its name (a path part over 255 bytes, a NUL byte, a second entry of the same name or of a
@@ -17,13 +17,19 @@ folder) is left out with a reason in `ExtractedArchive.quarantined`, and extract
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import io
 import logging
 import shutil
 import stat
+import struct
 import tarfile
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from tumorflow.core.errors import SourceUnavailableError, UnsafeArchiveError
 
@@ -79,12 +85,116 @@ def _safe_parts(name: str, archive: Path) -> tuple[str, ...]:
     return parts
 
 
+def _is_utf8(info: zipfile.ZipInfo) -> bool:
+    """True when a name zipfile read as cp437 (not flagged UTF-8) is valid UTF-8 bytes."""
+    try:
+        info.orig_filename.encode("cp437").decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _zip_name(info: zipfile.ZipInfo) -> str:
     """An entry's name as the file system would hold it: UTF-8 when flagged or when its bytes are
     valid UTF-8, else its raw bytes (zipfile decoded them as cp437, which maps every byte)."""
     if info.flag_bits & _ZIP_UTF8_FLAG:
         return info.orig_filename
     return info.orig_filename.encode("cp437").decode("utf-8", "surrogateescape")
+
+
+class _Utf8FlagCleared(io.RawIOBase):
+    """A zip file read with the UTF-8 flag cleared at the given byte positions (the flags of
+    central directory headers whose names are not UTF-8), so zipfile reads those names as bytes."""
+
+    def __init__(self, file: BinaryIO, flag_positions: list[int]) -> None:
+        super().__init__()
+        self._file = file
+        self._positions = sorted(flag_positions)
+
+    def clear_flags(self, positions: Iterable[int]) -> None:
+        """Clear the UTF-8 flag at these byte positions too."""
+        self._positions = sorted({*self._positions, *positions})
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readinto(self, buffer) -> int:
+        start = self._file.tell()
+        count = self._file.readinto(buffer)
+        view = memoryview(buffer).cast("B")
+        first = bisect.bisect_left(self._positions, start)
+        for position in self._positions[first:]:
+            if position >= start + count:
+                break
+            view[position - start] &= ~(_ZIP_UTF8_FLAG >> 8) & 0xFF
+        return count
+
+
+def _misflagged_names(path: Path) -> list[int]:
+    """Positions of the flag byte holding the UTF-8 bit, in the central directory headers whose
+    names claim UTF-8 but are not (a zip writer's bug zipfile cannot read past)."""
+    with Path(path).open("rb") as handle:
+        size = handle.seek(0, io.SEEK_END)
+        tail_start = max(0, size - (1 << 16) - 22)
+        handle.seek(tail_start)
+        tail = handle.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0:
+            return []
+        if tail[end - 20 : end - 16] == b"PK\x06\x07":  # a zip64 end of central directory
+            (zip64_end,) = struct.unpack_from("<Q", tail, end - 12)
+            handle.seek(zip64_end)
+            (directory_size,) = struct.unpack_from("<Q", handle.read(56), 40)
+            start = zip64_end - directory_size
+        else:
+            (directory_size,) = struct.unpack_from("<I", tail, end + 12)
+            start = tail_start + end - directory_size
+        handle.seek(start)
+        directory = handle.read(directory_size)
+    positions, at = [], 0
+    while directory[at : at + 4] == b"PK\x01\x02":
+        (flags,) = struct.unpack_from("<H", directory, at + 8)
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", directory, at + 28)
+        name = directory[at + 46 : at + 46 + name_length]
+        if flags & _ZIP_UTF8_FLAG:
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError:
+                positions.append(start + at + 9)
+        at += 46 + name_length + extra_length + comment_length
+    return positions
+
+
+@contextlib.contextmanager
+def _open_zip(path: Path) -> Iterator[zipfile.ZipFile]:
+    """The opened zip; one whose names are flagged UTF-8 but are not is read as raw bytes."""
+    try:
+        opened = zipfile.ZipFile(path)
+    except UnicodeDecodeError:
+        with (
+            Path(path).open("rb") as raw,
+            _Utf8FlagCleared(raw, _misflagged_names(path)) as fixed,
+            zipfile.ZipFile(fixed) as opened,
+        ):
+            # zipfile checks each local header's name against the directory's, by its own flag
+            fixed.clear_flags(
+                info.header_offset + 7
+                for info in opened.infolist()
+                if not info.flag_bits & _ZIP_UTF8_FLAG and not _is_utf8(info)
+            )
+            yield opened
+        return
+    with opened:
+        yield opened
 
 
 def _zip_entries(archive: zipfile.ZipFile, path: Path) -> list[_Entry]:
@@ -178,7 +288,7 @@ def extract_archive(archive: Path, target: Path, max_total_bytes: int) -> Extrac
         raise SourceUnavailableError(f"extraction target {target} is not empty")
     try:
         if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as opened:
+            with _open_zip(archive) as opened:
                 entries = _zip_entries(opened, archive)
                 _check(entries, archive, target, max_total_bytes)
                 return _write_entries(entries, target, archive, lambda e: opened.open(e.member))
@@ -189,12 +299,6 @@ def extract_archive(archive: Path, target: Path, max_total_bytes: int) -> Extrac
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         shutil.rmtree(target, ignore_errors=True)
         raise SourceUnavailableError(f"{archive} is not a readable archive: {exc}") from None
-    except UnicodeDecodeError:
-        shutil.rmtree(target, ignore_errors=True)
-        raise SourceUnavailableError(
-            f"{archive}: entry names flagged as UTF-8 are not valid UTF-8 (a broken zip writer); "
-            "re-create the archive, e.g. with `zip -r` or `tar -czf`"
-        ) from None
 
 
 def _writable_parts(entry: _Entry, archive: Path) -> tuple[str, ...]:
