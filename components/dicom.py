@@ -10,8 +10,9 @@ pydicom's pixel-data handlers (pylibjpeg, openjpeg, RLE).
 Ingest (the download step) writes each slice as an 8-bit PNG under a pseudonymous path and its
 metadata to `slices.csv` (docs/artifacts.md): salted pseudonymous patient/study/site ids, the
 scanner manufacturer and model, the modality and the source folder; never a name, patient id,
-birth date, accession number, institution name or original file name. `tumorflow predict` uses
-the same decode to turn a DICOM file into the PNG bytes the served model takes.
+birth date, accession number, institution name or original file name. `tumorflow predict` and drift
+(folders of recent scans) use the same decode to turn a DICOM file into the PNG bytes the served
+model takes (`encoded_images`).
 """
 
 from __future__ import annotations
@@ -204,6 +205,18 @@ def png_bytes(slice_: np.ndarray) -> bytes:
 def dicom_to_png(source: Path | bytes, config: DicomConfig) -> list[bytes]:
     """Every slice of a DICOM file (or bytes) as PNG bytes; DicomDecodeError with the reason."""
     return [png_bytes(s) for s in decode_slices(read_dataset(source), config)]
+
+
+def encoded_images(name: str, data: bytes, config: DicomConfig) -> list[tuple[str, bytes]]:
+    """What the served model takes for one file: its bytes, or for DICOM (the marker, or a
+    `.dcm` name) the PNG of every slice, named `<name>#<frame>` when there are several.
+    DicomDecodeError (a ValueError) with the reason for an undecodable DICOM file."""
+    if not (looks_like_dicom(data) or name.lower().endswith(tuple(DICOM_SUFFIXES))):
+        return [(name, data)]
+    slices = dicom_to_png(data, config)
+    if len(slices) == 1:
+        return [(name, slices[0])]
+    return [(f"{name}#{index}", png) for index, png in enumerate(slices)]
 
 
 def _tag(dataset, keyword: str) -> str:
