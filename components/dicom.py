@@ -4,8 +4,8 @@ CT pixel data becomes Hounsfield units (RescaleSlope/Intercept, or per frame fro
 groups of an Enhanced CT/MR object) shown through the window of `DicomConfig` (an abdomen window
 by default; `window_source: file` takes the object's own, per-frame window instead); MR and other
 modalities are scaled between robust percentiles of each slice; `MONOCHROME1` is inverted so that
-dense is bright everywhere; a multi-frame object becomes one slice per frame. Compressed transfer syntaxes are decoded by
-pydicom's pixel-data handlers (pylibjpeg, openjpeg, RLE).
+dense is bright everywhere; a multi-frame object becomes one slice per frame. Compressed transfer
+syntaxes are decoded by pydicom's pixel-data handlers (pylibjpeg, openjpeg, RLE).
 
 Ingest (the download step) writes each slice as an 8-bit PNG under a pseudonymous path and its
 metadata to `slices.csv` (docs/artifacts.md): salted pseudonymous patient/study/site ids, the
@@ -119,17 +119,20 @@ def _functional_group(dataset, frame: int, sequence: str):
     return None
 
 
-def _frames(dataset) -> tuple[np.ndarray, bool]:
-    """The stored pixel values as [frames, rows, cols] (colour averaged), and whether colour."""
+def _is_colour(dataset) -> bool:
+    return int(dataset.get("SamplesPerPixel", 1) or 1) > 1
+
+
+def _frames(dataset) -> np.ndarray:
+    """The stored pixel values as [frames, rows, cols] (colour averaged)."""
     pixels = _pixels(dataset)
-    colour = int(dataset.get("SamplesPerPixel", 1) or 1) > 1
     if int(dataset.get("NumberOfFrames", 1) or 1) == 1:
         pixels = pixels[None]
-    if colour:
+    if _is_colour(dataset):
         pixels = pixels.astype(np.float64).mean(axis=-1)
     if pixels.ndim != 3 or min(pixels.shape[1:]) == 0:
         raise DicomDecodeError(f"DICOM pixel data has an unusable shape {pixels.shape}")
-    return pixels, colour
+    return pixels
 
 
 def modality_values(dataset) -> list[np.ndarray]:
@@ -139,9 +142,9 @@ def modality_values(dataset) -> list[np.ndarray]:
     Modality LUT. Colour is left as stored."""
     from pydicom.pixels import apply_modality_lut
 
-    pixels, colour = _frames(dataset)
+    colour = _is_colour(dataset)
     values = []
-    for index, frame in enumerate(pixels):
+    for index, frame in enumerate(_frames(dataset)):
         transform = _functional_group(dataset, index, "PixelValueTransformationSequence")
         if colour:
             values.append(frame.astype(np.float64))
@@ -177,7 +180,7 @@ def _window(dataset, frame: int, config: DicomConfig) -> tuple[float, float] | N
 
 def decode_slices(dataset, config: DicomConfig) -> list[np.ndarray]:
     """The 8-bit grey slices [rows, cols] of a parsed DICOM object (see the module docstring)."""
-    colour = int(dataset.get("SamplesPerPixel", 1) or 1) > 1
+    colour = _is_colour(dataset)
     slices = []
     for index, values in enumerate(modality_values(dataset)):
         window = None if colour else _window(dataset, index, config)
