@@ -325,11 +325,9 @@ def _write_file(entry: _Entry, destination: Path, archive: Path, open_entry) -> 
         handle = destination.open("xb")
     except FileExistsError:
         raise _Quarantined(
-            "an earlier entry has the same name (a duplicate, or a name differing only in case "
-            "on a case-insensitive file system)"
+            "an earlier entry has the same name (a duplicate, a folder, or a name differing "
+            "only in case on a case-insensitive file system)"
         ) from None
-    except IsADirectoryError:
-        raise _Quarantined("its name is a folder of the archive") from None
     with handle, open_entry(entry) as source:
         _copy_bounded(source, handle, entry.size, archive, entry.name)
 
