@@ -1,4 +1,4 @@
-"""`tumorflow bench input|serving|split|explain|train`: benchmarks that print ratios against a baseline of the same run."""
+"""`tumorflow bench input|serving|split|validate|explain|train`: benchmarks that print ratios against a baseline of the same run."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def _run_split(args: argparse.Namespace) -> int:
     from tumorflow.components import split_bench
 
     return split_bench.run(args)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from tumorflow.components import validate_bench
+
+    return validate_bench.run(args)
 
 
 def _run_explain(args: argparse.Namespace) -> int:
@@ -65,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_split_arguments(split_parser)
     split_parser.set_defaults(handler=_run_split)
+    from tumorflow.components.validate_bench import add_arguments as add_validate_arguments
+
+    validate_parser = which.add_parser(
+        "validate", help="the validate step's decoding and hashing on 1, 2, ... worker processes"
+    )
+    add_validate_arguments(validate_parser)
+    validate_parser.set_defaults(handler=_run_validate)
 
     from tumorflow.components.pointing_game import add_arguments as add_explain_arguments
 

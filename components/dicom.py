@@ -1,16 +1,18 @@
 """DICOM in: the one decode from a `.dcm` file (or a DICOM series folder's files) to 8-bit slices.
 
-CT pixel data becomes Hounsfield units (RescaleSlope/Intercept) shown through the window of
-`DicomConfig` (an abdomen window by default); MR and other modalities are scaled between robust
-percentiles of each slice; `MONOCHROME1` is inverted so that dense is bright everywhere; a
-multi-frame object becomes one slice per frame. Compressed transfer syntaxes are decoded by
-pydicom's pixel-data handlers (pylibjpeg, openjpeg, RLE).
+CT pixel data becomes Hounsfield units (RescaleSlope/Intercept, or per frame from the functional
+groups of an Enhanced CT/MR object) shown through the window of `DicomConfig` (an abdomen window
+by default; `window_source: file` takes the object's own, per-frame window instead); MR and other
+modalities are scaled between robust percentiles of each slice; `MONOCHROME1` is inverted so that
+dense is bright everywhere; a multi-frame object becomes one slice per frame. Compressed transfer
+syntaxes are decoded by pydicom's pixel-data handlers (pylibjpeg, openjpeg, RLE).
 
 Ingest (the download step) writes each slice as an 8-bit PNG under a pseudonymous path and its
 metadata to `slices.csv` (docs/artifacts.md): salted pseudonymous patient/study/site ids, the
 scanner manufacturer and model, the modality and the source folder; never a name, patient id,
-birth date, accession number, institution name or original file name. `tumorflow predict` uses
-the same decode to turn a DICOM file into the PNG bytes the served model takes.
+birth date, accession number, institution name or original file name. `tumorflow predict` and drift
+(folders of recent scans) use the same decode to turn a DICOM file into the PNG bytes the served
+model takes (`encoded_images`).
 """
 
 from __future__ import annotations
@@ -106,32 +108,88 @@ def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(scaled, 0, 255).round().astype(np.uint8)
 
 
-def decode_slices(dataset, config: DicomConfig) -> list[np.ndarray]:
-    """The 8-bit grey slices [rows, cols] of a parsed DICOM object (see the module docstring)."""
-    from pydicom.pixels import apply_modality_lut
+def _functional_group(dataset, frame: int, sequence: str):
+    """The item of functional group `sequence` that applies to `frame` of an enhanced multi-frame
+    object: from its per-frame group, else from the shared one; None when neither has it."""
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence") or []
+    shared = dataset.get("SharedFunctionalGroupsSequence") or []
+    for groups in (per_frame[frame] if frame < len(per_frame) else None, *shared[:1]):
+        if groups is not None and groups.get(sequence):
+            return groups.get(sequence)[0]
+    return None
 
+
+def _is_colour(dataset) -> bool:
+    return int(dataset.get("SamplesPerPixel", 1) or 1) > 1
+
+
+def _frames(dataset) -> np.ndarray:
+    """The stored pixel values as [frames, rows, cols] (colour averaged)."""
     pixels = _pixels(dataset)
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    colour = int(dataset.get("SamplesPerPixel", 1) or 1) > 1
-    if frames == 1:
+    if int(dataset.get("NumberOfFrames", 1) or 1) == 1:
         pixels = pixels[None]
-    if colour:
+    if _is_colour(dataset):
         pixels = pixels.astype(np.float64).mean(axis=-1)
     if pixels.ndim != 3 or min(pixels.shape[1:]) == 0:
         raise DicomDecodeError(f"DICOM pixel data has an unusable shape {pixels.shape}")
-    modality = str(dataset.get("Modality", "")).upper()
-    slices = []
-    for frame in pixels:
-        if modality == "CT" and not colour:
-            hounsfield = np.asarray(apply_modality_lut(frame, dataset), dtype=np.float64)
-            half = config.window_width / 2
-            out = _to_uint8(hounsfield, config.window_center - half, config.window_center + half)
+    return pixels
+
+
+def modality_values(dataset) -> list[np.ndarray]:
+    """The modality values of each frame (float64): CT in Hounsfield units. Enhanced multi-frame
+    objects (Enhanced CT/MR) rescale each frame by the slope and intercept of its functional
+    groups (PixelValueTransformationSequence); other objects by RescaleSlope/Intercept or their
+    Modality LUT. Colour is left as stored."""
+    from pydicom.pixels import apply_modality_lut
+
+    colour = _is_colour(dataset)
+    values = []
+    for index, frame in enumerate(_frames(dataset)):
+        transform = _functional_group(dataset, index, "PixelValueTransformationSequence")
+        if colour:
+            values.append(frame.astype(np.float64))
+        elif transform is not None and "RescaleSlope" in transform:
+            slope, intercept = float(transform.RescaleSlope), float(transform.RescaleIntercept)
+            values.append(frame.astype(np.float64) * slope + intercept)
         else:
-            values = frame.astype(np.float64)
+            values.append(np.asarray(apply_modality_lut(frame, dataset), dtype=np.float64))
+    return values
+
+
+def _first(value) -> float:
+    """The first of a possibly multi-valued number (WindowCenter may hold several windows)."""
+    from pydicom.multival import MultiValue
+
+    return float(value[0] if isinstance(value, MultiValue) else value)
+
+
+def _window(dataset, frame: int, config: DicomConfig) -> tuple[float, float] | None:
+    """(low, high) modality values shown black to white for one frame; None: percentiles."""
+    if config.window_source == "file":
+        voi = _functional_group(dataset, frame, "FrameVOILUTSequence")
+        for source in (voi, dataset):
+            if source is not None and "WindowCenter" in source and "WindowWidth" in source:
+                center, width = _first(source.WindowCenter), _first(source.WindowWidth)
+                if width > 0:
+                    return center - width / 2, center + width / 2
+    if str(dataset.get("Modality", "")).upper() == "CT":
+        half = config.window_width / 2
+        return config.window_center - half, config.window_center + half
+    return None
+
+
+def decode_slices(dataset, config: DicomConfig) -> list[np.ndarray]:
+    """The 8-bit grey slices [rows, cols] of a parsed DICOM object (see the module docstring)."""
+    colour = _is_colour(dataset)
+    slices = []
+    for index, values in enumerate(modality_values(dataset)):
+        window = None if colour else _window(dataset, index, config)
+        if window is None:
             low, high = np.percentile(values, list(config.mr_percentiles))
             if high <= low:
                 low, high = float(values.min()), float(values.max())
-            out = _to_uint8(values, low, high)
+            window = (low, high)
+        out = _to_uint8(values, *window)
         if str(dataset.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
             out = 255 - out
         slices.append(out)
@@ -150,6 +208,18 @@ def png_bytes(slice_: np.ndarray) -> bytes:
 def dicom_to_png(source: Path | bytes, config: DicomConfig) -> list[bytes]:
     """Every slice of a DICOM file (or bytes) as PNG bytes; DicomDecodeError with the reason."""
     return [png_bytes(s) for s in decode_slices(read_dataset(source), config)]
+
+
+def encoded_images(name: str, data: bytes, config: DicomConfig) -> list[tuple[str, bytes]]:
+    """What the served model takes for one file: its bytes, or for DICOM (the marker, or a
+    `.dcm` name) the PNG of every slice, named `<name>#<frame>` when there are several.
+    DicomDecodeError (a ValueError) with the reason for an undecodable DICOM file."""
+    if not (looks_like_dicom(data) or name.lower().endswith(tuple(DICOM_SUFFIXES))):
+        return [(name, data)]
+    slices = dicom_to_png(data, config)
+    if len(slices) == 1:
+        return [(name, slices[0])]
+    return [(f"{name}#{index}", png) for index, png in enumerate(slices)]
 
 
 def _tag(dataset, keyword: str) -> str:

@@ -56,6 +56,9 @@ MAX_NAME_BYTES = 200
 _UNSAFE_CHARS = re.compile(r"[^\w.+-]+", re.ASCII)
 _KAGGLE_HANDLE = re.compile(r"^[\w.-]+/[\w.-]+(/versions/(\d+))?$")
 _STAGING = ".staging"
+# source.json key: archive entries that could not be extracted, [escaped name, reason] each;
+# validation lists them in its quarantine report.
+ARCHIVE_QUARANTINE = "archive_quarantine"
 
 
 @dataclass(frozen=True)
@@ -279,10 +282,13 @@ def _fetch(source: str, staging: Path, dataset: DatasetConfig) -> _Fetched:
     if path.is_dir():
         return _Fetched(path, str(path.resolve()), None)
     if archive.is_archive(path):
-        archive.extract_archive(path, staging / "archive", dataset.max_archive_bytes)
-        return _Fetched(
-            staging / "archive", str(path.resolve()), None, {"sha256": sha256_file(path)}
-        )
+        extracted = archive.extract_archive(path, staging / "archive", dataset.max_archive_bytes)
+        extra: dict = {"sha256": sha256_file(path)}
+        if extracted.quarantined:
+            extra[ARCHIVE_QUARANTINE] = [
+                [escape_name(name), reason] for name, reason in extracted.quarantined
+            ]
+        return _Fetched(staging / "archive", str(path.resolve()), None, extra)
     raise _unusable_source(source, path)
 
 

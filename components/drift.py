@@ -34,7 +34,7 @@ from tumorflow.components.drift_features import (
     ModelProbe,
     feature_table,
     find_projection,
-    image_files,
+    folder_images,
     projection_path_for,
 )
 from tumorflow.components.drift_store import (
@@ -161,12 +161,15 @@ def _split_images(split_dir: Path) -> tuple[list[str], list[bytes]]:
 
 
 def _folder_images(folder: Path, source: str) -> tuple[list[str], list[bytes]]:
-    """The images under `folder` (the local copy of `source`), named as under `source`."""
-    files = image_files(folder)
-    if not files:
-        raise DatasetError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    names = [storage.join(source, path.relative_to(folder).as_posix()) for path in files]
-    return names, [path.read_bytes() for path in files]
+    """The images under `folder` (the local copy of `source`), named as under `source`; DICOM
+    as its slices, an undecodable one quarantined (logged with the reason)."""
+    found = list(folder_images(folder))
+    if not found:
+        raise DatasetError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)}, DICOM)")
+    images = [image for image in found if image.reason is None]
+    if not images:
+        raise DatasetError(f"none of the files under {source} decode (first: {found[0].reason})")
+    return [storage.join(source, i.name) for i in images], [i.encoded for i in images]
 
 
 def load_table(

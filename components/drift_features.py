@@ -11,15 +11,16 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from tumorflow.components import dicom
 from tumorflow.core import serving_layout
-from tumorflow.core.config import DriftConfig
+from tumorflow.core.config import DicomConfig, DriftConfig
 from tumorflow.core.errors import DatasetError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -149,14 +150,51 @@ def image_features(image: np.ndarray | bytes) -> dict[str, float]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder` (any depth), sorted; hidden files are skipped."""
+    """The image and DICOM files under `folder` (any depth), sorted; hidden files are skipped."""
     return sorted(
         path
         for path in folder.rglob("*")
         if path.is_file()
-        and path.suffix.lower() in IMAGE_SUFFIXES
         and not path.name.startswith(".")
+        and (path.suffix.lower() in IMAGE_SUFFIXES or dicom.is_dicom_file(path))
     )
+
+
+@dataclass(frozen=True)
+class FolderImage:
+    """One image a folder contributes: an image file, or one slice of a DICOM file. `reason`
+    (and no bytes) for a DICOM file that cannot be decoded: it is quarantined, not skipped."""
+
+    path: Path
+    name: str
+    encoded: bytes = b""
+    reason: str | None = None
+
+
+def folder_images(
+    folder: Path, prefix: str = "", dicom_config: DicomConfig | None = None
+) -> Iterator[FolderImage]:
+    """The images under `folder`, named `<prefix><relative path>` (`#<frame>` for the slices of a
+    multi-frame DICOM file). DICOM files are decoded as training decodes them
+    (components/dicom.py, `dicom_config` or the default window); unreadable files are logged
+    and left out, undecodable DICOM files come back with their quarantine reason."""
+    config = dicom_config or DicomConfig()
+    for path in image_files(folder):
+        name = prefix + path.relative_to(folder).as_posix()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            logger.warning("skipping %s: %s", name, exc)
+            continue
+        try:
+            images = dicom.encoded_images(name, data, config)
+        except dicom.DicomDecodeError as exc:
+            reason = f"DICOM not decodable: {exc}"
+            logger.warning("quarantined %s: %s", name, reason)
+            yield FolderImage(path, name, reason=reason)
+            continue
+        for image_name, encoded in images:
+            yield FolderImage(path, image_name, encoded)
 
 
 def image_feature_table(images: Iterable[np.ndarray | bytes]) -> pd.DataFrame:

@@ -2,7 +2,8 @@
 
 Where the official `tensorflow_model_server` serves the model, `ingest_prediction_logs` reads its
 request log (TFRecord files of `PredictionLog`); `ingest_image_folder` takes a folder of recent
-images. Both write rows with the store's `PartWriter`, the one the server's logger uses.
+images or raw DICOM, decoded as training decodes it. Both write rows with the store's
+`PartWriter`, the one the server's logger uses.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorflow.components.drift_features import image_files
+from tumorflow.components.drift_features import folder_images
 from tumorflow.components.drift_store import UNKNOWN_VERSION, LoggedRequest, PartWriter
 from tumorflow.components.export import INPUT as IMAGE_INPUT
+from tumorflow.core.config import DicomConfig
 from tumorflow.core.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -74,12 +76,14 @@ def _request_of_prediction_log(
 
 def _report_ingest(source: object, root_uri: str, counts: Mapping[str, int]) -> int:
     logger.info(
-        "ingested %s: %d rows in %d part files under %s; %d records or images skipped",
+        "ingested %s: %d rows in %d part files under %s; %d records or images skipped, "
+        "%d DICOM files quarantined (not decodable)",
         source,
         counts["rows"],
         counts["files"],
         root_uri,
         counts["skipped"],
+        counts["quarantined"],
     )
     return counts["rows"]
 
@@ -141,10 +145,14 @@ def ingest_image_folder(
     model_version: int | None = None,
     *,
     batch_rows: int = 1000,
+    dicom_config: DicomConfig | None = None,
 ) -> int:
     """Append one row of image drift features per image under `folder` to the store at
     `root_uri`, stamped with the file's modification time; returns the rows written.
 
+    DICOM files (`.dcm`, or series files without an extension) become one row per slice, decoded
+    by the training decode (components/dicom.py with `dicom_config`, by default the default
+    window); one that cannot be decoded is quarantined: logged with its reason and counted.
     No model ran, so the rows have no prediction or embedding columns; `model_version` defaults to
     `UNKNOWN_VERSION`. Images that cannot be read are skipped and counted.
     """
@@ -156,21 +164,19 @@ def ingest_image_folder(
     counts: Counter[str] = Counter()
     parts = PartWriter(str(root_uri), None, lambda key, n: counts.update({key: n}))
     version = UNKNOWN_VERSION if model_version is None else int(model_version)
-    for path in tqdm(image_files(folder), desc="images", unit="img", disable=None):
-        try:
-            encoded = path.read_bytes()
-        except OSError as exc:
-            logger.debug("skipping %s: %s", path, exc)
-            counts["skipped"] += 1
+    images = folder_images(folder, str(folder) + "/", dicom_config)
+    for image in tqdm(images, desc="images", unit="img", disable=None):
+        if image.reason is not None:
+            counts["quarantined"] += 1
             continue
         parts.add(
             LoggedRequest(
-                timestamp=_mtime(path),
+                timestamp=_mtime(image.path),
                 model_name=model_name,
                 model_version=version,
-                inputs={IMAGE_INPUT: np.array([encoded], dtype=object)},
+                inputs={IMAGE_INPUT: np.array([image.encoded], dtype=object)},
                 outputs=None,
-                source=str(path),
+                source=image.name,
             )
         )
         if parts.buffered >= batch_rows:

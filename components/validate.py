@@ -11,10 +11,11 @@ they are; other accepted images are normalised to 8-bit RGB PNG: grayscale is re
 RGBA/LA/palette transparency is composited on black, 16-bit and float images are windowed to 8
 bits between their 0.5th and 99.5th percentiles, CMYK/YCbCr converted.
 
-Decoding runs twice: once to validate and hash, in a pool of processes on every core (Pillow's
-checks and the pHash DCT hold the GIL, so threads would use about one core), and once per shard
-to encode, in a thread pool, so memory stays at one shard of encoded bytes even for the
-12,446-image kidney CT set. Small sets are checked in threads (starting processes costs more).
+Decoding runs twice: once to validate and hash, in a pool of processes on every core this process
+may use (Pillow's checks and the pHash DCT hold the GIL, so threads would use about one core;
+`tumorflow bench validate` measures it), and once per shard to encode, in a thread pool, so memory
+stays at one shard of encoded bytes even for the 12,446-image kidney CT set. Sets under
+`PROCESS_POOL_MIN_IMAGES` are checked in threads (starting processes costs more).
 """
 
 from __future__ import annotations
@@ -208,14 +209,33 @@ def check_image(files_dir: Path, row: download.ManifestRow) -> ImageCheck:
     return ImageCheck(row.path, None, width, height, phash64(image))
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def check_pool(workers: int, images: int) -> str:
+    """How `check_images` runs `images` checks on `workers`: "processes" (a pool of that many),
+    "threads" (a small set, where starting processes costs more) or "serial" (one worker)."""
+    if workers <= 1:
+        return "serial"
+    return "processes" if images >= PROCESS_POOL_MIN_IMAGES else "threads"
+
+
 def check_images(
     files_dir: Path, rows: list[download.ManifestRow], workers: int | None = None
 ) -> list[ImageCheck]:
-    """`check_image` of every row, in order, on `workers` processes (default: every core)."""
-    workers = workers or os.cpu_count() or 1
+    """`check_image` of every row, in order, on `workers` processes (default: every core this
+    process may use); see `check_pool`."""
+    workers = workers or available_cores()
     check = functools.partial(check_image, files_dir)
     progress = {"total": len(rows), "desc": "validate", "unit": "img", "disable": None}
-    if workers > 1 and len(rows) >= PROCESS_POOL_MIN_IMAGES:
+    how = check_pool(workers, len(rows))
+    if how == "serial":
+        return [check(row) for row in tqdm(rows, **progress)]
+    if how == "processes":
         # fork is cheap and needs no `__main__` guard in the caller, but is unsafe once
         # TensorFlow's threads run in this process: spawn then
         start = "fork" if "tensorflow" not in sys.modules and os.name == "posix" else "spawn"
@@ -343,13 +363,16 @@ def validate_and_split(
     )
     _prepare_output(output_dir)
     files_dir = raw_dir / download.FILES
-    workers = min(8, (os.cpu_count() or 1) + 1)
+    workers = min(8, available_cores() + 1)
     checks = check_images(files_dir, rows)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         conflicts = _conflicting_labels(
             [row for row, check in zip(rows, checks, strict=True) if check.reason is None]
         )
-        quarantined: list[tuple[str, str]] = []
+        quarantined: list[tuple[str, str]] = [
+            (name, f"archive entry not extracted: {reason}")
+            for name, reason in source_info.get(download.ARCHIVE_QUARANTINE, [])
+        ]
         kept: list[tuple[download.ManifestRow, ImageCheck]] = []
         for row, check in zip(rows, checks, strict=True):
             reason = check.reason or conflicts.get(row.sha256)

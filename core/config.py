@@ -41,6 +41,9 @@ class DicomConfig(_Section):
     # CT: Hounsfield units (RescaleSlope/Intercept) shown through this window (abdomen: 40/400).
     window_center: float = 40.0
     window_width: float = Field(400.0, gt=0)
+    # "file": the object's own window instead (per frame for enhanced multi-frame objects, from
+    # their functional groups; else WindowCenter/WindowWidth), the above where it has none.
+    window_source: Literal["preset", "file"] = "preset"
     # MR (and any other modality): scaled between these percentiles of the slice.
     mr_percentiles: list[float] = Field(default_factory=lambda: [1.0, 99.0])
     # Salt of the pseudonymous patient/study/site ids: this text, or the content of

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tumorflow.components.dicom import encoded_images as encoded_images
 from tumorflow.components.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
-from tumorflow.core.config import DicomConfig
 from tumorflow.core.errors import TumorflowError
 
 IMAGE_INPUT = INPUT
@@ -58,20 +58,6 @@ class ModelTarget:
     version: int | None = None
     label: str | None = None
     signature_name: str = ""
-
-
-def encoded_images(name: str, data: bytes, dicom_config: DicomConfig) -> list[tuple[str, bytes]]:
-    """What to send for one file: its bytes, or for DICOM the PNG of every slice (named
-    `<name>#<frame>` when there are several), made by components/dicom.py's one decode.
-    Raises DicomDecodeError (a ValueError) with the reason for an undecodable DICOM file."""
-    from tumorflow.components import dicom
-
-    if not (dicom.looks_like_dicom(data) or name.lower().endswith(tuple(dicom.DICOM_SUFFIXES))):
-        return [(name, data)]
-    slices = dicom.dicom_to_png(data, dicom_config)
-    if len(slices) == 1:
-        return [(name, slices[0])]
-    return [(f"{name}#{index}", png) for index, png in enumerate(slices)]
 
 
 def _text(value: object) -> str:

@@ -1,5 +1,5 @@
 """Small DICOM files written with pydicom, with fake PHI in their tags: CT, MR, MONOCHROME1,
-multi-frame, compressed, corrupt. Importable as `dicom_fixtures` from every test module."""
+multi-frame (plain and Enhanced CT/MR with per-frame functional groups), compressed, corrupt. Importable as `dicom_fixtures` from every test module."""
 
 from __future__ import annotations
 
@@ -32,11 +32,24 @@ def write_dicom(
     manufacturer: str = "ACME Medical",
     model: str = "Scanatron 64",
     compress: bool = False,
+    frame_rescale: list[tuple[float, float]] | None = None,
+    shared_rescale: tuple[float, float] | None = None,
+    frame_windows: list[tuple[float, float]] | None = None,
+    window: tuple[float, float] | None = None,
 ) -> Path:
-    """Write `pixels` ([rows, cols] or [frames, rows, cols], uint16) as a DICOM file."""
+    """Write `pixels` ([rows, cols] or [frames, rows, cols], uint16) as a DICOM file.
+
+    With `frame_rescale` (slope, intercept per frame), `shared_rescale` or `frame_windows`
+    (center, width per frame) it is an Enhanced CT/MR object whose rescale and windows live in
+    its per-frame and shared functional groups, not in top-level tags; `window` is a top-level
+    WindowCenter/WindowWidth.
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
     from pydicom.uid import (
         CTImageStorage,
+        EnhancedCTImageStorage,
+        EnhancedMRImageStorage,
         ExplicitVRLittleEndian,
         MRImageStorage,
         RLELossless,
@@ -44,8 +57,14 @@ def write_dicom(
     )
 
     pixels = np.asarray(pixels, dtype=np.uint16)
+    enhanced = bool(frame_rescale or shared_rescale or frame_windows)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+    if enhanced:
+        meta.MediaStorageSOPClassUID = (
+            EnhancedCTImageStorage if modality == "CT" else EnhancedMRImageStorage
+        )
+    else:
+        meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -71,9 +90,34 @@ def write_dicom(
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
-    if modality == "CT":
+    if modality == "CT" and not enhanced:
         ds.RescaleSlope = slope
         ds.RescaleIntercept = intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if enhanced:
+
+        def transform(rescale: tuple[float, float]) -> Dataset:
+            item = Dataset()
+            item.RescaleSlope, item.RescaleIntercept = rescale
+            item.RescaleType = "HU" if modality == "CT" else "US"
+            return item
+
+        shared = Dataset()
+        if shared_rescale is not None:
+            shared.PixelValueTransformationSequence = Sequence([transform(shared_rescale)])
+        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        frames = []
+        for index in range(len(pixels) if pixels.ndim == 3 else 1):
+            group = Dataset()
+            if frame_rescale is not None:
+                group.PixelValueTransformationSequence = Sequence([transform(frame_rescale[index])])
+            if frame_windows is not None:
+                voi = Dataset()
+                voi.WindowCenter, voi.WindowWidth = frame_windows[index]
+                group.FrameVOILUTSequence = Sequence([voi])
+            frames.append(group)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
     ds.PixelData = pixels.tobytes()
     if compress:
         ds.compress(RLELossless)

@@ -179,3 +179,79 @@ def test_pseudonyms_are_stable_for_one_salt_and_differ_across_salts(tmp_path: Pa
         )
     assert tables[0] == tables[1]
     assert set(tables[0]).isdisjoint(tables[2])
+
+
+def _hounsfield_file(path: Path, hu: np.ndarray) -> Path:
+    """A plain single-frame CT holding these HU (intercept -1024): the reference decode."""
+    return write_dicom(path, np.clip(np.rint(hu) + 1024, 0, 65535).astype(np.uint16))
+
+
+ENHANCED_RESCALE = [(1.0, -1024.0), (2.0, -1948.0), (0.5, -600.0)]
+
+
+def test_enhanced_ct_frames_are_rescaled_by_their_own_slope_and_intercept(tmp_path: Path) -> None:
+    stored = ct_phantom(150, seed=4)
+    frames = np.stack([stored] * 3)
+    path = write_dicom(tmp_path / "enhanced.dcm", frames, frame_rescale=ENHANCED_RESCALE)
+    dataset = dicom.read_dataset(path)
+    assert "RescaleSlope" not in dataset  # only the functional groups say how to rescale
+    hounsfield = dicom.modality_values(dataset)
+    slices = dicom.decode_slices(dataset, CONFIG)
+    assert len(hounsfield) == len(slices) == 3
+    for index, (slope, intercept) in enumerate(ENHANCED_RESCALE):
+        expected = stored.astype(np.float64) * slope + intercept
+        np.testing.assert_allclose(hounsfield[index], expected)
+        (reference,) = _decode(_hounsfield_file(tmp_path / f"plain-{index}.dcm", expected))
+        assert np.abs(slices[index].astype(int) - reference.astype(int)).max() <= 1
+    # the same stored values mean different tissue in each frame: about -60, 60 and 220 HU
+    assert hounsfield[2].mean() + 100 < hounsfield[0].mean() < hounsfield[1].mean() - 100
+    assert slices[2].mean() < slices[0].mean() < slices[1].mean()
+
+
+def test_enhanced_ct_frames_without_their_own_rescale_take_the_shared_one(tmp_path: Path) -> None:
+    stored = ct_phantom(80, seed=5)
+    frames = np.stack([stored, stored])
+    shared_only = write_dicom(tmp_path / "shared.dcm", frames, shared_rescale=(2.0, -2000.0))
+    both = write_dicom(
+        tmp_path / "both.dcm",
+        frames,
+        shared_rescale=(2.0, -2000.0),
+        frame_rescale=[(1.0, -1024.0), (1.0, -1024.0)],
+    )
+    for hounsfield in dicom.modality_values(dicom.read_dataset(shared_only)):
+        np.testing.assert_allclose(hounsfield, stored * 2.0 - 2000.0)
+    for hounsfield in dicom.modality_values(dicom.read_dataset(both)):
+        np.testing.assert_allclose(hounsfield, stored - 1024.0)
+
+
+def test_per_frame_windows_are_used_when_the_config_asks_for_the_files_window(
+    tmp_path: Path,
+) -> None:
+    stored = ct_phantom(150, seed=6)
+    windows = [(40.0, 400.0), (40.0, 100.0), (300.0, 1500.0)]
+    path = write_dicom(
+        tmp_path / "windows.dcm",
+        np.stack([stored] * 3),
+        frame_rescale=[(1.0, -1024.0)] * 3,
+        frame_windows=windows,
+    )
+    preset = _decode(path)
+    assert all(np.array_equal(preset[0], other) for other in preset[1:])
+    from_file = _decode(path, DicomConfig(pseudonym_salt="s", window_source="file"))
+    plain = _hounsfield_file(tmp_path / "plain.dcm", stored.astype(np.float64) - 1024)
+    for (center, width), slice_ in zip(windows, from_file, strict=True):
+        (reference,) = _decode(plain, DicomConfig(window_center=center, window_width=width))
+        np.testing.assert_array_equal(slice_, reference)
+    assert len({slice_.tobytes() for slice_ in from_file}) == 3
+
+
+def test_a_single_frame_files_own_window_is_used_when_asked_and_the_preset_without_one(
+    tmp_path: Path,
+) -> None:
+    stored = ct_phantom(150, seed=7)
+    windowed = write_dicom(tmp_path / "w.dcm", stored, window=(40.0, 100.0))
+    bare = write_dicom(tmp_path / "bare.dcm", stored)
+    from_file = DicomConfig(window_source="file")
+    narrow = DicomConfig(window_center=40, window_width=100)
+    np.testing.assert_array_equal(_decode(windowed, from_file)[0], _decode(bare, narrow)[0])
+    np.testing.assert_array_equal(_decode(bare, from_file)[0], _decode(bare)[0])

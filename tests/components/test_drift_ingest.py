@@ -194,3 +194,76 @@ def test_drift_ingest_command_prints_the_rows_written(
     )
     assert "wrote 1 rows" in capsys.readouterr().out
     assert sorted(read_store(store / "kidney-ct")["model_version"]) == [3, 3, 5]
+
+
+def _dicom_folder(folder: Path) -> dict[str, Path]:
+    """Raw DICOM as a PACS export holds it: a CT file, an extension-less series file, an
+    Enhanced CT with three frames rescaled differently, a truncated file, a `.dcm` that is not
+    DICOM, and one PNG."""
+    from dicom_fixtures import ct_phantom, write_dicom
+    from helpers import image_bytes
+
+    files = {
+        "ct": write_dicom(folder / "study" / "ct.dcm", ct_phantom(150, seed=1)),
+        "series": write_dicom(folder / "series" / "IM0001", ct_phantom(-50, seed=2)),
+        "enhanced": write_dicom(
+            folder / "enhanced.dcm",
+            np.stack([ct_phantom(60, seed=3)] * 3),
+            frame_rescale=[(1.0, -1024.0), (2.0, -1948.0), (0.5, -600.0)],
+        ),
+        "truncated": write_dicom(folder / "cut.dcm", ct_phantom(80, seed=4)),
+        "png": folder / "export.png",
+    }
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:-1000])
+    (folder / "notes.dcm").write_text("not a DICOM file at all")
+    files["png"].write_bytes(image_bytes(seed=5, size=32))
+    return files
+
+
+def _training_features(path: Path) -> list[dict[str, float]]:
+    """The drift features of each slice as the training decode (the download step) makes it."""
+    from tumorflow.components import dicom
+    from tumorflow.components.drift_features import image_features
+    from tumorflow.core.config import DicomConfig
+
+    return [image_features(png) for png in dicom.dicom_to_png(path, DicomConfig())]
+
+
+def test_a_folder_of_raw_dicom_is_decoded_as_training_decodes_it(
+    tmp_path: Path, read_store, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = _dicom_folder(tmp_path / "incoming")
+    store = tmp_path / "store"
+    with caplog.at_level(logging.INFO, logger="tumorflow.components"):
+        rows = ingest_image_folder(tmp_path / "incoming", str(store), "kidney-ct")
+    assert rows == 1 + 1 + 3 + 1
+    assert "2 DICOM files quarantined" in caplog.text
+    assert "cut.dcm: DICOM not decodable: corrupt DICOM pixel data" in caplog.text
+    assert "notes.dcm: DICOM not decodable: not a DICOM file" in caplog.text
+    table = read_store(store / "kidney-ct")
+    # in file order: enhanced.dcm's three frames, export.png, series/IM0001, study/ct.dcm
+    expected = [
+        *_training_features(files["enhanced"]),
+        None,
+        *_training_features(files["series"]),
+        *_training_features(files["ct"]),
+    ]
+    assert len(table) == len(expected)
+    for row, features in zip(table.to_dict("records"), expected, strict=True):
+        for column in IMAGE_FEATURES if features else ():
+            assert row[column] == pytest.approx(features[column]), column
+    frames = table["intensity_mean"].tolist()[:3]
+    assert frames[2] < frames[0] < frames[1]  # each frame's own rescale: -60, 60, 220 HU
+
+
+def test_drift_of_a_dicom_folder_reads_its_slices_and_quarantines_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tumorflow.components.drift import load_table
+
+    _dicom_folder(tmp_path / "current")
+    with caplog.at_level(logging.WARNING, logger="tumorflow.components"):
+        table = load_table(tmp_path / "current")
+    assert len(table) == 1 + 1 + 3 + 1
+    assert "quarantined" in caplog.text and "cut.dcm: DICOM not decodable" in caplog.text
+    assert table["intensity_std"].min() > 0

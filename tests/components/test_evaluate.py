@@ -161,3 +161,58 @@ def test_a_split_with_slices_csv_is_evaluated_per_site_and_scanner(model_and_spl
     with (tmp_path / "eval" / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {row["slice:site"] for row in rows} == {"site-0", "site-1"}
+
+
+def test_a_dataset_made_only_of_hostile_names_is_validated_split_and_evaluated(tmp_path):
+    """Every name of the hostile-name corpus (undecodable bytes, newlines, leading dashes, a
+    255-byte name, names differing only in case) goes through validate -> split -> evaluate; the
+    predictions and metrics name the safe copies, and each maps back to its original name."""
+    from helpers import HOSTILE_NAMES, write_hostile_name_corpus
+
+    from tumorflow.components.download import download_dataset, original_name, read_manifest
+    from tumorflow.components.metrics import read_predictions
+    from tumorflow.components.validate import validate_and_split
+    from tumorflow.core.config import DatasetConfig, SplitConfig
+
+    corpus = write_hostile_name_corpus(tmp_path / "corpus", per_class=0, size=40)
+    download_dataset(str(tmp_path / "corpus"), tmp_path / "raw", DatasetConfig())
+    rows = read_manifest(tmp_path / "raw")
+    assert len(rows) == 2 * len(HOSTILE_NAMES)
+    split = validate_and_split(
+        tmp_path / "raw",
+        tmp_path / "split",
+        SplitConfig(min_test_per_class=1, test_fraction=0.3, val_fraction=0.2, seed=1),
+    )
+    assert split.quarantined == [] and split.classes == ["normal", "tumor"]
+    model, _ = build_classifier("custom_cnn", 2, 32, "none", 0.0)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model.save(model_dir / "model.keras")
+    info = {"backbone": "custom_cnn", "image_size": [32, 32], "classes": split.classes}
+    (model_dir / "model_info.json").write_text(json.dumps({**info, "mlflow_run_id": None}))
+    export_model_artifact(model_dir)
+    scored = {}
+    for name, count in split.counts.items():
+        if not sum(count.values()):
+            continue
+        out = tmp_path / f"eval-{name}"
+        metrics = evaluate_model(model_dir, tmp_path / "split", out, split=name)
+        assert metrics["n"] == sum(count.values())
+        assert json.loads((out / "metrics.json").read_text())["n"] == metrics["n"]
+        predictions = read_predictions(out / "predictions.csv", split.classes)
+        assert np.isfinite(predictions.probs).all()
+        scored.update(zip(predictions.paths, predictions.y_true, strict=True))
+    original_of = {
+        row.path: original_name(row.original_path) if row.original_path else row.path
+        for row in rows
+    }
+    assert set(scored) == set(original_of)  # every image scored once, under its safe name
+    for path, label in scored.items():
+        path.encode("utf-8")
+        assert path.isprintable() and "\n" not in path
+        assert not any(part.startswith("-") or len(part.encode()) > 200 for part in path.split("/"))
+        assert split.classes[label] == path.split("/")[0]
+    originals = {original_of[path].encode("utf-8", "surrogateescape") for path in scored}
+    assert originals == {
+        label.encode() + b"/" + name for label, names in corpus.items() for name in names
+    }

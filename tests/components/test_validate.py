@@ -281,3 +281,34 @@ def test_checking_on_every_core_gives_what_threads_give(tmp_path: Path, monkeypa
     processes = validate.check_images(tmp_path / "raw" / FILES, rows, workers=2)
     assert processes == threads
     assert sum(check.reason is not None for check in processes) == 3
+
+
+def test_the_validate_step_checks_in_worker_processes_above_the_threshold(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Decoding and hashing run on every core: in a pool of processes (their CPU time is the
+    children's) for sets above `PROCESS_POOL_MIN_IMAGES`, in this process below it."""
+    import resource
+
+    from tumorflow.components import validate
+    from tumorflow.core.config import PhantomConfig, load_config
+
+    dataset = load_config(preset="phantom").dataset.model_copy(
+        update={"phantom": PhantomConfig(per_class=12, size=64)}
+    )
+    download_dataset("phantom", tmp_path / "raw", dataset)
+    monkeypatch.setattr(validate, "available_cores", lambda: 2)
+
+    def children_cpu_of_a_split(name: str) -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        validate_and_split(tmp_path / "raw", tmp_path / name, SMALL_SPLIT)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+    assert children_cpu_of_a_split("threads") == 0.0
+    monkeypatch.setattr(validate, "PROCESS_POOL_MIN_IMAGES", 10)
+    assert children_cpu_of_a_split("processes") > 0.0
+    for name in ("threads", "processes"):
+        assert (tmp_path / name / "split_manifest.csv").read_text() == (
+            tmp_path / "threads" / "split_manifest.csv"
+        ).read_text()
