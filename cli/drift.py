@@ -48,16 +48,21 @@ def _window(args: argparse.Namespace) -> tuple[datetime, datetime] | None:
 
 def _drift(args: argparse.Namespace) -> int:
     from tumorflow.components.drift import drift_report, load_table
-    from tumorflow.core.config import DriftConfig
 
-    drift_share = args.drift_share if args.drift_share is not None else DriftConfig().drift_share
+    config = config_from_args(args, default_preset=None)
+    drift_share = args.drift_share if args.drift_share is not None else config.drift.drift_share
     if not 0 < drift_share <= 1:
         raise ConfigError(f"--drift-share must be within (0, 1], got {drift_share}")
     model_dir = Path(args.model) if args.model else None
     window = _window(args)
-    reference = load_table(args.reference, window=None, model_dir=model_dir)
+    dicom = config.dataset.dicom
+    reference = load_table(args.reference, window=None, model_dir=model_dir, dicom_config=dicom)
     current = load_table(
-        args.current, window, model_dir=model_dir, projection=reference.attrs.get("projection")
+        args.current,
+        window,
+        model_dir=model_dir,
+        projection=reference.attrs.get("projection"),
+        dicom_config=dicom,
     )
     verdict = drift_report(reference, current, Path(args.output), drift_share)
     print(verdict.summary())
@@ -142,7 +147,13 @@ def _drift_ingest(args: argparse.Namespace) -> int:
 
             served = served_version(args.model_base_path, args.model_name)
             version = served.version if served else None
-        rows = ingest_image_folder(Path(args.images), args.store, args.model_name, version)
+        rows = ingest_image_folder(
+            Path(args.images),
+            args.store,
+            args.model_name,
+            version,
+            dicom_config=config_from_args(args, default_preset=None).dataset.dicom,
+        )
     else:
         with tempfile.TemporaryDirectory(prefix="tumorflow-ingest-") as workdir:
             lookup = (
@@ -166,8 +177,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Evidently drift report of current data against a reference",
         description="Compare drift features (intensity, contrast, entropy, sharpness, size, and "
         "with --model the embedding projection, predicted class and confidence) of two sources; "
-        "write report.html, report.json and verdict.json to --output.",
+        "write report.html, report.json and verdict.json to --output. DICOM files in image "
+        "folders are decoded with the dataset.dicom window of --preset/--config/--set.",
     )
+    add_config_arguments(drift)
     drift.add_argument("--reference", required=True, metavar="SRC", help=_SOURCE_HELP)
     drift.add_argument("--current", required=True, metavar="SRC", help=_SOURCE_HELP)
     drift.add_argument("--output", required=True, metavar="DIR", help="folder for the report")
@@ -186,7 +199,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--drift-share",
         type=float,
         metavar="SHARE",
-        help="share of drifted feature columns that counts as drift (default: drift.drift_share)",
+        help="share of drifted feature columns that counts as drift (default: the config's "
+        "drift.drift_share)",
     )
     drift.add_argument(
         "--fail-on-drift", action="store_true", help="exit with status 1 when drift is detected"
@@ -216,6 +230,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve --request_log_dir` writes) from the PredictionLog TFRecord files of "
         "tensorflow_model_server's request logging, or from a folder of recent images.",
     )
+    add_config_arguments(ingest)
     ingest.add_argument(
         "--store", required=True, metavar="URI", help="request-log root (local or gs://)"
     )

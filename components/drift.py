@@ -44,6 +44,7 @@ from tumorflow.components.drift_store import (
     read_request_log,
 )
 from tumorflow.core import serving_layout, storage
+from tumorflow.core.config import DicomConfig
 from tumorflow.core.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -160,10 +161,13 @@ def _split_images(split_dir: Path) -> tuple[list[str], list[bytes]]:
     return [record.path for record in records], [record.encoded for record in records]
 
 
-def _folder_images(folder: Path, source: str) -> tuple[list[str], list[bytes]]:
+def _folder_images(
+    folder: Path, source: str, dicom_config: DicomConfig | None = None
+) -> tuple[list[str], list[bytes]]:
     """The images under `folder` (the local copy of `source`), named as under `source`; DICOM
-    as its slices, an undecodable one quarantined (logged with the reason)."""
-    found = list(folder_images(folder))
+    as its slices (decoded with `dicom_config`, the training window), an undecodable one
+    quarantined (logged with the reason)."""
+    found = list(folder_images(folder, dicom_config=dicom_config))
     if not found:
         raise DatasetError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)}, DICOM)")
     images = [image for image in found if image.reason is None]
@@ -180,6 +184,7 @@ def load_table(
     projection: EmbeddingProjection | None = None,
     model_name: str | None = None,
     n_components: int = DEFAULT_EMBEDDING_COMPONENTS,
+    dicom_config: DicomConfig | None = None,
 ) -> pd.DataFrame:
     """A drift feature table from a folder of images, a split dataset (its train split), a stored
     table (.parquet/.csv), or a request-log root (rows inside `window`), local or `gs://`.
@@ -187,6 +192,7 @@ def load_table(
     For images, `model_dir` adds the model features; their embedding projection is `projection`,
     else the one stored with the model, else one fitted here. The projection a table's embedding
     columns were made with is returned in `table.attrs["projection"]` (None when none).
+    DICOM files in a folder are decoded with `dicom_config` (the training decode's window).
     """
     with tempfile.TemporaryDirectory(prefix="tumorflow-drift-") as workdir:
         path = _local_copy(str(source), Path(workdir), window)
@@ -214,7 +220,7 @@ def load_table(
             table.attrs["projection"] = None
             return table
         else:
-            names, encoded = _folder_images(path, str(source))
+            names, encoded = _folder_images(path, str(source), dicom_config)
     probe = ModelProbe(model_dir) if model_dir is not None else None
     if probe is not None and projection is None:
         projection = find_projection(model_dir)

@@ -267,3 +267,27 @@ def test_drift_of_a_dicom_folder_reads_its_slices_and_quarantines_the_rest(
     assert len(table) == 1 + 1 + 3 + 1
     assert "quarantined" in caplog.text and "cut.dcm: DICOM not decodable" in caplog.text
     assert table["intensity_std"].min() > 0
+
+
+def test_drift_ingest_decodes_dicom_with_the_configured_window(tmp_path: Path, read_store) -> None:
+    from dicom_fixtures import ct_phantom, write_dicom
+
+    from tumorflow.cli.main import main
+
+    write_dicom(tmp_path / "incoming" / "ct.dcm", ct_phantom(150, seed=1))
+    means = {}
+    for name, settings in {
+        "abdomen": [],
+        "bone": [
+            "--set",
+            "dataset.dicom.window_center=400",
+            "--set",
+            "dataset.dicom.window_width=1800",
+        ],
+    }.items():
+        store = tmp_path / name
+        argv = ["drift-ingest", "--store", str(store), "--images", str(tmp_path / "incoming")]
+        assert main([*argv, "--model-name", "kidney-ct", *settings]) == 0
+        means[name] = read_store(store / "kidney-ct")["intensity_mean"].item()
+    # A wide bone window shows soft tissue as a flat grey: a different mean than the abdomen one.
+    assert means["bone"] != pytest.approx(means["abdomen"], abs=1.0)
