@@ -46,15 +46,22 @@ bench: setup
 	$(BIN)/tumorflow bench input
 	$(BIN)/tumorflow bench serving
 
-# The production and -gpu images (infra/Dockerfile) with docker, podman or buildah, whichever is
-# present. IMAGE=REGISTRY/tumorflow-python:0.1.0 names them.
+# The production and -gpu images (infra/Dockerfile) with docker (a running daemon), buildah or
+# podman, whichever is present; IMAGE=REGISTRY/tumorflow-python:0.1.0 names them. buildah and
+# podman cache layers (--layers): a code change rebuilds the last layers only. With buildah (as
+# root) the base image is pulled, or made as a local stand-in where no registry answers
+# (infra/base-standin.sh); RUN steps use chroot isolation, which works where an OCI runtime does not.
 IMAGE ?= localhost/tumorflow-python:0.1.0
-ENGINE := $(shell (docker info >/dev/null 2>&1 && echo docker) || command -v podman 2>/dev/null || command -v buildah 2>/dev/null)
+ENGINE := $(shell (docker info >/dev/null 2>&1 && echo docker) || command -v buildah 2>/dev/null || command -v podman 2>/dev/null)
+BUILDAH_ISOLATION ?= chroot
+export BUILDAH_ISOLATION
+BUILD := $(if $(findstring buildah,$(ENGINE)),$(ENGINE) bud --layers,$(if $(findstring podman,$(ENGINE)),$(ENGINE) build --layers,docker build)) --network host -f infra/Dockerfile
 
 image:
-	@test -n "$(ENGINE)" || { echo "make image: no docker, podman or buildah on PATH"; exit 2; }
-	$(if $(findstring buildah,$(ENGINE)),$(ENGINE) bud,$(ENGINE) build) -f infra/Dockerfile --target production -t $(IMAGE) .
-	$(if $(findstring buildah,$(ENGINE)),$(ENGINE) bud,$(ENGINE) build) -f infra/Dockerfile --target gpu -t $(IMAGE)-gpu .
+	@test -n "$(ENGINE)" || { echo "make image: no docker (with a running daemon), buildah or podman on PATH"; exit 2; }
+	$(if $(findstring buildah,$(ENGINE)),sh infra/base-standin.sh)
+	$(BUILD) --target production -t $(IMAGE) .
+	$(BUILD) --target gpu -t $(IMAGE)-gpu .
 
 # checkov, for tests/infra/test_checkov.py, in a virtualenv of its own: its pins (packaging,
 # networkx) would downgrade the project's. About a minute and a half to install.

@@ -72,13 +72,18 @@ def check_local_source(source: str, name: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tumorflow.core.errors import ConfigError
     from tumorflow.pipelines.runner import run_local
 
-    config = config_from_args(args)
+    if args.image and args.runner != "docker":
+        raise ConfigError("--image names the image of --runner docker (the tasks' container)")
+    config = _cluster_config(args)
     check_local_source(config.dataset.source, "--dataset" if args.dataset else "dataset.source")
     if args.monitor:
         check_local_source(args.monitor, "--monitor")
-    summary = run_local(config, enable_caching=not args.no_cache, monitor_source=args.monitor)
+    summary = run_local(
+        config, enable_caching=not args.no_cache, monitor_source=args.monitor, runner=args.runner
+    )
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
     print(summary.report())
@@ -135,6 +140,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "folder) against the served model, and retraining only when it drifted",
     )
     run.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
+    run.add_argument(
+        "--runner",
+        default="subprocess",
+        metavar="subprocess|docker",
+        help="subprocess (default): each task a process of this Python; docker: each task a "
+        "container of the project image (kfp.local DockerRunner; the Docker API of DOCKER_HOST, "
+        "docker's or podman's)",
+    )
+    run.add_argument(
+        "--image",
+        metavar="IMAGE",
+        help="with --runner docker: the image the tasks run in (runtime.image; `make image`)",
+    )
     run.set_defaults(handler=_run)
 
     compile_ = subparsers.add_parser(

@@ -4,9 +4,11 @@ submitted to a Kubeflow Pipelines endpoint."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -37,6 +39,13 @@ _TASK_COLUMN = 22
 
 class PipelineRunError(TumorflowError):
     """A task of the pipeline failed; the run log says why."""
+
+
+class ContainerEngineError(TumorflowError):
+    """`--runner docker` found no Docker API, or the image is in no engine and cannot be pulled."""
+
+
+RUNNERS = ("subprocess", "docker")
 
 
 @dataclass
@@ -294,8 +303,11 @@ def run_local(
     trigger_reason: str | None = None,
     enable_caching: bool = True,
     monitor_source: str | None = None,
+    runner: str = "subprocess",
 ) -> RunSummary:
-    """Run the whole DAG on this machine with kfp.local (subprocesses, no cluster, no Docker).
+    """Run the whole DAG on this machine with kfp.local: each task a subprocess of this
+    interpreter (`runner="subprocess"`), or a container of `config.runtime.image` through the
+    Docker API (`runner="docker"`, kfp.local's DockerRunner; docker, or podman's Docker API).
 
     With `monitor_source` (served requests, a table or a folder of recent images) it runs the
     monitoring pipeline instead: the drift check, and the retraining DAG only when it drifted.
@@ -310,16 +322,24 @@ def run_local(
         retrain_pipeline,
     )
 
+    if runner not in RUNNERS:
+        raise PipelineRunError(f"unknown runner {runner!r}: choose {' or '.join(RUNNERS)}")
     run_root = Path(config.run_root).resolve()
     pipeline_root = run_root / "pipeline_root"
+    arguments = pipeline_parameters(config, local=True)
+    if runner == "docker":
+        image, task_runner = _docker_runner(config.runtime.image, run_root, arguments)
+        retrain_pipeline = _in_image(retrain_pipeline, image)
+        monitor_pipeline = _in_image(monitor_pipeline, image)
+    else:
+        task_runner = local.SubprocessRunner(use_venv=False)
     pipeline_root.mkdir(parents=True, exist_ok=True)
     _keep_mlflow_artifacts_in(config, run_root)
     local.init(
-        runner=local.SubprocessRunner(use_venv=False),
+        runner=task_runner,
         pipeline_root=str(pipeline_root),
         enable_caching=enable_caching,
     )
-    arguments = pipeline_parameters(config, local=True)
     if trigger_reason:
         arguments["trigger_reason"] = trigger_reason
     name = PIPELINE_NAME if monitor_source is None else MONITOR_PIPELINE_NAME
@@ -374,6 +394,102 @@ def run_local(
         deploy_note=note,
         log_path=console.log_path,
     )
+
+
+def _docker_runner(image: str, run_root: Path, arguments: dict[str, Any]) -> tuple[str, Any]:
+    """kfp.local's DockerRunner for a run of `image`, after checking that a Docker API answers
+    (DOCKER_HOST, else the default socket) and holds the image or can pull it.
+
+    Each task's container sees the host folders the run's parameters name at the same paths
+    (the run root: pipeline root, registry, served models, checkpoints; a local dataset source),
+    shares the host's network (a tracking server on loopback) and runs as the invoking user, so
+    that what it writes is the user's own, as with the subprocess runner. Returns the image's name
+    as the engine lists it, and the runner."""
+    try:
+        import docker
+        from docker.errors import DockerException, ImageNotFound
+    except ImportError:
+        raise ContainerEngineError(
+            "--runner docker needs the docker Python package (pip install docker)"
+        ) from None
+    from kfp import local
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException as exc:
+        raise ContainerEngineError(
+            f"--runner docker: no Docker API answers at {host} ({_first_line(exc)}); start "
+            "docker, or podman's API (`podman system service --time=0 unix:///tmp/podman.sock`, "
+            "or infra/podman-docker-api.sh) and set DOCKER_HOST=unix:///tmp/podman.sock"
+        ) from None
+    try:
+        try:
+            found = client.images.get(image)
+        except ImageNotFound:
+            found = client.images.pull(image)
+    except DockerException as exc:
+        raise ContainerEngineError(
+            f"--runner docker: image {image} is not in the engine at {host} and cannot be "
+            f"pulled ({_first_line(exc)}); build it with `make image IMAGE={image}`"
+        ) from None
+    finally:
+        client.close()
+    # kfp.local looks the image up by one of its tags: the name as the engine spells it.
+    name = next((t for t in found.tags if t == image or t.endswith(f"/{image}")), image)
+    mounts = [
+        docker.types.Mount(target=str(folder), source=str(folder), type="bind")
+        for folder in _host_folders(run_root, arguments)
+    ]
+    return name, local.DockerRunner(
+        mounts=mounts,
+        network_mode="host",
+        user=f"{os.getuid()}:{os.getgid()}",
+        environment={"HOME": "/tmp"},
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _host_folders(run_root: Path, arguments: dict[str, Any]) -> list[Path]:
+    """The run root, and the folders outside it that the run's parameters name: the served models,
+    the checkpoints, a SQLite registry's folder, a local dataset source. None inside another."""
+    from tumorflow.core import storage
+
+    folders = [run_root]
+    for key in ("model_base_path", "checkpoint_root"):
+        if not storage.is_remote(arguments[key]):
+            folders.append(Path(arguments[key]).resolve())
+            folders[-1].mkdir(parents=True, exist_ok=True)
+    if arguments["tracking_uri"].startswith("sqlite:///"):
+        folders.append(Path(arguments["tracking_uri"].removeprefix("sqlite:///")).resolve().parent)
+    source = arguments["dataset"].get("source", "")
+    if source and source != "phantom" and ":" not in source and Path(source).exists():
+        path = Path(source).expanduser().resolve()
+        folders.append(path if path.is_dir() else path.parent)
+    kept: list[Path] = []
+    for folder in sorted(set(folders), key=lambda p: len(p.parts)):
+        if not any(folder.is_relative_to(parent) for parent in kept):
+            kept.append(folder)
+    return kept
+
+
+def _in_image(pipeline: Any, image: str) -> Any:
+    """`pipeline` with every container task in `image` (the steps are declared with the config's
+    default image, as for `compile_pipeline`)."""
+    from tumorflow.pipelines import steps
+
+    if image == steps.PROJECT_IMAGE:
+        return pipeline
+    copied = copy.copy(pipeline)
+    copied.component_spec = copy.deepcopy(pipeline.component_spec)
+    for _, executor in copied.pipeline_spec.deployment_spec["executors"].items():
+        if "container" in executor and executor["container"]["image"] == steps.PROJECT_IMAGE:
+            executor["container"]["image"] = image
+    return copied
 
 
 def _keep_mlflow_artifacts_in(config: PipelineConfig, run_root: Path) -> None:

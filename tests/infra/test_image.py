@@ -1,25 +1,32 @@
 """The image built from infra/Dockerfile runs the compiled pipeline's own command lines for the
 dataset version, download, validate-and-split and a one-epoch train, as the Kubeflow / Vertex AI
 launcher runs them: the executor input JSON on the command line, artifacts under a /gcs/BUCKET
-mount (how Vertex AI's gcsfuse presents gs:// URIs), as the image's non-root user.
+mount (how Vertex AI's gcsfuse presents gs:// URIs), as the image's non-root user. And
+`tumorflow run --runner docker` runs the whole DAG in it through a Docker API (docker's, or
+podman's: infra/podman-docker-api.sh).
 
-Marked `image` (and slow); `make test` leaves it out. Skipped where no container engine works."""
+The tests that build are marked `image` (and slow); `make test` leaves them out. They are skipped
+where no container engine works. `pytest -m image tests/infra/test_image.py` runs them from
+nothing: the base image's stand-in (infra/base-standin.sh) where no registry answers, the build
+(the engine's layer cache reuses the dependency layers while only the code changed), the steps."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import wait_until
 
 from tumorflow.core.config import PipelineConfig
 from tumorflow.pipelines.runner import compile_pipeline
-
-pytestmark = [pytest.mark.image, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/tumorflow-python:test"
@@ -29,87 +36,71 @@ PHANTOM_SUBDIR = (
     "CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone/CT-KIDNEY-DATASET-Normal-Cyst-Tumor-Stone"
 )
 STEPS = ("dataset-version", "download", "validate-and-split", "train")
+BASE = "docker.io/library/python:3.11-slim"  # the Dockerfile's FROM
+# buildah's RUN steps and `buildah run` with chroot isolation: they work where no OCI runtime
+# does (this project's machines: crun refuses hybrid cgroups, rlimits cannot be raised).
+BUILDAH_ENV = {"BUILDAH_ISOLATION": "chroot"}
 
 
-def _engine() -> list[str] | None:
+def _engine() -> str | None:
     docker = shutil.which("docker")
     if (
         docker
         and subprocess.run([docker, "info"], capture_output=True, check=False).returncode == 0
     ):
-        return ["docker"]
-    for name in ("buildah", "podman"):
-        if shutil.which(name):
-            return [name]
+        return "docker"
+    if shutil.which("buildah") and os.geteuid() == 0:
+        return "buildah"
     return None
 
 
 @pytest.fixture(scope="module")
-def engine() -> list[str]:
+def engine() -> str:
     found = _engine()
     if found is None:
-        pytest.skip("no container engine: docker (with a running daemon), podman or buildah")
+        pytest.skip(
+            "no container engine: neither docker with a running daemon nor buildah run as root"
+        )
     return found
 
 
 @pytest.fixture(scope="module")
 def image(engine) -> str:
-    build = ["bud"] if engine[0] == "buildah" else ["build"]
+    """The production target, built now; the engine's layer cache keeps the dependency layers
+    (minutes) while only the code changed. Without a registry the base is a local stand-in."""
+    env = {**os.environ, **BUILDAH_ENV}
+    if engine == "buildah":
+        subprocess.run(["sh", "infra/base-standin.sh", BASE], cwd=ROOT, env=env, check=True)
+        build = ["buildah", "bud", "--layers"]
+    else:
+        build = ["docker", "build"]
     started = time.monotonic()
+    target = ["-f", "infra/Dockerfile", "--target", "production", "-t", IMAGE]
     subprocess.run(
-        [
-            *engine,
-            *build,
-            "--network",
-            "host",
-            "-f",
-            "infra/Dockerfile",
-            "--target",
-            "production",
-            "-t",
-            IMAGE,
-            ".",
-        ],
+        [*build, "--network", "host", *target, "."],
         cwd=ROOT,
+        env=env,
         check=True,
     )
     print(f"image built in {time.monotonic() - started:.0f} s")
     return IMAGE
 
 
-def _run_in_image(engine: list[str], image: str, gcs: Path, command: list[str]) -> str:
-    if engine[0] == "buildah":
+def _run_in_image(engine: str, image: str, gcs: Path, command: list[str]) -> str:
+    options = ["--network", "host", "-v", f"{gcs}:/gcs", "--user", "1000"]
+    if engine == "docker":
+        argv = ["docker", "run", "--rm", *options, image, *command]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    else:
         container = subprocess.run(
             ["buildah", "from", image], capture_output=True, text=True, check=True
         ).stdout.strip()
-        argv = [
-            "buildah",
-            "run",
-            "--network",
-            "host",
-            "-v",
-            f"{gcs}:/gcs",
-            "--user",
-            "1000",
-            container,
-            "--",
-            *command,
-        ]
-    else:
-        argv = [
-            *engine,
-            "run",
-            "--rm",
-            "--network",
-            "host",
-            "-v",
-            f"{gcs}:/gcs",
-            "--user",
-            "1000",
-            image,
-            *command,
-        ]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        try:
+            argv = ["buildah", "run", *options, container, "--", *command]
+            env = {**os.environ, **BUILDAH_ENV}
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        finally:
+            subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
@@ -180,6 +171,8 @@ def _recorded_outputs(gcs: Path, run: str, name: str, executor_input: dict) -> d
     return {"artifacts": artifacts, "parameters": parameters}
 
 
+@pytest.mark.image
+@pytest.mark.slow
 def test_compiled_steps_run_in_the_image_as_the_launcher_runs_them(engine, image, tmp_path):
     config = PipelineConfig.model_validate(
         {
@@ -226,3 +219,137 @@ def test_compiled_steps_run_in_the_image_as_the_launcher_runs_them(engine, image
     assert json.loads((model / "model_info.json").read_text())["epochs_run"]["stage1"] == 1
     for name, text in printed.items():
         print(f"--- {name}\n{text[-2000:]}")
+
+
+# A DAG small enough for a container per task on two cores (as tests/cli/test_cli_pipeline.py's).
+TINY_RUN = [
+    "--set",
+    "dataset.phantom.per_class=16",
+    "--set",
+    "dataset.phantom.size=48",
+    "--set",
+    "train.image_size=32",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.stage1.epochs=1",
+    "--set",
+    "train.stage2.epochs=1",
+    "--set",
+    "gate.bootstrap_resamples=50",
+    "--set",
+    "split.min_test_per_class=1",
+    "--set",
+    "gate.rules=[{metric: accuracy, threshold: 0.0}]",
+]
+# Every task of the retraining DAG, the drift reference and report beside the deploy included.
+DAG = {"dataset-version", "download", "validate-and-split", "train", "evaluate", "gate"}
+DAG |= {"approval", "deploy", "drift-reference", "drift-report"}
+
+
+def _tumorflow(*argv: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`tumorflow ARGV` in a fresh interpreter, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "tumorflow.cli.main", *argv],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+
+
+def test_run_with_docker_runner_and_no_docker_api_fails_in_one_line(tmp_path):
+    socket = tmp_path / "nothing-listens.sock"
+    done = _tumorflow(
+        "run",
+        "--runner",
+        "docker",
+        "--run-root",
+        str(tmp_path / "runs"),
+        cwd=tmp_path,
+        env={"DOCKER_HOST": f"unix://{socket}"},
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("tumorflow run: error: --runner docker: no Docker API answers at ")
+    assert f"unix://{socket}" in line and "podman system service" in line
+    assert not (tmp_path / "runs" / "pipeline_root").exists()  # no task was started
+
+
+def test_run_image_without_docker_runner_is_refused(tmp_path):
+    done = _tumorflow("run", "--image", "some/image:1", cwd=tmp_path, env={})
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "tumorflow run: error: --image names the image of --runner docker (the tasks' container)"
+    )
+
+
+@pytest.fixture(scope="module")
+def docker_host(engine, tmp_path_factory) -> Iterator[str]:
+    """A Docker API that sees the built image: docker's own, or podman's served for this module
+    (podman and buildah share the local image store)."""
+    if engine == "docker":
+        yield os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        return
+    if shutil.which("podman") is None:
+        pytest.skip("no Docker API: no docker daemon and no podman to serve one")
+    socket = tmp_path_factory.mktemp("podman") / "docker.sock"
+    log = (socket.parent / "service.log").open("w")
+    service = subprocess.Popen(
+        ["sh", "infra/podman-docker-api.sh", f"unix://{socket}"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(socket.exists, 30, "podman's Docker API socket", interval=0.2)
+        yield f"unix://{socket}"
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.image
+@pytest.mark.slow
+def test_run_with_docker_runner_runs_every_task_in_the_image(image, docker_host, tmp_path):
+    run_root = tmp_path / "runs"
+    missing = _tumorflow(
+        "run",
+        "--runner",
+        "docker",
+        "--image",
+        "localhost/tumorflow-python:no-such-tag",
+        "--run-root",
+        str(run_root),
+        cwd=tmp_path,
+        env={"DOCKER_HOST": docker_host},
+    )
+    assert missing.returncode == 2
+    (line,) = missing.stderr.strip().splitlines()
+    assert "image localhost/tumorflow-python:no-such-tag is not in the engine" in line
+
+    done = _tumorflow(
+        "run",
+        "--runner",
+        "docker",
+        "--image",
+        image,
+        "--run-root",
+        str(run_root),
+        "--summary-json",
+        str(tmp_path / "summary.json"),
+        *TINY_RUN,
+        cwd=tmp_path,
+        env={"DOCKER_HOST": docker_host},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["task_seconds"]) == DAG
+    assert summary["deployed_version"] == 1
+    assert list(Path(summary["model_base_path"]).glob("*/1/saved_model.pb"))
+    # Each task ran in a container of the image (kfp.local's DockerRunner names it per task).
+    run_log = Path(summary["log_path"]).read_text()
+    assert run_log.count(f"Found image '{image}'") == len(DAG)
+    print(done.stdout[-3000:], done.stderr[-3000:])
