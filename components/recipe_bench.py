@@ -37,6 +37,17 @@ RECIPES: dict[str, dict[str, Any]] = {
         "batchnorm_momentum": 0.9,
         "lr_scale": 1 / 3,
     },
+    "constant_bn0.9_recalibrated": {
+        "lr_schedule": "constant",
+        "batchnorm_momentum": 0.9,
+        "batchnorm_recalibration": True,
+    },
+    "cosine_bn0.9_recalibrated": {
+        "lr_schedule": "warmup_cosine",
+        "warmup_epochs": 2,
+        "batchnorm_momentum": 0.9,
+        "batchnorm_recalibration": True,
+    },
     "cosine_bn0.6_lr/3": {
         "lr_schedule": "warmup_cosine",
         "warmup_epochs": 2,
@@ -233,8 +244,14 @@ def plot_recipe_curves(runs: list[RunStability], path: Path, stage1_epochs: int)
     import matplotlib.pyplot as plt
 
     recipes = list(dict.fromkeys(run.recipe for run in runs))
-    fig, axes = plt.subplots(1, len(recipes), figsize=(4 * len(recipes), 3.6), sharey=True)
-    for axis, recipe in zip(np.atleast_1d(axes), recipes, strict=True):
+    columns = min(len(recipes), 3)
+    rows = -(-len(recipes) // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(4.2 * columns, 3.4 * rows), sharey=True, squeeze=False
+    )
+    for axis in axes.flat[len(recipes) :]:
+        axis.set_visible(False)
+    for axis, recipe in zip(axes.flat, recipes, strict=False):
         for index, run in enumerate(r for r in runs if r.recipe == recipe):
             color = f"C{index}"
             epochs = np.arange(1, len(run.val_accuracy) + 1)
@@ -244,9 +261,10 @@ def plot_recipe_curves(runs: list[RunStability], path: Path, stage1_epochs: int)
             axis.plot(epochs, run.accuracy, ":", color=color, lw=1)
         axis.axvline(stage1_epochs + 0.5, color="grey", linestyle=":")
         axis.set_title(recipe)
-        axis.set_xlabel("epoch (stage 2 after the dotted line)")
-    np.atleast_1d(axes)[0].set_ylabel("accuracy (dotted: train)")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+        axis.set_xlabel("epoch (stage 2 after the grey line)")
+    for axis in axes[:, 0]:
+        axis.set_ylabel("val accuracy (dotted: train)")
+    axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
