@@ -9,7 +9,10 @@ goes on at the lower rate, its BatchNormalization layers training normally.
 Every epoch also scores validation macro-F1. The model keeps the weights of the best epoch over
 both stages by `TrainConfig.keep_weights` (validation loss or macro-F1; or the last epoch), a
 resumed run included. `lr_schedule=warmup_cosine` replaces the constant rate of each stage with a
-linear warm-up and a cosine decay (and stage 2's ReduceLROnPlateau with it).
+linear warm-up and a cosine decay (and stage 2's ReduceLROnPlateau with it). For custom_cnn,
+`batchnorm_recalibration` (on by default) recomputes the BatchNormalization statistics over
+training batches before each validation: the moving averages made validation swing from epoch to
+epoch (docs/training.md).
 
 Writes the "Model" folder of docs/artifacts.md: model.keras, model_info.json, history.csv,
 training_curves.png (checkpoints live in `checkpoint_dir`).

@@ -154,7 +154,9 @@ class TrainConfig(_Section):
     # custom_cnn: before each validation, recompute the BatchNormalization statistics as the plain
     # mean over up to `batchnorm_recalibration_batches` un-augmented training batches with the
     # epoch's final weights ("precise BN"), instead of the moving averages of the last steps.
-    batchnorm_recalibration: bool = False
+    # On by default: it halved the epoch-to-epoch val swing of `tumorflow bench recipe`
+    # (docs/training.md).
+    batchnorm_recalibration: bool = True
     batchnorm_recalibration_batches: int = Field(64, ge=1)
     # auto: mixed_float16 when a GPU is present
     mixed_precision: Literal["auto", "on", "off"] = "auto"
