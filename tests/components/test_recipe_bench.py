@@ -95,3 +95,23 @@ def test_bad_arguments_are_a_config_error(argv, message, tmp_path):
     add_arguments(parser)
     with pytest.raises(ConfigError, match=message):
         run(parser.parse_args([*argv, "--workdir", str(tmp_path)]))
+
+
+@pytest.mark.slow
+def test_the_bench_trains_each_recipe_and_prints_its_row(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = [
+        *("--recipes", "constant_bn0.9,constant_bn0.9_recalibrated", "--seeds", "1"),
+        *("--per-class", "24", "--size", "32", "--epochs", "2,1", "--batch-size", "16"),
+        *("--workdir", str(tmp_path), "--figure", str(tmp_path / "curves.png")),
+    ]
+    assert run(parser.parse_args(args)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("| constant")]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "constant_bn0.9",
+        "constant_bn0.9_recalibrated",
+    ]
+    assert all(0.0 <= float(row.split("|")[5]) <= 1.0 for row in rows)
+    assert (tmp_path / "curves.png").stat().st_size > 0
