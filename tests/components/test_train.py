@@ -187,7 +187,7 @@ def test_warmup_cosine_rises_to_the_stage_rate_then_decays_to_the_floor():
     assert warmup_cosine_rate(1e-3, 0, 1, 0) == pytest.approx(1e-3)
 
 
-def test_custom_cnn_from_scratch_defaults_to_the_recipe_bench_s_most_stable_recipe():
+def test_custom_cnn_from_scratch_defaults_to_the_most_stable_bench_recipe():
     import keras
 
     from tumorflow.components.recipe_bench import RECIPES
