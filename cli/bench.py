@@ -1,4 +1,4 @@
-"""`tumorflow bench input|serving|split|validate|explain|train`: benchmarks that print ratios against a baseline of the same run."""
+"""`tumorflow bench input|serving|split|validate|explain|train|recipe`: benchmarks that print ratios against a baseline of the same run."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def _run_explain(args: argparse.Namespace) -> int:
     from tumorflow.components import pointing_game
 
     return pointing_game.run(args)
+
+
+def _run_recipe(args: argparse.Namespace) -> int:
+    from tumorflow.components import recipe_bench
+
+    return recipe_bench.run(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,3 +92,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_explain_arguments(explain_parser)
     explain_parser.set_defaults(handler=_run_explain)
+
+    from tumorflow.components.recipe_bench import add_arguments as add_recipe_arguments
+
+    recipe_parser = which.add_parser(
+        "recipe", help="epoch-to-epoch val swing of custom_cnn from scratch per training recipe"
+    )
+    add_recipe_arguments(recipe_parser)
+    recipe_parser.set_defaults(handler=_run_recipe)

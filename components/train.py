@@ -9,7 +9,10 @@ goes on at the lower rate, its BatchNormalization layers training normally.
 Every epoch also scores validation macro-F1. The model keeps the weights of the best epoch over
 both stages by `TrainConfig.keep_weights` (validation loss or macro-F1; or the last epoch), a
 resumed run included. `lr_schedule=warmup_cosine` replaces the constant rate of each stage with a
-linear warm-up and a cosine decay (and stage 2's ReduceLROnPlateau with it).
+linear warm-up and a cosine decay (and stage 2's ReduceLROnPlateau with it). For custom_cnn,
+`batchnorm_recalibration` (on by default) recomputes the BatchNormalization statistics over
+training batches before each validation: the moving averages made validation swing from epoch to
+epoch (docs/training.md).
 
 Writes the "Model" folder of docs/artifacts.md: model.keras, model_info.json, history.csv,
 training_curves.png (checkpoints live in `checkpoint_dir`).
@@ -147,6 +150,34 @@ def _macro_f1_scorer(val_ds: Any) -> Any:
         return float(batch_metrics(labels[None], probs[None], ["macro_f1"])["macro_f1"][0])
 
     return score
+
+
+def _batchnorm_recalibration_class() -> type:
+    import keras
+
+    class BatchNormRecalibration(keras.callbacks.Callback):
+        """Before each validation, sets every BatchNormalization layer's statistics to the plain
+        mean over `dataset` (un-augmented training batches) with the epoch's final weights.
+
+        The moving averages follow the last few steps: with a from-scratch net whose weights move
+        fast, and batches that differ a lot (per-patient intensities), they can leave inference
+        far from what training saw, and validation swings."""
+
+        def __init__(self, dataset: Any, layers: list[keras.layers.Layer]) -> None:
+            super().__init__()
+            self.dataset = dataset
+            self.layers = layers
+
+        def on_test_begin(self, logs: dict | None = None) -> None:
+            momenta = [layer.momentum for layer in self.layers]
+            for step, (images, _) in enumerate(self.dataset):
+                for layer in self.layers:
+                    layer.momentum = step / (step + 1)
+                self.model(images, training=True)
+            for layer, momentum in zip(self.layers, momenta, strict=True):
+                layer.momentum = momentum
+
+    return BatchNormRecalibration
 
 
 def _stage_callback_class() -> type:
@@ -387,6 +418,21 @@ def train_model(
         if resume:
             best.restore(resume)
         val_macro_f1 = _macro_f1_scorer(val_ds)
+        recalibration = None
+        if config.batchnorm_recalibration and config.backbone == CUSTOM_CNN:
+            if distribution.strategy.num_replicas_in_sync > 1:
+                log.warning("batchnorm_recalibration is skipped with more than one replica")
+            else:
+                recalibration = _batchnorm_recalibration_class()(
+                    make_dataset(
+                        split_dir, "train", image_size, batch_size, None, False, 0, config.grayscale
+                    ).take(config.batchnorm_recalibration_batches),
+                    [
+                        layer
+                        for layer in base.layers
+                        if isinstance(layer, keras.layers.BatchNormalization)
+                    ],
+                )
         last_dir = resume["dir"] if resume else None
         epochs_run = {"stage1": 0, "stage2": 0}
 
@@ -413,7 +459,7 @@ def train_model(
             if initial_epoch >= stage_config.epochs:
                 continue
             early = reduce_lr = None
-            callbacks: list[keras.callbacks.Callback] = []
+            callbacks: list[keras.callbacks.Callback] = [recalibration] if recalibration else []
             if config.lr_schedule == "warmup_cosine":
                 callbacks.append(
                     keras.callbacks.LearningRateScheduler(

@@ -187,6 +187,77 @@ def test_warmup_cosine_rises_to_the_stage_rate_then_decays_to_the_floor():
     assert warmup_cosine_rate(1e-3, 0, 1, 0) == pytest.approx(1e-3)
 
 
+def test_custom_cnn_from_scratch_defaults_to_the_most_stable_bench_recipe():
+    import keras
+
+    from tumorflow.components.recipe_bench import RECIPES
+
+    defaults = TrainConfig()
+    assert (defaults.backbone, defaults.weights) == ("custom_cnn", "none")
+    chosen = RECIPES["constant_bn0.9_recalibrated"]
+    assert {key: getattr(defaults, key) for key in chosen} == chosen
+    for momentum in (defaults.batchnorm_momentum, 0.6):
+        _, base = build_classifier("custom_cnn", 4, 32, "none", 0.1, momentum)
+        momenta = {
+            layer.momentum
+            for layer in base.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        }
+        assert momenta == {momentum}
+
+
+@pytest.mark.slow
+def test_training_applies_the_batchnorm_momentum_and_the_warmup_cosine_rates(split_dir, tmp_path):
+    import keras
+
+    config = _config(
+        backbone="custom_cnn",
+        stage1={"epochs": 4, "learning_rate": 1e-2},
+        stage2={"epochs": 0, "learning_rate": 1e-3},
+        lr_schedule="warmup_cosine",
+        warmup_epochs=1,
+        batchnorm_momentum=0.6,
+    )
+    result = train_model(split_dir, tmp_path / "model", config, tmp_path / "ckpt")
+    rates = [row["learning_rate"] for row in result.history]
+    assert rates[0] == pytest.approx(0.5e-2)
+    assert rates[1] == pytest.approx(1e-2)
+    assert rates[-1] == pytest.approx(0.05e-2)
+    model = keras.models.load_model(tmp_path / "model" / "model.keras")
+    momenta = {
+        layer.momentum
+        for layer in model.get_layer("custom_cnn").layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    assert momenta == {0.6}
+
+
+@pytest.mark.slow
+def test_recalibrated_batchnorm_holds_the_plain_mean_of_the_training_batches(split_dir, tmp_path):
+    import keras
+    import numpy as np
+
+    from tumorflow.components.input_pipeline import make_dataset
+
+    config = _config(
+        backbone="custom_cnn",
+        stage1={"epochs": 2, "learning_rate": 1e-2},
+        stage2={"epochs": 0, "learning_rate": 1e-3},
+        batchnorm_recalibration=True,
+    )
+    train_model(split_dir, tmp_path / "model", config, tmp_path / "ckpt")
+    model = keras.models.load_model(tmp_path / "model" / "model.keras")
+    cnn = model.get_layer("custom_cnn")
+    conv, norm = cnn.layers[1], cnn.layers[2]
+    assert isinstance(norm, keras.layers.BatchNormalization)
+    batches = make_dataset(split_dir, "train", 32, 8, None, False, 0, False)
+    means = [
+        np.asarray(conv(model.get_layer("preprocess")(images))).mean(axis=(0, 1, 2))
+        for images, _ in batches
+    ]
+    np.testing.assert_allclose(np.asarray(norm.moving_mean), np.mean(means, axis=0), atol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("keep", ["best_val_loss", "best_val_macro_f1"])
 def test_the_model_keeps_the_best_epoch_over_both_stages(split_dir, tmp_path, keep):
