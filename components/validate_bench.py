@@ -135,6 +135,6 @@ def run(args: argparse.Namespace) -> int:
         baseline = baseline or rate
         how = validate.check_pool(workers, args.images)
         print(
-            f"{workers:>7} {how:>9} {wall:>8.2f} {rate:>9.1f} {busy:>10.2f} {rate / baseline:>8.2f}"
+            f"{workers:>7} {how:>9} {wall:>8.3f} {rate:>9.1f} {busy:>10.2f} {rate / baseline:>8.2f}"
         )
     return 0
