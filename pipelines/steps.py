@@ -21,7 +21,7 @@ from kfp.dsl import (
     Output,
 )
 
-from tumorflow.core.config import ConsoleConfig, RuntimeConfig
+from tumorflow.core.config import RuntimeConfig
 
 # The project image, from the config's one default; `tumorflow compile` writes the configured
 # runtime.image into the compiled spec.
@@ -302,17 +302,19 @@ def approval(
     trigger_reason: str,
     record: Output[Artifact],
     report: Output[Markdown],
-    console_base_url: str = ConsoleConfig().base_url,
+    console_base_url: str = "",
 ) -> bool:
     """Register the candidate (tagged with why the run started); wait for a person when the
     model's policy or the run's config says manual (the console's review page, or
-    `tumorflow approve|reject RUN`). The report links to that page."""
+    `tumorflow approve|reject RUN`). The report links to that page (`console_base_url`, empty:
+    the config's default)."""
     from pathlib import Path
 
     from tumorflow.components.approval import APPROVAL_REPORT, run_approval
     from tumorflow.core.config import ConsoleConfig, GateConfig
 
-    review_url = ConsoleConfig(base_url=console_base_url).review_url(pipeline_run)
+    console = ConsoleConfig(base_url=console_base_url) if console_base_url else ConsoleConfig()
+    review_url = console.review_url(pipeline_run)
     result = run_approval(
         Path(decision.path),
         Path(model.path),
