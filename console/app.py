@@ -287,7 +287,8 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         image: Annotated[UploadFile, File()],
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        from tumorflow.serving.client import ModelTarget, explain_grpc, overlay_heatmap
+        from tumorflow.components.overlays import overlay_heatmap
+        from tumorflow.serving.client import ModelTarget, explain_grpc
 
         user = require(request, "viewer", settings.model_name, csrf)
         data = await image.read()

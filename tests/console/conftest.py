@@ -116,9 +116,47 @@ def _write_run_folder(root, run: str) -> None:
         )
     )
     (evaluate / "predictions.csv").write_text(
-        "path,label_index,p_cyst,p_tumor\nTumor/7.jpg,1,0.7,0.3\nCyst/1.jpg,0,0.9,0.1\n"
+        "path,label_index,p_cyst,p_tumor\n"
+        "Tumor/7.jpg,1,0.7,0.3\nCyst/1.jpg,0,0.9,0.1\nCyst/2.jpg,0,0.8,0.2\n"
     )
+    import io
+
+    import numpy as np
     from PIL import Image, ImageDraw
+
+    from tumorflow.components.overlays import overlay_heatmap
+
+    # the gate's review images: Tumor/7 now wrong (the champion had it right), Cyst/2 now right
+    review = [
+        {
+            "path": "Tumor/7.jpg",
+            "label": "tumor",
+            "challenger": "cyst",
+            "challenger_confidence": 0.7,
+            "champion": "tumor",
+            "champion_confidence": 0.8,
+            "reasons": ["changed", "wrong"],
+            "overlay": "overlays/000.png",
+        },
+        {
+            "path": "Cyst/2.jpg",
+            "label": "cyst",
+            "challenger": "cyst",
+            "challenger_confidence": 0.8,
+            "champion": "tumor",
+            "champion_confidence": 0.6,
+            "reasons": ["changed"],
+            "overlay": "overlays/001.png",
+        },
+    ]
+    (task / "overlays").mkdir()
+    scan = io.BytesIO()
+    Image.fromarray(np.full((48, 48), 90, np.uint8)).save(scan, format="PNG")
+    heat = np.zeros((12, 12), np.float32)
+    heat[3:6, 6:9] = 1.0
+    for entry in review:
+        (task / entry["overlay"]).write_bytes(overlay_heatmap(scan.getvalue(), heat))
+    (task / "review_images.json").write_text(json.dumps(review))
 
     roc = Image.new("RGB", (160, 120), "white")
     ImageDraw.Draw(roc).line([(10, 110), (30, 20), (150, 10)], fill="navy", width=3)

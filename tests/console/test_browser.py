@@ -109,6 +109,13 @@ def test_a_reviewer_signs_in_reviews_the_waiting_run_and_approves_it(
     assert browser.find_element(By.ID, "state").text == "waiting"
     assert "recall:tumor vs champion" in browser.find_element(By.ID, "rules").text
     assert "Tumor/7.jpg" in browser.find_element(By.ID, "wrong").text
+    assert "Cyst/2.jpg" in browser.find_element(By.ID, "changed").text
+    overlays = browser.find_elements(By.CSS_SELECTOR, "#changed img.overlay")
+    assert len(overlays) == 2
+    # the overlays are loaded images, not broken links
+    assert all(
+        browser.execute_script("return arguments[0].naturalWidth", o) == 48 for o in overlays
+    )
     load_ms = browser.execute_script(
         "return performance.getEntriesByType('navigation')[0].duration"
     )
