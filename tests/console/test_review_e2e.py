@@ -76,6 +76,15 @@ def _waiting_run(tracking_uri: str, model: str, process, log: Path, timeout: flo
     return wait_until(waiting, timeout, "the pipeline run waiting for approval", interval=1)
 
 
+def _whole_page(browser, path: Path) -> None:
+    """A screenshot of the whole page, not only the window's height."""
+    width, height = browser.get_window_size().values()
+    tall = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(width, max(height, tall + 120))
+    browser.save_screenshot(str(path))
+    browser.set_window_size(width, height)
+
+
 def _tail(log: Path) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-40:])
 
@@ -112,8 +121,7 @@ def _review_and_approve(
         wrong = [e for e in reviewed if "wrong" in e["reasons"]]
         assert len(browser.find_elements(By.CSS_SELECTOR, "#wrong img.overlay")) == len(wrong)
         assert all(browser.execute_script("return arguments[0].naturalWidth", i) for i in shown)
-        screenshot = tmp_path / "review-of-a-waiting-run.png"
-        browser.save_screenshot(str(screenshot))
+        _whole_page(browser, tmp_path / "review-of-a-waiting-run.png")
         browser.find_element(By.ID, "reason").send_keys("evidence reviewed")
         browser.find_element(By.ID, "approve").click()
         assert browser.find_element(By.ID, "state").text in ("approved", "deployed")
@@ -121,9 +129,12 @@ def _review_and_approve(
         assert process.returncode == 0, _tail(log)
         served = serving_layout.served_version(base, model)
         assert served is not None
+        # the pipeline UI's report of the approval task links to this run's review page
+        report = Path(config.run_root) / "pipeline_root" / run / "approval" / "report"
+        assert f"]({config.console.review_url(run)})" in report.read_text()
         browser.get(f"{url}/models")
         assert browser.find_element(By.CSS_SELECTOR, ".label-stable").text == str(served.version)
-        browser.save_screenshot(str(tmp_path / "models-after-deploy.png"))
+        _whole_page(browser, tmp_path / "models-after-deploy.png")
         print(f"screenshots in {tmp_path}")
         return load_ms, len(reviewed)
     finally:
