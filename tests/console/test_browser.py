@@ -20,6 +20,8 @@ def test_a_reviewer_signs_in_reviews_the_waiting_run_and_approves_it(
     sign_in_browser,
 ):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
 
     model, run = approval_candidate(passed=True)
     url, settings = live_console(model)
@@ -47,9 +49,12 @@ def test_a_reviewer_signs_in_reviews_the_waiting_run_and_approves_it(
     print(f"review page loaded in {load_ms:.0f} ms")
     browser.save_screenshot(str(screenshots / "review.png"))
     browser.find_element(By.ID, "reason").send_keys("looked at the wrong cysts")
+    before = browser.find_element(By.ID, "state")
     browser.find_element(By.ID, "approve").click()
     thread.join(30)
     assert result and result[0].status == "approved" and result[0].by == "alice"
+    # the POST answers with the same page again: wait until the old one is gone
+    WebDriverWait(browser, 30).until(staleness_of(before))
     assert browser.find_element(By.ID, "state").text == "approved"
     browser.get(f"{url}/audit")
     assert "alice" in browser.find_element(By.ID, "audit").text

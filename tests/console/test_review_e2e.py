@@ -93,6 +93,8 @@ def _review_and_approve(
     browser, live_console, sign_in_browser, tmp_path, mlflow_server, overrides, timeout
 ):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
 
     from tumorflow.core import serving_layout
 
@@ -123,7 +125,10 @@ def _review_and_approve(
         assert all(browser.execute_script("return arguments[0].naturalWidth", i) for i in shown)
         _whole_page(browser, tmp_path / "review-of-a-waiting-run.png")
         browser.find_element(By.ID, "reason").send_keys("evidence reviewed")
+        before = browser.find_element(By.ID, "state")
         browser.find_element(By.ID, "approve").click()
+        # the POST answers with the same page again: wait until the old one is gone
+        WebDriverWait(browser, 60).until(staleness_of(before))
         assert browser.find_element(By.ID, "state").text in ("approved", "deployed")
         process.wait(timeout=600)
         assert process.returncode == 0, _tail(log)
