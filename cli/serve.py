@@ -99,13 +99,13 @@ def _predict(args: argparse.Namespace) -> int:
     import sys
 
     from tumorflow.cli.pipeline import config_from_args
+    from tumorflow.components.overlays import overlay_heatmap
     from tumorflow.core.errors import ConfigError
     from tumorflow.serving.client import (
         ExplainedPrediction,
         ModelTarget,
         encoded_images,
         explain_grpc,
-        overlay_heatmap,
         predict_each,
         predict_grpc,
         predict_rest,

@@ -23,6 +23,7 @@ def _ui(args: argparse.Namespace) -> int:
         model_base_path=config.resolved_model_base_path(),
         model_name=config.deploy.model_name,
         keep_versions=config.deploy.keep_versions,
+        dicom=config.dataset.dicom,
     )
     host = args.host or console.host
     port = console.port if args.port is None else args.port

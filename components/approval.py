@@ -40,6 +40,8 @@ PENDING = "pending"
 APPROVED = "approved"
 REJECTED = "rejected"
 TIMED_OUT = "timed_out"
+# The approval step's Markdown report, beside approval.json.
+APPROVAL_REPORT = "approval.md"
 
 
 @dataclass
@@ -66,6 +68,31 @@ class ApprovalDecision:
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
+
+    def markdown(self, review_url: str = "") -> str:
+        """The approval task's report in the pipeline UI: the outcome, who decided and why, and
+        the link to the run's review page in the console, where a person decides."""
+        lines = [f"## Approval of run `{self.pipeline_run}`: {self.status}", ""]
+        if review_url:
+            lines += [f"[Review the evidence and decide in the console]({review_url})", ""]
+        lines += ["| | |", "|---|---|"]
+        for label, value in (
+            (
+                "model",
+                f"{self.model_name} version {self.model_version}"
+                if self.model_version
+                else self.model_name,
+            ),
+            ("gate passed", {True: "yes", False: "no", None: "—"}[self.gate_passed]),
+            ("decided by", self.by),
+            ("at", self.at),
+            ("override", "yes" if self.override else None),
+            ("reason", self.reason),
+            ("policy", self.policy_source or self.policy),
+        ):
+            if value:
+                lines.append(f"| {label} | {str(value).replace('|', '/')} |")
+        return "\n".join(lines) + "\n"
 
 
 def _now() -> str:
@@ -214,11 +241,13 @@ def wait_for_approval(
     *,
     mode: str = MANUAL,
     policy_source: str | None = None,
+    review_url: str = "",
 ) -> ApprovalDecision:
     """Poll the candidate's tags until approved or rejected; on timeout record `timed_out`.
 
     In `auto` mode a passing gate is approved at once (by "auto") and a failing one is not.
-    `mode` and `policy_source` (why this mode) are recorded on the candidate before it waits.
+    `mode` and `policy_source` (why this mode) are recorded on the candidate before it waits;
+    the log line that says it waits names `review_url`, the run's page in the console.
     """
     client = registry.connect(tracking_uri)
     deadline = time.monotonic() + timeout_s
@@ -259,11 +288,12 @@ def wait_for_approval(
         if not announced:
             log.info(
                 "waiting up to %gs for `tumorflow approve %s` or `tumorflow reject %s --reason ...`"
-                " (%s)",
+                " (%s)%s",
                 timeout_s,
                 pipeline_run,
                 pipeline_run,
                 current.policy_source or "manual approval",
+                f"; review it at {review_url}" if review_url else "",
             )
             announced = True
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
@@ -309,8 +339,10 @@ def run_approval(
     output_dir: Path,
     model_base_path: str | None = None,
     trigger_reason: str = "",
+    review_url: str = "",
 ) -> ApprovalDecision:
-    """The approval step: register the candidate, wait (manual) or decide (auto), write approval.json.
+    """The approval step: register the candidate, wait (manual) or decide (auto), write
+    approval.json and approval.md (the report linking to `review_url`, the console's page).
 
     The mode is the stricter of the model's stored policy and `gate.approval`; a model without a
     stored policy gets the run's. Without a registry (`tracking_uri` None) the run goes ahead
@@ -341,6 +373,7 @@ def run_approval(
             gate.approval_poll_s,
             mode=policy.approval,
             policy_source=policy.source,
+            review_url=review_url,
         )
     elif policy.approval == MANUAL:
         raise ApprovalError("manual approval needs an MLflow tracking URI to record decisions on")
@@ -360,5 +393,6 @@ def run_approval(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "approval.json").write_text(json.dumps(result.summary(), indent=2))
+    (output_dir / APPROVAL_REPORT).write_text(result.markdown(review_url))
     log.info("approval for run %s: %s (%s)", pipeline_run, result.reason, result.policy_source)
     return result

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
+# Which SavedModel was scored: the gate explains the challenger's review images with it.
+EVALUATED_MODEL_FILE = "evaluated_model.json"
 PLOTS = ("confusion_matrix.png", "roc.png", "reliability.png")
 PREDICT_BATCH = 64
 
@@ -245,6 +247,15 @@ def _log_to_mlflow(
         client.log_artifact(run_id, str(output_dir / name), artifact_path="evaluation")
 
 
+def evaluated_saved_model(evaluation_dir: Path) -> Path | None:
+    """The SavedModel an evaluation scored, when its folder is still reachable from here."""
+    record = Path(evaluation_dir) / EVALUATED_MODEL_FILE
+    if not record.is_file():
+        return None
+    folder = Path(json.loads(record.read_text())["saved_model"])
+    return folder if folder.is_dir() else None
+
+
 def evaluate_model(
     model_dir: Path,
     split_dir: Path,
@@ -255,7 +266,7 @@ def evaluate_model(
     positive_class: str = "tumor",
 ) -> dict[str, Any]:
     """Score one split through the model's serving SavedModel; write metrics.json,
-    predictions.csv and the plots.
+    predictions.csv, the plots and evaluated_model.json (where the SavedModel scored is).
 
     metrics.json also records `saved_model_sha256`, the digest of the SavedModel scored, and for
     a split with slices.csv (DICOM) `slices`: images and metrics per site, scanner, modality and
@@ -296,6 +307,9 @@ def evaluate_model(
     metrics["saved_model_sha256"] = saved_model_digest(saved_model)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    (output_dir / EVALUATED_MODEL_FILE).write_text(
+        json.dumps({"saved_model": str(saved_model.resolve())}, indent=2)
+    )
     scored.write(output_dir / PREDICTIONS_FILE)
     _plot_confusion(metrics, output_dir / PLOTS[0])
     _plot_roc(

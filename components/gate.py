@@ -72,13 +72,20 @@ def run_gate(
     output_dir: Path,
     model_base_path: str | None = None,
 ) -> GateRunResult:
-    """The gate step: find and re-score the champion, apply the rules, write the decision.
+    """The gate step: find and re-score the champion, apply the rules, write the decision and
+    the review images (changed between champion and challenger, or wrong; Grad-CAM overlays).
 
     With `model_base_path`, a version served there makes an unreadable registry (no tracking
     URI, or unreachable) a GateError instead of a gate with absolute rules only.
     """
     from tumorflow.components.champion import score_champion
-    from tumorflow.components.evaluate import METRICS_FILE, PREDICTIONS_FILE, plot_reliability
+    from tumorflow.components.evaluate import (
+        METRICS_FILE,
+        PREDICTIONS_FILE,
+        evaluated_saved_model,
+        plot_reliability,
+    )
+    from tumorflow.components.gate_review import write_review_images
     from tumorflow.components.metrics import read_predictions
 
     evaluation_dir = Path(evaluation_dir)
@@ -96,5 +103,12 @@ def run_gate(
         label = f"v{champion.version}" if champion.version else f"served {champion.serving_version}"
         curves[f"champion ({label})"] = (champion.predictions.y_true, champion.predictions.probs)
     plot_reliability(curves, Path(output_dir) / RELIABILITY_PLOT)
+    write_review_images(
+        evaluated_saved_model(evaluation_dir),
+        split_dir,
+        predictions,
+        champion.predictions if champion is not None else None,
+        output_dir,
+    )
     log.info("gate %s (%d rules)", "passed" if decision.passed else "failed", len(decision.rules))
     return GateRunResult(decision, markdown_report(decision), decision_path)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,7 +17,7 @@ from fastapi.templating import Jinja2Templates
 
 from tumorflow.console import audit, evidence
 from tumorflow.console.auth import SESSION_COOKIE, Authenticator, NotSignedIn
-from tumorflow.core.config import ConsoleConfig
+from tumorflow.core.config import ConsoleConfig, DicomConfig
 from tumorflow.core.errors import TumorflowError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ class ConsoleSettings:
     model_base_path: str
     model_name: str
     keep_versions: int = 2
+    # How "Try a scan" turns an uploaded DICOM file into the PNG the model is sent: the window
+    # training used (`dataset.dicom`).
+    dicom: DicomConfig = field(default_factory=DicomConfig)
 
     @property
     def audit_path(self) -> Path:
@@ -279,7 +282,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
 
     @app.get("/scan", response_class=HTMLResponse)
     def scan_form(request: Request) -> Response:
-        return page(request, "scan.html", user=user_of(request), result=None, error="")
+        return page(request, "scan.html", user=user_of(request), results=[], error="")
 
     @app.post("/scan", response_class=HTMLResponse)
     async def scan(
@@ -287,23 +290,31 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         image: Annotated[UploadFile, File()],
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        from tumorflow.serving.client import ModelTarget, explain_grpc, overlay_heatmap
+        """Classify an upload over the model server's gRPC API. A DICOM file is decoded here, by
+        the decode training and `tumorflow predict` use, and sent as PNG (a slice per frame)."""
+        from tumorflow.components.dicom import DicomDecodeError
+        from tumorflow.components.overlays import overlay_heatmap
+        from tumorflow.serving.client import ModelTarget, encoded_images, explain_grpc
 
         user = require(request, "viewer", settings.model_name, csrf)
         data = await image.read()
         try:
-            (answer,) = explain_grpc(
-                settings.console.model_server, [data], ModelTarget(settings.model_name)
+            sent = encoded_images(image.filename or "scan", data, settings.dicom)
+            answers = explain_grpc(
+                settings.console.model_server,
+                [png for _, png in sent],
+                ModelTarget(settings.model_name),
             )
-        except TumorflowError as exc:
-            return page(request, "scan.html", 400, user=user, result=None, error=str(exc))
-        overlay = base64.b64encode(overlay_heatmap(data, answer.heatmap)).decode()
-        return page(
-            request,
-            "scan.html",
-            user=user,
-            error="",
-            result={"prediction": answer.prediction, "overlay": overlay, "name": image.filename},
-        )
+        except (TumorflowError, DicomDecodeError) as exc:
+            return page(request, "scan.html", 400, user=user, results=[], error=str(exc))
+        results = [
+            {
+                "name": name,
+                "prediction": answer.prediction,
+                "overlay": base64.b64encode(overlay_heatmap(png, answer.heatmap)).decode(),
+            }
+            for (name, png), answer in zip(sent, answers, strict=True)
+        ]
+        return page(request, "scan.html", user=user, error="", results=results)
 
     return app

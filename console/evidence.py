@@ -1,8 +1,9 @@
 """What the console shows about runs: the registry's candidates and the files a run left.
 
 A pipeline run's files live under `<run_root>/pipeline_root/<pipeline run>/` (kfp.local's layout:
-one folder per task output); the gate's `decision.json`, evaluate's `metrics.json` and
-`predictions.csv`, the plots and the drift report are found there by name.
+one folder per task output); the gate's `decision.json` and `review_images.json` (with their
+Grad-CAM overlays), evaluate's `metrics.json` and `predictions.csv`, the plots and the drift
+report are found there by name.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tumorflow.components import registry
+from tumorflow.components.gate_review import CHANGED, REVIEW_FILE
 
 WAITING = "waiting"
 DEPLOYED = "deployed"
@@ -99,11 +101,25 @@ class RunEvidence:
     wrong_predictions: list[dict[str, Any]]
     plots: dict[str, str]
     drift_report: str | None
+    # test images whose prediction changed between champion and challenger (gate's review file)
+    changed_predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _review_images(folder: Path | None) -> list[dict[str, Any]]:
+    """The gate's review images, each `overlay` as a path relative to the run folder."""
+    review = find_file(folder, REVIEW_FILE)
+    if review is None or folder is None:
+        return []
+    entries = json.loads(review.read_text())
+    for entry in entries:
+        if "overlay" in entry:
+            entry["overlay"] = (review.parent / entry["overlay"]).relative_to(folder).as_posix()
+    return entries
 
 
 def run_evidence(run_root: Path, pipeline_run: str) -> RunEvidence:
-    """The gate decision, the evaluation, the plots (paths relative to the run folder) and the
-    test images the challenger gets wrong."""
+    """The gate decision, the evaluation, the plots (paths relative to the run folder), the test
+    images the challenger gets wrong and those whose prediction changed, with their overlays."""
     folder = run_folder(run_root, pipeline_run)
     decision = _json(find_file(folder, "decision.json"))
     metrics = _json(find_file(folder, "metrics.json"))
@@ -113,6 +129,8 @@ def run_evidence(run_root: Path, pipeline_run: str) -> RunEvidence:
         if path is not None and folder is not None:
             plots[name.removesuffix(".png")] = path.relative_to(folder).as_posix()
     drift = find_file(folder, "*.html")
+    reviewed = _review_images(folder)
+    overlays = {e["path"]: e["overlay"] for e in reviewed if "overlay" in e}
     wrong = []
     predictions = find_file(folder, "predictions.csv")
     if predictions is not None and metrics is not None:
@@ -129,6 +147,7 @@ def run_evidence(run_root: Path, pipeline_run: str) -> RunEvidence:
                             "label": classes[label],
                             "predicted": classes[guess],
                             "confidence": scores[guess],
+                            "overlay": overlays.get(row["path"]),
                         }
                     )
     return RunEvidence(
@@ -137,4 +156,5 @@ def run_evidence(run_root: Path, pipeline_run: str) -> RunEvidence:
         wrong_predictions=wrong,
         plots=plots,
         drift_report=drift.relative_to(folder).as_posix() if drift and folder else None,
+        changed_predictions=[e for e in reviewed if CHANGED in e["reasons"]],
     )

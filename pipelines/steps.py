@@ -301,14 +301,20 @@ def approval(
     pipeline_run: str,
     trigger_reason: str,
     record: Output[Artifact],
+    report: Output[Markdown],
+    console_base_url: str = "",
 ) -> bool:
     """Register the candidate (tagged with why the run started); wait for a person when the
-    model's policy or the run's config says manual (`tumorflow approve|reject RUN`)."""
+    model's policy or the run's config says manual (the console's review page, or
+    `tumorflow approve|reject RUN`). The report links to that page (`console_base_url`, empty:
+    the config's default)."""
     from pathlib import Path
 
-    from tumorflow.components.approval import run_approval
-    from tumorflow.core.config import GateConfig
+    from tumorflow.components.approval import APPROVAL_REPORT, run_approval
+    from tumorflow.core.config import ConsoleConfig, GateConfig
 
+    console = ConsoleConfig(base_url=console_base_url) if console_base_url else ConsoleConfig()
+    review_url = console.review_url(pipeline_run)
     result = run_approval(
         Path(decision.path),
         Path(model.path),
@@ -319,7 +325,9 @@ def approval(
         output_dir=Path(record.path),
         model_base_path=model_base_path,
         trigger_reason=trigger_reason,
+        review_url=review_url,
     )
+    Path(report.path).write_text((Path(record.path) / APPROVAL_REPORT).read_text())
     record.metadata.update(result.summary())
     return result.approved
 

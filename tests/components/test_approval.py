@@ -192,3 +192,38 @@ def test_a_policy_that_cannot_be_read_fails_the_step(tmp_path, mlflow_server):
         _approve_step(tmp_path, mlflow_server, name, "auto")
     with pytest.raises(RegistryError, match="not reachable"):
         _approve_step(tmp_path, "http://127.0.0.1:9", name, "auto")
+
+
+def test_the_approval_report_links_to_the_runs_review_page(tmp_path):
+    """The pipeline UI shows the approval task's Markdown: the outcome and the console's page of
+    that run, on the configured base URL."""
+    import re
+
+    from kfp import dsl
+
+    from tumorflow.pipelines.steps import approval
+
+    decision = tmp_path / "decision"
+    decision.mkdir()
+    (decision / "decision.json").write_text(json.dumps({"passed": True, "rules": []}))
+    report = tmp_path / "approval-report.md"
+    approved = approval.python_func(
+        decision=dsl.Artifact(uri=str(decision)),
+        model=dsl.Model(uri=str(tmp_path / "model")),
+        gate_config=GateConfig(approval="auto").model_dump(),
+        tracking_uri="",
+        model_name="kidney-ct",
+        model_base_path=str(tmp_path / "models"),
+        pipeline_run="retrain-20261201-1405",
+        trigger_reason="",
+        record=dsl.Artifact(uri=str(tmp_path / "record")),
+        report=dsl.Markdown(uri=str(report)),
+        console_base_url="https://console.example.org/review/",
+    )
+    assert approved
+    text = report.read_text()
+    link = re.search(r"\[[^\]]+\]\(([^)]+)\)", text)
+    assert link and link.group(1) == (
+        "https://console.example.org/review/runs/retrain-20261201-1405"
+    )
+    assert "approved" in text.splitlines()[0] and "| decided by | auto |" in text

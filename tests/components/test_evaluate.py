@@ -11,7 +11,12 @@ import pytest
 from helpers import write_synthetic_split
 
 from tumorflow.components.backbones import build_classifier
-from tumorflow.components.evaluate import PLOTS, evaluate_model, log_kfp_metrics
+from tumorflow.components.evaluate import (
+    PLOTS,
+    evaluate_model,
+    evaluated_saved_model,
+    log_kfp_metrics,
+)
 from tumorflow.components.export import export_model_artifact
 from tumorflow.core.errors import ModelError
 
@@ -52,6 +57,8 @@ def test_evaluate_model_writes_every_file(model_and_split, tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     info = json.loads((model_dir / "model_info.json").read_text())
     assert metrics["saved_model_sha256"] == info["saved_model_sha256"]
+    # the gate finds the SavedModel that was scored through the evaluation
+    assert evaluated_saved_model(tmp_path) == (model_dir / "saved_model").resolve()
 
 
 def test_the_scores_are_those_of_the_serving_signature(model_and_split, tmp_path):

@@ -3,6 +3,7 @@ failure when a version is served but the registry cannot be read."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import uuid
@@ -14,6 +15,7 @@ import pytest
 from tumorflow.components.gate import run_gate
 from tumorflow.components.gate_report import markdown_report
 from tumorflow.components.metrics import Predictions, compute_metrics
+from tumorflow.components.tfrecords import read_records
 from tumorflow.core.config import ChampionRule, GateConfig, GateRule
 from tumorflow.core.errors import GateError
 
@@ -170,3 +172,66 @@ def test_a_served_version_the_registry_does_not_know_is_the_champion(
     assert any("served version 1 was re-scored" in note for note in decision.notes)
     assert decision.champion["accuracy"] == pytest.approx(1.0)
     assert not decision.passed and not decision.rules[1].passed
+    # the review images: what changed between the two and what the challenger gets wrong, each
+    # with the challenger's own Grad-CAM overlay at the scan's size
+    from PIL import Image
+
+    from tumorflow.components.metrics import read_predictions
+
+    folder = tmp_path / "decision"
+    shown = json.loads((folder / "review_images.json").read_text())
+    challenger_scores = read_predictions(tmp_path / "evaluation" / "predictions.csv")
+    wrong = {
+        path
+        for path, label, probs in zip(
+            challenger_scores.paths, challenger_scores.y_true, challenger_scores.probs, strict=True
+        )
+        if probs.argmax() != label
+    }
+    assert wrong and {e["path"] for e in shown} == wrong
+    assert all(e["reasons"] == ["changed", "wrong"] for e in shown)
+    assert all(e["champion"] == e["label"] != e["challenger"] for e in shown)
+    sizes = {
+        r.path: Image.open(io.BytesIO(r.encoded)).size for r in read_records(split_dir, "test")
+    }
+    for entry in shown:
+        overlay = Image.open(folder / entry["overlay"])
+        assert overlay.size == sizes[entry["path"]] and overlay.mode == "RGB"
+    champion_scores = read_predictions(folder / "champion_predictions.csv", CLASSES)
+    assert champion_scores.paths == challenger_scores.paths
+
+
+def test_review_images_put_changed_predictions_first_and_are_capped():
+    from tumorflow.components.gate_review import select_review_images
+
+    paths = [f"{i}.png" for i in range(6)]
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    challenger = Predictions(
+        paths,
+        labels,
+        np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4], [0.2, 0.8], [0.4, 0.6], [0.1, 0.9]]),
+        CLASSES,
+    )
+    champion = Predictions(
+        paths,
+        labels,
+        np.array([[0.8, 0.2], [0.9, 0.1], [0.7, 0.3], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]]),
+        CLASSES,
+    )
+    shown = select_review_images(challenger, champion, limit=10)
+    assert [(e["path"], e["reasons"]) for e in shown] == [
+        ("1.png", ["changed", "wrong"]),
+        ("3.png", ["changed"]),
+        ("2.png", ["wrong"]),
+        ("4.png", ["wrong"]),
+    ]
+    assert shown[1]["champion"] == "normal" and shown[1]["challenger"] == "tumor"
+    assert [e["path"] for e in select_review_images(challenger, champion, limit=2)] == [
+        "1.png",
+        "3.png",
+    ]
+    assert [e["path"] for e in select_review_images(challenger, None)] == [
+        "1.png",
+        "2.png",
+        "4.png",
+    ]

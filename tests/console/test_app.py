@@ -126,7 +126,7 @@ def test_behind_a_proxy_the_header_is_the_identity_and_its_absence_is_refused(
     assert "may view this run but not decide" in page.text
 
 
-def test_the_review_page_shows_the_gate_the_classes_and_the_wrong_images(
+def test_the_review_page_shows_the_gate_the_classes_and_the_changed_and_wrong_images(
     console_factory, approval_candidate, sign_in, write_run_folder
 ):
     model, run = approval_candidate(passed=True)
@@ -140,6 +140,14 @@ def test_the_review_page_shows_the_gate_the_classes_and_the_wrong_images(
     assert "re-scored champion 3" in page
     assert page.count('class="confusion"') == 2
     assert "Tumor/7.jpg" in page and "Cyst/1.jpg" not in page
+    changed = page.split('id="changed"')[1].split("</table>")[0]
+    wrong = page.split('id="wrong"')[1].split("</table>")[0]
+    assert "Tumor/7.jpg" in changed and "Cyst/2.jpg" in changed
+    assert "Tumor/7.jpg" in wrong and "Cyst/2.jpg" not in wrong
+    overlay = f"/runs/{run}/files/gate/decision/overlays/000.png"
+    assert f'src="{overlay}"' in changed and f'src="{overlay}"' in wrong
+    assert f'src="/runs/{run}/files/gate/decision/overlays/001.png"' in changed
+    assert client.get(overlay).content.startswith(b"\x89PNG")
     assert f"/runs/{run}/files/evaluate/metrics/roc.png" in page
     assert client.get(f"/runs/{run}/files/evaluate/metrics/roc.png").content.startswith(b"\x89PNG")
     assert client.get(f"/runs/{run}/files/../../../etc/passwd").status_code == 404

@@ -4,103 +4,30 @@ Screenshots go to `<pytest tmp>/screenshots/` (the path is printed)."""
 
 from __future__ import annotations
 
-import threading
-import time
-from pathlib import Path
-
 import pytest
-from helpers import free_port, wait_until
+from helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-@pytest.fixture(scope="module")
-def screenshots(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("screenshots")
-    print(f"console screenshots in {folder}")
-    return folder
-
-
-@pytest.fixture()
-def browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("no system Chromium: apt-get install chromium chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--window-size=1280,1400",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options
-    )
-    driver.set_page_load_timeout(60)
-    # elements of the page a click leads to are looked for until they appear (a loaded machine)
-    driver.implicitly_wait(10)
-    yield driver
-    driver.quit()
-
-
-@pytest.fixture()
-def live_console(console_factory):
-    """`live_console(model_name, model_base_path="")` → (base URL, settings): the app served by
-    uvicorn on a free loopback port."""
-    import uvicorn
-
-    from tumorflow.console.app import create_app
-
-    servers = []
-
-    def start(model_name: str, model_base_path: str = ""):
-        _, settings = console_factory(model_name, model_base_path)
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{port}", settings
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
-
-
-def _sign_in(driver, url: str, token: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    driver.get(f"{url}/")
-    assert driver.current_url.endswith("/login")
-    driver.find_element(By.ID, "token").send_keys(token)
-    driver.find_element(By.ID, "sign-in").click()
-
 
 def test_a_reviewer_signs_in_reviews_the_waiting_run_and_approves_it(
-    browser, live_console, approval_candidate, approval_waiter, screenshots, write_run_folder
+    browser,
+    live_console,
+    approval_candidate,
+    approval_waiter,
+    screenshots,
+    write_run_folder,
+    sign_in_browser,
 ):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import staleness_of
+    from selenium.webdriver.support.ui import WebDriverWait
 
     model, run = approval_candidate(passed=True)
     url, settings = live_console(model)
     write_run_folder(settings.run_root, run)
     thread, result = approval_waiter(model, run, 120)
-    _sign_in(browser, url, "alice-secret-token")
+    sign_in_browser(browser, url, "alice-secret-token")
     assert browser.find_element(By.ID, "user").text == "alice"
     row = browser.find_element(By.CSS_SELECTOR, "#runs tr.waiting")
     assert run in row.text
@@ -109,15 +36,25 @@ def test_a_reviewer_signs_in_reviews_the_waiting_run_and_approves_it(
     assert browser.find_element(By.ID, "state").text == "waiting"
     assert "recall:tumor vs champion" in browser.find_element(By.ID, "rules").text
     assert "Tumor/7.jpg" in browser.find_element(By.ID, "wrong").text
+    assert "Cyst/2.jpg" in browser.find_element(By.ID, "changed").text
+    overlays = browser.find_elements(By.CSS_SELECTOR, "#changed img.overlay")
+    assert len(overlays) == 2
+    # the overlays are loaded images, not broken links
+    assert all(
+        browser.execute_script("return arguments[0].naturalWidth", o) == 48 for o in overlays
+    )
     load_ms = browser.execute_script(
         "return performance.getEntriesByType('navigation')[0].duration"
     )
     print(f"review page loaded in {load_ms:.0f} ms")
     browser.save_screenshot(str(screenshots / "review.png"))
     browser.find_element(By.ID, "reason").send_keys("looked at the wrong cysts")
+    before = browser.find_element(By.ID, "state")
     browser.find_element(By.ID, "approve").click()
     thread.join(30)
     assert result and result[0].status == "approved" and result[0].by == "alice"
+    # the POST answers with the same page again: wait until the old one is gone
+    WebDriverWait(browser, 30).until(staleness_of(before))
     assert browser.find_element(By.ID, "state").text == "approved"
     browser.get(f"{url}/audit")
     assert "alice" in browser.find_element(By.ID, "audit").text
@@ -125,13 +62,13 @@ def test_a_reviewer_signs_in_reviews_the_waiting_run_and_approves_it(
 
 
 def test_a_viewer_sees_no_decision_form_and_gets_403_posting_one(
-    browser, live_console, approval_candidate, screenshots
+    browser, live_console, approval_candidate, screenshots, sign_in_browser
 ):
     from selenium.webdriver.common.by import By
 
     model, run = approval_candidate(passed=True)
     url, _ = live_console(model)
-    _sign_in(browser, url, "victor-secret-token")
+    sign_in_browser(browser, url, "victor-secret-token")
     browser.get(f"{url}/runs/{run}")
     assert not browser.find_elements(By.ID, "decide")
     assert "may view this run but not decide" in browser.page_source
@@ -148,7 +85,7 @@ def test_a_viewer_sees_no_decision_form_and_gets_403_posting_one(
 
 
 def test_rollback_from_the_models_page_moves_the_served_label(
-    browser, live_console, tmp_path, mlflow_server, screenshots
+    browser, live_console, tmp_path, mlflow_server, screenshots, sign_in_browser
 ):
     import uuid
 
@@ -179,7 +116,7 @@ def test_rollback_from_the_models_page_moves_the_served_label(
         ),
     )
     url, _ = live_console(model, str(base))
-    _sign_in(browser, url, "alice-secret-token")
+    sign_in_browser(browser, url, "alice-secret-token")
     browser.get(f"{url}/models")
     assert browser.find_element(By.CSS_SELECTOR, ".label-stable").text == "2"
     browser.find_element(By.ID, f"rollback-{model}").click()

@@ -73,3 +73,36 @@ def test_an_uploaded_scan_gets_probabilities_and_a_grad_cam_overlay(
         "/scan", data={"csrf": csrf}, files={"image": ("scan.png", b"not an image", "image/png")}
     )
     assert broken.status_code == 400 and "refused the request" in broken.text
+
+
+def test_an_uploaded_dicom_is_decoded_as_training_decodes_it_and_sent_as_png(
+    console_factory, served_model, sign_in, csrf_of, tmp_path
+):
+    from dicom_fixtures import ct_phantom, write_dicom
+
+    from tumorflow.components.dicom import dicom_to_png
+    from tumorflow.core.config import DicomConfig
+
+    client_for, _ = console_factory("kidney-ct", model_server=f"127.0.0.1:{served_model.grpc_port}")
+    client = client_for()
+    sign_in(client, "victor")
+    csrf = csrf_of(client, "/scan")
+    dicom = write_dicom(tmp_path / "slice.dcm", ct_phantom(60.0, size=48)).read_bytes()
+
+    def probabilities(name: str, data: bytes, kind: str) -> dict[str, str]:
+        page = client.post("/scan", data={"csrf": csrf}, files={"image": (name, data, kind)})
+        assert page.status_code == 200, page.text
+        table = page.text.split('id="probabilities"')[1].split("</table>")[0]
+        return dict(re.findall(r"<td>(\w+)</td><td>([0-9.]+)</td>", table))
+
+    (png,) = dicom_to_png(dicom, DicomConfig())
+    from_dicom = probabilities("slice.dcm", dicom, "application/dicom")
+    assert set(from_dicom) == {"dark", "bright"}
+    # the model saw exactly the PNG the training data's decode makes of this file
+    assert from_dicom == probabilities("slice.png", png, "image/png")
+    broken = client.post(
+        "/scan",
+        data={"csrf": csrf},
+        files={"image": ("slice.dcm", dicom[:200], "application/dicom")},
+    )
+    assert broken.status_code == 400 and 'class="message"' in broken.text
