@@ -101,6 +101,8 @@ def pipeline_parameters(
         if local
         else config.cluster_tracking_uri(no_registry=no_registry)
     )
+    # The approval report links to the run's review page in the console.
+    values["console_base_url"] = config.console.base_url
     return values | RUN_PARAMETERS
 
 
@@ -122,6 +124,7 @@ def _signature(*leading: inspect.Parameter) -> inspect.Signature:
             if f"{section}.{field}" not in NOT_PARAMETERS:
                 annotations[field] = _annotation(section, field)
     annotations |= {name: type(value) for name, value in RUN_PARAMETERS.items()}
+    annotations["console_base_url"] = str
     parameters = [
         inspect.Parameter(
             name,
@@ -231,6 +234,7 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
         model_base_path=p["model_base_path"],
         pipeline_run=pipeline_run,
         trigger_reason=p["trigger_reason"],
+        console_base_url=p["console_base_url"],
     ).set_display_name("approval")
     approving.set_caching_options(False)
 

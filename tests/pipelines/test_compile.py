@@ -110,6 +110,22 @@ def test_the_cluster_defaults_follow_the_configured_bucket(tmp_path: Path):
     assert defaults["checkpoint_root"]["defaultValue"] == "/gcs/hospital-ml/checkpoints"
 
 
+def test_the_approval_report_links_to_the_configured_console(tmp_path: Path):
+    path = compile_pipeline(
+        tmp_path / "p.yaml",
+        config=_cluster_config("console.base_url=https://review.hospital.example/tumorflow"),
+    )
+    compiled = yaml.safe_load(path.read_text())
+    defaults = compiled["root"]["inputDefinitions"]["parameters"]
+    assert defaults["console_base_url"]["defaultValue"] == (
+        "https://review.hospital.example/tumorflow"
+    )
+    approval = compiled["root"]["dag"]["tasks"]["approval"]
+    assert approval["inputs"]["parameters"]["console_base_url"] == {
+        "componentInputParameter": "console_base_url"
+    }
+
+
 def test_a_cluster_pipeline_without_a_registry_is_refused_unless_told(tmp_path: Path):
     with pytest.raises(ConfigError, match="--no-registry"):
         compile_pipeline(tmp_path / "p.yaml", config=PipelineConfig())
