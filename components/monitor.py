@@ -15,6 +15,7 @@ from tumorflow.components.drift import (
     nothing_to_compare,
 )
 from tumorflow.core import serving_layout, storage
+from tumorflow.core.config import DicomConfig
 from tumorflow.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -61,19 +62,22 @@ def check_recent_drift(
     model_name: str,
     model_dir: Path | None = None,
     now: datetime | None = None,
+    dicom_config: DicomConfig | None = None,
 ) -> tuple[DriftVerdict, tuple[datetime, datetime]]:
     """Compare the last `window_hours` of `current_source` (a request log, a table or a folder of
-    recent images) with `reference_source`; the report and verdict go to `output_dir`."""
+    recent images, DICOM decoded with `dicom_config`) with `reference_source`; the report and
+    verdict go to `output_dir`."""
     end = now or datetime.now(UTC)
     window = (end - timedelta(hours=window_hours), end)
     output_dir = Path(output_dir)
-    reference = load_table(reference_source, model_dir=model_dir)
+    reference = load_table(reference_source, model_dir=model_dir, dicom_config=dicom_config)
     current = load_table(
         current_source,
         window,
         model_dir=model_dir,
         projection=reference.attrs.get("projection"),
         model_name=model_name,
+        dicom_config=dicom_config,
     )
     if len(current) < 2:
         verdict = nothing_to_compare(

@@ -287,6 +287,7 @@ def monitor_pipeline(p: dict[str, Any]) -> None:
         model_name=p["model_name"],
         drift_share=p["drift_share"],
         window_hours=p["window_hours"],
+        dataset=p["dataset"],
     ).set_display_name("drift check: recent requests vs served reference")
     check.set_caching_options(False)
     # The nested retraining DAG is laid out for the same runtime (image, target, workers).

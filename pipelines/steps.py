@@ -213,12 +213,14 @@ def drift_check(
     model_name: str,
     drift_share: float,
     window_hours: float,
+    dataset: dict,
     report: Output[HTML],
     verdict: Output[Artifact],
     reason: dsl.OutputPath(str),
 ) -> bool:
     """Recent served requests (or images) against the served model's reference: drifted, and
     why (`reason` becomes the retraining run's `trigger_reason`; trigger.json records it).
+    DICOM in a folder of recent images is decoded with the dataset's window, as training does.
 
     (A bool return and an output-path parameter rather than a NamedTuple: kfp.local cannot
     resolve a dsl.If condition on a NamedTuple field.)"""
@@ -230,6 +232,7 @@ def drift_check(
         resolve_served_reference,
         write_trigger_record,
     )
+    from tumorflow.core.config import DatasetConfig
 
     reference, model_dir = resolve_served_reference(model_base_path, model_name)
     result, window = check_recent_drift(
@@ -240,6 +243,7 @@ def drift_check(
         window_hours=window_hours,
         model_name=model_name,
         model_dir=model_dir,
+        dicom_config=DatasetConfig.model_validate(dataset).dicom,
     )
     if result.html_path:
         shutil.copyfile(result.html_path, report.path)

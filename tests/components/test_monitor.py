@@ -55,6 +55,7 @@ def drift_check(tmp_path: Path, base: Path, current: Path, **settings):
         model_name="kidney-ct",
         drift_share=settings.get("drift_share", PipelineConfig().drift.drift_share),
         window_hours=settings.get("window_hours", 24.0),
+        dataset=settings.get("dataset", PipelineConfig().dataset.model_dump()),
         report=dsl.HTML(uri=str(tmp_path / "report.html")),
         verdict=verdict,
         reason=str(tmp_path / "reason"),
@@ -108,6 +109,43 @@ def test_no_drift_means_no_retraining(tmp_path: Path, served: Path):
     assert drifted is False and reason == ""
     assert not (tmp_path / "verdict" / "trigger.json").exists()
     assert "<html" in (tmp_path / "report.html").read_text()
+
+
+def test_recent_dicom_is_decoded_with_the_training_window(tmp_path: Path):
+    """The drift check decodes a folder of raw DICOM with the dataset's window: the same slices
+    the reference was made from do not drift under that window, and do under another one."""
+    from dicom_fixtures import ct_phantom, write_dicom
+
+    from tumorflow.components import dicom
+    from tumorflow.components.monitor import check_recent_drift
+    from tumorflow.core.config import DicomConfig
+
+    training = DicomConfig()
+    files = [
+        write_dicom(tmp_path / "recent" / f"{n:03d}.dcm", ct_phantom(30 + n % 40, seed=n))
+        for n in range(40)
+    ]
+    slices = [png for path in files for png in dicom.dicom_to_png(path, training)]
+    reference = tmp_path / "drift_reference.parquet"
+    image_feature_table(slices).to_parquet(reference)
+    verdicts = {}
+    for name, window in {
+        "training": training,
+        "bone": DicomConfig(window_center=400, window_width=1800),
+    }.items():
+        verdicts[name], _ = check_recent_drift(
+            str(tmp_path / "recent"),
+            str(reference),
+            tmp_path / name,
+            drift_share=0.3,
+            window_hours=24,
+            model_name="kidney-ct",
+            dicom_config=window,
+        )
+    assert verdicts["training"].current_rows == 40
+    assert not verdicts["training"].drift_detected
+    assert verdicts["bone"].drift_detected
+    assert "intensity_mean" in verdicts["bone"].drifted_columns
 
 
 def test_only_the_recent_window_counts(tmp_path: Path, served: Path):
