@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/tumorflow run --preset phantom
 
 test: setup lint
-	$(BIN)/pytest -m "not image" --ignore=tests/console/test_browser.py
+	$(BIN)/pytest -m "not image and not exhaustive" --ignore=tests/console/test_browser.py
 	# the browser tests in a session of their own: inside the whole suite the Models page test
 	# fails (an order dependence not yet found; alone it passes)
 	$(BIN)/pytest tests/console/test_browser.py

@@ -288,7 +288,15 @@ def test_the_heat_map_finds_a_small_lesion_inside_a_coarse_feature_map_cell():
     assert np.hypot(row - 24, column - 24) > 15
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+# make test exports the from-scratch CNN and one nested keras.applications backbone; the others
+# (a minute or more each on 2 cores) run with `pytest -m exhaustive`.
+IN_MAKE_TEST = {"custom_cnn", "mobilenetv2"}
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [b if b in IN_MAKE_TEST else pytest.param(b, marks=pytest.mark.exhaustive) for b in BACKBONES],
+)
 def test_every_backbone_exports_explain_signatures(backbone, tmp_path):
     import tensorflow as tf
 
