@@ -203,12 +203,18 @@ def _serving_module(model: Any, classes: list[str], image_size: int, grayscale: 
         ]
     )
     def explain_requested(image_bytes: tf.Tensor, class_index: tf.Tensor) -> dict[str, tf.Tensor]:
-        tf.debugging.assert_less(
-            class_index,
-            tf.constant(len(classes), tf.int64),
-            message=f"class_index must be below {len(classes)} (the number of classes)",
-        )
-        tf.debugging.assert_non_negative(class_index, message="class_index must be >= 0")
+        checks = [
+            tf.debugging.assert_less(
+                class_index,
+                tf.constant(len(classes), tf.int64),
+                message=f"class_index must be below {len(classes)} (the number of classes)",
+            ),
+            tf.debugging.assert_non_negative(class_index, message="class_index must be >= 0"),
+        ]
+        # The checks run before anything gathers by the index, so a bad one is always refused
+        # with their message (not, at random, by a gather's own out-of-range error).
+        with tf.control_dependencies(checks):
+            class_index = tf.identity(class_index)
         return explain(image_bytes, class_index)
 
     module.serve = serve
