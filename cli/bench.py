@@ -6,52 +6,52 @@ import argparse
 
 
 def _run_input(args: argparse.Namespace) -> int:
-    from tumorflow.components import input_bench
+    from tumorflow.bench import input as input_bench
 
     return input_bench.run(args)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from tumorflow.components import train_bench
+    from tumorflow.bench import train as train_bench
 
     return train_bench.run(args)
 
 
 def _run_serving(args: argparse.Namespace) -> int:
-    from tumorflow.serving import bench
+    from tumorflow.bench import serving as bench
 
     return bench.run(args)
 
 
 def _run_split(args: argparse.Namespace) -> int:
-    from tumorflow.components import split_bench
+    from tumorflow.bench import split as split_bench
 
     return split_bench.run(args)
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from tumorflow.components import validate_bench
+    from tumorflow.bench import validate as validate_bench
 
     return validate_bench.run(args)
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from tumorflow.components import pointing_game
+    from tumorflow.bench import pointing_game
 
     return pointing_game.run(args)
 
 
 def _run_recipe(args: argparse.Namespace) -> int:
-    from tumorflow.components import recipe_bench
+    from tumorflow.bench import recipe as recipe_bench
 
     return recipe_bench.run(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tumorflow.components.input_bench import add_arguments as add_input_arguments
-    from tumorflow.components.split_bench import add_arguments as add_split_arguments
-    from tumorflow.components.train_bench import add_arguments as add_train_arguments
-    from tumorflow.serving.bench import add_arguments as add_serving_arguments
+    from tumorflow.bench.input import add_arguments as add_input_arguments
+    from tumorflow.bench.serving import add_arguments as add_serving_arguments
+    from tumorflow.bench.split import add_arguments as add_split_arguments
+    from tumorflow.bench.train import add_arguments as add_train_arguments
 
     parser = subparsers.add_parser(
         "bench", help="measure the input pipeline, training, the server or duplicate grouping"
@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_split_arguments(split_parser)
     split_parser.set_defaults(handler=_run_split)
-    from tumorflow.components.validate_bench import add_arguments as add_validate_arguments
+    from tumorflow.bench.validate import add_arguments as add_validate_arguments
 
     validate_parser = which.add_parser(
         "validate", help="the validate step's decoding and hashing on 1, 2, ... worker processes"
@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_validate_arguments(validate_parser)
     validate_parser.set_defaults(handler=_run_validate)
 
-    from tumorflow.components.pointing_game import add_arguments as add_explain_arguments
+    from tumorflow.bench.pointing_game import add_arguments as add_explain_arguments
 
     explain_parser = which.add_parser(
         "explain", help="pointing game of the explain signature's heat map on phantom lesions"
@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_explain_arguments(explain_parser)
     explain_parser.set_defaults(handler=_run_explain)
 
-    from tumorflow.components.recipe_bench import add_arguments as add_recipe_arguments
+    from tumorflow.bench.recipe import add_arguments as add_recipe_arguments
 
     recipe_parser = which.add_parser(
         "recipe", help="epoch-to-epoch val swing of custom_cnn from scratch per training recipe"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def _run_phantom(args: argparse.Namespace) -> int:
-    from tumorflow.components.phantom import generate_phantom, images_folder
+    from tumorflow.components.data.phantom import generate_phantom, images_folder
 
     root = generate_phantom(
         Path(args.output),
@@ -26,8 +26,8 @@ def _run_phantom(args: argparse.Namespace) -> int:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from tumorflow.components.download import download_dataset
-    from tumorflow.components.validate import QUARANTINE_CSV, validate_and_split
+    from tumorflow.components.data.download import download_dataset
+    from tumorflow.components.data.validate import QUARANTINE_CSV, validate_and_split
     from tumorflow.core.config import load_config
 
     overrides = list(args.set or [])

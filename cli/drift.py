@@ -47,7 +47,7 @@ def _window(args: argparse.Namespace) -> tuple[datetime, datetime] | None:
 
 
 def _drift(args: argparse.Namespace) -> int:
-    from tumorflow.components.drift import drift_report, load_table
+    from tumorflow.components.monitoring.drift_report import drift_report, load_table
 
     config = config_from_args(args, default_preset=None)
     drift_share = args.drift_share if args.drift_share is not None else config.drift.drift_share
@@ -71,7 +71,7 @@ def _drift(args: argparse.Namespace) -> int:
 
 def _monitor(args: argparse.Namespace) -> int:
     """Run the monitoring pipeline: the drift check, and the retraining DAG when it drifted."""
-    from tumorflow.components.monitor import resolve_served_reference
+    from tumorflow.components.monitoring.monitor import resolve_served_reference
 
     config = config_from_args(args)
     if args.host:
@@ -116,7 +116,7 @@ def _monitor(args: argparse.Namespace) -> int:
 def _projection_lookup(model_base_path: str, workdir: Path) -> Callable[[str, int], Path | None]:
     """Served version folders under `<base>/<name>/<version>`; from gs:// only the drift
     projection is downloaded, into `workdir`."""
-    from tumorflow.components.drift_features import PROJECTION_FILE
+    from tumorflow.components.monitoring.features import PROJECTION_FILE
     from tumorflow.core import serving_layout, storage
 
     def lookup(model_name: str, version: int) -> Path | None:
@@ -136,7 +136,7 @@ def _projection_lookup(model_base_path: str, workdir: Path) -> Callable[[str, in
 def _drift_ingest(args: argparse.Namespace) -> int:
     import tempfile
 
-    from tumorflow.components.drift_ingest import ingest_image_folder, ingest_prediction_logs
+    from tumorflow.components.monitoring.ingest import ingest_image_folder, ingest_prediction_logs
 
     if args.images:
         if not args.model_name:

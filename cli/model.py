@@ -40,7 +40,7 @@ def _existing_store(tracking_uri: str) -> str:
 
 
 def _decide(args: argparse.Namespace, status: str) -> int:
-    from tumorflow.components.approval import record_decision
+    from tumorflow.components.release.approval import record_decision
 
     tracking_uri = _existing_store(_store(args)[0])
     text = "; ".join(t for t in (args.reason, getattr(args, "comment", None)) if t)
@@ -71,7 +71,7 @@ def _reject(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from tumorflow.components.deploy import model_status
+    from tumorflow.components.release.deploy import model_status
 
     tracking_uri, model_name, base, _ = _store(args)
     has_runs = _store_exists(tracking_uri)
@@ -116,7 +116,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _move_stable(args: argparse.Namespace) -> int:
-    from tumorflow.components.deploy import promote_canary, rollback
+    from tumorflow.components.release.deploy import promote_canary, rollback
 
     tracking_uri, model_name, base, keep_versions = _store(args)
     tracking_uri = _existing_store(tracking_uri)

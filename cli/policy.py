@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from tumorflow.cli.model import _store
 from tumorflow.cli.pipeline import add_config_arguments
-from tumorflow.components.approval_rules import APPROVAL_MODES
+from tumorflow.components.release.approval_rules import APPROVAL_MODES
 
 
 def _print_policy(model_name: str, policy, *, as_json: bool) -> None:
@@ -32,7 +32,7 @@ def _print_policy(model_name: str, policy, *, as_json: bool) -> None:
 
 
 def _set(args: argparse.Namespace) -> int:
-    from tumorflow.components.approval import set_model_policy
+    from tumorflow.components.release.approval import set_model_policy
 
     tracking_uri, model_name, _, _ = _store(args)
     policy = set_model_policy(tracking_uri, model_name, args.approval, args.approvers)
@@ -41,7 +41,7 @@ def _set(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from tumorflow.components import registry
+    from tumorflow.components.release import registry
 
     tracking_uri, model_name, _, _ = _store(args)
     policy = registry.get_approval_policy(registry.connect(tracking_uri), model_name)

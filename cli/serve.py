@@ -99,7 +99,7 @@ def _predict(args: argparse.Namespace) -> int:
     import sys
 
     from tumorflow.cli.pipeline import config_from_args
-    from tumorflow.components.overlays import overlay_heatmap
+    from tumorflow.components.evaluation.overlays import overlay_heatmap
     from tumorflow.core.errors import ConfigError
     from tumorflow.serving.client import (
         ExplainedPrediction,

@@ -177,7 +177,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         reason: Annotated[str, Form()] = "",
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        from tumorflow.components.approval import APPROVED, REJECTED, record_decision
+        from tumorflow.components.release.approval import APPROVED, REJECTED, record_decision
 
         run = _candidate(pipeline_run)
         user = require(request, "approver", run.model_name, csrf)
@@ -205,7 +205,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
 
     @app.get("/models", response_class=HTMLResponse)
     def models(request: Request) -> Response:
-        from tumorflow.components.deploy import model_status
+        from tumorflow.components.release.deploy import model_status
 
         user = user_of(request)
         shown = [
@@ -237,7 +237,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         reason: Annotated[str, Form()] = "",
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        from tumorflow.components.deploy import promote_canary, rollback
+        from tumorflow.components.release.deploy import promote_canary, rollback
 
         user = require(request, "rollback", model_name, csrf)
         if action == "promote":
@@ -292,8 +292,8 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
     ) -> Response:
         """Classify an upload over the model server's gRPC API. A DICOM file is decoded here, by
         the decode training and `tumorflow predict` use, and sent as PNG (a slice per frame)."""
-        from tumorflow.components.dicom import DicomDecodeError
-        from tumorflow.components.overlays import overlay_heatmap
+        from tumorflow.components.data.dicom import DicomDecodeError
+        from tumorflow.components.evaluation.overlays import overlay_heatmap
         from tumorflow.serving.client import ModelTarget, encoded_images, explain_grpc
 
         user = require(request, "viewer", settings.model_name, csrf)

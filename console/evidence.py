@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tumorflow.components import registry
-from tumorflow.components.gate_review import CHANGED, REVIEW_FILE
+from tumorflow.components.gate.review import CHANGED, REVIEW_FILE
+from tumorflow.components.release import registry
 
 WAITING = "waiting"
 DEPLOYED = "deployed"

@@ -12,7 +12,7 @@ so Kubeflow schedules it there (the compiled YAML then holds a second, platform 
   (pipelines/tfjob.py): one Chief and `workers - 1` Workers, each with the task's accelerators,
   CPU and memory and, with `gke_gpu_pool`, the GPU pool's node selector and toleration; the
   operator sets TF_CONFIG.
-Either way training picks MultiWorkerMirroredStrategy from it (components/distribute.py).
+Either way training picks MultiWorkerMirroredStrategy from it (components/training/strategy.py).
 """
 
 from __future__ import annotations

@@ -499,7 +499,7 @@ def _keep_mlflow_artifacts_in(config: PipelineConfig, run_root: Path) -> None:
     tracking_uri = config.resolved_tracking_uri()
     if tracking_uri.startswith(("http://", "https://")):
         return
-    from tumorflow.components.registry import connect
+    from tumorflow.components.release.registry import connect
 
     client = connect(tracking_uri)
     if client.get_experiment_by_name(config.tracking.experiment) is None:

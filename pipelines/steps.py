@@ -38,7 +38,7 @@ def dataset_version(dataset: dict) -> NamedTuple(
     is cached on this fingerprint, so changed data is downloaded again and unchanged data is not."""
     from collections import namedtuple
 
-    from tumorflow.components.download import resolve_dataset_version
+    from tumorflow.components.data.download import resolve_dataset_version
     from tumorflow.core.config import DatasetConfig
 
     version = resolve_dataset_version(DatasetConfig.model_validate(dataset))
@@ -52,7 +52,7 @@ def download(dataset: dict, fingerprint: str, source: str, detail: dict, raw: Ou
     """Fetch the images (phantom, folder, archive, kaggle:, gs://) and write their manifest."""
     from pathlib import Path
 
-    from tumorflow.components.download import DatasetVersion, download_dataset
+    from tumorflow.components.data.download import DatasetVersion, download_dataset
     from tumorflow.core.config import DatasetConfig
 
     result = download_dataset(
@@ -75,7 +75,7 @@ def validate_and_split(
     """Decode and quarantine, group near-duplicates, split by groups, write TFRecord shards."""
     from pathlib import Path
 
-    from tumorflow.components.validate import validate_and_split as run
+    from tumorflow.components.data.validate import validate_and_split as run
     from tumorflow.core.config import SplitConfig
 
     result = run(
@@ -104,8 +104,8 @@ def train(
     version, and the training section), and nothing of one run."""
     from pathlib import Path
 
-    from tumorflow.components.export import export_model_artifact
-    from tumorflow.components.train import checkpoint_key, train_model
+    from tumorflow.components.training.export import export_model_artifact
+    from tumorflow.components.training.train import checkpoint_key, train_model
     from tumorflow.core.config import TrainConfig
 
     config = TrainConfig.model_validate(train_config)
@@ -137,7 +137,7 @@ def evaluate(
     import json
     from pathlib import Path
 
-    from tumorflow.components.evaluate import evaluate_model, log_kfp_metrics
+    from tumorflow.components.evaluation.evaluate import evaluate_model, log_kfp_metrics
 
     positive_class = dataset.get("positive_class") or "tumor"
     info = json.loads((Path(model.path) / "model_info.json").read_text())
@@ -170,7 +170,7 @@ def drift_reference(
     """
     from pathlib import Path
 
-    from tumorflow.components.drift_features import build_reference
+    from tumorflow.components.monitoring.features import build_reference
 
     build_reference(
         Path(split.path),
@@ -193,7 +193,7 @@ def drift_report(
     """Compare the new training data with the deployed model's reference (Evidently report)."""
     from pathlib import Path
 
-    from tumorflow.components.drift import drift_against_served_model
+    from tumorflow.components.monitoring.drift_report import drift_against_served_model
 
     drift_against_served_model(
         Path(split.path),
@@ -227,7 +227,7 @@ def drift_check(
     import shutil
     from pathlib import Path
 
-    from tumorflow.components.monitor import (
+    from tumorflow.components.monitoring.monitor import (
         check_recent_drift,
         resolve_served_reference,
         write_trigger_record,
@@ -276,7 +276,7 @@ def gate(
     Fails when a version is served under `model_base_path` but the registry cannot be read."""
     from pathlib import Path
 
-    from tumorflow.components.gate import run_gate
+    from tumorflow.components.gate.decision import run_gate
     from tumorflow.core.config import GateConfig
 
     result = run_gate(
@@ -314,7 +314,7 @@ def approval(
     the config's default)."""
     from pathlib import Path
 
-    from tumorflow.components.approval import APPROVAL_REPORT, run_approval
+    from tumorflow.components.release.approval import APPROVAL_REPORT, run_approval
     from tumorflow.core.config import ConsoleConfig, GateConfig
 
     console = ConsoleConfig(base_url=console_base_url) if console_base_url else ConsoleConfig()
@@ -354,7 +354,7 @@ def deploy(
     Returns the new version, or 0 when the model is identical to the served one (nothing new)."""
     from pathlib import Path
 
-    from tumorflow.components.deploy import deploy_model
+    from tumorflow.components.release.deploy import deploy_model
 
     result = deploy_model(
         Path(model.path),

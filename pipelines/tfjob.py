@@ -1,5 +1,5 @@
 """The training step on Kubeflow with `runtime.workers > 1`: a launcher task that runs the
-training component as a Kubeflow Training Operator TFJob (components/tfjob.py).
+training component as a Kubeflow Training Operator TFJob (pipelines/tfjob_launcher.py).
 
 Fixed when the pipeline is compiled: the number of workers, the image, the training component's
 own command line and the GPU node pool's selector and toleration. Run parameters as for one
@@ -46,7 +46,7 @@ def train_tfjob(
     import json
     from pathlib import Path
 
-    from tumorflow.components.tfjob import LAUNCH_RECORD, replica_resources, train_as_tfjob
+    from tumorflow.pipelines.tfjob_launcher import LAUNCH_RECORD, replica_resources, train_as_tfjob
 
     metadata = train_as_tfjob(
         split={"uri": split.uri, "schema_title": split.schema_title, "metadata": split.metadata},

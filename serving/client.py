@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tumorflow.components.dicom import encoded_images as encoded_images
-from tumorflow.components.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
+from tumorflow.components.data.dicom import encoded_images as encoded_images
+from tumorflow.components.training.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
 from tumorflow.core.errors import TumorflowError
 
 IMAGE_INPUT = INPUT

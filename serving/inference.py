@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from tumorflow.serving.batching import BatchScheduler
-from tumorflow.serving.metrics import ServerMetrics
+from tumorflow.serving.prometheus import ServerMetrics
 from tumorflow.serving.repository import ModelRepository, VersionStatus
 from tumorflow.serving.servable import CLASSIFY_METHOD, REGRESS_METHOD, Servable, Signature
 from tumorflow.serving.status import invalid_argument

@@ -3,7 +3,7 @@
 `RequestLogger.log` runs on the request path, so it only samples, stamps and enqueues (a few
 microseconds). A background thread decodes the images, computes the drift features, projects the
 model's embedding with the served version's stored projection, and appends rows to the
-request-log store (`components/drift_store.py`: `<root>/<model_name>/date=YYYY-MM-DD/part-*.parquet`,
+request-log store (`components/monitoring/store.py`: `<root>/<model_name>/date=YYYY-MM-DD/part-*.parquet`,
 a local folder or a gs:// prefix). When the bounded queue is full a request is dropped and
 counted, never waited for.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorflow.components.drift_store import LoggedRequest, PartWriter
+from tumorflow.components.monitoring.store import LoggedRequest, PartWriter
 from tumorflow.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 
 from tumorflow.serving.grpc_api import status_proto
 from tumorflow.serving.inference import InferenceService, with_context
-from tumorflow.serving.metrics import PROMETHEUS_PATH
+from tumorflow.serving.prometheus import PROMETHEUS_PATH
 from tumorflow.serving.servable import Signature
 from tumorflow.serving.status import ServingError, invalid_argument
 

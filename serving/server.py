@@ -28,7 +28,7 @@ from tumorflow.core.errors import ConfigError
 from tumorflow.serving.batching import BatchingParameters, BatchScheduler
 from tumorflow.serving.grpc_api import ModelServicer, PredictionServicer
 from tumorflow.serving.inference import InferenceService, RequestLog
-from tumorflow.serving.metrics import PROMETHEUS_PATH, ServerMetrics
+from tumorflow.serving.prometheus import PROMETHEUS_PATH, ServerMetrics
 from tumorflow.serving.repository import (
     ModelRepository,
     ModelServerConfig,

@@ -81,7 +81,7 @@ def approval_candidate(tmp_path: Path, mlflow_server: str):
     import json
     import uuid
 
-    from tumorflow.components.registry import register_candidate
+    from tumorflow.components.release.registry import register_candidate
 
     def register(passed: bool) -> tuple[str, str]:
         folder = tmp_path / f"model-{uuid.uuid4().hex[:6]}"
@@ -101,7 +101,7 @@ def approval_candidate(tmp_path: Path, mlflow_server: str):
 def approval_waiter(mlflow_server: str) -> Iterator[Callable[..., tuple[threading.Thread, list]]]:
     """Start `wait_for_approval` in a thread, as the pipeline's approval step waits; return once
     it waits (it logs that it does) or has already returned."""
-    from tumorflow.components import approval
+    from tumorflow.components.release import approval
 
     waiting: set[str] = set()
 

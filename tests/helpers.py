@@ -16,8 +16,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from tumorflow.components.input_bench import BENCH_CLASSES, draw_synthetic_scan
-from tumorflow.components.tfrecords import MANIFEST_JSON, Record, write_shards
+from tumorflow.components.data.synthetic import SYNTHETIC_CLASSES, draw_synthetic_scan
+from tumorflow.components.data.tfrecords import MANIFEST_JSON, Record, write_shards
 
 T = TypeVar("T")
 
@@ -110,7 +110,7 @@ def write_synthetic_split(
     counts: Mapping[str, int],
     size: int,
     seed: int = 0,
-    classes: Iterable[str] = BENCH_CLASSES,
+    classes: Iterable[str] = SYNTHETIC_CLASSES,
     shard_size: int = 1024,
 ) -> Path:
     """A split dataset of synthetic CT-like scans (PNG), `counts[split]` images per class, whose
@@ -185,7 +185,7 @@ def write_hostile_name_corpus(
 # first checkpoint: argv = split dir, work dir, TrainConfig JSON, seconds per epoch end.
 SLOW_TRAINING_CHILD = """
 from pathlib import Path
-from tumorflow.components import train
+from tumorflow.components.training import train
 from tumorflow.core.config import TrainConfig
 
 original = train._stage_callback_class

@@ -91,7 +91,7 @@ def test_unknown_run_and_unreachable_server_are_clear(mlflow_server, capsys):
 def test_rollback_and_status(tmp_path, mlflow_server, capsys):
     from mlflow import MlflowClient
 
-    from tumorflow.components.registry import move_champion, register_model_version
+    from tumorflow.components.release.registry import move_champion, register_model_version
     from tumorflow.core.serving_layout import (
         edit_serving_config,
         serving_labels,

@@ -59,8 +59,8 @@ def test_approve_by_a_non_approver_is_refused_and_by_an_approver_continues_the_r
     tmp_path, mlflow_server, capsys
 ):
     """A run configured `auto` waits under the model's manual policy until an approver decides."""
-    from tumorflow.components.approval import run_approval
-    from tumorflow.components.registry import connect, list_versions
+    from tumorflow.components.release.approval import run_approval
+    from tumorflow.components.release.registry import connect, list_versions
     from tumorflow.core.config import GateConfig
 
     name, uri, me = _model(), ["--tracking-uri", mlflow_server], getpass.getuser()

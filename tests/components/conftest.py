@@ -56,7 +56,7 @@ def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
         }
         (folder / "model_info.json").write_text(json.dumps(info))
         if exported:
-            from tumorflow.components.export import export_model_artifact
+            from tumorflow.components.training.export import export_model_artifact
 
             export_model_artifact(folder)
         return folder
@@ -68,7 +68,7 @@ def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
 def split_dir(tmp_path: Path) -> Path:
     """A split dataset with a 24-image test split (6 per class, assorted sizes), each image a
     noisy grey whose mean level codes its class."""
-    from tumorflow.components.tfrecords import Record
+    from tumorflow.components.data.tfrecords import Record
 
     records = [
         Record(
@@ -88,6 +88,6 @@ def split_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 48-px phantom (12 images per class, 4 slices per patient) in the kidney CT layout."""
-    from tumorflow.components.phantom import generate_phantom
+    from tumorflow.components.data.phantom import generate_phantom
 
     return generate_phantom(tmp_path_factory.mktemp("phantom"), per_class=12, size=48, seed=3)

@@ -128,7 +128,7 @@ def _write_run_folder(root, run: str) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from tumorflow.components.overlays import overlay_heatmap
+    from tumorflow.components.evaluation.overlays import overlay_heatmap
 
     # the gate's review images: Tumor/7 now wrong (the champion had it right), Cyst/2 now right
     review = [

@@ -92,7 +92,7 @@ def test_rollback_from_the_models_page_moves_the_served_label(
     import mlflow
     from selenium.webdriver.common.by import By
 
-    from tumorflow.components import registry
+    from tumorflow.components.release import registry
     from tumorflow.core import serving_layout
 
     model = f"m-{uuid.uuid4().hex[:6]}"

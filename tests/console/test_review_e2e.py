@@ -62,7 +62,7 @@ def _start_run(tmp_path: Path, tracking_uri: str, model: str, *overrides: str):
 
 def _waiting_run(tracking_uri: str, model: str, process, log: Path, timeout: float) -> str:
     """The pipeline run whose candidate waits for a decision (fails at once if the run died)."""
-    from tumorflow.components import registry
+    from tumorflow.components.release import registry
 
     def waiting() -> str | None:
         if process.poll() is not None:

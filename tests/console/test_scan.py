@@ -19,7 +19,7 @@ def served_model(tmp_path):
     """A tumorflow export (a brightness classifier) served in-process as `kidney-ct`."""
     import keras
 
-    from tumorflow.components.export import export_serving_model
+    from tumorflow.components.training.export import export_serving_model
     from tumorflow.serving.server import ModelServer, ServerOptions
 
     inputs = keras.Input((32, 32, 3))
@@ -80,7 +80,7 @@ def test_an_uploaded_dicom_is_decoded_as_training_decodes_it_and_sent_as_png(
 ):
     from dicom_fixtures import ct_phantom, write_dicom
 
-    from tumorflow.components.dicom import dicom_to_png
+    from tumorflow.components.data.dicom import dicom_to_png
     from tumorflow.core.config import DicomConfig
 
     client_for, _ = console_factory("kidney-ct", model_server=f"127.0.0.1:{served_model.grpc_port}")

@@ -134,7 +134,7 @@ def test_mlflow_server_uses_postgres_and_a_gcs_artifact_root(mlflow_objects):
 
 
 def test_the_cluster_mounts_buckets_for_tfjob_replicas(terraform):
-    from tumorflow.components import tfjob
+    from tumorflow.pipelines import tfjob_launcher as tfjob
 
     cluster = terraform["resource"]["google_container_cluster"]["tumorflow"]
     (addons,) = cluster["addons_config"]
@@ -151,13 +151,13 @@ def training_objects(monkeypatch) -> dict:
 
 
 def test_the_tfjob_launcher_may_manage_tfjobs_and_nothing_else(training_objects):
-    from tumorflow.components import tfjob
+    from tumorflow.pipelines import tfjob_launcher as tfjob
     from tumorflow.pipelines.tfjob import TRAINING_SERVICE_ACCOUNT
 
     role = training_objects["Role/tumorflow-tfjob-launcher"]
     (rule,) = role.rules
     assert rule.api_groups == [tfjob.GROUP] and rule.resources == [tfjob.PLURAL]
-    # what components/tfjob.py calls: create, then get until a final condition, then delete
+    # what pipelines/tfjob_launcher.py calls: create, then get until a final condition, then delete
     assert sorted(rule.verbs) == ["create", "delete", "get"]
     binding = training_objects["RoleBinding/tumorflow-tfjob-launcher"]
     assert binding.role_ref.kind == "Role" and binding.role_ref.name == role.metadata.name

@@ -43,7 +43,7 @@ CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
 
 def _phantom(folder: Path, seed: int, number_offset: int = 0) -> None:
     """Phantom slices in the kidney CT layout under `folder`, numbered from `number_offset`."""
-    from tumorflow.components.phantom import generate_phantom, images_folder
+    from tumorflow.components.data.phantom import generate_phantom, images_folder
 
     made = generate_phantom(folder.parent / f"phantom-{seed}", per_class=16, size=48, seed=seed)
     source, target = images_folder(made), images_folder(folder)

@@ -79,7 +79,7 @@ def test_predict_converts_dicom_client_side_with_the_training_decode(
     import numpy as np
     from dicom_fixtures import ct_phantom, write_dicom
 
-    from tumorflow.components.dicom import dicom_to_png
+    from tumorflow.components.data.dicom import dicom_to_png
     from tumorflow.core.config import DicomConfig
 
     single = write_dicom(tmp_path / "ct.dcm", ct_phantom(200, size=64))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import wait_until
 
-from tumorflow.components.drift_features import IMAGE_FEATURES, EmbeddingProjection
+from tumorflow.components.monitoring.features import IMAGE_FEATURES, EmbeddingProjection
 from tumorflow.core.config import DriftConfig
 from tumorflow.core.errors import ConfigError
 from tumorflow.serving.request_log import RequestLogger

@@ -21,7 +21,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from tumorflow.components.deploy import model_status, promote_canary, rollback
+from tumorflow.components.release.deploy import model_status, promote_canary, rollback
 from tumorflow.core import serving_layout, storage
 from tumorflow.serving.server import ModelServer, ServerOptions
 

@@ -1,0 +1,404 @@
+"""`tumorflow bench serving`: gRPC Predict vs the in-process call and the seeds' Flask endpoint.
+
+One process tree, one exported model, the same images: (a) the in-process signature call at
+batch 1, (b) gRPC Predict at batch 1 with 1, 8 and 32 concurrent clients against `tumorflow
+serve` with batching on (a subprocess), (c) a Flask endpoint taking base64 JSON that decodes with
+PIL and calls `model.predict` per request (the seeds' design, a subprocess). Every loop is
+bounded in requests and seconds; everything listens on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tumorflow.components.data.synthetic import encode_image
+from tumorflow.components.training.backbones import BACKBONES
+from tumorflow.core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "bench"
+CONCURRENCY = (1, 8, 32)
+LOGGED = "gRPC Predict, 1 client, request log on"
+FLASK_CLIENTS = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="a model folder of the train step (model.keras + model_info.json), e.g. "
+        "runs/pipeline_root/<run>/train/model; default: an untrained --backbone built here",
+    )
+    parser.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default="custom_cnn",
+        help="backbone of the model built here without --model-dir (default custom_cnn)",
+    )
+    parser.add_argument("--requests", type=int, default=400, help="requests per measurement")
+    parser.add_argument("--images", type=int, default=16, help="distinct test images")
+    parser.add_argument(
+        "--image-size", type=int, default=96, help="input size of the model built here (default 96)"
+    )
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="time cap per measurement")
+
+
+@dataclass
+class Measurement:
+    name: str
+    latencies: list[float]
+    wall: float
+    images_per_call: int = 1
+
+    @property
+    def throughput(self) -> float:
+        """Images per second."""
+        return len(self.latencies) * self.images_per_call / self.wall if self.wall else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q) * 1000) if self.latencies else float("nan")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _default_model_folder(folder: Path, backbone: str, image_size: int) -> Path:
+    """An untrained classifier (random weights: speed does not depend on them) saved as the train
+    step saves its model folder."""
+    import keras
+
+    from tumorflow.components.training.backbones import build_classifier
+
+    keras.utils.set_random_seed(0)
+    model, _ = build_classifier(backbone, 4, image_size, "none", 0.0)
+    folder.mkdir(parents=True)
+    model.save(folder / "model.keras")
+    info = {
+        "backbone": backbone,
+        "weights": "none",
+        "image_size": [image_size, image_size],
+        "classes": ["cyst", "normal", "stone", "tumor"],
+    }
+    (folder / "model_info.json").write_text(json.dumps(info))
+    return folder
+
+
+def _images(count: int) -> list[bytes]:
+    """`count` random 128-px RGB PNGs (what the model makes of them does not matter for speed)."""
+    rng = np.random.default_rng(0)
+    return [
+        encode_image(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8), "PNG")
+        for _ in range(count)
+    ]
+
+
+def _measure(
+    name: str,
+    call: Callable[[int, bytes], None],
+    images: list[bytes],
+    total: int,
+    clients: int,
+    cap: float,
+) -> Measurement:
+    """Run `total` calls split over `clients` threads (each stops at the time cap)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + cap
+
+    def client(index: int) -> None:
+        own = []
+        for n in range(index, total, clients):
+            if time.monotonic() > deadline:
+                break
+            start = time.perf_counter()
+            call(index, images[n % len(images)])
+            own.append(time.perf_counter() - start)
+        with lock:
+            latencies.extend(own)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return Measurement(name, latencies, time.perf_counter() - start)
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with log.open("w") as handle:
+        return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _wait_ready(
+    check: Callable[[], bool], process: subprocess.Popen, log: Path, timeout: float = 120
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ConfigError(f"benchmark server exited early; its log:\n{log.read_text()[-2000:]}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise ConfigError(f"benchmark server did not start within {timeout:.0f}s; see {log}")
+
+
+def flask_baseline_app(model_dir: str):
+    """The seeds' endpoint: base64 JSON in, PIL decode and `model.predict` per request."""
+    import keras
+    from flask import Flask, jsonify, request
+    from PIL import Image
+
+    model = keras.saving.load_model(Path(model_dir) / "model.keras")
+    height, width = model.input_shape[1:3]
+    app = Flask("baseline")
+
+    @app.post("/predict")
+    def predict():
+        data = base64.b64decode(request.get_json()["image"])
+        image = Image.open(io.BytesIO(data)).convert("RGB").resize((width, height))
+        batch = np.asarray(image, dtype="float32")[np.newaxis]
+        return jsonify({"scores": model.predict(batch, verbose=0)[0].tolist()})
+
+    app.add_url_rule("/health", "health", lambda: "ok")
+    return app
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from tumorflow.components.training.export import export_serving_model
+
+    if args.requests < 1 or args.images < 1:
+        raise ConfigError("--requests and --images must be positive")
+    work = Path(tempfile.mkdtemp(prefix="tumorflow-bench-"))
+    model_dir = args.model_dir or _default_model_folder(
+        work / "model", args.backbone, args.image_size
+    )
+    if not (Path(model_dir) / "model.keras").exists():
+        raise ConfigError(f"{model_dir} is not a model folder of the train step (no model.keras)")
+    version_dir = work / "models" / MODEL_NAME / "1"
+    export_serving_model(Path(model_dir), version_dir, model_name=MODEL_NAME)
+    images = _images(args.images)
+    cap = args.max_seconds
+    results: list[Measurement] = []
+
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    for image in images:
+        signature(image_bytes=tf.constant([image]))
+    results.append(
+        _measure(
+            "in-process call, batch 1",
+            lambda _, b: signature(image_bytes=tf.constant([b])),
+            images,
+            args.requests,
+            1,
+            cap,
+        )
+    )
+
+    # What batching can reach at best: the model's own throughput on full batches of 32.
+    full_batch = tf.constant([images[n % len(images)] for n in range(32)])
+    ceiling = _measure(
+        "in-process call, batch 32 (ceiling)",
+        lambda _, b: signature(image_bytes=full_batch),
+        images,
+        max(args.requests // 32, 4),
+        1,
+        cap,
+    )
+    ceiling.images_per_call = 32
+    results.append(ceiling)
+
+    port = _free_port()
+    batching = work / "batching.config"
+    batching.write_text(
+        "max_batch_size { value: 32 }\nbatch_timeout_micros { value: 0 }\n"
+        "max_enqueued_batches { value: 1000 }\nnum_batch_threads { value: 2 }\n"
+    )
+
+    def start_server(port: int, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+        log_path = work / f"{name}.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "tumorflow.cli.main",
+            "serve",
+            "--backend=inprocess",
+            f"--port={port}",
+            "--rest_api_port=0",
+            f"--model_name={MODEL_NAME}",
+            f"--model_base_path={version_dir.parent}",
+            "--enable_batching",
+            f"--batching_parameters_file={batching}",
+            "--file_system_poll_wait_seconds=30",
+            *extra,
+        ]
+        return _start(argv, log_path), log_path
+
+    server, server_log = start_server(port, "server")
+    logged_port = _free_port()
+    logged, logged_log = start_server(
+        logged_port, "server-logged", f"--request_log_dir={work / 'requests'}"
+    )
+    flask_port = _free_port()
+    flask_log = work / "flask.log"
+    flask = _start(
+        [sys.executable, "-m", "tumorflow.bench.serving", str(model_dir), str(flask_port)],
+        flask_log,
+    )
+    try:
+        _wait_ready(lambda: _grpc_ready(port), server, server_log)
+        # Requests are built once, as a client that reuses its protos would: the clients share
+        # the two cores with the server, and what is measured is the server.
+        requests = {}
+        for data in images:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = MODEL_NAME
+            request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([data], dtype=tf.string))
+            requests[data] = request
+
+        def measure_grpc(target_port: int, clients: int, name: str) -> Measurement:
+            channels = [grpc.insecure_channel(f"127.0.0.1:{target_port}") for _ in range(clients)]
+            stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
+
+            def grpc_call(client: int, data: bytes) -> None:
+                stubs[client].Predict(requests[data], timeout=30)
+
+            for client in range(clients):
+                grpc_call(client, images[client % len(images)])
+            try:
+                return _measure(name, grpc_call, images, args.requests, clients, cap)
+            finally:
+                for channel in channels:
+                    channel.close()
+
+        for clients in CONCURRENCY:
+            results.append(measure_grpc(port, clients, f"gRPC Predict, {clients} client(s)"))
+        _wait_ready(lambda: _grpc_ready(logged_port), logged, logged_log)
+        results.append(measure_grpc(logged_port, 1, LOGGED))
+
+        def flask_ready() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{flask_port}/health", timeout=2) as r:
+                return r.status == 200
+
+        _wait_ready(flask_ready, flask, flask_log)
+
+        def flask_call(_: int, data: bytes) -> None:
+            body = json.dumps({"image": base64.b64encode(data).decode()}).encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{flask_port}/predict",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+
+        flask_call(0, images[0])
+        results.append(
+            _measure(
+                f"Flask baseline, {FLASK_CLIENTS} clients",
+                flask_call,
+                images,
+                max(args.requests // 2, 1),
+                FLASK_CLIENTS,
+                cap,
+            )
+        )
+    finally:
+        _stop(server)
+        _stop(logged)
+        _stop(flask)
+    _report(results)
+    return 0
+
+
+def _grpc_ready(port: int) -> bool:
+    """Whether the server answers GetModelStatus for the benchmark model with a loaded version."""
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = MODEL_NAME
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=2)
+        except grpc.RpcError:
+            return False
+    return True
+
+
+def _report(results: list[Measurement]) -> None:
+    print(f"{'measurement':40s} {'calls':>6s} {'p50 ms':>9s} {'p99 ms':>9s} {'images/s':>9s}")
+    for m in results:
+        print(
+            f"{m.name:40s} {len(m.latencies):6d} {m.percentile(50):9.2f} {m.percentile(99):9.2f} {m.throughput:9.1f}"
+        )
+    inprocess = results[0]
+    single = next(m for m in results if m.name == "gRPC Predict, 1 client(s)")
+    many = next(m for m in results if m.name == f"gRPC Predict, {CONCURRENCY[-1]} client(s)")
+    flask = results[-1]
+    gap = single.percentile(50) - inprocess.percentile(50)
+    print()
+    print(
+        f"gRPC batch-1 p50 - in-process p50: {gap:+.2f} ms (target <= 2 ms): {'met' if gap <= 2 else 'missed'}"
+    )
+    ratio = many.throughput / inprocess.throughput
+    print(
+        f"gRPC 32 clients / sequential in-process throughput: {ratio:.2f}x (target >= 3x): {'met' if ratio >= 3 else 'missed'}"
+    )
+    ceiling = next(m for m in results if m.images_per_call > 1)
+    print(
+        f"  (batching can reach at most {ceiling.throughput / inprocess.throughput:.2f}x here: the "
+        f"model's own batch-32 throughput; the server delivers "
+        f"{many.throughput / ceiling.throughput:.0%} of it)"
+    )
+    logged = next(m for m in results if m.name == LOGGED)
+    cost = logged.percentile(50) - single.percentile(50)
+    print(
+        f"request logging for drift adds {cost:+.2f} ms p50 to a request (target < 1 ms): "
+        f"{'met' if cost < 1 else 'missed'}"
+    )
+    ratio = many.throughput / flask.throughput
+    print(
+        f"gRPC 32 clients / Flask baseline throughput: {ratio:.2f}x (target >= 5x): {'met' if ratio >= 5 else 'missed'}"
+    )
+
+
+if __name__ == "__main__":
+    flask_baseline_app(sys.argv[1]).run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)

@@ -1,0 +1,1 @@
+"""Evaluation: the metric formulas, scoring the exported model on the test split, overlays."""

@@ -1,0 +1,339 @@
+"""Evaluation of a trained model on a held-out split: metrics.json, predictions and plots.
+
+Writes the "Evaluation" folder of docs/artifacts.md. The model is scored through the serving
+SavedModel the train step exported (`<model>/saved_model/`, signature `serving_default` on the
+split's encoded image bytes): the artifact evaluated is the one deploy publishes, and
+`score_saved_model` is also how the gate re-scores the champion. The formulas live in
+`components/evaluation/metrics.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tumorflow.components.evaluation.metrics import (
+    ECE_BINS,
+    Predictions,
+    calibration_bins,
+    compute_metrics,
+    expected_calibration_error,
+    gate_metric_values,
+    metrics_per_slice,
+    read_predictions,
+)
+from tumorflow.core.errors import DatasetError, ModelError
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+# Which SavedModel was scored: the gate explains the challenger's review images with it.
+EVALUATED_MODEL_FILE = "evaluated_model.json"
+PLOTS = ("confusion_matrix.png", "roc.png", "reliability.png")
+PREDICT_BATCH = 64
+
+
+def roc_points(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str]
+) -> dict[str, dict[str, list[float]]]:
+    """One-vs-rest ROC curve per class (`fpr`, `tpr`, `threshold`), for classes with both outcomes.
+
+    The first threshold, which scikit-learn sets to infinity, is written as 1.0 so it is JSON.
+    """
+    from sklearn.metrics import roc_curve
+
+    curves = {}
+    for index, name in enumerate(classes):
+        positives = np.asarray(y_true) == index
+        if 0 < positives.sum() < len(positives):
+            fpr, tpr, threshold = roc_curve(positives, probs[:, index])
+            curves[name] = {
+                "fpr": fpr.tolist(),
+                "tpr": tpr.tolist(),
+                "threshold": np.minimum(threshold, 1.0).tolist(),
+            }
+    return curves
+
+
+def kfp_classification_payload(
+    metrics: dict[str, Any], predictions: Path
+) -> tuple[list[list[int]], dict[str, dict[str, list[float]]]]:
+    """Arguments for KFP's ClassificationMetrics, from metrics.json and predictions.csv.
+
+    Returns `(matrix, curves)`: call `log_confusion_matrix(metrics["classes"], matrix)`, and
+    `log_roc_curve(c["fpr"], c["tpr"], c["threshold"])` for a curve `c` of `curves[<class>]`.
+    """
+    scored = read_predictions(predictions, list(metrics["classes"]))
+    return metrics["confusion_matrix"], roc_points(scored.y_true, scored.probs, scored.classes)
+
+
+def reported_class(classes: list[str], positive_class: str) -> str:
+    """`positive_class` when it is one of `classes`, else the last class (with a warning)."""
+    if positive_class in classes:
+        return positive_class
+    log.warning(
+        "positive class %r is not one of %s: reporting %r instead",
+        positive_class,
+        classes,
+        classes[-1],
+    )
+    return classes[-1]
+
+
+def log_kfp_metrics(
+    metrics: dict[str, Any],
+    evaluation_dir: Path,
+    scalar_metrics: Any,
+    classification: Any,
+    positive_class: str = "tumor",
+) -> None:
+    """Fill KFP `Metrics` and `ClassificationMetrics` output artifacts (passed in by the wrapper).
+
+    KFP holds one ROC curve per artifact: that of `positive_class` (the last class when it is
+    not one) when the split has both outcomes for it.
+    """
+    for name, value in gate_metric_values(metrics).items():
+        scalar_metrics.log_metric(name, value)
+    matrix, curves = kfp_classification_payload(metrics, Path(evaluation_dir) / PREDICTIONS_FILE)
+    classification.log_confusion_matrix(metrics["classes"], matrix)
+    chosen = reported_class(metrics["classes"], positive_class)
+    if chosen in curves:
+        curve = curves[chosen]
+        classification.log_roc_curve(curve["fpr"], curve["tpr"], curve["threshold"])
+
+
+def _plot_confusion(metrics: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    matrix = np.array(metrics["confusion_matrix"])
+    classes = metrics["classes"]
+    fig, axis = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
+    axis.imshow(matrix, cmap="Blues")
+    for (row, col), value in np.ndenumerate(matrix):
+        color = "white" if value > matrix.max() / 2 else "black"
+        axis.text(col, row, str(value), ha="center", va="center", color=color)
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(f"confusion matrix (n={metrics['n']}, accuracy {metrics['accuracy']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_roc(
+    curves: dict[str, dict[str, list[float]]], metrics: dict[str, Any], path: Path
+) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(5.5, 5))
+    for name, curve in curves.items():
+        auc = metrics["per_class"][name]["roc_auc"]
+        axis.plot(curve["fpr"], curve["tpr"], label=f"{name} (AUC {auc:.3f})")
+    axis.plot([0, 1], [0, 1], ":", color="grey")
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    axis.set_title("ROC, one vs rest")
+    axis.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    """Reliability diagram of one or more models (labels, scores) on the same images: accuracy
+    against confidence per bin above, images per bin below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
+    width, share = 1 / ECE_BINS, 1 / ECE_BINS / len(curves)
+    centers = (np.arange(ECE_BINS) + 0.5) * width
+    for offset, (label, (y_true, probs)) in enumerate(curves.items()):
+        bins = calibration_bins(y_true, probs)
+        used = bins.counts > 0
+        ece = expected_calibration_error(y_true, probs)
+        top.plot(
+            bins.confidence[used], bins.accuracy[used], marker="o", label=f"{label} (ECE {ece:.3f})"
+        )
+        bottom.bar(centers - width / 2 + share * (offset + 0.5), bins.counts, width=share)
+    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="reliability (top label)")
+    top.legend(loc="upper left")
+    bottom.set(xlabel="confidence", ylabel="images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def score_saved_model(saved_model_dir: Path, split_dir: Path, split: str = "test") -> Predictions:
+    """Scores of one split through a SavedModel's `serving_default` on the encoded image bytes.
+
+    The class order is the model's own (its `classes` output). The one scoring path of the
+    project: evaluate scores the challenger with it and the gate re-scores the champion.
+    """
+    import tensorflow as tf
+
+    from tumorflow.components.data.tfrecords import read_records
+    from tumorflow.components.training.export import INPUT, SIGNATURE
+
+    try:
+        served = tf.saved_model.load(str(saved_model_dir)).signatures[SIGNATURE]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelError(
+            f"{saved_model_dir} is not a serving SavedModel with a {SIGNATURE!r} signature "
+            f"({exc}); re-run the train step, which exports it"
+        ) from None
+    paths, labels, scores, classes = [], [], [], None
+    records = read_records(Path(split_dir), split)
+    while batch := list(itertools.islice(records, PREDICT_BATCH)):
+        out = served(**{INPUT: tf.constant([r.encoded for r in batch])})
+        scores.append(out["scores"].numpy().astype(np.float64))
+        classes = [c.decode() for c in out["classes"].numpy()[0]]
+        labels.extend(r.label for r in batch)
+        paths.extend(r.path for r in batch)
+    if classes is None:
+        raise DatasetError(f"the {split} split of {split_dir} is empty: nothing to score")
+    return Predictions(paths, np.array(labels, dtype=int), np.concatenate(scores), classes)
+
+
+def attach_slices(scored: Predictions, split_dir: Path) -> Predictions:
+    """The predictions with the slice columns of the split's slices.csv (site, manufacturer,
+    model, modality, source_folder, metadata-table columns: those with any known value);
+    unchanged without one."""
+    from tumorflow.components.data.dicom import GROUP_COLUMNS, read_slice_table
+
+    table = read_slice_table(split_dir)
+    if not table:
+        return scored
+    columns = sorted({c for row in table.values() for c in row} - set(GROUP_COLUMNS))
+    slices = {
+        column: [table.get(path, {}).get(column) or "" for path in scored.paths]
+        for column in columns
+    }
+    return dataclasses.replace(
+        scored, slices={column: values for column, values in slices.items() if any(values)}
+    )
+
+
+def _log_to_mlflow(
+    tracking_uri: str, run_id: str, split: str, metrics: dict[str, Any], output_dir: Path
+) -> None:
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    values = gate_metric_values(metrics)
+    entries = [
+        Metric(f"{split}_{name.replace(':', '_')}", value, now, 0) for name, value in values.items()
+    ]
+    client.log_batch(run_id, metrics=entries)
+    for name in (METRICS_FILE, PREDICTIONS_FILE, *PLOTS):
+        client.log_artifact(run_id, str(output_dir / name), artifact_path="evaluation")
+
+
+def evaluated_saved_model(evaluation_dir: Path) -> Path | None:
+    """The SavedModel an evaluation scored, when its folder is still reachable from here."""
+    record = Path(evaluation_dir) / EVALUATED_MODEL_FILE
+    if not record.is_file():
+        return None
+    folder = Path(json.loads(record.read_text())["saved_model"])
+    return folder if folder.is_dir() else None
+
+
+def evaluate_model(
+    model_dir: Path,
+    split_dir: Path,
+    output_dir: Path,
+    split: str = "test",
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+    positive_class: str = "tumor",
+) -> dict[str, Any]:
+    """Score one split through the model's serving SavedModel; write metrics.json,
+    predictions.csv, the plots and evaluated_model.json (where the SavedModel scored is).
+
+    metrics.json also records `saved_model_sha256`, the digest of the SavedModel scored, and for
+    a split with slices.csv (DICOM) `slices`: images and metrics per site, scanner, modality and
+    source folder; predictions.csv then carries those columns for the gate.
+    Metrics (as `test_accuracy`, `test_recall_tumor`, ...) and the files also go to the MLflow
+    run `mlflow_run_id` when both it and `tracking_uri` are given. The log line reports the
+    sensitivity and specificity of `positive_class`. Returns the metrics.
+    """
+    import matplotlib
+
+    from tumorflow.components.data.tfrecords import read_split_manifest
+    from tumorflow.components.training.export import (
+        SERVING_EXPORT,
+        read_model_info,
+        saved_model_digest,
+    )
+
+    matplotlib.use("Agg")
+    model_dir, split_dir, output_dir = Path(model_dir), Path(split_dir), Path(output_dir)
+    info = read_model_info(model_dir)
+    saved_model = model_dir / SERVING_EXPORT
+    if not saved_model.is_dir():
+        raise ModelError(
+            f"{model_dir} holds no serving export ({SERVING_EXPORT}/); re-run the train step"
+        )
+    dataset_classes = read_split_manifest(split_dir)["classes"]
+    if dataset_classes != list(info["classes"]):
+        raise ModelError(
+            f"the model was trained on classes {info['classes']} but {split_dir} has "
+            f"{dataset_classes}; evaluate it on a split dataset made with the same classes"
+        )
+    scored = score_saved_model(saved_model, split_dir, split)
+    if scored.classes != dataset_classes:
+        raise ModelError(
+            f"the serving export of {model_dir} outputs classes {scored.classes}, not "
+            f"{dataset_classes}; re-run the train step"
+        )
+    scored = attach_slices(scored, split_dir)
+    metrics = compute_metrics(scored.y_true, scored.probs, scored.classes)
+    if scored.slices:
+        metrics["slices"] = metrics_per_slice(scored)
+    metrics["saved_model_sha256"] = saved_model_digest(saved_model)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    (output_dir / EVALUATED_MODEL_FILE).write_text(
+        json.dumps({"saved_model": str(saved_model.resolve())}, indent=2)
+    )
+    scored.write(output_dir / PREDICTIONS_FILE)
+    _plot_confusion(metrics, output_dir / PLOTS[0])
+    _plot_roc(
+        roc_points(scored.y_true, scored.probs, scored.classes), metrics, output_dir / PLOTS[1]
+    )
+    plot_reliability({"model": (scored.y_true, scored.probs)}, output_dir / PLOTS[2])
+    if tracking_uri and mlflow_run_id:
+        _log_to_mlflow(tracking_uri, mlflow_run_id, split, metrics, output_dir)
+    elif tracking_uri:
+        log.info("no MLflow run id given: evaluation not logged to MLflow")
+    positive = reported_class(scored.classes, positive_class)
+    log.info(
+        "%s split: n=%d accuracy %.4f macro F1 %.4f ECE %.4f; %s sensitivity %.4f specificity %.4f",
+        split,
+        metrics["n"],
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        metrics["ece"],
+        positive,
+        metrics["per_class"][positive]["sensitivity"],
+        metrics["per_class"][positive]["specificity"],
+    )
+    return metrics

@@ -1,0 +1,269 @@
+"""The MLflow model registry side of tumorflow: candidates, aliases and the tags that record decisions.
+
+A registered model version per pipeline run holds the model folder (model.keras, model_info.json)
+and tags (docs/artifacts.md "MLflow conventions"). Alias `champion` is the served (`stable`)
+version, `previous` the one it replaced. Every function takes the tracking URI and connects
+with a quick reachability check, so a server that is down is reported at once instead of after
+minutes of HTTP retries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tumorflow.components.release.approval_rules import ApprovalError, ApprovalPolicy
+from tumorflow.core.errors import TumorflowError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+TAG_PIPELINE_RUN = "tumorflow.pipeline_run"
+TAG_GATE_PASSED = "gate.passed"
+TAG_SERVING_VERSION = "serving_version"
+TAG_SERVING_PATH = "serving_path"
+# The `saved_model_sha256` of the published SavedModel.
+TAG_SERVING_DIGEST = "serving_digest"
+# Why the run that made this version started (a drift alarm, a schedule); empty: by hand.
+TAG_TRIGGER_REASON = "tumorflow.trigger_reason"
+# Which approval policy a version's approval obeyed ("manual") and where it came from.
+TAG_APPROVAL_POLICY_APPLIED = "approval.policy"
+TAG_APPROVAL_POLICY_SOURCE = "approval.policy_source"
+# Tags on the registered model (not a version): the approval policy every run of it obeys.
+TAG_APPROVAL_POLICY = "tumorflow.approval_policy"
+TAG_APPROVERS = "tumorflow.approvers"
+TAG_POLICY_SET_BY = "tumorflow.policy_set_by"
+TAG_POLICY_SET_AT = "tumorflow.policy_set_at"
+MODEL_ARTIFACT = "tumorflow_model"
+# Where the train step logs the model folder in its MLflow run.
+TRAINING_ARTIFACT = "model"
+DEFAULT_EXPERIMENT = "tumorflow"
+
+
+class RegistryError(TumorflowError):
+    """The model registry cannot be reached or does not hold what was asked for."""
+
+
+def connect(tracking_uri: str) -> MlflowClient:
+    """An MlflowClient for `tracking_uri`, after checking that an HTTP server answers."""
+    from mlflow import MlflowClient
+
+    if tracking_uri.startswith(("http://", "https://")):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise RegistryError(
+                f"the MLflow tracking server at {tracking_uri} is not reachable ({exc}); "
+                "start it or pass the right --tracking-uri"
+            ) from None
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _is_missing(exc: Exception) -> bool:
+    return getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def _registered_model(client: MlflowClient, model_name: str) -> RegisteredModel | None:
+    """The registered model, or None when it is not registered yet."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(model_name)
+    except MlflowException as exc:
+        if _is_missing(exc):
+            return None
+        raise RegistryError(f"cannot read registered model {model_name}: {exc}") from None
+
+
+def aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
+    """Alias -> version of a registered model ({} when the model is not registered yet)."""
+    model = _registered_model(client, model_name)
+    return dict(model.aliases) if model is not None else {}
+
+
+def get_approval_policy(client: MlflowClient, model_name: str) -> ApprovalPolicy | None:
+    """The approval policy stored with `model_name`; None when it is not registered or has none."""
+    model = _registered_model(client, model_name)
+    tags = dict(model.tags) if model is not None else {}
+    if TAG_APPROVAL_POLICY not in tags:
+        return None
+    try:
+        return ApprovalPolicy(
+            tags[TAG_APPROVAL_POLICY],
+            tags.get(TAG_APPROVERS, "").split(","),
+            set_by=tags.get(TAG_POLICY_SET_BY),
+            set_at=tags.get(TAG_POLICY_SET_AT),
+        )
+    except ApprovalError as exc:
+        raise RegistryError(
+            f"registered model {model_name} has an unusable tag {TAG_APPROVAL_POLICY}: {exc}; "
+            f"fix it with `tumorflow policy set {model_name} --approval manual|auto`"
+        ) from None
+
+
+def set_approval_policy(
+    client: MlflowClient, model_name: str, policy: ApprovalPolicy
+) -> ApprovalPolicy:
+    """Store `policy` with `model_name`, registering the model (without versions) if it is new.
+
+    The policy tag is written last, so a reader that sees it sees its approvers and author.
+    """
+    tags = {
+        TAG_APPROVERS: ",".join(policy.approvers),
+        TAG_POLICY_SET_BY: policy.set_by or "",
+        TAG_POLICY_SET_AT: policy.set_at or "",
+        TAG_APPROVAL_POLICY: policy.approval,
+    }
+    _ensure_registered(client, model_name)
+    for key, value in tags.items():
+        client.set_registered_model_tag(model_name, key, value)
+    log.info("approval policy of %s: %s", model_name, policy.describe())
+    return policy
+
+
+def version_by_alias(client: MlflowClient, model_name: str, alias: str) -> ModelVersion | None:
+    version = aliases(client, model_name).get(alias)
+    return client.get_model_version(model_name, version) if version else None
+
+
+def find_champion(tracking_uri: str, model_name: str) -> ModelVersion | None:
+    """The registered version with alias `champion`, or None when nothing was deployed yet."""
+    return version_by_alias(connect(tracking_uri), model_name, CHAMPION)
+
+
+def find_version_by_run(
+    client: MlflowClient, pipeline_run: str, model_name: str | None = None
+) -> ModelVersion | None:
+    """The model version tagged with `pipeline_run` (the newest if several), or None."""
+    query = f"tags.`{TAG_PIPELINE_RUN}` = '{pipeline_run}'"
+    if model_name:
+        query = f"name = '{model_name}' and {query}"
+    found = client.search_model_versions(query)
+    return max(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def list_versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
+    """Every version of a registered model, newest first."""
+    found = client.search_model_versions(f"name = '{model_name}'")
+    return sorted(found, key=lambda mv: int(mv.version), reverse=True)
+
+
+def _model_source(client: MlflowClient, model_dir: Path, experiment: str) -> tuple[str, str]:
+    """(source URI, run id) of the model folder as an artifact of its training run.
+
+    The train step logs the folder under `model/`; if it did not, the folder is logged to the
+    training run named in model_info.json when that run is on this server, else to a new run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    info = json.loads((Path(model_dir) / "model_info.json").read_text())
+    run_id = info.get("mlflow_run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            log.warning("training run %s is not on this tracking server; logging anew", run_id)
+            run_id = None
+    if run_id is None:
+        experiment_id = _experiment_id(client, experiment)
+        run_id = client.create_run(experiment_id, run_name="register-model").info.run_id
+        client.set_terminated(run_id)
+    for path in (TRAINING_ARTIFACT, MODEL_ARTIFACT):
+        if f"{path}/model_info.json" in {item.path for item in client.list_artifacts(run_id, path)}:
+            return f"runs:/{run_id}/{path}", run_id
+    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+    return f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id
+
+
+def _experiment_id(client: MlflowClient, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else client.create_experiment(experiment)
+
+
+def _ensure_registered(client: MlflowClient, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    if _registered_model(client, model_name) is not None:
+        return
+    try:
+        client.create_registered_model(model_name, description="tumorflow tumor classifier")
+    except MlflowException as exc:  # registered meanwhile by a concurrent run
+        if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def register_model_version(
+    client: MlflowClient,
+    model_name: str,
+    model_dir: Path,
+    tags: dict[str, str],
+    experiment: str = DEFAULT_EXPERIMENT,
+) -> ModelVersion:
+    """Register the model folder as a new version of `model_name` with `tags`."""
+    _ensure_registered(client, model_name)
+    source, run_id = _model_source(client, model_dir, experiment)
+    version = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
+    log.info("registered %s version %s from %s", model_name, version.version, source)
+    return version
+
+
+def register_candidate(
+    tracking_uri: str,
+    model_name: str,
+    model_dir: Path,
+    decision: dict[str, Any],
+    pipeline_run: str,
+    experiment: str = DEFAULT_EXPERIMENT,
+    trigger_reason: str = "",
+) -> ModelVersion:
+    """Register (once per pipeline run) the model version that waits for approval and deploy."""
+    client = connect(tracking_uri)
+    existing = find_version_by_run(client, pipeline_run, model_name)
+    if existing is not None:
+        return existing
+    tags = {
+        TAG_PIPELINE_RUN: pipeline_run,
+        TAG_GATE_PASSED: str(bool(decision["passed"])).lower(),
+        "approval.status": "pending",
+    }
+    if trigger_reason:
+        tags[TAG_TRIGGER_REASON] = trigger_reason[:5000]
+    return register_model_version(client, model_name, model_dir, tags, experiment)
+
+
+def move_champion(client: MlflowClient, model_name: str, version: str) -> str | None:
+    """Point `champion` at `version` and `previous` at the old champion; return the old one."""
+    old = aliases(client, model_name).get(CHAMPION)
+    if old is not None and old != str(version):
+        client.set_registered_model_alias(model_name, PREVIOUS, old)
+    client.set_registered_model_alias(model_name, CHAMPION, str(version))
+    return old
+
+
+def download_model_folder(client: MlflowClient, model_version: ModelVersion) -> Path:
+    """Download a registered version's model folder to a temporary directory."""
+    import mlflow.artifacts
+
+    target = Path(tempfile.mkdtemp(prefix=f"tumorflow-{model_version.name}-"))
+    mlflow.artifacts.download_artifacts(
+        artifact_uri=model_version.source, dst_path=str(target), tracking_uri=client.tracking_uri
+    )
+    found = next(target.rglob("model_info.json"), None)
+    if found is None:
+        raise RegistryError(
+            f"{model_version.name} version {model_version.version} ({model_version.source}) "
+            "holds no tumorflow model folder"
+        )
+    return found.parent
