@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from tumorflow.cli.pipeline import add_config_arguments
 from tumorflow.core.config import DriftConfig
@@ -103,7 +104,6 @@ def _predict(args: argparse.Namespace) -> int:
     from tumorflow.core.errors import ConfigError
     from tumorflow.serving.client import (
         ExplainedPrediction,
-        ModelTarget,
         encoded_images,
         explain_grpc,
         predict_each,
@@ -113,7 +113,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     if args.explain and args.rest:
         raise ConfigError("--explain asks the gRPC API; drop --rest and give the gRPC port")
-    dicom_config = config_from_args(args, default_preset=None).dataset.dicom
+    config = config_from_args(args, default_preset=None)
+    dicom_config = config.dataset.dicom
     readable: list[tuple[str, bytes]] = []
     failed = False
     for path in args.images:
@@ -127,9 +128,7 @@ def _predict(args: argparse.Namespace) -> int:
             failed = True
     if not readable:
         return 2
-    target = ModelTarget(
-        args.model_name, args.model_version, args.version_label, args.signature_name
-    )
+    target = predict_target(args, config)
     predict = explain_grpc if args.explain else predict_rest if args.rest else predict_grpc
     answers = predict_each(
         predict,
@@ -156,6 +155,19 @@ def _predict(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def predict_target(args: argparse.Namespace, config: Any) -> Any:
+    """The served model `predict` asks: `--model_name`, else the config's `deploy.model_name`
+    (so `--preset brain_mri` asks brain-mri), with the version or label given."""
+    from tumorflow.serving.client import ModelTarget
+
+    return ModelTarget(
+        args.model_name or config.deploy.model_name,
+        args.model_version,
+        args.version_label,
+        args.signature_name,
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve_parser = subparsers.add_parser(
         "serve",
@@ -179,7 +191,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict_parser.add_argument(
         "--server", default="127.0.0.1:8500", help="HOST:PORT (gRPC, or REST with --rest)"
     )
-    predict_parser.add_argument("--model_name", default="kidney-ct", help="served model name")
+    predict_parser.add_argument(
+        "--model_name",
+        "--model-name",
+        dest="model_name",
+        help="served model name (default: deploy.model_name of --preset/--config, kidney-ct "
+        "without either)",
+    )
     which = predict_parser.add_mutually_exclusive_group()
     which.add_argument("--model_version", type=int, help="a specific version")
     which.add_argument("--version_label", help="a version label such as stable or canary")
