@@ -364,6 +364,12 @@ def run_local(
                 monitor_pipeline(current_source=monitor_source, **arguments)
     except RuntimeError as exc:
         raise console.failure(exc, pipeline_root) from None
+    except Exception as exc:
+        if runner == "docker" and type(exc).__module__.startswith("docker."):
+            raise ContainerEngineError(
+                f"--runner docker: the engine refused a task's container: {_engine_message(exc)}"
+            ) from None
+        raise
     finally:
         root_logger.removeFilter(console)
         console.close()
@@ -430,14 +436,24 @@ def _docker_runner(image: str, run_root: Path, arguments: dict[str, Any]) -> tup
         except ImageNotFound:
             found = client.images.pull(image)
     except DockerException as exc:
+        client.close()
         raise ContainerEngineError(
             f"--runner docker: image {image} is not in the engine at {host} and cannot be "
             f"pulled ({_first_line(exc)}); build it with `make image IMAGE={image}`"
         ) from None
-    finally:
-        client.close()
     # kfp.local looks the image up by one of its tags: the name as the engine spells it.
     name = next((t for t in found.tags if t == image or t.endswith(f"/{image}")), image)
+    try:
+        # An engine that answers may still be unable to start containers (an OCI runtime that
+        # refuses the host's cgroups, say): find out now, in one line, before any task starts.
+        client.containers.run(name, ["python", "-c", "pass"], remove=True, network_mode="host")
+    except DockerException as exc:
+        raise ContainerEngineError(
+            f"--runner docker: the engine at {host} cannot start a container of {image}: "
+            f"{_engine_message(exc)}"
+        ) from None
+    finally:
+        client.close()
     mounts = [
         docker.types.Mount(target=str(folder), source=str(folder), type="bind")
         for folder in _host_folders(run_root, arguments)
@@ -452,6 +468,14 @@ def _docker_runner(image: str, run_root: Path, arguments: dict[str, Any]) -> tup
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _engine_message(exc: BaseException) -> str:
+    """The container engine's own words for a refused request (its JSON `message`), one line."""
+    explanation = getattr(exc, "explanation", None)
+    if isinstance(explanation, bytes):
+        explanation = explanation.decode("utf-8", "replace")
+    return _first_line(Exception(explanation)) if explanation else _first_line(exc)
 
 
 def _host_folders(run_root: Path, arguments: dict[str, Any]) -> list[Path]:
