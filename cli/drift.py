@@ -87,13 +87,14 @@ def _monitor(args: argparse.Namespace) -> int:
         print(f"submitted monitoring run {run_id} to {args.host}")
         return 0
     # Fail in one line, before any task starts, when there is nothing to compare with.
-    from tumorflow.cli.pipeline import check_local_source
+    from tumorflow.cli.pipeline import check_local_source, write_summary_json
 
     check_local_source(args.current, "--current")
     resolve_served_reference(config.resolved_model_base_path(), config.deploy.model_name)
     from tumorflow.pipelines.runner import run_local
 
-    summary = run_local(config, monitor_source=args.current)
+    summary = run_local(config, enable_caching=not args.no_cache, monitor_source=args.current)
+    write_summary_json(summary, args.summary_json)
     verdict = summary.run_dir / "drift-check" / "verdict" / "verdict.json"
     if verdict.exists():
         found = json.loads(verdict.read_text())
@@ -213,13 +214,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the monitoring pipeline: check the last drift.window_hours of --current "
         "against the served version's drift reference and, when the share of drifted columns "
         "reaches drift.drift_share, the retraining DAG with the reason as its trigger_reason "
-        "(kfp.local, or --host to submit it to Kubeflow Pipelines).",
+        "(kfp.local, or --host to submit it to Kubeflow Pipelines). The one command for "
+        "monitoring, by hand, from cron or on a schedule.",
     )
     add_config_arguments(monitor)
     monitor.add_argument("--current", required=True, metavar="SRC", help=_SOURCE_HELP)
     monitor.add_argument(
         "--host", metavar="URL", help="submit the monitoring pipeline to this Kubeflow endpoint"
     )
+    monitor.add_argument("--no-cache", action="store_true", help="run every step again")
+    monitor.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
     add_no_registry_argument(monitor)
     monitor.set_defaults(handler=_monitor)
 

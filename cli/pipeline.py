@@ -79,15 +79,16 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--image names the image of --runner docker (the tasks' container)")
     config = _cluster_config(args)
     check_local_source(config.dataset.source, "--dataset" if args.dataset else "dataset.source")
-    if args.monitor:
-        check_local_source(args.monitor, "--monitor")
-    summary = run_local(
-        config, enable_caching=not args.no_cache, monitor_source=args.monitor, runner=args.runner
-    )
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
+    summary = run_local(config, enable_caching=not args.no_cache, runner=args.runner)
+    write_summary_json(summary, args.summary_json)
     print(summary.report())
     return 0
+
+
+def write_summary_json(summary, path: str | None) -> None:
+    """`--summary-json FILE`: the run's summary as JSON, for scripts."""
+    if path:
+        Path(path).write_text(json.dumps(summary.to_dict(), indent=2, default=str))
 
 
 def _cluster_config(args: argparse.Namespace):
@@ -133,12 +134,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a preset name, or a source: a folder, an archive, kaggle:owner/slug, gs://...",
     )
     run.add_argument("--no-cache", action="store_true", help="run every step again")
-    run.add_argument(
-        "--monitor",
-        metavar="CURRENT",
-        help="run the monitoring pipeline instead: drift of CURRENT (request log, table or image "
-        "folder) against the served model, and retraining only when it drifted",
-    )
     run.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON")
     run.add_argument(
         "--runner",

@@ -100,20 +100,28 @@ def test_drift_ingest_takes_both_spellings_of_its_model_flags() -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "source"),
-    [("--dataset", "missing-scans"), ("--monitor", "missing-requests")],
+    ("command", "flag", "source"),
+    [("run", "--dataset", "missing-scans"), ("monitor", "--current", "missing-requests")],
 )
 def test_a_missing_local_source_fails_before_the_pipeline_starts(
-    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, source: str
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: str, flag: str, source: str
 ) -> None:
     root = tmp_path / "runs"
-    code = main(["run", flag, str(tmp_path / source), "--run-root", str(root)])
+    code = main([command, flag, str(tmp_path / source), "--run-root", str(root)])
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip() == (
-        f"tumorflow run: error: {flag} {tmp_path / source}: no such file or folder"
+        f"tumorflow {command}: error: {flag} {tmp_path / source}: no such file or folder"
     )
     assert not (root / "pipeline_root").exists()
+
+
+def test_monitoring_is_one_command():
+    """`tumorflow monitor` runs the monitoring pipeline; `run` no longer has a second way in."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--monitor", "requests"])
+    args = build_parser().parse_args(["monitor", "--current", "r", "--no-cache"])
+    assert (args.current, args.no_cache, args.summary_json) == ("r", True, None)
 
 
 def test_status_of_a_fresh_folder_says_no_runs_and_creates_nothing(
