@@ -59,11 +59,41 @@ class DicomConfig(_Section):
         return value
 
 
+class DicomWebConfig(_Section):
+    """A PACS as the dataset source (`dataset.source: dicomweb+http://host/dicom-web?QUERY`):
+    how to log in, how to label its instances, and how hard to pull (docs/pacs.md)."""
+
+    # none | basic (user and password) | bearer (a token). Credentials come from the environment
+    # variables named below, or from `credentials_file` (a mounted secret: `user:password` for
+    # basic, the token for bearer); they are never written anywhere.
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username_env: str = "TUMORFLOW_PACS_USERNAME"
+    password_env: str = "TUMORFLOW_PACS_PASSWORD"
+    token_env: str = "TUMORFLOW_PACS_TOKEN"
+    credentials_file: str = ""
+    # Labels: a CSV table (`label_uid_column` -> `label_column`; a study or series UID per row),
+    # or the value of one DICOM tag (a keyword such as SeriesDescription), mapped by class_map.
+    label_table: str = ""
+    label_uid_column: Literal["StudyInstanceUID", "SeriesInstanceUID"] = "StudyInstanceUID"
+    label_column: str = "label"
+    label_tag: str = ""
+    # QIDO-RS page size (limit/offset), parallel WADO-RS retrievals, retries on 5xx/timeouts.
+    page_size: int = Field(200, ge=1)
+    concurrency: int = Field(4, ge=1, le=64)
+    retries: int = Field(4, ge=0)
+    backoff_seconds: float = Field(0.5, ge=0)
+    timeout_seconds: float = Field(60.0, gt=0)
+    # Where fetched instances are kept (raw DICOM, PHI: keep it on the ingest machine); a rerun
+    # fetches only what is not there yet. Empty: ~/.cache/tumorflow/dicomweb.
+    cache_dir: str = ""
+
+
 class DatasetConfig(_Section):
     """Where the images come from and how folder names map to labels."""
 
     name: str = "phantom-kidney-ct"
     # phantom | a local folder | a .zip/.tar.gz | kaggle:<owner>/<slug>[/versions/N] | gs://bucket/prefix
+    # | dicomweb+http(s)://host/dicom-web?<QIDO-RS query> (a PACS; see `dicomweb`)
     source: str = "phantom"
     # Folder inside the downloaded root that holds the class (or split) folders, if any.
     subdir: str = ""
@@ -88,6 +118,7 @@ class DatasetConfig(_Section):
     metadata_path_column: str = "path"
     metadata_patient_column: str = ""
     metadata_columns: list[str] = Field(default_factory=list)
+    dicomweb: DicomWebConfig = Field(default_factory=DicomWebConfig)
 
 
 class SplitConfig(_Section):
@@ -300,10 +331,27 @@ class ConsoleConfig(_Section):
     model_server: str = "127.0.0.1:8500"
     # Append-only audit log (JSON lines). Empty: `<run_root>/audit.jsonl`, beside the registry.
     audit_log: str = ""
+    # The console's delegate key: it signs decisions for the user the console authenticated
+    # (docs/signing.md). Empty: `<run_root>/keys/console`, made with the local trust root.
+    signing_key: str = ""
 
     def review_url(self, pipeline_run: str) -> str:
         """The console's review page of a run, for links from outside it (the approval step)."""
         return f"{self.base_url.rstrip('/')}/runs/{pipeline_run}"
+
+
+class ReleaseConfig(_Section):
+    """Signed release decisions (docs/signing.md): the trust root, and the keys that sign."""
+
+    # Who may sign what for which model (YAML; a path or gs:// URI; in a cluster, a mounted
+    # Secret). Empty: `<run_root>/trust_root.yaml`, made with throwaway keys on first local use.
+    trust_root: str = ""
+    # The private key `tumorflow approve|reject|rollback|promote` sign with (OpenSSH Ed25519;
+    # an encrypted or agent-held key signs through ssh-keygen).
+    signing_key: str = "~/.ssh/id_ed25519"
+    # The pipeline's own key, which signs automatic approvals (policy auto, gate passed) only.
+    # Empty: `<run_root>/keys/pipeline`, made with the local trust root.
+    pipeline_key: str = ""
 
 
 class PipelineConfig(_Section):
@@ -320,6 +368,7 @@ class PipelineConfig(_Section):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
 
     @field_validator("run_root")
     @classmethod
@@ -359,6 +408,22 @@ class PipelineConfig(_Section):
         if not local:
             return f"{self.runtime.bucket}/serving"
         return str((Path(self.run_root) / "serving" / "models").resolve())
+
+    def resolved_trust_root(self) -> str:
+        """release.trust_root, else `<run_root>/trust_root.yaml` (absolute)."""
+        return self.release.trust_root or str((Path(self.run_root) / "trust_root.yaml").resolve())
+
+    def resolved_pipeline_key(self) -> str:
+        return self.release.pipeline_key or str(
+            (Path(self.run_root) / "keys" / "pipeline").resolve()
+        )
+
+    def resolved_console_key(self) -> str:
+        return self.console.signing_key or str((Path(self.run_root) / "keys" / "console").resolve())
+
+    def resolved_audit_log(self) -> str:
+        """console.audit_log, else `<run_root>/audit.jsonl`: the chained log of decisions."""
+        return self.console.audit_log or str((Path(self.run_root) / "audit.jsonl").resolve())
 
     def resolved_checkpoint_root(self, *, local: bool = True) -> str:
         if self.runtime.checkpoint_root:

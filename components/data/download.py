@@ -2,7 +2,8 @@
 
 Sources: `phantom` (the synthetic generator), a local folder, a local archive (.zip, .tar,
 .tar.gz, .tgz, ... extracted safely), `kaggle:<owner>/<slug>[/versions/N]` (kagglehub) and
-`gs://bucket/prefix` (the storage layer). The output (docs/artifacts.md "Raw dataset"):
+`gs://bucket/prefix` (the storage layer) and `dicomweb+http(s)://...?QUERY` (a PACS,
+components/data/dicomweb.py). The output (docs/artifacts.md "Raw dataset"):
 `files/<relative path>`, `manifest.csv` (path,label,sha256,bytes,source_split,original_path)
 and `source.json`.
 
@@ -38,7 +39,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from tqdm import tqdm
 
-from tumorflow.components.data import archive, dicom, metadata_table
+from tumorflow.components.data import archive, dicom, dicomweb, metadata_table
 from tumorflow.components.data.phantom import generate_phantom
 from tumorflow.core import storage
 from tumorflow.core.config import DatasetConfig
@@ -275,6 +276,12 @@ def _fetch(source: str, staging: Path, dataset: DatasetConfig) -> _Fetched:
         return _Fetched(root, "phantom", None, {"phantom": phantom.model_dump()})
     if source.startswith("kaggle:"):
         return _fetch_kaggle(source.removeprefix("kaggle:").strip("/"))
+    if dicomweb.is_dicomweb_source(source):
+        synced = dicomweb.sync_instances(source, dataset.dicomweb)
+        root = dicomweb.stage_instances(synced, staging / "dicomweb")
+        return _Fetched(
+            root, source, None, {"dicomweb": {**synced.detail, "fingerprint": synced.fingerprint}}
+        )
     if storage.is_remote(source):
         storage.download_tree(source, staging / "gcs")
         return _Fetched(staging / "gcs", source, None)
@@ -421,6 +428,9 @@ def resolve_dataset_version(dataset: DatasetConfig) -> DatasetVersion:
         return DatasetVersion(
             _digest([pinned]), pinned, {"kind": "kaggle", "version": fetched.version}
         )
+    if dicomweb.is_dicomweb_source(source):
+        synced = dicomweb.sync_instances(source, dataset.dicomweb)
+        return DatasetVersion(synced.fingerprint, source, synced.detail)
     if storage.is_remote(source):
         generations = storage.list_generations(source)
         if not generations:
@@ -580,6 +590,16 @@ def download_dataset(
         raise DatasetError(
             f"{source} changed while it was being downloaded (dataset version "
             f"{expected_version.fingerprint[:19]} became {content[:19]}); run again"
+        )
+    pacs_version = fetched.extra.get("dicomweb", {}).get("fingerprint")
+    if (
+        expected_version is not None
+        and pacs_version
+        and pacs_version != expected_version.fingerprint
+    ):
+        raise DatasetError(
+            f"the PACS search {source} changed while it was being downloaded (dataset version "
+            f"{expected_version.fingerprint[:19]} became {pacs_version[:19]}); run again"
         )
     write_manifest(rows, output_dir / MANIFEST_CSV)
     source_info = {
