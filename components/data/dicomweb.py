@@ -174,15 +174,39 @@ class DicomWebClient:
 
     def get(self, path: str, params: Mapping[str, str] | None = None, accept: str = "") -> bytes:
         """The body of GET base_url/path?params; retried on 5xx, resets and timeouts."""
+        return self._request("GET", path, params, {"Accept": accept} if accept else {})
+
+    def store(self, instances: list[bytes]) -> dict:
+        """STOW-RS: store Part 10 instances (POST studies); the server's dicom+json answer.
+        Retrying is safe: a PACS keeps one object per SOP Instance UID."""
+        boundary = f"tumorflow-{os.urandom(12).hex()}"
+        body = b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+            for data in instances
+        )
+        headers = {
+            "Accept": "application/dicom+json",
+            "Content-Type": f'{_DICOM_MULTIPART}; boundary="{boundary}"',
+        }
+        answer = self._request("POST", "studies", None, headers, body + f"--{boundary}--".encode())
+        return json.loads(answer) if answer.strip() else {}
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        headers: dict[str, str],
+        data: bytes | None = None,
+    ) -> bytes:
         url = f"{self.base_url}/{path.lstrip('/')}"
         if params:
             url += "?" + urllib.parse.urlencode(params)
-        headers = {"Accept": accept} if accept else {}
         if self._authorization:
-            headers["Authorization"] = self._authorization
+            headers = {**headers, "Authorization": self._authorization}
         for attempt in range(self.retries + 1):
             try:
-                request = urllib.request.Request(url, headers=headers)
+                request = urllib.request.Request(url, data, headers, method=method)
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return response.read()
             except urllib.error.HTTPError as exc:
@@ -194,7 +218,7 @@ class DicomWebClient:
                     ) from None
                 if exc.code not in _RETRIED_STATUS:
                     raise SourceUnavailableError(
-                        f"the PACS at {self.base_url} answered HTTP {exc.code} to GET /{path}; "
+                        f"the PACS at {self.base_url} answered HTTP {exc.code} to {method} /{path}; "
                         "check the URL and the query of dataset.source"
                     ) from None
                 problem = f"HTTP {exc.code}"
@@ -210,7 +234,7 @@ class DicomWebClient:
                 logger.info("PACS %s: %s, retry in %.1fs", self.base_url, problem, delay)
                 self._sleep(delay)
         raise SourceUnavailableError(
-            f"the PACS at {self.base_url} failed {self.retries + 1} times on GET /{path} (last: "
+            f"the PACS at {self.base_url} failed {self.retries + 1} times on {method} /{path} (last: "
             f"{problem}); check that it is running and reachable, or raise dataset.dicomweb.retries"
         )
 
