@@ -1,39 +1,50 @@
-"""The console's append-only audit log: one JSON line per decision, rollback or promotion."""
+"""The console's view of the audit log: the hash-chained log of `components.release.audit_log`,
+as the flat events (who, when, what, why, details) its pages list."""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
-import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_LOCK = threading.Lock()
+from tumorflow.components.release import audit_log
+
+if TYPE_CHECKING:
+    from tumorflow.components.release.signing import SignedRecord, Signer
+    from tumorflow.components.release.trust_root import TrustRoot
 
 
-def append_event(path: Path, who: str, what: str, why: str = "", **details: Any) -> dict[str, Any]:
-    """Append one event (who, when, what, why, details) and flush it to disk; return it."""
-    event = {
-        "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "who": who,
-        "what": what,
-        "why": why,
-        **details,
+def _flat(entry: dict[str, Any]) -> dict[str, Any]:
+    decision = entry.get("decision")
+    return {
+        **entry.get("event", {}),
+        "at": entry.get("at", ""),
+        "seq": entry.get("seq"),
+        "signed_by": decision["record"].get("signer") if decision else None,
+        "meaning": decision["record"].get("meaning") if decision else None,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _LOCK, path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(event, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    return event
 
 
-def read_events(path: Path) -> list[dict[str, Any]]:
+def append_event(
+    path: str | Path,
+    who: str,
+    what: str,
+    why: str = "",
+    *,
+    signer: Signer | None = None,
+    decision: SignedRecord | None = None,
+    **details: Any,
+) -> dict[str, Any]:
+    """Append one event (who, what, why, details, and the signed decision if any) to the chained
+    log; `signer` re-signs its head. Returns the event as `read_events` lists it."""
+    event = {"who": who, "what": what, "why": why, **details}
+    return _flat(audit_log.append(path, event, signer, decision=decision))
+
+
+def read_events(path: str | Path) -> list[dict[str, Any]]:
     """Every event of the log, newest first (none when it does not exist yet)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in reversed(lines) if line.strip()]
+    return [_flat(entry) for entry in reversed(audit_log.read(path))]
+
+
+def verdict(path: str | Path, trust: TrustRoot | None = None) -> audit_log.AuditVerdict:
+    """Whether the log's chain and signed head hold (what `tumorflow audit verify` says)."""
+    return audit_log.verify(path, trust)
