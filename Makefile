@@ -1,6 +1,13 @@
 # One command to set up and run the demo, one to set up and run the tests.
-#   make demo   creates .venv, installs, runs the pipeline on the synthetic dataset
-#   make test   creates .venv, installs, runs ruff and the whole test suite (what CI runs)
+#   make demo        creates .venv, installs, runs the pipeline on the synthetic dataset
+#   make test        lint, then every tier but image and exhaustive on $(WORKERS) cores (what CI runs)
+#   make test-fast   the unit tier only: a minute or two
+# Test tiers (markers, set in tests/conftest.py; pick one with pytest -m):
+#   unit       no marker: pure functions on tiny data; no service, no training, no pipeline run
+#   service    a real service on loopback: mlflow server, GCS emulator, gRPC/REST model server, browser
+#   e2e        kfp.local pipeline runs, trainings, the CLI through a whole run
+#   image      builds infra/Dockerfile and runs the steps in it (make image first); not in make test
+#   exhaustive every variant (each backbone's export, the pointing-game benchmark); not in make test
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,14 +31,16 @@ $(STAMP): $(LOCK) pyproject.toml
 demo: setup
 	$(BIN)/tumorflow run --preset phantom
 
+# pytest-xdist workers; loadgroup keeps a module's service/e2e tests (and their module-scoped
+# server or run) on one worker and spreads the rest.
+WORKERS ?= 2
+XDIST := -n $(WORKERS) --dist loadgroup
+
 test: setup lint
-	$(BIN)/pytest -m "not image and not exhaustive" --ignore=tests/console/test_browser.py
-	# the browser tests in a session of their own: inside the whole suite the Models page test
-	# fails (an order dependence not yet found; alone it passes)
-	$(BIN)/pytest tests/console/test_browser.py
+	$(BIN)/pytest $(XDIST) -m "not image and not exhaustive"
 
 test-fast: setup
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest $(XDIST) -m "not service and not e2e and not image and not exhaustive"
 
 lint: setup
 	$(BIN)/ruff check .

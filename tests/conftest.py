@@ -1,4 +1,36 @@
-"""Fixtures shared by the whole suite: real services on loopback, started and stopped here."""
+"""Fixtures shared by the whole suite: real services on loopback, started and stopped here, and
+the tiny model every test that needs a trained one reads.
+
+Tiers (markers; `make test-fast` runs the first, `make test` all three on every core):
+
+- unit: no marker. Pure functions and in-process work on tiny data: no server, no training, no
+  kfp.local run. Seconds each; the whole tier in about a minute.
+- `service`: talks to a real service on loopback: `mlflow server`, the GCS emulator, Orthanc, an
+  in-process gRPC/REST model server, a browser. Set here, from the fixtures a test uses
+  (`SERVICE_FIXTURES`); mark a test by hand only when it starts a service itself.
+- `e2e`: runs a kfp.local pipeline, trains a model, or drives the CLI through a whole run. Marked
+  by hand, per module (`pytestmark = pytest.mark.e2e`) or per test. A test marked `e2e` is not
+  also `service`: the tiers do not overlap.
+- `image` (builds infra/Dockerfile) and `exhaustive` (every variant) are not run by make test.
+
+Rules for a new test:
+
+- Everything a test writes goes under its `tmp_path` (or `tmp_path_factory`); a server listens on
+  a port it chose itself (`port=0`, a socket handed over) or `helpers.free_port()`; never a fixed
+  port, never the cwd (`monkeypatch.chdir(tmp_path)` if a command writes there).
+- A tiny pipeline run: `load_config(helpers.TINY_CONFIG, preset="phantom", overrides=[...])` or
+  `tumorflow run --config tests/tiny.yaml`; do not copy its settings.
+- A trained model: the `tiny_model` fixture (trained and exported once per session, explain
+  signature included; read it, copy it before changing it). A model of known behaviour without
+  training: `make_model_dir` (tests/components/conftest.py).
+- Wait on the event (`helpers.wait_until`, `approval_waiter`, `approval_announcements`), never a
+  fixed sleep. Every test has a 300 s timeout (pyproject); a long e2e test raises its own with
+  `@pytest.mark.timeout(...)`.
+- Under pytest-xdist (`make test`: 2 workers, `--dist loadgroup`) a session fixture runs once per
+  worker; work worth sharing between workers goes through `shared_once` (a file lock in the
+  session's temp folder). A module's `service` and `e2e` tests stay on one worker, so a
+  module-scoped fixture runs once; unit tests must not rely on running in the same process.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +44,88 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_until
+from helpers import TINY_CONFIG, free_port, wait_until
+
+# A test that uses one of these talks to a real service: it is in the `service` tier.
+SERVICE_FIXTURES = frozenset(
+    {
+        "mlflow_server",
+        "gcs_emulator_host",
+        "browser",
+        "live_console",
+        # tests/serving: in-process TF-Serving-compatible gRPC + REST servers
+        "server",
+        # tests/components/data: Orthanc with DICOMweb (tests/pacs.py)
+        "orthanc",
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put each test that uses a service fixture, and is not `e2e`, in the `service` tier; keep
+    the `service` and `e2e` tests of a module on one xdist worker (`--dist loadgroup`), so that
+    the module's server or run is set up once; unit tests go to whichever worker is free."""
+    for item in items:
+        e2e = item.get_closest_marker("e2e") is not None
+        if not e2e and SERVICE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.service)
+        if (e2e or item.get_closest_marker("service")) and not item.get_closest_marker(
+            "xdist_group"
+        ):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+def shared_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]
+) -> Path:
+    """`build(folder)` once per test session, whatever the number of xdist workers: the first
+    worker to ask builds under a file lock in the session's temp folder, the others wait and get
+    the same folder. Treat it as read-only."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    # under xdist each worker's base temp is a subfolder of the session's
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / f"shared-{name}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".done").exists():
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)  # a build that failed half way
+            folder.mkdir()
+            build(folder)
+            (folder / ".done").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder as the train step leaves it (model.keras, model_info.json) with its serving
+    export in `saved_model/` (serving_default and explain signatures), trained with tests/tiny.yaml's
+    train settings on a small phantom split. Built once per session; read it, do not change it."""
+
+    def build(folder: Path) -> None:
+        from tumorflow.bench.pointing_game import write_phantom_split
+        from tumorflow.components.data.phantom import phantom_slices
+        from tumorflow.components.training.export import export_model_artifact
+        from tumorflow.components.training.train import train_model
+        from tumorflow.core.config import load_config
+
+        config = load_config(TINY_CONFIG, preset="phantom").train
+        size = config.image_size
+        split = write_phantom_split(
+            folder / "split",
+            {
+                "train": list(phantom_slices(8, size, seed=0)),
+                "val": list(phantom_slices(4, size, seed=1)),
+            },
+        )
+        result = train_model(split, folder / "model", config, folder / "ckpt")
+        export_model_artifact(result.model_dir)
+
+    return shared_once(tmp_path_factory, "tiny-model", build) / "model"
 
 
 def wait_for_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
@@ -32,34 +145,44 @@ def wait_for_http(url: str, timeout: float, process: subprocess.Popen | None = N
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` on a free loopback port (SQLite backend, proxied artifacts)."""
+    """A real `mlflow server` on a free loopback port (SQLite backend, proxied artifacts).
+
+    The port is chosen before the server binds it: when another process (another xdist worker's
+    server, say) takes it in between, the server exits and is started again on another port."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_HOME": str(root)},
-    )
-    url = f"http://127.0.0.1:{port}"
+    for attempt in range(3):
+        port = free_port()
+        log = (root / f"server-{attempt}.log").open("w")
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_HOME": str(root)},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(f"{url}/health", timeout=90, process=process)
+            break
+        except RuntimeError:
+            log.close()
+            if attempt == 2:
+                raise
     try:
-        wait_for_http(f"{url}/health", timeout=90, process=process)
         yield url
     finally:
         process.terminate()
@@ -98,9 +221,9 @@ def approval_candidate(tmp_path: Path, mlflow_server: str):
 
 
 @pytest.fixture()
-def approval_waiter(mlflow_server: str) -> Iterator[Callable[..., tuple[threading.Thread, list]]]:
-    """Start `wait_for_approval` in a thread, as the pipeline's approval step waits; return once
-    it waits (it logs that it does) or has already returned."""
+def approval_announcements() -> Iterator[set[str]]:
+    """The words of every "waiting up to ... for `tumorflow approve RUN`" line the approval step
+    logs in this process during the test: `RUN in approval_announcements` once it waits."""
     from tumorflow.components.release import approval
 
     waiting: set[str] = set()
@@ -115,6 +238,22 @@ def approval_waiter(mlflow_server: str) -> Iterator[Callable[..., tuple[threadin
     handler, level = Announcements(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    try:
+        yield waiting
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture()
+def approval_waiter(
+    mlflow_server: str, approval_announcements: set[str]
+) -> Callable[..., tuple[threading.Thread, list]]:
+    """Start `wait_for_approval` in a thread, as the pipeline's approval step waits; return once
+    it waits (it logs that it does) or has already returned."""
+    from tumorflow.components.release import approval
+
+    waiting = approval_announcements
 
     def start(name: str, run: str, timeout_s: float) -> tuple[threading.Thread, list]:
         result: list = []
@@ -129,11 +268,7 @@ def approval_waiter(mlflow_server: str) -> Iterator[Callable[..., tuple[threadin
         )
         return thread, result
 
-    try:
-        yield start
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    return start
 
 
 @pytest.fixture(scope="session")

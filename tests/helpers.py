@@ -21,6 +21,9 @@ from tumorflow.components.data.tfrecords import MANIFEST_JSON, Record, write_sha
 
 T = TypeVar("T")
 
+# The settings of the tiny run (phantom preset): load_config(TINY_CONFIG, preset="phantom", ...)
+TINY_CONFIG = Path(__file__).with_name("tiny.yaml")
+
 
 def free_port() -> int:
     """A loopback TCP port nothing listens on at the moment of the call."""

@@ -46,7 +46,7 @@ def _table(out: str) -> dict[str, dict[str, float]]:
     return rows
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bench_input_measures_every_pipeline_on_the_same_images(tmp_path, capsys):
     argv = ["bench", "input", "--images", str(IMAGES), "--size", "32", "--source-size", "64"]
     code = main([*argv, "--batch-size", "8", "--repeats", "2", "--workdir", str(tmp_path)])

@@ -97,7 +97,7 @@ def test_bad_arguments_are_a_config_error(argv, message, tmp_path):
         run(parser.parse_args([*argv, "--workdir", str(tmp_path)]))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_bench_trains_each_recipe_and_prints_its_row(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -46,7 +46,7 @@ def _figure(out: str, pattern: str) -> tuple[float, str]:
     return float(match[1]), match[2]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bench_serving_prints_consistent_latencies_and_ratios(capsys):
     argv = ["bench", "serving", "--requests", str(REQUESTS), "--images", "4"]
     assert main([*argv, "--image-size", "32", "--max-seconds", "60"]) == 0

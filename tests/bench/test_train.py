@@ -27,7 +27,7 @@ def test_bad_replica_counts_are_a_config_error(replicas):
         run(parser.parse_args(["--replicas", replicas]))
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_bench_measures_one_and_two_logical_devices(capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -29,7 +29,7 @@ def test_phantom_command_writes_the_dataset(tmp_path: Path, capsys: pytest.Captu
     assert "wrote 20 images" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_validate_with_the_phantom_preset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(
         ["validate", "--output", str(tmp_path / "out"), "--preset", "phantom", *SMALL_PHANTOM]
@@ -47,7 +47,7 @@ def test_validate_with_the_phantom_preset(tmp_path: Path, capsys: pytest.Capture
     assert "| test |" in out and "Quarantined: 3 files" in out and "Duplicate groups:" in out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_validate_with_the_kidney_preset_on_a_phantom_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -10,7 +10,7 @@ from helpers import free_port
 
 from tumorflow.cli.main import main
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 
 
 def test_approve_while_a_run_waits(

@@ -3,39 +3,19 @@ one-line errors, nothing written outside the run root."""
 
 from __future__ import annotations
 
-import getpass
 import os
 import re
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY_CONFIG
 
 from tumorflow.cli.main import build_parser, main
 
-TINY_RUN = [
-    "--set",
-    "dataset.phantom.per_class=16",
-    "--set",
-    "dataset.phantom.size=48",
-    "--set",
-    "train.image_size=48",
-    "--set",
-    "train.batch_size=16",
-    "--set",
-    "train.stage1.epochs=2",
-    "--set",
-    "train.stage2.epochs=1",
-    "--set",
-    "gate.bootstrap_resamples=50",
-    "--set",
-    "split.min_test_per_class=1",
-    "--set",
-    "gate.rules=[{metric: accuracy, threshold: 0.0}]",
-]
+# the tiny run of tests/tiny.yaml, as a user passes a config file
+TINY_RUN = ["--config", str(TINY_CONFIG)]
 TASKS = (
     "dataset-version",
     "download",
@@ -146,7 +126,7 @@ def test_commands_that_need_a_run_say_there_is_none(
     assert not (root / "mlflow.db").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tmp_path: Path) -> None:
     argv = ["validate", "--preset", "phantom", "--set", "dataset.phantom.per_class=12"]
     argv += ["--set", "dataset.phantom.size=48"]
@@ -159,7 +139,7 @@ def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tmp_path: Path) -> 
     assert "Quarantined: 3 files" in quiet.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_shows_one_line_per_task_and_keeps_the_rest_in_its_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -173,7 +153,7 @@ def test_a_run_shows_one_line_per_task_and_keeps_the_rest_in_its_log(
         assert sum(line.split()[0] == task for line in finished if line.strip()) == 1, task
     assert re.search(r"^train\s+\d+\.\d s$", captured.err, re.MULTILINE)
     assert len(finished) <= len(TASKS) + 2  # and the two drift tasks
-    assert len(progress) - len(finished) <= 3  # at most a line per epoch: TINY_RUN trains 2 + 1
+    assert len(progress) - len(finished) <= 3  # at most a line per epoch: tiny.yaml trains 2 + 1
     assert "executor_input" not in captured.out + captured.err
     assert "have no effect" not in captured.err
     log_path = Path(re.search(r"^log\s+(\S+)", captured.out, re.MULTILINE).group(1))
@@ -186,7 +166,7 @@ def test_a_run_shows_one_line_per_task_and_keeps_the_rest_in_its_log(
     assert "aliases: champion=1" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failing_task_is_one_line_naming_the_task_and_the_cause(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -201,48 +181,3 @@ def test_a_failing_task_is_one_line_naming_the_task_and_the_cause(
     assert err[-1].startswith("tumorflow run: error: task dataset-version failed: DatasetError: ")
     assert "has no folder" in err[-1] and str(tmp_path / "r" / "logs") in err[-1]
     assert "Traceback" not in "\n".join(err)
-
-
-@pytest.mark.slow
-def test_the_approve_command_a_run_prints_approves_it(tmp_path: Path) -> None:
-    """A manual-approval run prints the `tumorflow approve` line to type; typed in another
-    terminal (another process), it lets the waiting run deploy."""
-    root = tmp_path / "runs"
-    argv = [
-        "run",
-        "--run-root",
-        str(root),
-        *TINY_RUN,
-        "--set",
-        "gate.approval=manual",
-        "--set",
-        "gate.approval_timeout_s=300",
-    ]
-    run = subprocess.Popen(
-        [sys.executable, "-m", "tumorflow.cli.main", *argv],
-        cwd=tmp_path,
-        env=_user_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    err_lines: list[str] = []
-    reader = threading.Thread(target=lambda: err_lines.extend(run.stderr), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 400
-    prompt = None
-    while prompt is None and time.monotonic() < deadline and run.poll() is None:
-        time.sleep(1)
-        prompt = next(
-            (line for line in err_lines if "waiting for: tumorflow approve" in line), None
-        )
-    assert prompt is not None, "".join(err_lines)[-2000:]
-    command = prompt.split("waiting for: ")[1].split("   (or:")[0].split()
-    assert command[:2] == ["tumorflow", "approve"] and "--run-root" in command
-    approved = _cli(*command[1:], cwd=tmp_path / "..")
-    assert approved.returncode == 0, approved.stderr
-    assert f"approved by {getpass.getuser()}" in approved.stdout
-    out, _ = run.communicate(timeout=300)
-    reader.join(timeout=10)
-    assert run.returncode == 0, "".join(err_lines)[-2000:]
-    assert "approval       approved" in out and "deployed       version 1" in out

@@ -3,14 +3,14 @@ from __future__ import annotations
 import getpass
 import json
 import threading
-import time
 import uuid
 
 import pytest
+from helpers import wait_until
 
 from tumorflow.cli.main import main
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 
 
 def _model() -> str:
@@ -56,11 +56,10 @@ def test_a_new_model_needs_an_approval_mode(mlflow_server, capsys):
 
 
 def test_approve_by_a_non_approver_is_refused_and_by_an_approver_continues_the_run(
-    tmp_path, mlflow_server, capsys
+    tmp_path, mlflow_server, capsys, approval_announcements
 ):
     """A run configured `auto` waits under the model's manual policy until an approver decides."""
     from tumorflow.components.release.approval import run_approval
-    from tumorflow.components.release.registry import connect, list_versions
     from tumorflow.core.config import GateConfig
 
     name, uri, me = _model(), ["--tracking-uri", mlflow_server], getpass.getuser()
@@ -84,10 +83,11 @@ def test_approve_by_a_non_approver_is_refused_and_by_an_approver_continues_the_r
         )
     )
     step.start()
-    client, deadline = connect(mlflow_server), time.monotonic() + 30
-    while not list_versions(client, name) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
+    wait_until(
+        lambda: "run-" + name in approval_announcements or not step.is_alive(),
+        30,
+        "the approval step waiting",
+    )
     assert step.is_alive(), "the auto-configured run did not wait for a person"
 
     capsys.readouterr()

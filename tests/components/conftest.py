@@ -16,15 +16,23 @@ CLASS_LEVELS = [40.0, 100.0, 160.0, 220.0]
 
 
 @pytest.fixture()
-def make_model_dir(tmp_path: Path) -> Callable[..., Path]:
+def make_model_dir(tmp_path: Path, model_dir_in: Callable[..., Path]) -> Callable[..., Path]:
     """Build a train-step model folder whose model classifies by mean brightness.
 
     `confusion` swaps that many class centres, so the model gets those classes wrong: two models
     of different quality on the same images. `exported` adds the serving export and its digests,
     as the pipeline's train step does.
     """
+    return lambda *args, **kwargs: model_dir_in(tmp_path, *args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def model_dir_in() -> Callable[..., Path]:
+    """`make_model_dir` under a folder of the caller's choosing (a module-scoped fixture's):
+    `model_dir_in(root, name="model", ...)`."""
 
     def make(
+        tmp_path: Path,
         name: str = "model",
         image_size: tuple[int, int] = (32, 32),
         confusion: int = 0,

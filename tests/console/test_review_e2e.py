@@ -16,25 +16,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import TINY_CONFIG, wait_until
 
-pytestmark = pytest.mark.slow
-
-# The smallest run that reaches approval with something to review (test_pipeline_e2e's size).
-TINY = (
-    "dataset.phantom.per_class=16",
-    "dataset.phantom.size=48",
-    "train.image_size=48",
-    "train.batch_size=16",
-    "train.stage1.epochs=2",
-    "train.stage2.epochs=1",
-    "gate.bootstrap_resamples=50",
-    "split.min_test_per_class=1",
-    "gate.rules=[{metric: accuracy, threshold: 0.0}]",
-)
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
-def _start_run(tmp_path: Path, tracking_uri: str, model: str, *overrides: str):
+def _start_run(tmp_path: Path, tracking_uri: str, model: str, config_file: Path | None):
     """`tumorflow run` with manual approval in a background process; returns (process, config,
     log path)."""
     from tumorflow.core.config import load_config
@@ -46,11 +33,12 @@ def _start_run(tmp_path: Path, tracking_uri: str, model: str, *overrides: str):
         "gate.approval=manual",
         "gate.approval_poll_s=0.5",
         "gate.approval_timeout_s=900",
-        *overrides,
     ]
-    config = load_config(preset="phantom", overrides=settings)
+    config = load_config(config_file, preset="phantom", overrides=settings)
     log = tmp_path / "run.log"
     command = [sys.executable, "-m", "tumorflow.cli.main", "run", "--preset", "phantom"]
+    if config_file:
+        command += ["--config", str(config_file)]
     for setting in settings:
         command += ["--set", setting]
     with log.open("w") as out:
@@ -90,7 +78,7 @@ def _tail(log: Path) -> str:
 
 
 def _review_and_approve(
-    browser, live_console, sign_in_browser, tmp_path, mlflow_server, overrides, timeout
+    browser, live_console, sign_in_browser, tmp_path, mlflow_server, config_file, timeout
 ):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.expected_conditions import staleness_of
@@ -99,9 +87,12 @@ def _review_and_approve(
     from tumorflow.core import serving_layout
 
     model = f"review-{uuid.uuid4().hex[:6]}"
-    process, config, log = _start_run(tmp_path, mlflow_server, model, *overrides)
+    process, config, log = _start_run(tmp_path, mlflow_server, model, config_file)
     try:
         run = _waiting_run(mlflow_server, model, process, log, timeout)
+        # the run told its user what to type (tests/cli/test_cli_model.py types it)
+        prompt = f"waiting for: tumorflow approve {run}"
+        wait_until(lambda: prompt in log.read_text(), 60, "the run printing what to type")
         base = config.resolved_model_base_path()
         url, _ = live_console(model, base, Path(config.run_root))
         sign_in_browser(browser, url, "alice-secret-token")
@@ -152,7 +143,7 @@ def test_a_reviewer_approves_the_run_a_real_pipeline_waits_on_and_it_deploys(
     browser, live_console, sign_in_browser, tmp_path, mlflow_server
 ):
     load_ms, reviewed = _review_and_approve(
-        browser, live_console, sign_in_browser, tmp_path, mlflow_server, TINY, 900
+        browser, live_console, sign_in_browser, tmp_path, mlflow_server, TINY_CONFIG, 900
     )
     print(f"review page of a tiny run ({reviewed} review images) loaded in {load_ms:.0f} ms")
 
@@ -164,6 +155,6 @@ def test_review_page_load_time_on_the_demo_run(
     browser, live_console, sign_in_browser, tmp_path, mlflow_server
 ):
     load_ms, reviewed = _review_and_approve(
-        browser, live_console, sign_in_browser, tmp_path, mlflow_server, (), 3600
+        browser, live_console, sign_in_browser, tmp_path, mlflow_server, None, 3600
     )
     print(f"review page of the demo run ({reviewed} review images) loaded in {load_ms:.0f} ms")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import wait_until
+from helpers import TINY_CONFIG, wait_until
 
 from tumorflow.core.config import PipelineConfig
 from tumorflow.pipelines.runner import compile_pipeline
@@ -172,7 +172,6 @@ def _recorded_outputs(gcs: Path, run: str, name: str, executor_input: dict) -> d
 
 
 @pytest.mark.image
-@pytest.mark.slow
 def test_compiled_steps_run_in_the_image_as_the_launcher_runs_them(engine, image, tmp_path):
     config = PipelineConfig.model_validate(
         {
@@ -221,27 +220,8 @@ def test_compiled_steps_run_in_the_image_as_the_launcher_runs_them(engine, image
         print(f"--- {name}\n{text[-2000:]}")
 
 
-# A DAG small enough for a container per task on two cores (as tests/cli/test_cli_pipeline.py's).
-TINY_RUN = [
-    "--set",
-    "dataset.phantom.per_class=16",
-    "--set",
-    "dataset.phantom.size=48",
-    "--set",
-    "train.image_size=32",
-    "--set",
-    "train.batch_size=16",
-    "--set",
-    "train.stage1.epochs=1",
-    "--set",
-    "train.stage2.epochs=1",
-    "--set",
-    "gate.bootstrap_resamples=50",
-    "--set",
-    "split.min_test_per_class=1",
-    "--set",
-    "gate.rules=[{metric: accuracy, threshold: 0.0}]",
-]
+# A DAG small enough for a container per task on two cores: the suite's tiny run.
+TINY_RUN = ["--config", str(TINY_CONFIG)]
 # Every task of the retraining DAG, the drift reference and report beside the deploy included.
 DAG = {"dataset-version", "download", "validate-and-split", "train", "evaluate", "gate"}
 DAG |= {"approval", "deploy", "drift-reference", "drift-report"}
@@ -312,7 +292,6 @@ def docker_host(engine, tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.mark.image
-@pytest.mark.slow
 def test_run_with_docker_runner_runs_every_task_in_the_image(image, docker_host, tmp_path):
     run_root = tmp_path / "runs"
     missing = _tumorflow(

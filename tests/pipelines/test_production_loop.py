@@ -16,6 +16,7 @@ Not one client request fails.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -29,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import TINY_CONFIG, free_port, wait_until
 from PIL import Image
 
 from tumorflow.core.config import PipelineConfig, load_config
 from tumorflow.pipelines.runner import RunSummary, run_local
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 MODEL = "loop-model"
 CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
@@ -56,19 +57,13 @@ def _phantom(folder: Path, seed: int, number_offset: int = 0) -> None:
 
 def _config(run_root: Path, data: Path, tracking_uri: str, *overrides: str) -> PipelineConfig:
     return load_config(
+        TINY_CONFIG,
         preset="phantom",
         overrides=[
             f"run_root={run_root}",
             f"dataset.source={data}",
             f"tracking.tracking_uri={tracking_uri}",
             f"deploy.model_name={MODEL}",
-            "train.image_size=48",
-            "train.batch_size=16",
-            "train.stage1.epochs=2",
-            "train.stage2.epochs=1",
-            "gate.bootstrap_resamples=50",
-            "split.min_test_per_class=1",
-            "gate.rules=[{metric: accuracy, threshold: 0.0}]",
             # the synthetic model of a few epochs may be worse than the champion on a new split:
             # what this test checks is the loop, not the model
             "gate.champion_rules=[{metric: macro_f1, margin: 1.0}]",
@@ -199,6 +194,17 @@ def _labelled_version(port: int, label: str) -> int:
         return stub.Predict(request, timeout=30).model_spec.version.value
 
 
+def _logged_requests(folder: Path) -> int:
+    """Rows in the request log's part files so far (a part being written counts once done)."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for part in folder.rglob("part-*.parquet"):
+        with contextlib.suppress(OSError, ValueError):
+            rows += pq.ParquetFile(part).metadata.num_rows
+    return rows
+
+
 def _cached(summary: RunSummary) -> set[str]:
     """The steps this run reused: kfp.local leaves no folder in the run for a cache hit."""
     steps = {"dataset-version", "download", "validate-and-split", "train", "evaluate"}
@@ -221,23 +227,24 @@ def _reject_when_waiting(tracking_uri: str, timeout: float = 600) -> threading.T
 
     def reviewer() -> None:
         client = mlflow.MlflowClient(tracking_uri)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def waiting() -> str | None:
             for version in client.search_model_versions(f"name = '{MODEL}'"):
                 if version.tags.get("approval.status") == "pending":
-                    run = version.tags["tumorflow.pipeline_run"]
-                    main(
-                        [
-                            "reject",
-                            run,
-                            "--reason",
-                            "new scanner, not validated",
-                            "--tracking-uri",
-                            tracking_uri,
-                        ]
-                    )
-                    return
-            time.sleep(0.5)
+                    return version.tags["tumorflow.pipeline_run"]
+            return None
+
+        run = wait_until(waiting, timeout, "a run waiting for approval", interval=0.5)
+        main(
+            [
+                "reject",
+                run,
+                "--reason",
+                "new scanner, not validated",
+                "--tracking-uri",
+                tracking_uri,
+            ]
+        )
 
     thread = threading.Thread(target=reviewer, daemon=True)
     thread.start()
@@ -299,11 +306,15 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
             main(["policy", "set", MODEL, "--approval", "manual", "--tracking-uri", mlflow_server])
             == 0
         )
-        drift_started = time.time()
+        drift_started, logged = time.time(), _logged_requests(requests)
         client.drifted.set()
-        while len([a for a in client.answers if a[0] > time.monotonic() - 1]) < 2:
-            time.sleep(0.2)
-        time.sleep(20)  # enough drifted requests for the recent window
+        # enough drifted requests in the request log for the recent window: a sample, not a time
+        wait_until(
+            lambda: _logged_requests(requests) >= logged + 150,
+            180,
+            "150 drifted requests in the request log",
+            interval=0.5,
+        )
         window_hours = (time.time() - drift_started - 1) / 3600
         reviewer = _reject_when_waiting(mlflow_server)
         auto_run = config.model_copy(deep=True)
@@ -352,7 +363,7 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
         )
         moved = client.wait_for_version(1)
         assert _labelled_version(port, "stable") == 1
-        time.sleep(3)
+        wait_until(lambda: sum(t > moved for t, _ in client.answers) >= 10, 60, "10 more answers")
         assert {v for t, v in client.answers if t > moved} == {1}
         timeline.append("day 5: rollback; unlabelled and `stable` requests answered by v1")
     finally:

@@ -6,7 +6,7 @@ import pytest
 
 from tumorflow.cli.main import main
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 
 
 @pytest.fixture()

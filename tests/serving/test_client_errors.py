@@ -9,7 +9,7 @@ import pytest
 
 from tumorflow.cli.main import main
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 
 
 def _predict(server_address: str, *paths: str, rest: bool = False) -> list[str]:

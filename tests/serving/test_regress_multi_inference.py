@@ -22,7 +22,7 @@ from tensorflow_serving.apis import (
 
 from tumorflow.serving.servable import CLASSIFY_METHOD, REGRESS_METHOD
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 
 
 def build_half_plus_three(path: Path) -> Path:

@@ -17,7 +17,7 @@ from tumorflow.serving.repository import ModelRepository, read_model_config, sin
 from tumorflow.serving.server import ModelServer, ServerOptions
 from tumorflow.serving.status import ServingError
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 State = get_model_status_pb2.ModelVersionStatus.State
 
 

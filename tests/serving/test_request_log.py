@@ -142,7 +142,7 @@ def test_rows_are_flushed_every_few_seconds_without_closing(
     request_log.close()
 
 
-@pytest.mark.slow
+@pytest.mark.service
 def test_a_request_through_the_server_appears_in_the_log(
     model_base: Path, tmp_path: Path, level_png, read_store
 ):
@@ -196,7 +196,7 @@ def test_serve_logs_the_configured_share_of_requests_by_default():
     assert parser.parse_args(["--request_log_sample_rate=0.1"]).request_log_sample_rate == 0.1
 
 
-@pytest.mark.slow
+@pytest.mark.service
 def test_the_server_logs_about_its_sample_rate_of_served_requests(
     model_base: Path, tmp_path: Path, level_png, read_store
 ):

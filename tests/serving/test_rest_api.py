@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 
 
 def call(server, path: str, body: object | bytes | None = None) -> tuple[int, dict]:

@@ -25,7 +25,7 @@ from tumorflow.components.release.deploy import model_status, promote_canary, ro
 from tumorflow.core import serving_layout, storage
 from tumorflow.serving.server import ModelServer, ServerOptions
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 
 MODEL = "kidney-ct"
 POLL_S = 0.2

@@ -85,7 +85,7 @@ def test_options_need_one_model_source(tmp_path) -> None:
         ServerOptions(model_base_path="/m", model_config_file="/c").model_config()
 
 
-@pytest.mark.slow
+@pytest.mark.service
 def test_requests_are_logged_for_drift(tmp_path, bytes_model_v1, image) -> None:
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc

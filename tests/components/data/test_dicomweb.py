@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import uuid
 from pathlib import Path
 
@@ -87,8 +88,13 @@ def tag() -> str:
 
 
 def test_pacs_studies_become_labelled_patient_grouped_images_without_phi(
-    orthanc: OrthancServer, login: None, tag: str, tmp_path: Path
+    orthanc: OrthancServer,
+    login: None,
+    tag: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     studies = [
         store_study(orthanc, tmp_path, tag, patient, "tumor" if patient % 2 else "normal")
         for patient in range(6)
@@ -115,6 +121,7 @@ def test_pacs_studies_become_labelled_patient_grouped_images_without_phi(
         base64.b64encode(f"{orthanc.username}:{orthanc.password}".encode()).decode(),
         *studies,
     ]
+    assert not [n for n in needles if n in caplog.text]
     written = list((tmp_path / "out").rglob("*"))
     assert len(written) > 18
     for path in written:

@@ -124,7 +124,7 @@ def test_classes_that_differ_from_the_split_are_refused(model_and_split, tmp_pat
         evaluate_model(model_dir, other, tmp_path / "out")
 
 
-@pytest.mark.slow
+@pytest.mark.service
 def test_metrics_and_plots_go_to_the_mlflow_run(model_and_split, tmp_path, mlflow_server):
     import mlflow
 

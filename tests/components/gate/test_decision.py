@@ -100,7 +100,7 @@ def test_a_served_version_with_an_unreachable_registry_fails_loudly(tmp_path):
     assert not (tmp_path / "decision").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_champion_re_evaluated_on_the_same_images(make_model_dir, split_dir, tmp_path):
     from tumorflow.components.gate.champion import evaluate_champion
     from tumorflow.components.gate.rules import evaluate_gate
@@ -139,7 +139,7 @@ def test_champion_re_evaluated_on_the_same_images(make_model_dir, split_dir, tmp
     assert "Confusion matrix: champion" in report
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_served_version_the_registry_does_not_know_is_the_champion(
     make_model_dir, split_dir, tmp_path, mlflow_server
 ):

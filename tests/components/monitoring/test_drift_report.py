@@ -82,7 +82,7 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_same_distribution_gives_no_drift_in_at_least_9_of_10_seeded_trials(tmp_path: Path):
     detected = [
         drift_report(*tables(seed), tmp_path / str(seed), DRIFT_SHARE).drift_detected
@@ -298,7 +298,7 @@ def test_drift_command_exits_non_zero_exactly_when_asked_to_fail_on_drift(
     assert "not an ISO-8601 time" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_report_over_50000_logged_requests_takes_under_a_minute(tmp_path: Path):
     reference, current = tables(21, SHIFTS["noise"])
     rng = np.random.default_rng(21)
@@ -335,7 +335,7 @@ def _split_with_train(folder: Path, images: list[np.ndarray]) -> Path:
     return folder
 
 
-@pytest.mark.slow
+@pytest.mark.service
 def test_pipeline_drift_step_compares_new_data_with_the_served_reference_and_logs_to_mlflow(
     tmp_path: Path, mlflow_server: str
 ):
@@ -386,7 +386,7 @@ def test_pipeline_drift_step_compares_new_data_with_the_served_reference_and_log
     assert {"drift/report.html", "drift/verdict.json", "drift/report.json"} <= artifacts
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_drift_command_with_a_model_compares_embeddings_and_predictions(
     tmp_path: Path, make_model_dir, capsys: pytest.CaptureFixture
 ):

@@ -169,7 +169,7 @@ def test_only_the_recent_window_counts(tmp_path: Path, served: Path):
     assert "nothing to compare" in verdict.message
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_monitor_command_runs_the_monitoring_pipeline(
     tmp_path: Path, served: Path, capsys: pytest.CaptureFixture
 ):

@@ -21,7 +21,7 @@ from tumorflow.components.release.registry import (
 )
 from tumorflow.core.config import GateConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 
 
 def test_a_waiting_run_sees_the_approval(

@@ -176,7 +176,7 @@ def _parse_config(base: Path):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.service
 def test_a_failed_gate_deploys_nothing(make_model_dir, tmp_path, mlflow_server):
     name = f"m-{uuid.uuid4().hex[:6]}"
     base = tmp_path / "models"
@@ -195,7 +195,7 @@ def test_a_failed_gate_deploys_nothing(make_model_dir, tmp_path, mlflow_server):
     assert _registry(mlflow_server).search_model_versions(f"name = '{name}'") == []
 
 
-@pytest.mark.slow
+@pytest.mark.service
 def test_versions_increase_and_aliases_and_labels_follow(make_model_dir, tmp_path, mlflow_server):
     name = f"m-{uuid.uuid4().hex[:6]}"
     base = tmp_path / "models"
@@ -262,7 +262,7 @@ def test_versions_increase_and_aliases_and_labels_follow(make_model_dir, tmp_pat
     assert status["versions"][2]["rollback"]["from_serving_version"] == "2"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_concurrent_deploys_get_distinct_versions(make_model_dir, tmp_path):
     base = tmp_path / "models"
     decision = _decision(tmp_path, passed=True)
@@ -296,7 +296,7 @@ def test_concurrent_deploys_get_distinct_versions(make_model_dir, tmp_path):
     assert loaded == [1, 2, 3] and labels["stable"] == 3
 
 
-@pytest.mark.slow
+@pytest.mark.service
 def test_gate_against_the_registry_champion(make_model_dir, split_dir, tmp_path, mlflow_server):
     """A worse challenger is rejected and nothing changes; a better one is deployed."""
     from tumorflow.components.evaluation.evaluate import evaluate_model
@@ -367,7 +367,7 @@ def test_gate_against_the_registry_champion(make_model_dir, split_dir, tmp_path,
     assert _registry(mlflow_server).get_registered_model(name).aliases == aliases
 
 
-@pytest.mark.slow
+@pytest.mark.service
 def test_a_canary_serves_beside_stable_until_promoted(make_model_dir, tmp_path, mlflow_server):
     from tumorflow.components.release.deploy import promote_canary
 

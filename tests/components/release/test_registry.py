@@ -15,7 +15,7 @@ from tumorflow.components.release.registry import (
     register_candidate,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.service
 
 
 def _model_folder(tmp_path: Path, run_id: str | None = None) -> Path:

@@ -11,7 +11,7 @@ from tumorflow.components.training.backbones import BACKBONES, build_classifier
 from tumorflow.components.training.export import explanation_heatmap, export_serving_model, grad_cam
 from tumorflow.core.errors import ModelError
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def _encode(pixels: np.ndarray, fmt: str, mode: str = "RGB") -> bytes:
@@ -20,11 +20,13 @@ def _encode(pixels: np.ndarray, fmt: str, mode: str = "RGB") -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture()
-def exported(make_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def exported(model_dir_in, tmp_path_factory):
+    """One export for the module's tests, which only read it."""
     import tensorflow as tf
 
-    model_dir = make_model_dir(run_id="abc123")
+    tmp_path = tmp_path_factory.mktemp("exported")
+    model_dir = model_dir_in(tmp_path, run_id="abc123")
     export_dir = tmp_path / "export"
     export_serving_model(
         model_dir, export_dir, model_name="kidney-ct", extra_info={"pipeline_run": "r1"}

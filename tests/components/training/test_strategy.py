@@ -151,7 +151,7 @@ def one_device_accuracy(split_dir, tmp_path_factory) -> float:
 ACCURACY_BAND = 0.25
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_mirrored_on_two_devices_resumes_after_a_kill_and_learns_as_one_device(
     split_dir, tmp_path, one_device_accuracy
 ):
@@ -170,7 +170,7 @@ def test_mirrored_on_two_devices_resumes_after_a_kill_and_learns_as_one_device(
     assert abs(result["best_val_accuracy"] - one_device_accuracy) <= ACCURACY_BAND
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_workers_on_loopback_resume_after_a_kill_and_only_the_chief_writes(
     split_dir, tmp_path, one_device_accuracy
 ):

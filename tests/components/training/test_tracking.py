@@ -29,7 +29,7 @@ def test_params_are_the_flattened_config_the_split_counts_and_what_was_resolved(
     assert params["backbone"] == config.backbone
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_resumed_training_goes_on_in_its_run_and_a_lost_run_is_replaced(
     mlflow_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):

@@ -65,7 +65,7 @@ def test_stage2_opens_only_the_top_layers_and_never_batchnorm():
     assert head_only < len(model.trainable_weights) < len(model.weights)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_stages_write_the_model_folder_and_a_rerun_resumes(split_dir, tmp_path, caplog):
     import keras
 
@@ -125,7 +125,7 @@ def _train_in_subprocess(split_dir: Path, workdir: Path, config: TrainConfig, pa
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_killed_training_resumes_from_the_next_epoch(split_dir, tmp_path):
     config = _config(
         backbone="custom_cnn",
@@ -153,7 +153,7 @@ def test_killed_training_resumes_from_the_next_epoch(split_dir, tmp_path):
     assert info["epochs_run"] == {"stage1": 3, "stage2": 1}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_mlflow_run_has_both_stages_per_epoch_and_the_curves(split_dir, tmp_path, mlflow_server):
     import mlflow
 
@@ -210,7 +210,7 @@ def test_custom_cnn_from_scratch_defaults_to_the_most_stable_bench_recipe():
         assert momenta == {momentum}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_training_applies_the_batchnorm_momentum_and_the_warmup_cosine_rates(split_dir, tmp_path):
     import keras
 
@@ -236,7 +236,7 @@ def test_training_applies_the_batchnorm_momentum_and_the_warmup_cosine_rates(spl
     assert momenta == {0.6}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_recalibrated_batchnorm_holds_the_plain_mean_of_the_training_batches(split_dir, tmp_path):
     import keras
     import numpy as np
@@ -262,7 +262,7 @@ def test_recalibrated_batchnorm_holds_the_plain_mean_of_the_training_batches(spl
     np.testing.assert_allclose(np.asarray(norm.moving_mean), np.mean(means, axis=0), atol=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("keep", ["best_val_loss", "best_val_macro_f1"])
 def test_the_model_keeps_the_best_epoch_over_both_stages(split_dir, tmp_path, keep):
     import keras
@@ -290,7 +290,7 @@ def test_the_model_keeps_the_best_epoch_over_both_stages(split_dir, tmp_path, ke
     assert loss == pytest.approx(first["val_loss"], rel=1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_hostile_file_names_go_through_download_validate_and_training(tmp_path):
     from helpers import HOSTILE_NAMES, write_hostile_name_corpus
 
