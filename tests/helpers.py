@@ -204,3 +204,68 @@ config = TrainConfig.model_validate_json(sys.argv[3])
 work = Path(sys.argv[2])
 result = train.train_model(Path(sys.argv[1]), work / "model", config, work / "ckpt")
 """
+
+
+def write_release_run(
+    run_root: Path, pipeline_run: str, *, seed: int, dataset_version: str, epochs: int = 2
+) -> dict[str, str]:
+    """A finished run's folders as the pipeline lays them out (split manifest, model info,
+    evaluation, the gate's decision made by the real gate) for release records; returns the
+    model's `saved_model_sha256` and the decision's digest."""
+    import hashlib
+
+    from tumorflow.components.evaluation.metrics import Predictions, compute_metrics
+    from tumorflow.components.gate.decision import run_gate
+    from tumorflow.core.config import GateConfig, GateRule
+
+    classes = ["normal", "tumor"]
+    root = Path(run_root) / "pipeline_root" / pipeline_run
+    split = root / "validate-and-split" / "split"
+    split.mkdir(parents=True)
+    manifest = {
+        "classes": classes,
+        "splits": {"train": {"count": 40 + seed}, "val": {"count": 10}, "test": {"count": 50}},
+        "strategy": "grouped-stratified",
+        "seed": 42,
+        "source": {"dataset_version": dataset_version},
+    }
+    (split / "split_manifest.json").write_text(json.dumps(manifest))
+    digest = hashlib.sha256(f"saved model of {pipeline_run}".encode()).hexdigest()
+    model = root / "train" / "model"
+    model.mkdir(parents=True)
+    info = {
+        "backbone": "custom_cnn",
+        "weights": None,
+        "image_size": [32, 32],
+        "stage1": {"epochs": epochs},
+        "epochs_run": {"stage1": epochs},
+        "saved_model_sha256": digest,
+    }
+    (model / "model_info.json").write_text(json.dumps(info))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 50)
+    predicted = np.where(rng.random(50) < 0.8 + 0.05 * seed, y, 1 - y)
+    p_tumor = np.where(predicted == 1, 0.8, 0.2)
+    evaluation = root / "evaluate" / "evaluation"
+    evaluation.mkdir(parents=True)
+    predictions = Predictions(
+        [f"{i}.png" for i in range(50)], y, np.stack([1 - p_tumor, p_tumor], 1), classes
+    )
+    predictions.write(evaluation / "predictions.csv")
+    metrics = compute_metrics(predictions.y_true, predictions.probs, classes)
+    (evaluation / "metrics.json").write_text(json.dumps(metrics))
+    gate = GateConfig(
+        rules=[GateRule(metric="accuracy", threshold=0.7)],
+        champion_rules=[],
+        bootstrap_resamples=50,
+    )
+    run_gate(
+        evaluation,
+        split,
+        gate,
+        tracking_uri=None,
+        model_name="kidney-ct",
+        output_dir=root / "gate" / "decision",
+    )
+    decision = (root / "gate" / "decision" / "decision.json").read_bytes()
+    return {"serving_digest": digest, "decision_digest": hashlib.sha256(decision).hexdigest()}
