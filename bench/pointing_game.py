@@ -23,6 +23,7 @@ import numpy as np
 from tumorflow.components.data.phantom import CLASSES, PhantomSlice, phantom_slices
 from tumorflow.components.data.tfrecords import MANIFEST_JSON, Record, write_shards
 from tumorflow.components.training.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
+from tumorflow.core.artifacts import SERVING_EXPORT
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def train_phantom_classifier(workdir: Path, per_class: int, size: int, epochs: i
     )
     result = train_model(split_dir, Path(workdir) / "model", config, Path(workdir) / "ckpt")
     export_model_artifact(result.model_dir)
-    return result.model_dir / "saved_model"
+    return result.model_dir / SERVING_EXPORT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from tumorflow.components.data.synthetic import encode_image
 from tumorflow.components.training.backbones import BACKBONES
+from tumorflow.core.artifacts import MODEL_FILE, MODEL_INFO_FILE
 from tumorflow.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -93,14 +94,14 @@ def _default_model_folder(folder: Path, backbone: str, image_size: int) -> Path:
     keras.utils.set_random_seed(0)
     model, _ = build_classifier(backbone, 4, image_size, "none", 0.0)
     folder.mkdir(parents=True)
-    model.save(folder / "model.keras")
+    model.save(folder / MODEL_FILE)
     info = {
         "backbone": backbone,
         "weights": "none",
         "image_size": [image_size, image_size],
         "classes": ["cyst", "normal", "stone", "tumor"],
     }
-    (folder / "model_info.json").write_text(json.dumps(info))
+    (folder / MODEL_INFO_FILE).write_text(json.dumps(info))
     return folder
 
 
@@ -182,7 +183,7 @@ def flask_baseline_app(model_dir: str):
     from flask import Flask, jsonify, request
     from PIL import Image
 
-    model = keras.saving.load_model(Path(model_dir) / "model.keras")
+    model = keras.saving.load_model(Path(model_dir) / MODEL_FILE)
     height, width = model.input_shape[1:3]
     app = Flask("baseline")
 
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model_dir or _default_model_folder(
         work / "model", args.backbone, args.image_size
     )
-    if not (Path(model_dir) / "model.keras").exists():
+    if not (Path(model_dir) / MODEL_FILE).exists():
         raise ConfigError(f"{model_dir} is not a model folder of the train step (no model.keras)")
     version_dir = work / "models" / MODEL_NAME / "1"
     export_serving_model(Path(model_dir), version_dir, model_name=MODEL_NAME)

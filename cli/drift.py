@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,13 +90,13 @@ def _monitor(args: argparse.Namespace) -> int:
 
     check_local_source(args.current, "--current")
     resolve_served_reference(config.resolved_model_base_path(), config.deploy.model_name)
+    from tumorflow.pipelines.run_folder import RunFolder
     from tumorflow.pipelines.runner import run_local
 
     summary = run_local(config, enable_caching=not args.no_cache, monitor_source=args.current)
     write_summary_json(summary, args.summary_json)
-    verdict = summary.run_dir / "drift-check" / "verdict" / "verdict.json"
-    if verdict.exists():
-        found = json.loads(verdict.read_text())
+    found = RunFolder(summary.run_dir).drift_check_verdict()
+    if found is not None:
         if found.get("columns"):
             state = "DETECTED" if found["drift_detected"] else "not detected"
             print(

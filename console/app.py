@@ -137,7 +137,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         listed = evidence.list_runs(settings.tracking_uri, models, settings.run_root)
         return page(request, "runs.html", user=user, runs=listed)
 
-    def _candidate(pipeline_run: str) -> evidence.RunSummary:
+    def _candidate(pipeline_run: str) -> evidence.CandidateRow:
         for run in evidence.list_runs(settings.tracking_uri, settings.models(), settings.run_root):
             if run.pipeline_run == pipeline_run:
                 return run

@@ -1,9 +1,9 @@
 """What the console shows about runs: the registry's candidates and the files a run left.
 
-A pipeline run's files live under `<run_root>/pipeline_root/<pipeline run>/` (kfp.local's layout:
-one folder per task output); the gate's `decision.json` and `review_images.json` (with their
-Grad-CAM overlays), evaluate's `metrics.json` and `predictions.csv`, the plots and the drift
-report are found there by name.
+A pipeline run's files are read through `pipelines.run_folder` (kfp.local's layout, cached steps
+included): the gate's decision and review images (with their Grad-CAM overlays), evaluate's
+metrics and predictions, the plots and the drift report. The console links only files inside the
+run's own folder: a plot of a cached evaluate step stays in the earlier run's folder.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tumorflow.components.gate.review import CHANGED, REVIEW_FILE
+from tumorflow.components.gate.review import CHANGED
 from tumorflow.components.release import registry
+from tumorflow.core import artifacts
+from tumorflow.pipelines.run_folder import EVALUATION, GATE_DECISION, RunFolder
 
 WAITING = "waiting"
 DEPLOYED = "deployed"
@@ -23,8 +25,8 @@ _STATES = {"pending": WAITING}
 
 
 @dataclass
-class RunSummary:
-    """One line of the Runs page."""
+class CandidateRow:
+    """One line of the Runs page: a registered candidate and the run that made it."""
 
     pipeline_run: str
     model_name: str
@@ -38,30 +40,16 @@ class RunSummary:
 
 def run_folder(run_root: Path, pipeline_run: str) -> Path | None:
     """The run's folder under the kfp.local pipeline root, if it is on this machine."""
-    if "/" in pipeline_run or pipeline_run.startswith("."):
-        return None
-    folder = Path(run_root) / "pipeline_root" / pipeline_run
-    return folder if folder.is_dir() else None
+    found = RunFolder.find(run_root, pipeline_run)
+    return found.path if found else None
 
 
-def find_file(folder: Path | None, name: str) -> Path | None:
-    """The newest file called `name` under `folder`."""
-    if folder is None:
-        return None
-    found = sorted(folder.rglob(name), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+def _dataset_version(run_root: Path, pipeline_run: str) -> str:
+    found = RunFolder.find(run_root, pipeline_run)
+    return (found.dataset_version() or "") if found else ""
 
 
-def _json(path: Path | None) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path else None
-
-
-def _dataset_version(folder: Path | None) -> str:
-    source = _json(find_file(folder, "source.json")) or {}
-    return str(source.get("dataset_version", ""))
-
-
-def list_runs(tracking_uri: str, model_names: list[str], run_root: Path) -> list[RunSummary]:
+def list_runs(tracking_uri: str, model_names: list[str], run_root: Path) -> list[CandidateRow]:
     """Every registered candidate of `model_names`, runs waiting for a person first, then newest."""
     client = registry.connect(tracking_uri)
     runs = []
@@ -74,14 +62,14 @@ def list_runs(tracking_uri: str, model_names: list[str], run_root: Path) -> list
                 state = DEPLOYED
             gate = mv.tags.get(registry.TAG_GATE_PASSED)
             runs.append(
-                RunSummary(
+                CandidateRow(
                     pipeline_run=pipeline_run,
                     model_name=model_name,
                     model_version=mv.version,
                     created=mv.creation_timestamp,
                     state=state,
                     gate_passed=None if gate is None else gate == "true",
-                    dataset_version=_dataset_version(run_folder(run_root, pipeline_run)),
+                    dataset_version=_dataset_version(run_root, pipeline_run),
                     approval={
                         k.split(".", 1)[1]: v
                         for k, v in mv.tags.items()
@@ -105,34 +93,40 @@ class RunEvidence:
     changed_predictions: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _review_images(folder: Path | None) -> list[dict[str, Any]]:
+def _own_file(run: RunFolder | None, step: tuple[str, str], name: str) -> Path | None:
+    """A file of `step` the console can link: one inside the run's own folder."""
+    path = run.file(step, name) if run else None
+    return path if path is not None and path.is_relative_to(run.path) else None
+
+
+def _review_images(run: RunFolder | None) -> list[dict[str, Any]]:
     """The gate's review images, each `overlay` as a path relative to the run folder."""
-    review = find_file(folder, REVIEW_FILE)
-    if review is None or folder is None:
+    review = _own_file(run, GATE_DECISION, artifacts.REVIEW_FILE)
+    if review is None:
         return []
     entries = json.loads(review.read_text())
     for entry in entries:
         if "overlay" in entry:
-            entry["overlay"] = (review.parent / entry["overlay"]).relative_to(folder).as_posix()
+            entry["overlay"] = (review.parent / entry["overlay"]).relative_to(run.path).as_posix()
     return entries
 
 
 def run_evidence(run_root: Path, pipeline_run: str) -> RunEvidence:
     """The gate decision, the evaluation, the plots (paths relative to the run folder), the test
     images the challenger gets wrong and those whose prediction changed, with their overlays."""
-    folder = run_folder(run_root, pipeline_run)
-    decision = _json(find_file(folder, "decision.json"))
-    metrics = _json(find_file(folder, "metrics.json"))
+    run = RunFolder.find(run_root, pipeline_run)
+    decision = run.gate_decision() if run else None
+    metrics = run.metrics() if run else None
     plots = {}
-    for name in ("confusion_matrix.png", "roc.png", "reliability.png"):
-        path = find_file(folder, name)
-        if path is not None and folder is not None:
-            plots[name.removesuffix(".png")] = path.relative_to(folder).as_posix()
-    drift = find_file(folder, "*.html")
-    reviewed = _review_images(folder)
+    for name in artifacts.PLOTS:
+        path = _own_file(run, EVALUATION, name)
+        if path is not None:
+            plots[name.removesuffix(".png")] = path.relative_to(run.path).as_posix()
+    drift = run.drift_report_html() if run else None
+    reviewed = _review_images(run)
     overlays = {e["path"]: e["overlay"] for e in reviewed if "overlay" in e}
     wrong = []
-    predictions = find_file(folder, "predictions.csv")
+    predictions = run.file(EVALUATION, artifacts.PREDICTIONS_FILE) if run else None
     if predictions is not None and metrics is not None:
         classes = metrics.get("classes", [])
         with predictions.open() as handle:
@@ -155,6 +149,6 @@ def run_evidence(run_root: Path, pipeline_run: str) -> RunEvidence:
         metrics=metrics,
         wrong_predictions=wrong,
         plots=plots,
-        drift_report=drift.relative_to(folder).as_posix() if drift and folder else None,
+        drift_report=drift.relative_to(run.path).as_posix() if drift else None,
         changed_predictions=[e for e in reviewed if CHANGED in e["reasons"]],
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 import re
@@ -24,6 +23,8 @@ from typing import Any, TextIO
 from tumorflow.components.progress import progress_text
 from tumorflow.core.config import PipelineConfig
 from tumorflow.core.errors import TumorflowError
+from tumorflow.pipelines import run_folder
+from tumorflow.pipelines.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -275,28 +276,6 @@ def _newest_run_dir(pipeline_root: Path, pipeline_name: str, not_before: float) 
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def artifact_path(run_dir: Path, task: str, output: str) -> Path | None:
-    """Where a run's task wrote `output`; for a task the cache skipped, the newest earlier run's."""
-    own = run_dir / task / output
-    if own.exists():
-        return own
-    earlier = sorted((p for p in run_dir.parent.iterdir() if p.name < run_dir.name), reverse=True)
-    return next((p / task / output for p in earlier if (p / task / output).exists()), None)
-
-
-def _task_parameter(run_dir: Path, task: str, name: str) -> Any:
-    """An output parameter of a finished task, from kfp.local's executor_output.json."""
-    for output in run_dir.glob(f"{task}*/executor_output.json"):
-        values = json.loads(output.read_text()).get("parameterValues", {})
-        if name in values:
-            return values[name]
-    return None
-
-
 def run_local(
     config: PipelineConfig,
     *,
@@ -325,7 +304,7 @@ def run_local(
     if runner not in RUNNERS:
         raise PipelineRunError(f"unknown runner {runner!r}: choose {' or '.join(RUNNERS)}")
     run_root = Path(config.run_root).resolve()
-    pipeline_root = run_root / "pipeline_root"
+    pipeline_root = run_folder.pipeline_root(run_root)
     arguments = pipeline_parameters(config, local=True)
     if runner == "docker":
         image, task_runner = _docker_runner(config.runtime.image, run_root, arguments)
@@ -373,30 +352,28 @@ def run_local(
     finally:
         root_logger.removeFilter(console)
         console.close()
-    run_dir = _newest_run_dir(pipeline_root, name, started)
+    run = RunFolder(_newest_run_dir(pipeline_root, name, started))
     if monitor_source is not None:
-        trigger = _read_json(run_dir / "drift-check" / "verdict" / "trigger.json") or {}
-        trigger_reason = trigger.get("reason")
-    version = _task_parameter(run_dir, "deploy", "Output")
+        trigger_reason = (run.trigger() or {}).get("reason")
+    version = run.deployed_version()
     note = None
-    if version is not None and int(version) == 0:
+    if version == 0:
         from tumorflow.core.serving_layout import serving_labels
 
         labels, _ = serving_labels(arguments["model_base_path"], config.deploy.model_name)
         note = f"nothing new: the model is identical to served version {labels.get('stable')}"
         version = None
-    fingerprint = _task_parameter(run_dir, "dataset-version", "fingerprint")
     return RunSummary(
-        run_name=run_dir.name,
-        run_dir=run_dir,
+        run_name=run.name,
+        run_dir=run.path,
         task_seconds=console.seconds,
-        gate=_read_json(run_dir / "gate" / "decision" / "decision.json"),
-        approval=_read_json(run_dir / "approval" / "record" / "approval.json"),
-        deployed_version=int(version) if version is not None else None,
+        gate=run.gate_decision(),
+        approval=run.approval(),
+        deployed_version=version,
         model_base_path=arguments["model_base_path"],
         tracking_uri=arguments["tracking_uri"],
         trigger_reason=trigger_reason,
-        dataset_version=fingerprint,
+        dataset_version=run.dataset_version(),
         deploy_note=note,
         log_path=console.log_path,
     )

@@ -138,9 +138,10 @@ def evaluate(
     from pathlib import Path
 
     from tumorflow.components.evaluation.evaluate import evaluate_model, log_kfp_metrics
+    from tumorflow.core.artifacts import MODEL_INFO_FILE
 
     positive_class = dataset.get("positive_class") or "tumor"
-    info = json.loads((Path(model.path) / "model_info.json").read_text())
+    info = json.loads((Path(model.path) / MODEL_INFO_FILE).read_text())
     result = evaluate_model(
         Path(model.path),
         Path(split.path),
@@ -355,10 +356,11 @@ def deploy(
     from pathlib import Path
 
     from tumorflow.components.release.deploy import deploy_model
+    from tumorflow.core.artifacts import DECISION_FILE
 
     result = deploy_model(
         Path(model.path),
-        Path(decision.path) / "decision.json",
+        Path(decision.path) / DECISION_FILE,
         model_base_path,
         model_name,
         keep_versions=keep_versions,

@@ -42,15 +42,14 @@ from tqdm import tqdm
 from tumorflow.components.data import archive, dicom, dicomweb, metadata_table
 from tumorflow.components.data.phantom import generate_phantom
 from tumorflow.core import storage
+from tumorflow.core.artifacts import MANIFEST_CSV, SOURCE_JSON
+from tumorflow.core.artifacts import RAW_FILES as FILES
 from tumorflow.core.config import DatasetConfig
 from tumorflow.core.errors import DatasetError, SourceUnavailableError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-MANIFEST_CSV = "manifest.csv"
-SOURCE_JSON = "source.json"
-FILES = "files"
 MANIFEST_COLUMNS = ("path", "label", "sha256", "bytes", "source_split", "original_path")
 # Longest path part kept as it is (bytes): room left under the usual 255 for derived names.
 MAX_NAME_BYTES = 200

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tumorflow.core.artifacts import SPLIT_MANIFEST_JSON as MANIFEST_JSON
 from tumorflow.core.errors import DatasetError
 
 ENCODED = "image/encoded"
@@ -14,7 +15,6 @@ LABEL = "image/label"
 PATH = "image/path"
 GROUP = "image/group"
 SPLITS = ("train", "val", "test")
-MANIFEST_JSON = "split_manifest.json"
 
 
 @dataclass(frozen=True)

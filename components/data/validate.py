@@ -42,6 +42,7 @@ from tqdm import tqdm
 from tumorflow.components.data import dicom, download, split, tfrecords
 from tumorflow.components.data.near_duplicates import phash64
 from tumorflow.components.training.input_pipeline import MAX_IMAGE_PIXELS
+from tumorflow.core.artifacts import SPLIT_MANIFEST_CSV
 from tumorflow.core.config import SplitConfig
 from tumorflow.core.errors import DatasetError
 
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 MIN_SIDE = 16
 QUARANTINE_CSV = "quarantine.csv"
-SPLIT_MANIFEST_CSV = "split_manifest.csv"
 SPLIT_MANIFEST_COLUMNS = (
     "path",
     "label",

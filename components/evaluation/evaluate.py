@@ -28,15 +28,11 @@ from tumorflow.components.evaluation.metrics import (
     metrics_per_slice,
     read_predictions,
 )
+from tumorflow.core.artifacts import EVALUATED_MODEL_FILE, METRICS_FILE, PLOTS, PREDICTIONS_FILE
 from tumorflow.core.errors import DatasetError, ModelError
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
-PREDICTIONS_FILE = "predictions.csv"
-# Which SavedModel was scored: the gate explains the challenger's review images with it.
-EVALUATED_MODEL_FILE = "evaluated_model.json"
-PLOTS = ("confusion_matrix.png", "roc.png", "reliability.png")
 PREDICT_BATCH = 64
 
 

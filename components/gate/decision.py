@@ -17,13 +17,12 @@ import numpy as np
 
 from tumorflow.components.gate.report import markdown_report
 from tumorflow.components.gate.rules import GateDecision, evaluate_gate
+from tumorflow.core.artifacts import DECISION_FILE, GATE_REPORT_FILE
 from tumorflow.core.config import GateConfig
 from tumorflow.core.errors import GateError
 
 log = logging.getLogger(__name__)
 
-DECISION_FILE = "decision.json"
-REPORT_FILE = "report.md"
 RELIABILITY_PLOT = "reliability.png"
 
 
@@ -33,7 +32,7 @@ def write_decision(decision: GateDecision, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / DECISION_FILE
     path.write_text(json.dumps(decision.to_dict(), indent=2, default=_json_default))
-    (out_dir / REPORT_FILE).write_text(markdown_report(decision))
+    (out_dir / GATE_REPORT_FILE).write_text(markdown_report(decision))
     return path
 
 

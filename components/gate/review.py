@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 
 from tumorflow.components.evaluation.metrics import Predictions
+from tumorflow.core.artifacts import CHAMPION_PREDICTIONS_FILE, REVIEW_FILE
 from tumorflow.core.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-REVIEW_FILE = "review_images.json"
-CHAMPION_PREDICTIONS_FILE = "champion_predictions.csv"
 OVERLAY_DIR = "overlays"
 # Grad-CAM costs a forward and a backward pass per image: the review shows at most this many.
 MAX_REVIEW_IMAGES = 24

@@ -44,6 +44,7 @@ from tumorflow.components.monitoring.store import (
     read_request_log,
 )
 from tumorflow.core import serving_layout, storage
+from tumorflow.core.artifacts import DRIFT_REPORT_HTML, DRIFT_REPORT_JSON, VERDICT_FILE
 from tumorflow.core.config import DicomConfig
 from tumorflow.core.errors import DatasetError
 
@@ -54,9 +55,6 @@ logger = logging.getLogger(__name__)
 # not depend on the sample size, so the cap bounds the time without changing the tests chosen.
 MAX_ROWS = 100_000
 SAMPLE_SEED = 0
-REPORT_HTML = "report.html"
-REPORT_JSON = "report.json"
-VERDICT_JSON = "verdict.json"
 
 
 @dataclass
@@ -321,7 +319,7 @@ def drift_report(
         snapshot = report.run(datasets[1], datasets[0])
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    html_path, json_path = output_dir / REPORT_HTML, output_dir / REPORT_JSON
+    html_path, json_path = output_dir / DRIFT_REPORT_HTML, output_dir / DRIFT_REPORT_JSON
     snapshot.save_html(str(html_path))
     snapshot_dict = snapshot.dict()
     json_path.write_text(json.dumps(snapshot_dict, indent=1, default=str))
@@ -341,7 +339,7 @@ def drift_report(
         sampled_to=sampled_to,
         html_path=str(html_path),
         json_path=str(json_path),
-        verdict_path=str(output_dir / VERDICT_JSON),
+        verdict_path=str(output_dir / VERDICT_FILE),
     )
     _write_verdict(verdict)
     return verdict
@@ -369,7 +367,7 @@ def nothing_to_compare(
         sampled_to=None,
         html_path=None,
         json_path=None,
-        verdict_path=str(output_dir / VERDICT_JSON),
+        verdict_path=str(output_dir / VERDICT_FILE),
         message=message,
     )
     _write_verdict(verdict)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from tumorflow.components.data import dicom
 from tumorflow.core import serving_layout
+from tumorflow.core.artifacts import MODEL_FILE
 from tumorflow.core.config import DicomConfig, DriftConfig
 from tumorflow.core.errors import DatasetError, ModelError
 
@@ -294,7 +295,7 @@ class ModelProbe:
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
-        if (self.model_dir / "model.keras").exists():
+        if (self.model_dir / MODEL_FILE).exists():
             self._load_keras()
         elif (self.model_dir / "saved_model.pb").exists():
             self._load_saved_model()
@@ -313,7 +314,7 @@ class ModelProbe:
         self.classes = list(info["classes"])
         self.image_size = int(info["image_size"][0])
         self.grayscale = bool(info.get("grayscale"))
-        model = keras.saving.load_model(self.model_dir / "model.keras", compile=False)
+        model = keras.saving.load_model(self.model_dir / MODEL_FILE, compile=False)
         try:
             embedding = model.get_layer("embedding").output
         except ValueError:

@@ -15,12 +15,11 @@ from tumorflow.components.monitoring.drift_report import (
     nothing_to_compare,
 )
 from tumorflow.core import serving_layout, storage
+from tumorflow.core.artifacts import TRIGGER_FILE
 from tumorflow.core.config import DicomConfig
 from tumorflow.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-TRIGGER_JSON = "trigger.json"
 
 
 def trigger_reason(verdict: DriftVerdict) -> str:
@@ -116,5 +115,5 @@ def write_trigger_record(
         "verdict": verdict.verdict_path,
     }
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(output_dir) / TRIGGER_JSON).write_text(json.dumps(record, indent=2))
+    (Path(output_dir) / TRIGGER_FILE).write_text(json.dumps(record, indent=2))
     return record

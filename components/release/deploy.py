@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tumorflow.core import serving_layout, storage
+from tumorflow.core.artifacts import APPROVAL_FILE, MODEL_INFO_FILE
 from tumorflow.core.errors import TumorflowError
 from tumorflow.core.serving_layout import CANARY, PREVIOUS, SAVED_MODEL, STABLE, served_versions
 
@@ -98,14 +99,14 @@ def candidate_export(model_dir: Path) -> tuple[Path, dict[str, str]]:
         WEIGHTS_DIGEST,
     )
 
-    info_path = Path(model_dir) / "model_info.json"
+    info_path = Path(model_dir) / MODEL_INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     export_dir = Path(model_dir) / SERVING_EXPORT
     digests = {key: info.get(key) for key in (SAVED_MODEL_DIGEST, WEIGHTS_DIGEST)}
     if not (export_dir / SAVED_MODEL).exists() or not all(digests.values()):
         raise DeployRefused(
             f"{model_dir} has no recorded serving export ({SERVING_EXPORT}/ with its digests in "
-            "model_info.json); re-run the train step, which exports it"
+            f"{MODEL_INFO_FILE}); re-run the train step, which exports it"
         )
     return export_dir, digests
 
@@ -194,9 +195,7 @@ def deploy_model(
     )
 
     decision = _read_json(Path(decision_path), "decision")
-    approval = (
-        _read_json(Path(approval_dir) / "approval.json", "approval") if approval_dir else None
-    )
+    approval = _read_json(Path(approval_dir) / APPROVAL_FILE, "approval") if approval_dir else None
     check_deployable(decision, approval)
     export_dir, digests = candidate_export(Path(model_dir))
     digest = digests[SAVED_MODEL_DIGEST]

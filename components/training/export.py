@@ -30,6 +30,7 @@ import numpy as np
 
 from tumorflow.components.training.input_pipeline import decode_to_size
 from tumorflow.core import serving_layout
+from tumorflow.core.artifacts import MODEL_FILE, MODEL_INFO_FILE, SERVING_EXPORT
 from tumorflow.core.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -44,18 +45,16 @@ HEATMAP = "heatmap"
 EMBEDDING_LAYER = "embedding"
 # The Gaussian smoothing of the pixel evidence in explanations, as a fraction of the image side.
 PIXEL_EVIDENCE_SIGMA = 1 / 32
-# The serving export inside a train-step model folder: what evaluate scores and deploy publishes.
-SERVING_EXPORT = "saved_model"
 SAVED_MODEL_DIGEST = "saved_model_sha256"
 WEIGHTS_DIGEST = "weights_sha256"
 
 
 def read_model_info(model_dir: Path) -> dict[str, Any]:
     """The `model_info.json` of a model folder, checked for the fields serving needs."""
-    info_path = Path(model_dir) / "model_info.json"
-    if not (Path(model_dir) / "model.keras").exists() or not info_path.exists():
+    info_path = Path(model_dir) / MODEL_INFO_FILE
+    if not (Path(model_dir) / MODEL_FILE).exists() or not info_path.exists():
         raise ModelError(
-            f"{model_dir} is not a model folder: it needs model.keras and model_info.json "
+            f"{model_dir} is not a model folder: it needs {MODEL_FILE} and {MODEL_INFO_FILE} "
             "(the output of the train step)"
         )
     info = json.loads(info_path.read_text())
@@ -307,7 +306,7 @@ def export_serving_model(
     image_size = height
     grayscale = bool(info.get("grayscale"))
     try:
-        model = keras.saving.load_model(Path(model_dir) / "model.keras", compile=False)
+        model = keras.saving.load_model(Path(model_dir) / MODEL_FILE, compile=False)
     except Exception as exc:
         raise ModelError(f"{model_dir}/model.keras cannot be loaded: {exc}") from exc
     if model.outputs[0].shape[-1] != len(classes):
@@ -373,7 +372,7 @@ def export_model_artifact(model_dir: Path) -> dict[str, str]:
         SAVED_MODEL_DIGEST: saved_model_digest(export_dir),
         WEIGHTS_DIGEST: meta[WEIGHTS_DIGEST],
     }
-    info_path = model_dir / "model_info.json"
+    info_path = model_dir / MODEL_INFO_FILE
     info_path.write_text(json.dumps({**json.loads(info_path.read_text()), **digests}, indent=2))
     return digests
 

@@ -46,6 +46,7 @@ from tumorflow.components.training.checkpoints import (
 from tumorflow.components.training.input_pipeline import make_dataset
 from tumorflow.components.training.strategy import training_distribution
 from tumorflow.components.training.tracking import TrainingRun, training_params
+from tumorflow.core.artifacts import CURVES_FILE, HISTORY_FILE, MODEL_FILE, MODEL_INFO_FILE
 from tumorflow.core.config import TrainConfig
 from tumorflow.core.errors import DatasetError
 
@@ -57,10 +58,6 @@ log = logging.getLogger(__name__)
 # The pipeline's train step names its checkpoint folder with `checkpoint_key` from here.
 __all__ = ["TrainResult", "checkpoint_key", "plot_training_curves", "train_model"]
 
-MODEL_FILE = "model.keras"
-INFO_FILE = "model_info.json"
-HISTORY_FILE = "history.csv"
-CURVES_FILE = "training_curves.png"
 HISTORY_COLUMNS = (
     "stage",
     "epoch",
@@ -560,10 +557,11 @@ def train_model(
             "dtype_policy": policy,
             "mlflow_run_id": tracker.run_id if tracker else None,
         }
-        (output_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
+        (output_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
         if tracker is not None:
             tracker.finish(
-                output_dir / name for name in (MODEL_FILE, INFO_FILE, HISTORY_FILE, CURVES_FILE)
+                output_dir / name
+                for name in (MODEL_FILE, MODEL_INFO_FILE, HISTORY_FILE, CURVES_FILE)
             )
         log.info("model written to %s (%s epochs)", output_dir, epochs_run)
         return TrainResult(

@@ -105,7 +105,7 @@ def _write_run_folder(root, run: str) -> None:
             }
         )
     )
-    evaluate = root / "pipeline_root" / run / "evaluate" / "metrics"
+    evaluate = root / "pipeline_root" / run / "evaluate" / "evaluation"
     evaluate.mkdir(parents=True)
     per_class = {"precision": 0.9, "recall": 0.8, "f1": 0.85, "specificity": 0.95, "support": 6}
     (evaluate / "metrics.json").write_text(

@@ -148,8 +148,9 @@ def test_the_review_page_shows_the_gate_the_classes_and_the_changed_and_wrong_im
     assert f'src="{overlay}"' in changed and f'src="{overlay}"' in wrong
     assert f'src="/runs/{run}/files/gate/decision/overlays/001.png"' in changed
     assert client.get(overlay).content.startswith(b"\x89PNG")
-    assert f"/runs/{run}/files/evaluate/metrics/roc.png" in page
-    assert client.get(f"/runs/{run}/files/evaluate/metrics/roc.png").content.startswith(b"\x89PNG")
+    roc = f"/runs/{run}/files/evaluate/evaluation/roc.png"
+    assert roc in page
+    assert client.get(roc).content.startswith(b"\x89PNG")
     assert client.get(f"/runs/{run}/files/../../../etc/passwd").status_code == 404
 
 

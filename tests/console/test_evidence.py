@@ -1,0 +1,57 @@
+"""What the console reads from a run folder when the kfp.local cache skipped steps of the run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from tumorflow.console.evidence import run_evidence, run_folder
+from tumorflow.core import artifacts
+
+
+def _cached_run(run_root: Path) -> str:
+    """A first run that evaluated, and a second whose download and evaluate came from the cache."""
+    root = run_root / "pipeline_root"
+    first, second = (
+        root / "tumorflow-retrain-20261201120000",
+        root / "tumorflow-retrain-20261202120000",
+    )
+    evaluation = first / "evaluate" / "evaluation"
+    evaluation.mkdir(parents=True)
+    (evaluation / artifacts.METRICS_FILE).write_text(json.dumps({"classes": ["normal", "tumor"]}))
+    with (evaluation / artifacts.PREDICTIONS_FILE).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label_index", "p_normal", "p_tumor"])
+        writer.writerow(["a.png", 1, 0.8, 0.2])
+        writer.writerow(["b.png", 0, 0.9, 0.1])
+    (first / "download" / "raw").mkdir(parents=True)
+    (first / "download" / "raw" / artifacts.SOURCE_JSON).write_text(
+        json.dumps({"dataset_version": "sha256:abc"})
+    )
+    (second / "gate" / "decision").mkdir(parents=True)
+    (second / "gate" / "decision" / artifacts.DECISION_FILE).write_text('{"passed": true}')
+    return second.name
+
+
+def test_the_review_page_of_a_run_with_a_cached_evaluation_shows_its_metrics(tmp_path):
+    evidence = run_evidence(tmp_path, _cached_run(tmp_path))
+
+    assert evidence.decision == {"passed": True}
+    assert evidence.metrics == {"classes": ["normal", "tumor"]}
+    assert [w["path"] for w in evidence.wrong_predictions] == ["a.png"]
+    # the plots of the cached step stay in the earlier run's folder, which the console does not link
+    assert evidence.plots == {}
+
+
+def test_the_run_list_shows_the_dataset_version_of_a_cached_download(tmp_path):
+    from tumorflow.console.evidence import _dataset_version
+
+    assert _dataset_version(tmp_path, _cached_run(tmp_path)) == "sha256:abc"
+
+
+def test_a_run_name_with_a_path_in_it_names_no_folder(tmp_path):
+    name = _cached_run(tmp_path)
+
+    assert run_folder(tmp_path, name) == tmp_path / "pipeline_root" / name
+    assert run_folder(tmp_path, f"../{name}") is None
