@@ -47,6 +47,12 @@ def _run_recipe(args: argparse.Namespace) -> int:
     return recipe_bench.run(args)
 
 
+def _run_signing(args: argparse.Namespace) -> int:
+    from tumorflow.bench import signing as signing_bench
+
+    return signing_bench.run(args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from tumorflow.bench.input import add_arguments as add_input_arguments
     from tumorflow.bench.serving import add_arguments as add_serving_arguments
@@ -100,3 +106,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_recipe_arguments(recipe_parser)
     recipe_parser.set_defaults(handler=_run_recipe)
+
+    from tumorflow.bench.signing import add_arguments as add_signing_arguments
+
+    signing_parser = which.add_parser(
+        "signing", help="cost of signing and verifying decisions and of the check at model load"
+    )
+    add_signing_arguments(signing_parser)
+    signing_parser.set_defaults(handler=_run_signing)
