@@ -70,7 +70,7 @@ def _drift(args: argparse.Namespace) -> int:
 
 def _monitor(args: argparse.Namespace) -> int:
     """Run the monitoring pipeline: the drift check, and the retraining DAG when it drifted."""
-    from tumorflow.components.monitoring.monitor import resolve_served_reference
+    from tumorflow.components.monitoring.drift_report import resolve_served_reference
 
     config = config_from_args(args)
     if args.host:

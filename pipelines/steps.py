@@ -228,11 +228,8 @@ def drift_check(
     import shutil
     from pathlib import Path
 
-    from tumorflow.components.monitoring.monitor import (
-        check_recent_drift,
-        resolve_served_reference,
-        write_trigger_record,
-    )
+    from tumorflow.components.monitoring.drift_report import resolve_served_reference
+    from tumorflow.components.monitoring.monitor import check_recent_drift, write_trigger_record
     from tumorflow.core.config import DatasetConfig
 
     reference, model_dir = resolve_served_reference(model_base_path, model_name)

@@ -40,6 +40,7 @@ from urllib.parse import quote, unquote_to_bytes
 from tqdm import tqdm
 
 from tumorflow.components.data import archive, dicom, dicomweb, metadata_table
+from tumorflow.components.data.image_files import IMAGE_EXTENSIONS, is_hidden, list_images
 from tumorflow.components.data.phantom import generate_phantom
 from tumorflow.core import storage
 from tumorflow.core.artifacts import MANIFEST_CSV, SOURCE_JSON
@@ -49,7 +50,6 @@ from tumorflow.core.errors import DatasetError, SourceUnavailableError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 MANIFEST_COLUMNS = ("path", "label", "sha256", "bytes", "source_split", "original_path")
 # Longest path part kept as it is (bytes): room left under the usual 255 for derived names.
 MAX_NAME_BYTES = 200
@@ -212,10 +212,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
-
-
 def _fetch_kaggle(handle: str) -> _Fetched:
     import kagglehub
     import kagglehub.exceptions as kaggle_errors
@@ -321,7 +317,7 @@ def _dataset_base(root: Path, dataset: DatasetConfig) -> Path:
     while True:
         if subdir and (current / subdir).is_dir():
             return current / subdir
-        children = [c for c in current.iterdir() if not _is_hidden(c.name)]
+        children = [c for c in current.iterdir() if not is_hidden(c.name)]
         lone = children[0] if len(children) == 1 and children[0].is_dir() else None
         if lone is not None and not any(c.is_dir() for c in lone.iterdir()):
             lone = None
@@ -340,7 +336,7 @@ def _class_folders(
 ) -> tuple[list[tuple[Path, str, str]], list[str]]:
     """(class folder, label, source_split) for every labelled folder, and the skipped folders."""
     split_names = {name.lower(): split for name, split in dataset.split_dirs.items()}
-    children = sorted(c for c in base.iterdir() if c.is_dir() and not _is_hidden(c.name))
+    children = sorted(c for c in base.iterdir() if c.is_dir() and not is_hidden(c.name))
     containers = [
         (c, split_names[c.name.lower()]) for c in children if c.name.lower() in split_names
     ]
@@ -356,7 +352,7 @@ def _class_folders(
     folders, skipped = [], []
     for container, split in containers:
         for folder in sorted(
-            c for c in container.iterdir() if c.is_dir() and not _is_hidden(c.name)
+            c for c in container.iterdir() if c.is_dir() and not is_hidden(c.name)
         ):
             label = class_map.get(folder.name.lower()) if class_map else folder.name.lower()
             if label is not None and not _is_utf8(label):
@@ -369,20 +365,6 @@ def _class_folders(
                 continue
             folders.append((folder, label, split))
     return folders, skipped
-
-
-def _list_images(folder: Path) -> tuple[list[Path], int]:
-    """Image-extension files under a class folder (any depth) and how many others were skipped."""
-    images, skipped = [], 0
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder).parts
-        if not path.is_file() or any(_is_hidden(part) for part in relative):
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS or dicom.is_dicom_file(path):
-            images.append(path)
-        else:
-            skipped += 1
-    return images, skipped
 
 
 def _labelled_images(
@@ -398,7 +380,7 @@ def _labelled_images(
         )
     listed, skipped_files = [], 0
     for folder, label, split in folders:
-        images, skipped = _list_images(folder)
+        images, skipped = list_images(folder)
         skipped_files += skipped
         listed.extend((image, label, split, folder) for image in images)
     return listed, skipped_files, skipped_folders

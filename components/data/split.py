@@ -237,16 +237,21 @@ def split_by_duplicate_groups(
     return result, info
 
 
+def balanced_class_weights(counts: list[int]) -> list[float]:
+    """The one class-weight formula: `n_train / (n_classes * count_c)` per class, so that every
+    class weighs as much in the loss; a class without training images gets 1.0."""
+    total = sum(counts)
+    return [total / (len(counts) * count) if count else 1.0 for count in counts]
+
+
 def class_weights(train_label_index: np.ndarray, classes: list[str]) -> dict[str, float]:
-    """`n_train / (n_classes * count_c)` per class; every class must occur in train."""
+    """The split manifest's `class_weights` (`balanced_class_weights`); every class must occur in
+    train."""
     counts = np.bincount(np.asarray(train_label_index, dtype=np.int64), minlength=len(classes))
     missing = [name for name, count in zip(classes, counts, strict=True) if count == 0]
     if missing:
         raise DatasetError(
             f"the training split has no images of {missing}; add data or lower the held-out fractions"
         )
-    total = counts.sum()
-    return {
-        name: round(float(total / (len(classes) * count)), 6)
-        for name, count in zip(classes, counts, strict=True)
-    }
+    weights = balanced_class_weights([int(count) for count in counts])
+    return {name: round(weight, 6) for name, weight in zip(classes, weights, strict=True)}

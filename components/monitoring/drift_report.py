@@ -22,11 +22,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 
+from tumorflow.components.data.image_files import describe as describe_images
 from tumorflow.components.monitoring.features import (
     DEFAULT_EMBEDDING_COMPONENTS,
     EMBEDDING_PREFIX,
     IMAGE_FEATURES,
-    IMAGE_SUFFIXES,
     PREDICTION_COLUMNS,
     PROJECTION_FILE,
     REFERENCE_FILE,
@@ -46,7 +46,7 @@ from tumorflow.components.monitoring.store import (
 from tumorflow.core import serving_layout, storage
 from tumorflow.core.artifacts import DRIFT_REPORT_HTML, DRIFT_REPORT_JSON, VERDICT_FILE
 from tumorflow.core.config import DicomConfig
-from tumorflow.core.errors import DatasetError
+from tumorflow.core.errors import ConfigError, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _folder_images(
     quarantined (logged with the reason)."""
     found = list(folder_images(folder, dicom_config=dicom_config))
     if not found:
-        raise DatasetError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)}, DICOM)")
+        raise DatasetError(f"{source} holds no images ({describe_images()})")
     images = [image for image in found if image.reason is None]
     if not images:
         raise DatasetError(f"none of the files under {source} decode (first: {found[0].reason})")
@@ -408,6 +408,29 @@ def _log_to_mlflow(verdict: DriftVerdict, tracking_uri: str, experiment: str) ->
                 mlflow.log_artifact(path, artifact_path="drift")
 
 
+class NoDriftReference(ConfigError):
+    """Nothing served under the base path, or the served version has no drift reference."""
+
+
+def resolve_served_reference(model_base_path: str, model_name: str) -> tuple[str, Path | None]:
+    """The one lookup of the served model's drift reference: the reference of the served
+    (`stable`, else newest) version and its local folder (None for a remote base path; it lets
+    a check add the model's embedding features). NoDriftReference says why there is none."""
+    served = serving_layout.served_version(model_base_path, model_name)
+    if served is None:
+        raise NoDriftReference(
+            f"no served version of {model_name!r} under {model_base_path}: "
+            "deploy a model first (or compare by hand: tumorflow drift --reference ...)"
+        )
+    if not storage.exists(served.reference_uri):
+        raise NoDriftReference(
+            f"served version {served.version} has no drift reference ({served.reference_uri}): "
+            "redeploy it, or compare by hand: tumorflow drift --reference ..."
+        )
+    model_dir = None if storage.is_remote(served.version_uri) else Path(served.version_uri)
+    return served.reference_uri, model_dir
+
+
 def drift_against_served_model(
     split_dir: Path,
     model_base_path: str,
@@ -422,15 +445,16 @@ def drift_against_served_model(
     """The pipeline's drift step against whatever is served now: finds the champion's reference,
     runs `drift_against_reference`, copies the HTML to `html_path` (the pipeline UI's artifact)
     and logs the verdict and report to MLflow when `tracking_uri` is given."""
-    served = serving_layout.served_version(model_base_path, model_name)
+    try:
+        reference_uri, _ = resolve_served_reference(model_base_path, model_name)
+    except NoDriftReference as exc:
+        logger.warning("the drift report compares nothing: %s", exc)
+        reference_uri = None
     with tempfile.TemporaryDirectory(prefix="tumorflow-reference-") as workdir:
         reference_path = None
-        if served is not None:
-            if storage.exists(served.reference_uri):
-                reference_path = Path(workdir) / REFERENCE_FILE
-                storage.download_file(served.reference_uri, reference_path)
-            else:
-                logger.warning("served version %d has no drift reference", served.version)
+        if reference_uri is not None:
+            reference_path = Path(workdir) / REFERENCE_FILE
+            storage.download_file(reference_uri, reference_path)
         verdict = drift_against_reference(split_dir, reference_path, output_dir, drift_share)
     if html_path is not None:
         html_path = Path(html_path)

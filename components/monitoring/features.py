@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tumorflow.components.data import dicom
+from tumorflow.components.data.image_files import list_images
 from tumorflow.core import serving_layout
 from tumorflow.core.artifacts import MODEL_FILE
 from tumorflow.core.config import DicomConfig, DriftConfig
@@ -48,7 +49,6 @@ EMBEDDING_PREFIX = "embedding_pc"
 PREDICTION_COLUMNS = ("predicted_class", "confidence")
 PROJECTION_FILE = serving_layout.DRIFT_PROJECTION
 REFERENCE_FILE = serving_layout.DRIFT_REFERENCE
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # PCA components of the embedding in a drift reference, unless the caller says otherwise.
 DEFAULT_EMBEDDING_COMPONENTS = DriftConfig.model_fields["embedding_components"].default
 _PERCENTILES = (5, 25, 50, 75, 95)
@@ -151,14 +151,9 @@ def image_features(image: np.ndarray | bytes) -> dict[str, float]:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image and DICOM files under `folder` (any depth), sorted; hidden files are skipped."""
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
-        and not path.name.startswith(".")
-        and (path.suffix.lower() in IMAGE_SUFFIXES or dicom.is_dicom_file(path))
-    )
+    """The image and DICOM files under `folder` (any depth), sorted; hidden ones are skipped, by
+    the rule the dataset download follows."""
+    return list_images(folder)[0]
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,8 @@ from tumorflow.components.monitoring.drift_report import (
     load_table,
     nothing_to_compare,
 )
-from tumorflow.core import serving_layout, storage
 from tumorflow.core.artifacts import TRIGGER_FILE
 from tumorflow.core.config import DicomConfig
-from tumorflow.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -29,26 +27,6 @@ def trigger_reason(verdict: DriftVerdict) -> str:
         f"{verdict.drift_share_threshold:.2f}): {', '.join(verdict.drifted_columns)}; "
         f"report {verdict.html_path}"
     )
-
-
-def resolve_served_reference(model_base_path: str, model_name: str) -> tuple[str, Path | None]:
-    """The drift reference of the served (`stable`, else newest) version, and its local folder.
-
-    The folder (None for a remote base path) lets the check add the model's embedding features.
-    """
-    served = serving_layout.served_version(model_base_path, model_name)
-    if served is None:
-        raise ConfigError(
-            f"no served version of {model_name!r} under {model_base_path}: "
-            "deploy a model first (or compare by hand: tumorflow drift --reference ...)"
-        )
-    if not storage.exists(served.reference_uri):
-        raise ConfigError(
-            f"served version {served.version} has no drift reference ({served.reference_uri}): "
-            "redeploy it, or compare by hand: tumorflow drift --reference ..."
-        )
-    model_dir = None if storage.is_remote(served.version_uri) else Path(served.version_uri)
-    return served.reference_uri, model_dir
 
 
 def check_recent_drift(

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tumorflow.components.data.split import balanced_class_weights
 from tumorflow.components.data.tfrecords import read_split_manifest
 from tumorflow.components.evaluation.metrics import batch_metrics
 from tumorflow.components.progress import epoch_progress
@@ -113,18 +114,11 @@ def _resolve_mixed_precision(setting: str) -> str:
 
 
 def _class_weights(manifest: dict, classes: list[str]) -> dict[int, float]:
+    """Keras' `class_weight`: the split manifest's weights, else the same formula on its counts."""
     weights = manifest.get("class_weights") or {}
     counts = manifest["splits"]["train"].get("class_counts", {})
-    n_train = sum(counts.values())
-    result = {}
-    for index, name in enumerate(classes):
-        if name in weights:
-            result[index] = float(weights[name])
-        elif counts.get(name):
-            result[index] = n_train / (len(classes) * counts[name])
-        else:
-            result[index] = 1.0
-    return result
+    balanced = balanced_class_weights([counts.get(name, 0) for name in classes])
+    return {index: float(weights.get(name, balanced[index])) for index, name in enumerate(classes)}
 
 
 def warmup_cosine_rate(base: float, epoch: int, epochs: int, warmup: int) -> float:

@@ -202,3 +202,29 @@ def test_monitor_command_runs_the_monitoring_pipeline(
     )
     assert code == 2
     assert "deploy a model first" in capsys.readouterr().err
+
+
+def test_the_served_reference_is_found_and_its_absence_is_said_the_same_way_everywhere(
+    tmp_path: Path, served: Path, caplog
+):
+    from tumorflow.components.monitoring.drift_report import (
+        NoDriftReference,
+        drift_against_served_model,
+        resolve_served_reference,
+    )
+
+    reference, model_dir = resolve_served_reference(str(served), "kidney-ct")
+    assert reference.endswith("7/assets.extra/drift_reference.parquet")
+    assert model_dir == served / "kidney-ct" / "7"
+
+    (served / "kidney-ct" / "7" / "assets.extra" / "drift_reference.parquet").unlink()
+    with pytest.raises(NoDriftReference, match="served version 7 has no drift reference"):
+        resolve_served_reference(str(served), "kidney-ct")
+    with pytest.raises(NoDriftReference, match="no served version of 'chest-mri'"):
+        resolve_served_reference(str(served), "chest-mri")
+    # the retraining pipeline's drift report goes on without one, and says why in the log
+    verdict = drift_against_served_model(
+        tmp_path / "no-split", str(served), "kidney-ct", tmp_path / "out", drift_share=0.5
+    )
+    assert verdict.drift_detected is False
+    assert "served version 7 has no drift reference" in caplog.text
