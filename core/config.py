@@ -289,7 +289,7 @@ class RuntimeConfig(_Section):
     target: Literal["vertex", "kubeflow"] = "vertex"
     # Training replicas (machines): >1 runs training as a multi-worker job, each replica with the
     # accelerators above: on Vertex AI a custom job of `machine_type` machines, on Kubeflow a
-    # Training Operator TFJob (pipelines/distributed.py).
+    # Training Operator TFJob (pipelines/cluster_training.py).
     workers: int = Field(1, ge=1)
     machine_type: str = "g2-standard-8"
     # Kubeflow on GKE: the training pod gets the GPU node pool's node selector and toleration.

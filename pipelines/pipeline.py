@@ -26,7 +26,7 @@ from typing import Any
 from kfp import dsl
 
 from tumorflow.core.config import PipelineConfig, RuntimeConfig
-from tumorflow.pipelines import distributed, steps
+from tumorflow.pipelines import cluster_training, steps
 
 PIPELINE_NAME = "tumorflow-retrain"
 MONITOR_PIPELINE_NAME = "tumorflow-monitor"
@@ -40,19 +40,12 @@ WHOLE_SECTIONS = {
 }
 # Config sections whose fields are parameters of their own (the steps take single values).
 FIELD_SECTIONS = ("deploy", "tracking", "drift", "runtime")
-# Fields that are not run parameters: the image and the training layout (target, workers, machine
-# type) are fixed at compile time, the bucket only resolves the cluster defaults, the request sample
-# rate belongs to the server.
+# Fields that are not run parameters: the image and the training layout are fixed at compile
+# time (pipelines/cluster_training.py), the bucket only resolves the cluster defaults, the request
+# sample rate belongs to the server.
 NOT_PARAMETERS = frozenset(
-    {
-        "runtime.image",
-        "runtime.bucket",
-        "runtime.target",
-        "runtime.workers",
-        "runtime.machine_type",
-        "runtime.gke_gpu_pool",
-        "drift.request_sample_rate",
-    }
+    {f"runtime.{field}" for field in cluster_training.COMPILED_FIELDS}
+    | {"runtime.bucket", "drift.request_sample_rate"}
 )
 # Parameters of one run that are not configuration.
 RUN_PARAMETERS = {"trigger_reason": ""}
@@ -74,7 +67,7 @@ def _runtime() -> RuntimeConfig:
 
 
 def _in_image(component: Any) -> Any:
-    return distributed.in_image(component, _runtime().image)
+    return steps.in_image(component, _runtime().image)
 
 
 def pipeline_parameters(
@@ -194,7 +187,7 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     ).set_display_name("drift report")
     drift.set_caching_options(False)
 
-    training = distributed.train_task(
+    training = cluster_training.train_task(
         _in_image(steps.train),
         _runtime(),
         p,
@@ -266,8 +259,8 @@ def _traced_for(runtime: RuntimeConfig, pipeline: Any) -> Any:
 
 def retrain_pipeline_for(runtime: RuntimeConfig) -> Any:
     """The retraining pipeline with its steps in `runtime.image` and the training task laid out
-    for `runtime` (pipelines/distributed.py); the module's `retrain_pipeline` is the default's."""
-    if distributed.same_layout(runtime, RuntimeConfig()):
+    for `runtime` (pipelines/cluster_training.py); the module's `retrain_pipeline` is the default's."""
+    if cluster_training.same_layout(runtime, RuntimeConfig()):
         return retrain_pipeline
     return _traced_for(runtime, retrain_pipeline)
 
@@ -298,7 +291,7 @@ def monitor_pipeline(p: dict[str, Any]) -> None:
 
 def monitor_pipeline_for(runtime: RuntimeConfig) -> Any:
     """The monitoring pipeline whose drift check and nested retraining follow `runtime`."""
-    if distributed.same_layout(runtime, RuntimeConfig()):
+    if cluster_training.same_layout(runtime, RuntimeConfig()):
         return monitor_pipeline
     # Traced first: KFP cannot define a pipeline while tracing another.
     token = _NESTED_RETRAIN.set(retrain_pipeline_for(runtime))

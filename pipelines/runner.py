@@ -4,7 +4,6 @@ submitted to a Kubeflow Pipelines endpoint."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -293,12 +292,15 @@ def run_local(
     """
     from kfp import local
 
+    from tumorflow.core.config import RuntimeConfig
     from tumorflow.pipelines.pipeline import (
         MONITOR_PIPELINE_NAME,
         PIPELINE_NAME,
         monitor_pipeline,
+        monitor_pipeline_for,
         pipeline_parameters,
         retrain_pipeline,
+        retrain_pipeline_for,
     )
 
     if runner not in RUNNERS:
@@ -308,8 +310,9 @@ def run_local(
     arguments = pipeline_parameters(config, local=True)
     if runner == "docker":
         image, task_runner = _docker_runner(config.runtime.image, run_root, arguments)
-        retrain_pipeline = _in_image(retrain_pipeline, image)
-        monitor_pipeline = _in_image(monitor_pipeline, image)
+        # Traced with the image as the engine names it, as `tumorflow compile` traces them.
+        retrain_pipeline = retrain_pipeline_for(RuntimeConfig(image=image))
+        monitor_pipeline = monitor_pipeline_for(RuntimeConfig(image=image))
     else:
         task_runner = local.SubprocessRunner(use_venv=False)
     pipeline_root.mkdir(parents=True, exist_ok=True)
@@ -476,21 +479,6 @@ def _host_folders(run_root: Path, arguments: dict[str, Any]) -> list[Path]:
         if not any(folder.is_relative_to(parent) for parent in kept):
             kept.append(folder)
     return kept
-
-
-def _in_image(pipeline: Any, image: str) -> Any:
-    """`pipeline` with every container task in `image` (the steps are declared with the config's
-    default image, as for `compile_pipeline`)."""
-    from tumorflow.pipelines import steps
-
-    if image == steps.PROJECT_IMAGE:
-        return pipeline
-    copied = copy.copy(pipeline)
-    copied.component_spec = copy.deepcopy(pipeline.component_spec)
-    for _, executor in copied.pipeline_spec.deployment_spec["executors"].items():
-        if "container" in executor and executor["container"]["image"] == steps.PROJECT_IMAGE:
-            executor["container"]["image"] = image
-    return copied
 
 
 def _keep_mlflow_artifacts_in(config: PipelineConfig, run_root: Path) -> None:

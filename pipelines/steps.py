@@ -6,7 +6,8 @@ package) and on Kubeflow / Vertex AI (the image). Configuration arrives as the J
 section and is validated by the same pydantic model the CLI uses.
 """
 
-from typing import NamedTuple
+import copy
+from typing import Any, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import (
@@ -28,6 +29,20 @@ from tumorflow.core.config import RuntimeConfig
 PROJECT_IMAGE = RuntimeConfig().image
 
 component = dsl.component(base_image=PROJECT_IMAGE, install_kfp_package=False)
+
+
+def in_image(step: Any, image: str) -> Any:
+    """`step` (declared in the default image) running in `image`: the one way a step is put into
+    the configured image. The compiled executor, a Vertex worker pool or a TFJob then names it;
+    the pipelines are traced with it (pipelines/pipeline.py), for `tumorflow compile` and for
+    `tumorflow run --runner docker` alike."""
+    if step.component_spec.implementation.container.image == image:
+        return step
+    spec = copy.deepcopy(step.component_spec)
+    spec.implementation.container.image = image
+    relabelled = copy.copy(step)
+    relabelled.component_spec = spec
+    return relabelled
 
 
 @component

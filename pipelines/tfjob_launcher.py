@@ -5,6 +5,7 @@ creates the TFJob through the Kubernetes API (the pod's service account, RBAC in
 infra/k8s/training), waits for its `Succeeded` or `Failed` condition, and deletes it whatever
 happened. The job has one `Chief` and `workers - 1` `Worker` replicas of the project image, each
 running the training component's own command with an executor input naming the step's artifacts
+(pipelines/executor_io.py)
 (so each replica is the same training step, as on Vertex AI); the operator sets `TF_CONFIG` on
 each, and training picks MultiWorkerMirroredStrategy from it (components/training/strategy.py). The
 replicas reach the artifacts where the KFP launcher does, `/gcs/BUCKET/...`, through GKE's Cloud
@@ -14,7 +15,6 @@ model's metadata from it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +23,7 @@ from typing import Any
 
 from tumorflow.core import storage
 from tumorflow.core.errors import ConfigError, TumorflowError
+from tumorflow.pipelines import executor_io
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ NAME_PREFIX = "tumorflow-train-"
 # Where the KFP launcher and Vertex AI mount gs://BUCKET; the replicas mount it there too.
 GCS_MOUNT = "/gcs/"
 GCSFUSE_DRIVER = "gcsfuse.csi.storage.gke.io"
-# The executor-input placeholder of a KFP container's args.
-EXECUTOR_INPUT_PLACEHOLDER = "{{$}}"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # What the launcher leaves in its own model output: which job made the model.
 LAUNCH_RECORD = "tfjob.json"
@@ -60,36 +59,6 @@ def _bucket_of(uri: str) -> str:
 def _local_path(uri: str) -> str:
     """Where a replica sees `uri`: gs://B/x is /gcs/B/x, as the KFP launcher maps it."""
     return GCS_MOUNT + uri[len("gs://") :] if uri.startswith("gs://") else uri
-
-
-def train_executor_input(
-    parameters: Mapping[str, Any],
-    inputs: Mapping[str, Mapping[str, Any]],
-    outputs: Mapping[str, Mapping[str, Any]],
-    output_file: str,
-) -> dict[str, Any]:
-    """A KFP executor input for one run of a Python component: its parameter values, and input and
-    output artifacts given as `{name: {"uri", "schema_title", "metadata"}}`."""
-
-    def artifacts(given: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        return {
-            name: {
-                "artifacts": [
-                    {
-                        "name": name,
-                        "type": {"schemaTitle": item["schema_title"], "schemaVersion": "0.0.1"},
-                        "uri": item["uri"],
-                        "metadata": dict(item.get("metadata") or {}),
-                    }
-                ]
-            }
-            for name, item in given.items()
-        }
-
-    return {
-        "inputs": {"parameterValues": dict(parameters), "artifacts": artifacts(inputs)},
-        "outputs": {"artifacts": artifacts(outputs), "outputFile": output_file},
-    }
 
 
 def tfjob_manifest(
@@ -129,18 +98,12 @@ def tfjob_manifest(
     ]
 
     def replica(count: int, output_file: str) -> dict[str, Any]:
-        replica_input = {
-            **executor_input,
-            "outputs": {**executor_input["outputs"], "outputFile": output_file},
-        }
+        replica_input = executor_io.with_output_file(executor_input, output_file)
         container = {
             "name": CONTAINER_NAME,
             "image": image,
             "command": list(command),
-            "args": [
-                json.dumps(replica_input) if arg == EXECUTOR_INPUT_PLACEHOLDER else arg
-                for arg in args
-            ],
+            "args": executor_io.args_with_input(args, replica_input),
             "resources": {"limits": dict(resources)},
             "volumeMounts": mounts,
         }
@@ -292,7 +255,7 @@ def train_as_tfjob(
     buckets = sorted(
         {_bucket_of(uri) for uri in (split["uri"], model_uri, parameters["checkpoint_root"])}
     )
-    executor_input = train_executor_input(
+    executor_input = executor_io.executor_input(
         parameters, {"split": split}, {"model": model}, _local_path(chief_output)
     )
     manifest = tfjob_manifest(
@@ -318,5 +281,4 @@ def train_as_tfjob(
     written, _ = storage.read_versioned(chief_output)
     if written is None:
         raise TFJobFailed(f"training TFJob {name} succeeded but its chief wrote no {chief_output}")
-    outputs = json.loads(written).get("artifacts", {}).get("model", {}).get("artifacts", [{}])
-    return {**outputs[0].get("metadata", {}), "tfjob": name}
+    return {**executor_io.output_artifact_metadata(written, "model"), "tfjob": name}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tumorflow.core.config import RuntimeConfig
-from tumorflow.pipelines import distributed
+from tumorflow.pipelines import cluster_training
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
@@ -62,14 +62,14 @@ def test_gpu_pool_scales_from_zero_tainted_for_the_training_task(terraform):
     assert autoscaling["min_node_count"] == 0 and gpu["initial_node_count"] == 0
     (node,) = gpu["node_config"]
     (taint,) = node["taint"]
-    assert taint["key"] == distributed.GPU_TAINT_KEY
-    assert taint["value"] == distributed.GPU_TAINT_VALUE
+    assert taint["key"] == cluster_training.GPU_TAINT_KEY
+    assert taint["value"] == cluster_training.GPU_TAINT_VALUE
     assert taint["effect"] == "NO_SCHEDULE"
     (accelerator,) = node["guest_accelerator"]
     assert accelerator["type"] == "${var.gpu_type}"
     # the default GPU is the one the pipeline's default runtime asks for
     default_gpu = terraform["variable"]["gpu_type"]["default"]
-    assert default_gpu == distributed.gke_accelerator(RuntimeConfig().accelerator_type)
+    assert default_gpu == cluster_training.gke_accelerator(RuntimeConfig().accelerator_type)
     assert terraform["variable"]["gpu_machine_type"]["default"] == (RuntimeConfig().machine_type)
 
 
@@ -152,7 +152,7 @@ def training_objects(monkeypatch) -> dict:
 
 def test_the_tfjob_launcher_may_manage_tfjobs_and_nothing_else(training_objects):
     from tumorflow.pipelines import tfjob_launcher as tfjob
-    from tumorflow.pipelines.tfjob import TRAINING_SERVICE_ACCOUNT
+    from tumorflow.pipelines.kubeflow_tfjob import TRAINING_SERVICE_ACCOUNT
 
     role = training_objects["Role/tumorflow-tfjob-launcher"]
     (rule,) = role.rules

@@ -9,6 +9,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from tumorflow.core.config import PipelineConfig, load_config
 from tumorflow.core.errors import ConfigError
+from tumorflow.pipelines.pipeline import NOT_PARAMETERS
 from tumorflow.pipelines.runner import compile_pipeline
 
 MLFLOW = "tracking.tracking_uri=http://mlflow.example:5000"
@@ -82,15 +83,7 @@ def test_the_parameters_are_the_config_model_once(spec):
     assert {"dataset", "split_config", "train_config", "gate_config"} <= parameters
     for section in ("deploy", "tracking", "drift", "runtime"):
         for field in getattr(config, section).model_fields:
-            if f"{section}.{field}" not in {
-                "runtime.image",
-                "runtime.bucket",
-                "runtime.target",
-                "runtime.workers",
-                "runtime.machine_type",
-                "runtime.gke_gpu_pool",
-                "drift.request_sample_rate",
-            }:
+            if f"{section}.{field}" not in NOT_PARAMETERS:
                 assert field in parameters, f"{section}.{field}"
     assert not {"source", "classes", "image", "bucket", "target"} & parameters
     defaults = spec.root.input_definitions.parameters

@@ -84,10 +84,8 @@ def tfjob_train_task(
     **inputs: Any,
 ) -> Any:
     """The launcher task running `component` (the training step) as a TFJob for `runtime`."""
-    from tumorflow.pipelines.distributed import in_image
-
     container = component.component_spec.implementation.container
-    return in_image(train_tfjob, runtime.image)(
+    return steps.in_image(train_tfjob, runtime.image)(
         **inputs,
         workers=runtime.workers,
         image=container.image,

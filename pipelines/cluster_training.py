@@ -1,4 +1,5 @@
-"""The training task on a cluster: one GPU task, or a multi-worker job.
+"""How the training task runs on a cluster: one GPU task, or a multi-worker job on Vertex AI or
+Kubeflow.
 
 `runtime.workers == 1`: today's single task with its accelerator, CPU and memory limits; with
 `runtime.gke_gpu_pool`, plus the GKE GPU node pool's node selector and toleration (kfp-kubernetes)
@@ -9,7 +10,7 @@ so Kubeflow schedules it there (the compiled YAML then holds a second, platform 
   `workers - 1` replicas, each with `machine_type` and its accelerators; Vertex sets TF_CONFIG /
   CLUSTER_SPEC on each.
 - `kubeflow`: a launcher task that runs the same component as a Kubeflow Training Operator TFJob
-  (pipelines/tfjob.py): one Chief and `workers - 1` Workers, each with the task's accelerators,
+  (pipelines/kubeflow_tfjob.py): one Chief and `workers - 1` Workers, each with the task's accelerators,
   CPU and memory and, with `gke_gpu_pool`, the GPU pool's node selector and toleration; the
   operator sets TF_CONFIG.
 Either way training picks MultiWorkerMirroredStrategy from it (components/training/strategy.py).
@@ -17,7 +18,6 @@ Either way training picks MultiWorkerMirroredStrategy from it (components/traini
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from tumorflow.core.config import RuntimeConfig
@@ -29,27 +29,17 @@ GPU_TAINT_KEY = "nvidia.com/gpu"
 GPU_TAINT_VALUE = "present"
 
 
-# The runtime fields that shape the training task (the others are run parameters).
-LAYOUT_FIELDS = frozenset(
-    {"target", "workers", "machine_type", "gke_gpu_pool", "accelerator_type", "image"}
-)
+# The runtime fields fixed when a pipeline is compiled (traced): the image every step runs in and
+# how training is laid out. They are not run parameters (pipelines/pipeline.py).
+COMPILED_FIELDS = frozenset({"image", "target", "workers", "machine_type", "gke_gpu_pool"})
+# The runtime fields a trace depends on: those, and the accelerator type, which a Vertex job's
+# worker pools and the GKE GPU label fix at compile time although one task takes it per run.
+LAYOUT_FIELDS = COMPILED_FIELDS | {"accelerator_type"}
 
 
 def same_layout(a: RuntimeConfig, b: RuntimeConfig) -> bool:
     """Whether two runtime sections lay the training task out the same way."""
     return a.model_dump(include=LAYOUT_FIELDS) == b.model_dump(include=LAYOUT_FIELDS)
-
-
-def in_image(component: Any, image: str) -> Any:
-    """`component` (declared in the default image, pipelines/steps.py) running in `image`: the
-    compiled executor, a Vertex worker pool or a TFJob then names that image."""
-    if component.component_spec.implementation.container.image == image:
-        return component
-    spec = copy.deepcopy(component.component_spec)
-    spec.implementation.container.image = image
-    relabelled = copy.copy(component)
-    relabelled.component_spec = spec
-    return relabelled
 
 
 def gke_accelerator(accelerator_type: str) -> str:
@@ -79,7 +69,7 @@ def train_task(component: Any, runtime: RuntimeConfig, p: dict[str, Any], **inpu
     """The pipeline's training task for `runtime` (module docstring); `p` the run parameters."""
     node_selector, tolerations = gpu_pool_placement(runtime)
     if runtime.workers > 1 and runtime.target == "kubeflow":
-        from tumorflow.pipelines.tfjob import tfjob_train_task
+        from tumorflow.pipelines.kubeflow_tfjob import tfjob_train_task
 
         return tfjob_train_task(component, runtime, p, node_selector, tolerations, **inputs)
     if runtime.workers > 1:

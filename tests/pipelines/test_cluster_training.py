@@ -7,7 +7,7 @@ import yaml
 from kfp import compiler, dsl
 
 from tumorflow.core.config import PipelineConfig, RuntimeConfig
-from tumorflow.pipelines import distributed, steps
+from tumorflow.pipelines import cluster_training, steps
 from tumorflow.pipelines.pipeline import pipeline_parameters
 
 
@@ -22,7 +22,7 @@ def _compiled(runtime: RuntimeConfig, tmp_path: Path) -> dict:
         # What the compiled pipeline's run parameters default to for this runtime.
         p = runtime.model_dump(include={"accelerator_type", "accelerator_count"})
         p |= runtime.model_dump(include={"train_cpu", "train_memory"})
-        distributed.train_task(
+        cluster_training.train_task(
             steps.train,
             runtime,
             p,
