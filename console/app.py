@@ -38,6 +38,27 @@ class ConsoleSettings:
     # How "Try a scan" turns an uploaded DICOM file into the PNG the model is sent: the window
     # training used (`dataset.dicom`).
     dicom: DicomConfig = field(default_factory=DicomConfig)
+    # The trust root decisions are verified against (release.trust_root); empty:
+    # `<run_root>/trust_root.yaml`.
+    trust_root: str = ""
+
+    @property
+    def trust_root_uri(self) -> str:
+        return self.trust_root or str(Path(self.run_root) / "trust_root.yaml")
+
+    def signer(self):
+        """The console's delegate key (console.signing_key, else `<run_root>/keys/console`): it
+        signs each decision for the user the console authenticated."""
+        from tumorflow.components.release.signing import load_signer
+
+        return load_signer(
+            self.console.signing_key or Path(self.run_root) / "keys" / "console", "console"
+        )
+
+    def trust(self):
+        from tumorflow.components.release.trust_root import TrustRoot
+
+        return TrustRoot.load(self.trust_root_uri)
 
     @property
     def audit_path(self) -> Path:
@@ -178,28 +199,26 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
         from tumorflow.components.release.approval import APPROVED, REJECTED, record_decision
+        from tumorflow.components.release.trust_root import utc_now
 
         run = _candidate(pipeline_run)
         user = require(request, "approver", run.model_name, csrf)
         if action not in ("approve", "reject", "override"):
             raise Forbidden(f"unknown action {action!r}")
-        decision = record_decision(
+        # Signed with the console's delegate key for the user it authenticated, and verified
+        # against the trust root (the user must be an approver there too) before it is stored.
+        record_decision(
             settings.tracking_uri,
             pipeline_run,
             REJECTED if action == "reject" else APPROVED,
-            by=user,
             comment=reason.strip() or None,
+            signer=settings.signer(),
+            trust=settings.trust(),
+            identity=user,
+            authenticated_via=auth.how(utc_now()),
             override=action == "override",
             model_name=run.model_name,
-        )
-        audit.append_event(
-            settings.audit_path,
-            user,
-            {"approve": "approval", "reject": "rejection", "override": "override"}[action],
-            reason.strip(),
-            model_name=run.model_name,
-            model_version=decision.model_version,
-            pipeline_run=pipeline_run,
+            audit_log=str(settings.audit_path),
         )
         return RedirectResponse(f"/runs/{pipeline_run}", status_code=303)
 
@@ -208,9 +227,10 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         from tumorflow.components.release.deploy import model_status
 
         user = user_of(request)
+        trust = settings.trust() if Path(settings.trust_root_uri).exists() else None
         shown = [
             {
-                **model_status(settings.tracking_uri, m, settings.model_base_path),
+                **model_status(settings.tracking_uri, m, settings.model_base_path, trust=trust),
                 "may_move": auth.may(user, "rollback", m),
             }
             for m in settings.models()
@@ -238,36 +258,30 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
         from tumorflow.components.release.deploy import promote_canary, rollback
+        from tumorflow.components.release.trust_root import utc_now
 
         user = require(request, "rollback", model_name, csrf)
+        signing = {
+            "keep_versions": settings.keep_versions,
+            "trust": settings.trust(),
+            "signer": settings.signer(),
+            "identity": user,
+            "authenticated_via": auth.how(utc_now()),
+            "reason": reason.strip(),
+            "audit_log": str(settings.audit_path),
+        }
         if action == "promote":
-            result = promote_canary(
-                settings.tracking_uri,
-                model_name,
-                settings.model_base_path,
-                keep_versions=settings.keep_versions,
-                by=user,
-            )
+            promote_canary(settings.tracking_uri, model_name, settings.model_base_path, **signing)
         elif action == "rollback":
-            result = rollback(
+            rollback(
                 settings.tracking_uri,
                 model_name,
                 settings.model_base_path,
                 int(to) if to.strip() else None,
-                keep_versions=settings.keep_versions,
-                by=user,
+                **signing,
             )
         else:
             return Response(status_code=404)
-        audit.append_event(
-            settings.audit_path,
-            user,
-            action,
-            reason.strip(),
-            model_name=model_name,
-            stable=result.stable,
-            replaced=result.replaced,
-        )
         return RedirectResponse("/models", status_code=303)
 
     @app.get("/audit", response_class=HTMLResponse)
@@ -278,7 +292,29 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             for e in audit.read_events(settings.audit_path)
             if auth.may(user, "viewer", e.get("model_name", ""))
         ]
-        return page(request, "audit.html", user=user, events=events)
+        return page(
+            request,
+            "audit.html",
+            user=user,
+            events=events,
+            verdict=audit.verdict(settings.audit_path),
+        )
+
+    @app.get("/models/{model_name}/versions/{version}", response_class=HTMLResponse)
+    def release_page(request: Request, model_name: str, version: str) -> Response:
+        """One version's release record: data, metrics with CIs, gate rules, signed decisions."""
+        from tumorflow.components.release.release_record import render_text
+        from tumorflow.pipelines.release_sources import release_record_of
+
+        user = require(request, "viewer", model_name)
+        record = release_record_of(
+            settings.tracking_uri,
+            settings.run_root,
+            model_name,
+            version,
+            audit_log_uri=str(settings.audit_path),
+        )
+        return page(request, "release.html", user=user, record=record, text=render_text(record))
 
     @app.get("/scan", response_class=HTMLResponse)
     def scan_form(request: Request) -> Response:
