@@ -21,7 +21,19 @@ import types
 from collections.abc import Iterator, Sequence
 
 from tumorflow import __version__
-from tumorflow.cli import bench, data, drift, model, pipeline, policy, release, schedule, serve, ui
+from tumorflow.cli import (
+    bench,
+    data,
+    drift,
+    model,
+    pipeline,
+    policy,
+    release,
+    route,
+    schedule,
+    serve,
+    ui,
+)
 from tumorflow.core.errors import TumorflowError
 
 EPILOG = """\
@@ -53,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show TensorFlow's and kfp.local's own output and debug logs",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (data, pipeline, schedule, model, policy, release, serve, drift, bench, ui):
+    for group in (data, pipeline, schedule, model, policy, release, serve, route, drift, bench, ui):
         group.register(subparsers)
     return parser
 

@@ -340,6 +340,46 @@ class ConsoleConfig(_Section):
         return f"{self.base_url.rstrip('/')}/runs/{pipeline_run}"
 
 
+class RouteConfig(_Section):
+    """`tumorflow route` (docs/pacs.md): watch a PACS for new images, classify each with the
+    model server, store the result back as a DICOM SR (and optionally a Grad-CAM capture)."""
+
+    # The PACS's DICOMweb root (QIDO-RS, WADO-RS, STOW-RS), e.g. http://pacs:8042/dicom-web.
+    dicomweb_url: str = ""
+    # How new instances are found: Orthanc's changes feed (`/changes?since=N` on its REST root),
+    # or QIDO-RS polling of the studies of the last `lookback_days` (any DICOMweb server).
+    watch: Literal["orthanc-changes", "qido"] = "qido"
+    # Orthanc's REST root for the changes feed. Empty: dicomweb_url without its last segment.
+    orthanc_url: str = ""
+    # Extra study-level QIDO-RS filters of the polling (e.g. {StudyDescription: "ABDOMEN*"}).
+    query: dict[str, str] = Field(default_factory=dict)
+    lookback_days: int = Field(1, ge=0)
+    # Only instances of these modalities are classified (the results, SR and OT, never are).
+    modalities: list[str] = Field(default_factory=lambda: ["CT", "MR"])
+    # Login and limits of the PACS (auth, credentials, retries, backoff, timeout, page size).
+    pacs: DicomWebConfig = Field(default_factory=DicomWebConfig)
+    # The model server's gRPC address, and which model: empty model_name is deploy.model_name.
+    model_server: str = "127.0.0.1:8500"
+    model_name: str = ""
+    version_label: str = ""
+    # Where the served versions live (deploy.model_base_path): the serving digest written into
+    # each result is read there. Empty: deploy's.
+    model_base_path: str = ""
+    timeout_seconds: float = Field(30.0, gt=0)
+    # Images sent to the model server per request.
+    batch_size: int = Field(8, ge=1, le=256)
+    # Also store a Secondary Capture of the Grad-CAM overlay (the model's explain signature).
+    secondary_capture: bool = False
+    # Seconds between passes of the long-running service.
+    poll_seconds: float = Field(10.0, gt=0)
+    # The router's state (change cursor, done, pending, skipped, dead letters). Empty:
+    # `<run_root>/route/state.json`.
+    state_file: str = ""
+    # Prometheus metrics endpoint (0: none); the address it binds.
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+
+
 class ReleaseConfig(_Section):
     """Signed release decisions (docs/signing.md): the trust root, and the keys that sign."""
 
@@ -369,6 +409,7 @@ class PipelineConfig(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
+    route: RouteConfig = Field(default_factory=RouteConfig)
 
     @field_validator("run_root")
     @classmethod
@@ -420,6 +461,12 @@ class PipelineConfig(_Section):
 
     def resolved_console_key(self) -> str:
         return self.console.signing_key or str((Path(self.run_root) / "keys" / "console").resolve())
+
+    def resolved_route_state(self) -> str:
+        """route.state_file, else `<run_root>/route/state.json`."""
+        return self.route.state_file or str(
+            (Path(self.run_root) / "route" / "state.json").resolve()
+        )
 
     def resolved_audit_log(self) -> str:
         """console.audit_log, else `<run_root>/audit.jsonl`: the chained log of decisions."""

@@ -8,6 +8,10 @@ a PACS needs) in a new series. Its Series and SOP Instance UIDs are derived from
 the served version, so writing the same result twice gives the same object (a PACS keeps one) and
 a new model version gives a new one. Concepts the standard's code tables lack use the local coding
 scheme `99TUMORFLOW`.
+
+`overlay_capture` builds the optional companion: a Secondary Capture of the Grad-CAM overlay with
+"NOT FOR DIAGNOSIS" burned into the pixels, referencing the same source instance, in a series of
+its own (a series holds one modality), with UIDs derived the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ from datetime import datetime
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ComprehensiveSRStorage,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 
 LOCAL_SCHEME = "99TUMORFLOW"
 DISCLAIMER = (
@@ -40,6 +49,10 @@ _PATIENT_STUDY_TAGS = (
     "ReferringPhysicianName",
 )
 _SERIES_DESCRIPTION = "tumorflow AI result (research)"
+_CAPTURE_SERIES_DESCRIPTION = "tumorflow Grad-CAM overlay (not for diagnosis)"
+BURNED_IN_NOTE = "NOT FOR DIAGNOSIS - research AI overlay"
+# The overlay is enlarged to at least this many pixels across, so that the note is legible.
+_CAPTURE_MIN_SIZE = 256
 _MANUFACTURER = "tumorflow"
 
 
@@ -118,6 +131,15 @@ def result_uids(source: Dataset, prediction: Prediction) -> tuple[str, str]:
     return series, instance
 
 
+def capture_uids(source: Dataset, prediction: Prediction) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the Grad-CAM capture, derived as the report's
+    are: one series per study and served version, one instance per source and served version."""
+    version = [prediction.model_name, prediction.served_version, prediction.serving_digest]
+    series = generate_uid(entropy_srcs=["capture-series", source.StudyInstanceUID, *version])
+    instance = generate_uid(entropy_srcs=["capture", source.SOPInstanceUID, *version])
+    return series, instance
+
+
 def prediction_report(source: Dataset, prediction: Prediction) -> Dataset:
     """The Comprehensive SR of `prediction` about the instance `source` (its header suffices)."""
     if prediction.predicted_class not in prediction.probabilities:
@@ -183,3 +205,75 @@ def report_bytes(report: Dataset) -> bytes:
     buffer = io.BytesIO()
     report.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _burn_in_note(overlay_png: bytes):
+    """The overlay as RGB pixels, enlarged to be legible, with BURNED_IN_NOTE on a black band
+    along its bottom edge."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.open(io.BytesIO(overlay_png)).convert("RGB")
+    scale = max(1, -(-_CAPTURE_MIN_SIZE // min(image.size)))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, image.width // 24))
+    _, top, _, bottom = draw.textbbox((0, 0), BURNED_IN_NOTE, font=font)
+    band = bottom - top + 8
+    draw.rectangle([0, image.height - band, image.width, image.height], fill=(0, 0, 0))
+    draw.text((4, image.height - band + 4 - top), BURNED_IN_NOTE, fill=(255, 255, 255), font=font)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def overlay_capture(source: Dataset, prediction: Prediction, overlay_png: bytes) -> Dataset:
+    """A Secondary Capture of the Grad-CAM overlay (PNG bytes, `overlay_heatmap`) of `source`,
+    with BURNED_IN_NOTE in its pixels, the source referenced, in the source's study."""
+    pixels = _burn_in_note(overlay_png)
+    series_uid, sop_uid = capture_uids(source, prediction)
+    when = prediction.time
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    capture = Dataset()
+    capture.file_meta = meta
+    capture.SpecificCharacterSet = "ISO_IR 192"
+    capture.SOPClassUID = SecondaryCaptureImageStorage
+    capture.SOPInstanceUID = sop_uid
+    for keyword in _PATIENT_STUDY_TAGS:
+        setattr(capture, keyword, source.get(keyword, ""))
+    capture.Modality = "OT"
+    capture.SeriesInstanceUID = series_uid
+    capture.SeriesNumber = 9902
+    capture.SeriesDescription = _CAPTURE_SERIES_DESCRIPTION
+    capture.Laterality = source.get("Laterality", "")
+    capture.Manufacturer = _MANUFACTURER
+    capture.ConversionType = "WSD"
+    capture.InstanceNumber = 1
+    capture.PatientOrientation = ""
+    capture.ContentDate = when.strftime("%Y%m%d")
+    capture.ContentTime = when.strftime("%H%M%S")
+    capture.InstanceCreationDate = capture.ContentDate
+    capture.InstanceCreationTime = capture.ContentTime
+    capture.ImageType = ["DERIVED", "SECONDARY"]
+    capture.DerivationDescription = (
+        f"Grad-CAM of {prediction.predicted_class} by {prediction.model_name} "
+        f"version {prediction.served_version}"
+    )[:1024]
+    capture.BurnedInAnnotation = "YES"
+    capture.ImageComments = DISCLAIMER
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    capture.SourceImageSequence = Sequence([reference])
+    capture.SamplesPerPixel = 3
+    capture.PhotometricInterpretation = "RGB"
+    capture.PlanarConfiguration = 0
+    capture.Rows, capture.Columns = pixels.shape[:2]
+    capture.BitsAllocated = 8
+    capture.BitsStored = 8
+    capture.HighBit = 7
+    capture.PixelRepresentation = 0
+    capture.PixelData = pixels.tobytes()
+    return capture

@@ -107,8 +107,23 @@ class DicomWebQuery:
         return cls(base, study, instance)
 
 
-def authorization_header(config: DicomWebConfig, environ: Mapping[str, str]) -> str | None:
-    """The Authorization header value for `config.auth`, from `credentials_file` or `environ`."""
+class PacsRefusedError(SourceUnavailableError):
+    """The PACS answered with an error that retrying does not fix (HTTP `status`, a 4xx)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class CredentialsRefusedError(PacsRefusedError):
+    """The PACS refused the credentials (HTTP 401 or 403)."""
+
+
+def authorization_header(
+    config: DicomWebConfig, environ: Mapping[str, str], settings: str = "dataset.dicomweb"
+) -> str | None:
+    """The Authorization header value for `config.auth`, from `credentials_file` or `environ`;
+    `settings` names the config section in messages."""
     if config.auth == "none":
         return None
     secret = ""
@@ -118,29 +133,29 @@ def authorization_header(config: DicomWebConfig, environ: Mapping[str, str]) -> 
             secret = path.read_text().strip()
         except OSError as exc:
             raise ConfigError(
-                f"dataset.dicomweb.credentials_file {path} cannot be read ({exc.strerror})"
+                f"{settings}.credentials_file {path} cannot be read ({exc.strerror})"
             ) from None
     if config.auth == "bearer":
         token = secret or environ.get(config.token_env, "").strip()
         if not token:
             raise ConfigError(
-                f"dataset.dicomweb.auth is bearer but no token was given: set {config.token_env} "
-                "or dataset.dicomweb.credentials_file"
+                f"{settings}.auth is bearer but no token was given: set {config.token_env} "
+                f"or {settings}.credentials_file"
             )
         return f"Bearer {token}"
     if secret:
         user, colon, password = secret.partition(":")
         if not colon:
             raise ConfigError(
-                "dataset.dicomweb.credentials_file must hold `user:password` for basic auth"
+                f"{settings}.credentials_file must hold `user:password` for basic auth"
             )
     else:
         user = environ.get(config.username_env, "")
         password = environ.get(config.password_env, "")
     if not user:
         raise ConfigError(
-            f"dataset.dicomweb.auth is basic but no user was given: set {config.username_env} and "
-            f"{config.password_env}, or dataset.dicomweb.credentials_file"
+            f"{settings}.auth is basic but no user was given: set {config.username_env} and "
+            f"{config.password_env}, or {settings}.credentials_file"
         )
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
@@ -149,7 +164,8 @@ class DicomWebClient:
     """QIDO-RS and WADO-RS against one DICOMweb root, with retries on server errors.
 
     Thread-safe: each request is its own connection. The Authorization header is held here only
-    and never appears in a message or a log line.
+    and never appears in a message or a log line. `settings` names the config section that
+    messages point to.
     """
 
     def __init__(
@@ -161,8 +177,10 @@ class DicomWebClient:
         retries: int = 4,
         backoff: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
+        settings: str = "dataset.dicomweb",
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.settings = settings
         self._authorization = authorization
         self.timeout = timeout
         self.retries = retries
@@ -212,14 +230,17 @@ class DicomWebClient:
             except urllib.error.HTTPError as exc:
                 exc.close()
                 if exc.code in (401, 403):
-                    raise SourceUnavailableError(
+                    raise CredentialsRefusedError(
                         f"the PACS at {self.base_url} refused the credentials (HTTP {exc.code}); "
-                        "check dataset.dicomweb.auth and the user/password or token it reads"
+                        f"check {self.settings}.auth and the user/password or token it reads",
+                        exc.code,
                     ) from None
                 if exc.code not in _RETRIED_STATUS:
-                    raise SourceUnavailableError(
+                    raise PacsRefusedError(
                         f"the PACS at {self.base_url} answered HTTP {exc.code} to {method} /{path}; "
-                        "check the URL and the query of dataset.source"
+                        "check the URL and the query of "
+                        f"{'dataset.source' if self.settings == 'dataset.dicomweb' else self.settings}",
+                        exc.code,
                     ) from None
                 problem = f"HTTP {exc.code}"
             except (
@@ -235,7 +256,7 @@ class DicomWebClient:
                 self._sleep(delay)
         raise SourceUnavailableError(
             f"the PACS at {self.base_url} failed {self.retries + 1} times on {method} /{path} (last: "
-            f"{problem}); check that it is running and reachable, or raise dataset.dicomweb.retries"
+            f"{problem}); check that it is running and reachable, or raise {self.settings}.retries"
         )
 
     def search(self, path: str, filters: Mapping[str, str], page_size: int) -> Iterator[dict]:

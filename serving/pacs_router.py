@@ -1,0 +1,740 @@
+"""`tumorflow route`: results back to the PACS. New images in, one DICOM SR each out.
+
+A pass of `PacsRouter`:
+1. retries the dead letters (results the PACS would not take earlier, kept as files);
+2. finds new instances (`OrthancChanges`: Orthanc's `/changes?since=N` feed; `QidoPolling`:
+   QIDO-RS over the studies of the last days, for any DICOMweb server; or an explicit list of
+   studies) and records them as pending before the cursor moves, so a crash loses nothing;
+3. for each pending instance: WADO-RS fetch, the training decode (`components/data/dicom.py`,
+   the dataset's window), a gRPC Predict (or the `explain` signature when a Grad-CAM capture is
+   wanted) to the model server, the SR of `components/data/dicom_sr.py`, a QIDO-RS look-up of
+   its SOP Instance UID and, only when the PACS lacks it, a STOW-RS store.
+
+Idempotent: a result's UIDs derive from the source instance and the served version, the state
+file remembers what was stored per (instance, model, version), and the PACS is asked before
+storing. A model server that does not answer leaves instances pending (the next pass retries); a
+PACS that fails after the client's retries turns the result into a dead letter (the objects are
+kept on disk and stored by a later pass or `--retry-dead-letters`); an instance that is no image
+or cannot be decoded is skipped with its reason. Wrong credentials stop the router with one
+message. The model server's request log records routed requests as it records any other, so
+the drift monitor sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from tumorflow.components.data.dicom import DicomDecodeError, decode_slices, png_bytes, read_dataset
+from tumorflow.components.data.dicom_sr import (
+    Prediction,
+    overlay_capture,
+    prediction_report,
+    report_bytes,
+)
+from tumorflow.components.data.dicomweb import (
+    CredentialsRefusedError,
+    DicomWebClient,
+    InstanceRef,
+    PacsRefusedError,
+    authorization_header,
+)
+from tumorflow.core.config import DicomConfig, RouteConfig
+from tumorflow.core.errors import ConfigError, SourceUnavailableError
+from tumorflow.serving.client import (
+    ExplainedPrediction,
+    ImagePrediction,
+    ModelTarget,
+    RequestRejectedError,
+    ServerUnavailableError,
+    explain_grpc,
+    predict_each,
+    predict_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+_STUDY_UID, _SERIES_UID, _SOP_UID = "0020000D", "0020000E", "00080018"
+_FAILED_SOP_SEQUENCE, _FAILURE_REASON = "00081198", "00081197"
+_CHANGES_PAGE = 200
+_RESULT_MANUFACTURER = "tumorflow"
+
+
+# --- state ------------------------------------------------------------------------------------
+
+
+def _ref_dict(ref: InstanceRef) -> dict[str, str]:
+    return {"study": ref.study, "series": ref.series, "sop": ref.sop}
+
+
+def _ref(entry: Mapping[str, Any]) -> InstanceRef:
+    return InstanceRef(entry["study"], entry["series"], entry["sop"])
+
+
+@dataclass
+class RouteState:
+    """What the router has done, persisted as JSON after every change (atomic replace).
+
+    `changes_since` is the changes-feed cursor; `done` maps "SOP|model|version" to the stored
+    result's SOP Instance UID; `pending` and `skipped` are keyed by source SOP Instance UID;
+    `dead_letter` by result UID, each with the files of the objects the PACS did not take.
+    """
+
+    path: Path
+    changes_since: int = 0
+    done: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    dead_letter: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> RouteState:
+        path = Path(path)
+        if not path.exists():
+            return cls(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"the route state file {path} cannot be read ({exc}); move it away to start over "
+                "(results already in the PACS are not stored twice)"
+            ) from None
+        return cls(
+            path,
+            int(data.get("changes_since", 0)),
+            dict(data.get("done", {})),
+            dict(data.get("pending", {})),
+            dict(data.get("skipped", {})),
+            dict(data.get("dead_letter", {})),
+        )
+
+    @property
+    def dead_letter_dir(self) -> Path:
+        return self.path.parent / "dead-letter"
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = {
+            "changes_since": self.changes_since,
+            "done": self.done,
+            "pending": self.pending,
+            "skipped": self.skipped,
+            "dead_letter": self.dead_letter,
+        }
+        partial = self.path.with_suffix(f".part{os.getpid()}")
+        partial.write_text(json.dumps(body, indent=1, sort_keys=True))
+        partial.replace(self.path)
+
+    def known(self, sop: str) -> bool:
+        """Seen before in any state (for polling: only instances never seen are new)."""
+        if sop in self.pending or sop in self.skipped:
+            return True
+        if any(entry["sop"] == sop for entry in self.dead_letter.values()):
+            return True
+        return any(key.split("|", 1)[0] == sop for key in self.done)
+
+    def add_pending(self, ref: InstanceRef) -> None:
+        self.pending.setdefault(ref.sop, {**_ref_dict(ref), "attempts": 0, "reason": "new"})
+
+    def backlog(self) -> dict[str, int]:
+        return {
+            "pending": len(self.pending),
+            "dead_letter": len(self.dead_letter),
+            "skipped": len(self.skipped),
+            "done": len(self.done),
+        }
+
+
+def done_key(sop: str, model_name: str, version: int | str) -> str:
+    return f"{sop}|{model_name}|{version}"
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+class RouterMetrics:
+    """The router's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+        def counter(name: str, text: str) -> Counter:
+            return Counter(f"tumorflow_route_{name}", text, registry=self.registry)
+
+        self.routed = counter(
+            "routed", "Results stored in the PACS (one per instance and version)."
+        )
+        self.already_stored = counter(
+            "already_stored", "Results found in the PACS already, so not stored again."
+        )
+        self.skipped = counter("skipped", "Instances skipped: no image, undecodable, refused.")
+        self.failed = counter("failed", "Failed attempts: PACS or model server errors.")
+        self.dead_lettered = counter(
+            "dead_lettered", "Results the PACS did not take after the retries."
+        )
+        self.pending = Gauge(
+            "tumorflow_route_pending",
+            "Instances waiting for a (next) attempt.",
+            registry=self.registry,
+        )
+        self.dead_letter = Gauge(
+            "tumorflow_route_dead_letter",
+            "Results waiting in the dead-letter list.",
+            registry=self.registry,
+        )
+
+    def update_backlog(self, state: RouteState) -> None:
+        self.pending.set(len(state.pending))
+        self.dead_letter.set(len(state.dead_letter))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, host: str) -> Any:
+        """Serve /metrics on host:port in a thread; the HTTP server (call shutdown to stop)."""
+        from prometheus_client import start_http_server
+
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot bind the metrics port {host}:{port}: {exc}") from None
+        return server
+
+
+# --- finding new instances --------------------------------------------------------------------
+
+
+def _value(item: Mapping, tag: str) -> str:
+    values = (item.get(tag) or {}).get("Value") or [""]
+    return str(values[0])
+
+
+def study_instances(
+    pacs: DicomWebClient, study: str, modalities: list[str], page_size: int
+) -> Iterator[InstanceRef]:
+    """The instances of one study of the given modalities (QIDO-RS, paged)."""
+    for modality in modalities:
+        for item in pacs.search(f"studies/{study}/instances", {"Modality": modality}, page_size):
+            yield InstanceRef(study, _value(item, _SERIES_UID), _value(item, _SOP_UID))
+
+
+class QidoPolling:
+    """New instances by QIDO-RS: the studies of the last `lookback_days` (StudyDate range, plus
+    the configured filters), each instance of the routed modalities not seen before."""
+
+    def __init__(self, pacs: DicomWebClient, config: RouteConfig, today: Callable[[], date]):
+        self.pacs = pacs
+        self.config = config
+        self.today = today
+
+    def discover(self, state: RouteState) -> int:
+        end = self.today()
+        start = end - timedelta(days=self.config.lookback_days)
+        filters = {**self.config.query, "StudyDate": f"{start:%Y%m%d}-{end:%Y%m%d}"}
+        found = 0
+        page = self.config.pacs.page_size
+        for study_item in self.pacs.search("studies", filters, page):
+            study = _value(study_item, _STUDY_UID)
+            for ref in study_instances(self.pacs, study, self.config.modalities, page):
+                if not state.known(ref.sop):
+                    state.add_pending(ref)
+                    found += 1
+        return found
+
+
+class OrthancChanges:
+    """New instances from Orthanc's changes feed (`GET /changes?since=N&limit=M`): each
+    NewInstance change of a routed modality, not one of the router's own results."""
+
+    def __init__(self, orthanc: DicomWebClient, config: RouteConfig):
+        self.orthanc = orthanc
+        self.config = config
+
+    def discover(self, state: RouteState) -> int:
+        found = 0
+        while True:
+            body = self.orthanc.get(
+                "changes", {"since": str(state.changes_since), "limit": str(_CHANGES_PAGE)}
+            )
+            page = json.loads(body)
+            for change in page.get("Changes", []):
+                if change.get("ChangeType") != "NewInstance":
+                    continue
+                try:
+                    tags = json.loads(self.orthanc.get(f"instances/{change['ID']}/simplified-tags"))
+                except PacsRefusedError as exc:
+                    if exc.status != 404 or isinstance(exc, CredentialsRefusedError):
+                        raise
+                    continue  # deleted since
+                if tags.get("Modality") not in self.config.modalities:
+                    continue
+                if tags.get("Manufacturer") == _RESULT_MANUFACTURER:
+                    continue
+                ref = InstanceRef(
+                    tags["StudyInstanceUID"], tags["SeriesInstanceUID"], tags["SOPInstanceUID"]
+                )
+                state.add_pending(ref)
+                found += 1
+            # pending is saved before the cursor is, so a crash in between repeats, never loses
+            state.save()
+            state.changes_since = int(page.get("Last", state.changes_since))
+            state.save()
+            if page.get("Done", True):
+                return found
+
+
+class StudyList:
+    """An explicit list of studies (one-shot mode): every instance of a routed modality, seen
+    before or not (a new model version adds its results; a done one is not stored again)."""
+
+    def __init__(self, pacs: DicomWebClient, config: RouteConfig, studies: list[str]):
+        self.pacs = pacs
+        self.config = config
+        self.studies = studies
+
+    def discover(self, state: RouteState) -> int:
+        found = 0
+        for study in self.studies:
+            for ref in study_instances(
+                self.pacs, study, self.config.modalities, self.config.pacs.page_size
+            ):
+                state.add_pending(ref)
+                found += 1
+        return found
+
+
+# --- the router -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The model version that answers now: what each result is tagged with and keyed by."""
+
+    name: str
+    version: int
+    digest: str
+
+
+def served_model_version(server: str, target: ModelTarget, timeout: float) -> int:
+    """The version the server answers `target` with (GetModelMetadata), without predicting."""
+    import grpc
+    from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = target.name
+    if target.version is not None:
+        request.model_spec.version.value = target.version
+    elif target.label:
+        request.model_spec.version_label = target.label
+    request.metadata_field.append("signature_def")
+    with grpc.insecure_channel(server) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            response = stub.GetModelMetadata(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise ServerUnavailableError(
+                f"the model server at {server} did not say which version of {target.name} it "
+                f"serves ({exc.code().name}: {exc.details() or ''})"
+            ) from None
+    return int(response.model_spec.version.value)
+
+
+def serving_digest(model_base_path: str, model_name: str, version: int) -> str:
+    """The served version's digest: its release record's, else its SavedModel's when the folder
+    is local; "unknown" when neither can be read (the result then says so)."""
+    from tumorflow.core import serving_layout, storage
+
+    if not model_base_path:
+        return "unknown"
+    folder = serving_layout.version_uri(model_base_path, model_name, version)
+    record = serving_layout.asset_uri(folder, serving_layout.RELEASE_RECORD)
+    try:
+        data, _ = storage.read_versioned(record)
+        if data:
+            digest = json.loads(data).get("serving_digest")
+            if digest:
+                return str(digest)
+    except (OSError, ValueError, SourceUnavailableError):
+        pass
+    if not storage.is_remote(folder) and Path(folder).is_dir():
+        from tumorflow.components.training.export import saved_model_digest
+
+        return "sha256:" + saved_model_digest(Path(folder))
+    return "unknown"
+
+
+@dataclass
+class PassResult:
+    """What one pass did (instances), and the backlog it left."""
+
+    discovered: int = 0
+    routed: int = 0
+    already_stored: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    dead_letters_stored: int = 0
+    pending: int = 0
+    dead_letter: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        text = (
+            f"{self.discovered} new, {self.routed} routed, {self.already_stored} already in the "
+            f"PACS, {self.skipped} skipped, {self.dead_lettered} dead-lettered, "
+            f"{self.dead_letters_stored} dead letters stored; backlog: {self.pending} pending, "
+            f"{self.dead_letter} dead letters"
+        )
+        return text + "".join(f"\n  {problem}" for problem in self.problems)
+
+
+@dataclass
+class _Fetched:
+    ref: InstanceRef
+    header: Any
+    image: bytes
+
+
+class PacsRouter:
+    """Routes the PACS's new images through the model server and stores results back."""
+
+    def __init__(
+        self,
+        config: RouteConfig,
+        dicom: DicomConfig,
+        model_name: str,
+        state: RouteState,
+        pacs: DicomWebClient,
+        *,
+        watcher: Any = None,
+        metrics: RouterMetrics | None = None,
+        model_base_path: str = "",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.config = config
+        self.dicom = dicom
+        self.target = ModelTarget(model_name, None, config.version_label or None)
+        self.state = state
+        self.pacs = pacs
+        self.watcher = watcher
+        self.metrics = metrics or RouterMetrics()
+        self.model_base_path = model_base_path
+        self.clock = clock
+        self._digests: dict[int, str] = {}
+
+    # -- the pass --
+
+    def run_pass(self) -> PassResult:
+        result = PassResult()
+        self.retry_dead_letters(result)
+        if self.watcher is not None:
+            try:
+                result.discovered = self.watcher.discover(self.state)
+            except CredentialsRefusedError:
+                raise
+            except SourceUnavailableError as exc:
+                self.metrics.failed.inc()
+                result.problems.append(f"finding new instances failed: {exc}")
+            self.state.save()
+        self.route_pending(result)
+        return self._finish(result)
+
+    def _finish(self, result: PassResult) -> PassResult:
+        self.state.save()
+        self.metrics.update_backlog(self.state)
+        result.pending = len(self.state.pending)
+        result.dead_letter = len(self.state.dead_letter)
+        return result
+
+    def served_model(self) -> ServedModel:
+        version = served_model_version(
+            self.config.model_server, self.target, self.config.timeout_seconds
+        )
+        if version not in self._digests:
+            self._digests[version] = serving_digest(self.model_base_path, self.target.name, version)
+        return ServedModel(self.target.name, version, self._digests[version])
+
+    def route_pending(self, result: PassResult) -> None:
+        if not self.state.pending:
+            return
+        try:
+            model = self.served_model()
+        except ServerUnavailableError as exc:
+            self._leave_pending(list(self.state.pending), str(exc), result)
+            return
+        waiting = list(self.state.pending.values())
+        for start in range(0, len(waiting), self.config.batch_size):
+            batch = [_ref(entry) for entry in waiting[start : start + self.config.batch_size]]
+            if not self._route_batch(batch, model, result):
+                rest = [entry["sop"] for entry in waiting[start + self.config.batch_size :]]
+                self._leave_pending(rest, "not tried: the model server is unavailable", result)
+                return
+
+    def _leave_pending(self, sops: list[str], reason: str, result: PassResult) -> None:
+        for sop in sops:
+            entry = self.state.pending.get(sop)
+            if entry is not None:
+                entry["attempts"] = int(entry.get("attempts", 0)) + 1
+                entry["reason"] = reason
+        if sops:
+            self.metrics.failed.inc()
+            result.problems.append(f"{len(sops)} instance(s) stay pending: {reason}")
+        self.state.save()
+
+    def _skip(self, sop: str, reason: str, result: PassResult) -> None:
+        logger.warning("skipping instance %s: %s", sop, reason)
+        self.state.pending.pop(sop, None)
+        self.state.skipped[sop] = reason
+        self.metrics.skipped.inc()
+        result.skipped += 1
+        self.state.save()
+
+    def _route_batch(
+        self, batch: list[InstanceRef], model: ServedModel, result: PassResult
+    ) -> bool:
+        """Fetch, predict and store one batch; False when the model server is unavailable."""
+        fetched: list[_Fetched] = []
+        for ref in batch:
+            if done_key(ref.sop, model.name, model.version) in self.state.done:
+                self.state.pending.pop(ref.sop, None)
+                continue
+            try:
+                data = self.pacs.retrieve_instance(ref.study, ref.series, ref.sop)
+            except CredentialsRefusedError:
+                raise
+            except SourceUnavailableError as exc:
+                self._leave_pending([ref.sop], f"fetch failed: {exc}", result)
+                continue
+            try:
+                header = read_dataset(data)
+                slices = decode_slices(header, self.dicom)
+            except (DicomDecodeError, ValueError) as exc:
+                self._skip(ref.sop, f"not a decodable image: {exc}", result)
+                continue
+            if not slices:
+                self._skip(ref.sop, "no image frames", result)
+                continue
+            # a multi-frame instance is classified on its middle frame
+            fetched.append(_Fetched(ref, header, png_bytes(slices[len(slices) // 2])))
+        if not fetched:
+            return True
+        predict = explain_grpc if self.config.secondary_capture else predict_grpc
+        try:
+            answers = predict_each(
+                predict,
+                self.config.model_server,
+                [item.image for item in fetched],
+                self.target,
+                timeout=self.config.timeout_seconds,
+            )
+        except ServerUnavailableError as exc:
+            self._leave_pending([item.ref.sop for item in fetched], str(exc), result)
+            return False
+        for item, answer in zip(fetched, answers, strict=True):
+            if isinstance(answer, RequestRejectedError):
+                self._skip(item.ref.sop, f"the model server refused the image: {answer}", result)
+                continue
+            self._store_result(item, answer, model, result)
+        return True
+
+    def _store_result(
+        self,
+        item: _Fetched,
+        answer: ImagePrediction | ExplainedPrediction,
+        model: ServedModel,
+        result: PassResult,
+    ) -> None:
+        prediction_answer = answer.prediction if isinstance(answer, ExplainedPrediction) else answer
+        version = prediction_answer.model_version or model.version
+        prediction = Prediction(
+            predicted_class=prediction_answer.predicted_class,
+            probabilities=prediction_answer.probabilities,
+            model_name=model.name,
+            served_version=str(version),
+            serving_digest=self._digests.get(version, model.digest),
+            time=self.clock(),
+        )
+        objects = [prediction_report(item.header, prediction)]
+        if isinstance(answer, ExplainedPrediction):
+            from tumorflow.components.evaluation.overlays import overlay_heatmap
+
+            overlay = overlay_heatmap(item.image, answer.heatmap)
+            objects.append(overlay_capture(item.header, prediction, overlay))
+        key = done_key(item.ref.sop, model.name, version)
+        report_uid = objects[0].SOPInstanceUID
+        self.state.pending.pop(item.ref.sop, None)
+        try:
+            if self._in_pacs(item.ref.study, [o.SOPInstanceUID for o in objects]):
+                self.state.done[key] = report_uid
+                self.metrics.already_stored.inc()
+                result.already_stored += 1
+            else:
+                self._stow([report_bytes(o) for o in objects])
+                self.state.done[key] = report_uid
+                self.metrics.routed.inc()
+                result.routed += 1
+        except CredentialsRefusedError:
+            self.state.add_pending(item.ref)
+            raise
+        except SourceUnavailableError as exc:
+            self._dead_letter(item.ref, key, objects, str(exc), result)
+        self.state.save()
+
+    def _in_pacs(self, study: str, sop_uids: list[str]) -> bool:
+        """Whether every one of these objects is in the study already (QIDO-RS by UID, one
+        query each: not every server matches a list of UIDs)."""
+        for uid in sop_uids:
+            found = self.pacs.get(
+                f"studies/{study}/instances", {"SOPInstanceUID": uid}, "application/dicom+json"
+            )
+            items = json.loads(found) if found.strip() else []
+            if uid not in {_value(item, _SOP_UID) for item in items}:
+                return False
+        return True
+
+    def _stow(self, objects: list[bytes]) -> None:
+        answer = self.pacs.store(objects)
+        failed = (answer.get(_FAILED_SOP_SEQUENCE) or {}).get("Value") or []
+        if failed:
+            reasons = sorted({str(_value(item, _FAILURE_REASON)) for item in failed})
+            raise PacsRefusedError(
+                f"the PACS refused {len(failed)} of {len(objects)} object(s) (STOW-RS failure "
+                f"reason {', '.join(reasons)}); see docs/pacs.md",
+                409,
+            )
+
+    def _dead_letter(
+        self, ref: InstanceRef, key: str, objects: list, reason: str, result: PassResult
+    ) -> None:
+        folder = self.state.dead_letter_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        for obj in objects:
+            path = folder / f"{obj.SOPInstanceUID}.dcm"
+            path.write_bytes(report_bytes(obj))
+            files.append(path.name)
+        uid = objects[0].SOPInstanceUID
+        entry = self.state.dead_letter.get(uid, {**_ref_dict(ref), "key": key, "attempts": 0})
+        entry.update(files=files, reason=reason, attempts=int(entry.get("attempts", 0)) + 1)
+        self.state.dead_letter[uid] = entry
+        logger.warning("result %s for instance %s is a dead letter: %s", uid, ref.sop, reason)
+        self.metrics.failed.inc()
+        self.metrics.dead_lettered.inc()
+        result.dead_lettered += 1
+        result.problems.append(f"dead letter {uid}: {reason}")
+        self.state.save()
+
+    def retry_dead_letters(self, result: PassResult | None = None) -> PassResult:
+        """Store the dead letters again (their files, as first built); the ones stored now, or
+        found in the PACS, are done."""
+        result = result or PassResult()
+        folder = self.state.dead_letter_dir
+        for uid, entry in list(self.state.dead_letter.items()):
+            files = [folder / name for name in entry.get("files", [])]
+            try:
+                objects = [path.read_bytes() for path in files]
+            except OSError as exc:
+                entry["reason"] = f"its files cannot be read ({exc}); route the source again"
+                continue
+            try:
+                uids = [path.stem for path in files]
+                if not self._in_pacs(entry["study"], uids):
+                    self._stow(objects)
+                    self.metrics.routed.inc()
+            except CredentialsRefusedError:
+                raise
+            except SourceUnavailableError as exc:
+                entry.update(reason=str(exc), attempts=int(entry.get("attempts", 0)) + 1)
+                self.metrics.failed.inc()
+                result.problems.append(f"dead letter {uid} not stored: {exc}")
+                self.state.save()
+                continue
+            self.state.done[entry["key"]] = uid
+            del self.state.dead_letter[uid]
+            for path in files:
+                path.unlink(missing_ok=True)
+            result.dead_letters_stored += 1
+            self.state.save()
+        return self._finish(result)
+
+    def run_forever(self, stop: threading.Event, on_pass: Callable[[PassResult], None]) -> None:
+        """A pass every `poll_seconds` until `stop` is set; a failed pass is reported and the
+        next one tried, except refused credentials, which stop the router."""
+        while not stop.is_set():
+            started = time.monotonic()
+            on_pass(self.run_pass())
+            stop.wait(max(0.0, self.config.poll_seconds - (time.monotonic() - started)))
+
+
+# --- assembly ---------------------------------------------------------------------------------
+
+
+def orthanc_root(config: RouteConfig) -> str:
+    """Orthanc's REST root: route.orthanc_url, else the DICOMweb root without its last segment."""
+    if config.orthanc_url:
+        return config.orthanc_url.rstrip("/")
+    return config.dicomweb_url.rstrip("/").rsplit("/", 1)[0]
+
+
+def pacs_clients(
+    config: RouteConfig, environ: Mapping[str, str]
+) -> tuple[DicomWebClient, DicomWebClient]:
+    """(DICOMweb client, Orthanc REST client) with the route's login and limits."""
+    if not config.dicomweb_url:
+        raise ConfigError(
+            "route.dicomweb_url is not set: give the PACS's DICOMweb root "
+            "(--set route.dicomweb_url=http://pacs:8042/dicom-web)"
+        )
+    authorization = authorization_header(config.pacs, environ, settings="route.pacs")
+
+    def client(url: str) -> DicomWebClient:
+        return DicomWebClient(
+            url,
+            authorization,
+            timeout=config.pacs.timeout_seconds,
+            retries=config.pacs.retries,
+            backoff=config.pacs.backoff_seconds,
+            settings="route.pacs",
+        )
+
+    return client(config.dicomweb_url), client(orthanc_root(config))
+
+
+def build_router(
+    config: RouteConfig,
+    dicom: DicomConfig,
+    model_name: str,
+    state_file: str | Path,
+    *,
+    studies: list[str] | None = None,
+    model_base_path: str = "",
+    environ: Mapping[str, str] | None = None,
+    metrics: RouterMetrics | None = None,
+) -> PacsRouter:
+    """A router for `config`: an explicit list of studies, else the configured watcher."""
+    pacs, orthanc = pacs_clients(config, os.environ if environ is None else environ)
+    if studies:
+        watcher: Any = StudyList(pacs, config, studies)
+    elif config.watch == "orthanc-changes":
+        watcher = OrthancChanges(orthanc, config)
+    else:
+        watcher = QidoPolling(pacs, config, lambda: datetime.now(UTC).date())
+    return PacsRouter(
+        config,
+        dicom,
+        model_name,
+        RouteState.load(Path(state_file)),
+        pacs,
+        watcher=watcher,
+        metrics=metrics,
+        model_base_path=model_base_path,
+    )
