@@ -9,12 +9,14 @@ from tumorflow.core.errors import ConfigError
 
 
 def _scheduler(args: argparse.Namespace, experiment: str):
-    from tumorflow.pipelines.schedule import KubeflowScheduler, VertexScheduler
-
     if args.target == "kubeflow":
+        from tumorflow.pipelines.schedule_kubeflow import KubeflowScheduler
+
         if not args.host:
             raise ConfigError("--target kubeflow needs --host, the KFP API endpoint (http://...)")
         return KubeflowScheduler(args.host, experiment)
+    from tumorflow.pipelines.schedule_vertex import VertexScheduler
+
     if not (args.project and args.region):
         raise ConfigError("--target vertex needs --project and --region (e.g. europe-west4)")
     return VertexScheduler(args.project, args.region, endpoint=args.endpoint)

@@ -553,8 +553,7 @@ def submit(
     """Submit one run of the compiled pipeline to a Kubeflow Pipelines endpoint; return its id."""
     import tempfile
 
-    import kfp
-
+    from tumorflow.pipelines.kubeflow_client import kubeflow_api
     from tumorflow.pipelines.pipeline import pipeline_parameters
 
     # A Kubeflow Pipelines endpoint runs a multi-worker training as a TFJob.
@@ -570,16 +569,11 @@ def submit(
         package = compile_pipeline(
             Path(tmp) / "pipeline.yaml", config=config, pipeline=pipeline, no_registry=no_registry
         )
-        try:
-            client = kfp.Client(host=host)
+        with kubeflow_api(host, PipelineRunError) as client:
             run = client.create_run_from_pipeline_package(
                 str(package),
                 arguments=arguments,
                 run_name=f"{pipeline}-{datetime.now(UTC):%Y%m%d-%H%M%S}",
                 experiment_name=config.tracking.experiment,
             )
-        except Exception as exc:
-            raise PipelineRunError(
-                f"could not submit to Kubeflow Pipelines at {host}: {str(exc).splitlines()[0]}"
-            ) from None
     return run.run_id

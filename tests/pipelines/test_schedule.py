@@ -24,14 +24,9 @@ from google.auth.credentials import AnonymousCredentials
 from tumorflow.cli.main import main
 from tumorflow.core.config import load_config
 from tumorflow.core.errors import ConfigError
-from tumorflow.pipelines.schedule import (
-    KubeflowScheduler,
-    ScheduleError,
-    VertexScheduler,
-    build_template,
-    kubeflow_cron,
-    vertex_cron,
-)
+from tumorflow.pipelines.schedule import ScheduleError, build_template, kubeflow_cron, vertex_cron
+from tumorflow.pipelines.schedule_kubeflow import KubeflowScheduler
+from tumorflow.pipelines.schedule_vertex import VertexScheduler
 
 TRACKING = "http://mlflow.example:5000"
 SETTINGS = [f"tracking.tracking_uri={TRACKING}", "deploy.model_base_path=gs://models/serving"]
