@@ -1,4 +1,9 @@
-"""`tumorflow approve|reject|status|rollback`: decisions on candidates and the served model's state."""
+"""`tumorflow approve|reject|status|rollback|promote`: signed decisions and the served model's state.
+
+Every decision is signed with the user's SSH key (`--key`, else `release.signing_key`, else the
+key a local run made under its run root) and counts under the name the trust root gives that key;
+`--as NAME` only checks that name (docs/signing.md).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 from pathlib import Path
 
 from tumorflow.cli.pipeline import add_config_arguments, config_from_args
+from tumorflow.core.config import PipelineConfig
 from tumorflow.core.errors import ConfigError
 
 _SQLITE = "sqlite:///"
@@ -39,23 +45,55 @@ def _existing_store(tracking_uri: str) -> str:
     return tracking_uri
 
 
+def _trust(config: PipelineConfig):
+    from tumorflow.components.release.trust_root import TrustRoot
+
+    return TrustRoot.load(config.resolved_trust_root())
+
+
+def _signing(args: argparse.Namespace):
+    """(trust root, the user's signer, audit log) for a command that signs a decision."""
+    if getattr(args, "by", None):
+        raise ConfigError(
+            "--by is gone: a decision is made by the trust root's name of the key that signs it; "
+            "pass --key PATH (and --as NAME to check the name)"
+        )
+    config = config_from_args(args)
+    trust = _trust(config)
+    if args.key:
+        key = Path(args.key).expanduser()
+    else:
+        configured = Path(config.release.signing_key).expanduser()
+        local = Path(config.resolved_trust_root()).parent / "keys" / getpass.getuser()
+        key = configured if configured.exists() or not local.exists() else local
+    return trust, trust.signer_for(key, args.as_name), config.resolved_audit_log()
+
+
 def _decide(args: argparse.Namespace, status: str) -> int:
-    from tumorflow.components.release.approval import record_decision
+    from tumorflow.components.release.approval import ApprovalError, record_decision
+    from tumorflow.components.release.trust_root import DecisionRefused
 
     tracking_uri = _existing_store(_store(args)[0])
     text = "; ".join(t for t in (args.reason, getattr(args, "comment", None)) if t)
+    try:
+        trust, signer, audit_log = _signing(args)
+    except DecisionRefused as exc:
+        raise ApprovalError(str(exc)) from None
     decision = record_decision(
         tracking_uri,
         args.run,
         status,
         comment=text or None,
+        signer=signer,
+        trust=trust,
         override=getattr(args, "override", False),
         model_name=args.model_name,
+        audit_log=audit_log,
     )
     override = " (override of a failed gate)" if decision.override else ""
     print(
         f"{decision.model_name} version {decision.model_version} of run {args.run}: "
-        f"{decision.status}{override} by {decision.by} at {decision.at}"
+        f"{decision.status}{override} by {decision.by} at {decision.at} (signed)"
     )
     return 0
 
@@ -75,7 +113,11 @@ def _status(args: argparse.Namespace) -> int:
 
     tracking_uri, model_name, base, _ = _store(args)
     has_runs = _store_exists(tracking_uri)
-    status = model_status(tracking_uri if has_runs else None, model_name, base, last=args.last)
+    config = config_from_args(args)
+    trust = _trust(config) if Path(config.resolved_trust_root()).exists() else None
+    status = model_status(
+        tracking_uri if has_runs else None, model_name, base, last=args.last, trust=trust
+    )
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -85,6 +127,8 @@ def _status(args: argparse.Namespace) -> int:
     print(f"served from    {base}")
     print(f"on disk        {serving['on_disk'] or 'no versions'}")
     print(f"loaded         {serving['loaded'] or 'none'}   labels: {labels}")
+    for version, why in sorted(serving.get("unsigned", {}).items()):
+        print(f"               version {version}: not loaded: unsigned ({why})")
     aliases = ", ".join(f"{k}={v}" for k, v in sorted(status["aliases"].items())) or "none"
     if not has_runs:
         print(f"registry       {tracking_uri}   no runs yet")
@@ -116,26 +160,53 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _move_stable(args: argparse.Namespace) -> int:
-    from tumorflow.components.release.deploy import promote_canary, rollback
+    from tumorflow.components.release.deploy import DeployRefused, promote_canary, rollback
+    from tumorflow.components.release.trust_root import DecisionRefused
 
     tracking_uri, model_name, base, keep_versions = _store(args)
     tracking_uri = _existing_store(tracking_uri)
-    by = args.by or getpass.getuser()
+    try:
+        trust, signer, audit_log = _signing(args)
+    except DecisionRefused as exc:
+        raise DeployRefused(str(exc)) from None
+    signing = {
+        "keep_versions": keep_versions,
+        "trust": trust,
+        "signer": signer,
+        "reason": args.reason or "",
+        "audit_log": audit_log,
+    }
     if args.command == "promote":
-        result = promote_canary(tracking_uri, model_name, base, keep_versions=keep_versions, by=by)
+        result = promote_canary(tracking_uri, model_name, base, **signing)
     else:
-        result = rollback(
-            tracking_uri, model_name, base, args.to, keep_versions=keep_versions, by=by
-        )
+        result = rollback(tracking_uri, model_name, base, args.to, **signing)
     champion = (
         f", registry champion -> version {result.champion_version}"
         if result.champion_version
         else ""
     )
     print(
-        f"{model_name}: stable -> served version {result.stable} (was {result.replaced}){champion}"
+        f"{model_name}: stable -> served version {result.stable} (was {result.replaced})"
+        f"{champion}, signed by {signer.identity}"
     )
     return 0
+
+
+def _signing_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key",
+        metavar="PATH",
+        help="your SSH signing key (OpenSSH Ed25519; default: release.signing_key, "
+        "~/.ssh/id_ed25519, or the key a local run made under its run root)",
+    )
+    parser.add_argument(
+        "--as",
+        dest="as_name",
+        metavar="NAME",
+        help="refuse unless the trust root names the key NAME (the identity is always the key's)",
+    )
+    # Gone: the identity is the trust root's name of the signing key. Kept to say so.
+    parser.add_argument("--by", help=argparse.SUPPRESS)
 
 
 def _common(parser: argparse.ArgumentParser, *, model_name_help: str) -> None:
@@ -166,12 +237,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--reason", help="why the failed gate is overridden (required with --override)"
     )
     _common(approve, model_name_help="restrict the search to this registered model")
+    _signing_flags(approve)
     approve.set_defaults(handler=_approve)
 
     reject = subparsers.add_parser("reject", help="reject the candidate model of a pipeline run")
     reject.add_argument("run", metavar="RUN", help="pipeline run id (tumorflow.pipeline_run)")
     reject.add_argument("--reason", required=True, help="why the model is rejected")
     _common(reject, model_name_help="restrict the search to this registered model")
+    _signing_flags(reject)
     reject.set_defaults(handler=_reject)
 
     status = subparsers.add_parser("status", help="served versions, labels, aliases, recent runs")
@@ -188,13 +261,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     back.add_argument(
         "--to", type=int, metavar="VERSION", help="served version to restore (default: previous)"
     )
-    back.add_argument("--by", help="who rolls back (default: the current user)")
+    back.add_argument("--reason", help="why, recorded in the signed record")
+    _signing_flags(back)
     _served_model(back)
     back.set_defaults(handler=_move_stable)
 
     promote = subparsers.add_parser(
         "promote", help="make the canary version stable (deploy.rollout=canary)"
     )
-    promote.add_argument("--by", help="who promotes (default: the current user)")
+    promote.add_argument("--reason", help="why, recorded in the signed record")
+    _signing_flags(promote)
     _served_model(promote)
     promote.set_defaults(handler=_move_stable)

@@ -24,6 +24,7 @@ def _ui(args: argparse.Namespace) -> int:
         model_name=config.deploy.model_name,
         keep_versions=config.deploy.keep_versions,
         dicom=config.dataset.dicom,
+        trust_root=config.resolved_trust_root(),
     )
     host = args.host or console.host
     port = console.port if args.port is None else args.port

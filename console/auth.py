@@ -68,6 +68,12 @@ class Authenticator:
             return user
         raise NotSignedIn("sign in with your console token")
 
+    def how(self, at: str) -> str:
+        """How the console authenticated its user, as a signed decision states it."""
+        if self.config.auth == "proxy":
+            return f"console: proxy header {self.config.proxy_header} at {at}"
+        return f"console: token sign-in (HMAC session cookie) at {at}"
+
     def csrf_token(self, user: str) -> str:
         return self._sign("csrf:" + user)
 

@@ -5,7 +5,8 @@ promote, the drift monitor and `tumorflow serve` agree on.
         models.config                    TF Serving ModelServerConfig (text proto)
         <model_name>/<version>/          one SavedModel per integer version
             saved_model.pb, variables/   the exported model (what was gated)
-            assets.extra/                tumorflow.json, the drift reference, warm-up requests
+            assets.extra/                tumorflow.json, the drift reference, warm-up requests,
+                                         release.json (the signed decisions that released it)
 
 `models.config` loads a `specific` set of versions and labels them `stable`, `previous` and
 `canary`. TF Serving answers a request that names neither a version nor a label with the highest
@@ -40,6 +41,10 @@ MODEL_INFO = "tumorflow.json"
 DRIFT_REFERENCE = "drift_reference.parquet"
 DRIFT_PROJECTION = "drift_projection.npz"
 WARMUP_FILE = "tf_serving_warmup_requests"
+# The signed decisions that released a version (deploy writes it; `tumorflow serve` checks it).
+RELEASE_RECORD = "release.json"
+# Beside models.config: the trust root `tumorflow serve` checks release records with by default.
+TRUST_ROOT_FILE = "trust_root.yaml"
 
 STABLE = "stable"
 PREVIOUS = "previous"

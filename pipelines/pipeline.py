@@ -96,6 +96,12 @@ def pipeline_parameters(
     )
     # The approval report links to the run's review page in the console.
     values["console_base_url"] = config.console.base_url
+    # Signed decisions (docs/signing.md): the trust root, the pipeline's key, the chained log.
+    values.update(
+        trust_root=config.resolved_trust_root() if local else config.release.trust_root,
+        pipeline_key=config.resolved_pipeline_key() if local else config.release.pipeline_key,
+        audit_log=config.resolved_audit_log() if local else config.console.audit_log,
+    )
     return values | RUN_PARAMETERS
 
 
@@ -117,7 +123,9 @@ def _signature(*leading: inspect.Parameter) -> inspect.Signature:
             if f"{section}.{field}" not in NOT_PARAMETERS:
                 annotations[field] = _annotation(section, field)
     annotations |= {name: type(value) for name, value in RUN_PARAMETERS.items()}
-    annotations["console_base_url"] = str
+    annotations |= dict.fromkeys(
+        ("console_base_url", "trust_root", "pipeline_key", "audit_log"), str
+    )
     parameters = [
         inspect.Parameter(
             name,
@@ -224,10 +232,12 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
         gate_config=p["gate_config"],
         tracking_uri=p["tracking_uri"],
         model_name=p["model_name"],
-        model_base_path=p["model_base_path"],
         pipeline_run=pipeline_run,
         trigger_reason=p["trigger_reason"],
         console_base_url=p["console_base_url"],
+        trust_root=p["trust_root"],
+        pipeline_key=p["pipeline_key"],
+        audit_log=p["audit_log"],
     ).set_display_name("approval")
     approving.set_caching_options(False)
 
@@ -243,6 +253,8 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
             rollout=p["rollout"],
             tracking_uri=p["tracking_uri"],
             pipeline_run=pipeline_run,
+            trust_root=p["trust_root"],
+            audit_log=p["audit_log"],
         ).set_display_name("deploy to TF Serving").set_caching_options(False)
 
 

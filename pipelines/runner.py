@@ -4,6 +4,7 @@ submitted to a Kubeflow Pipelines endpoint."""
 from __future__ import annotations
 
 import contextlib
+import getpass
 import io
 import logging
 import os
@@ -292,6 +293,7 @@ def run_local(
     """
     from kfp import local
 
+    from tumorflow.components.release.trust_root import ensure_local_trust_root
     from tumorflow.core.config import RuntimeConfig
     from tumorflow.pipelines.pipeline import (
         MONITOR_PIPELINE_NAME,
@@ -316,6 +318,14 @@ def run_local(
     else:
         task_runner = local.SubprocessRunner(use_venv=False)
     pipeline_root.mkdir(parents=True, exist_ok=True)
+    made = ensure_local_trust_root(
+        config.resolved_trust_root(),
+        config.resolved_pipeline_key(),
+        config.resolved_console_key(),
+        getpass.getuser(),
+    )
+    if made:
+        print(made)
     _keep_mlflow_artifacts_in(config, run_root)
     local.init(
         runner=task_runner,

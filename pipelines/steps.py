@@ -314,20 +314,25 @@ def approval(
     gate_config: dict,
     tracking_uri: str,
     model_name: str,
-    model_base_path: str,
     pipeline_run: str,
     trigger_reason: str,
     record: Output[Artifact],
     report: Output[Markdown],
     console_base_url: str = "",
+    trust_root: str = "",
+    pipeline_key: str = "",
+    audit_log: str = "",
 ) -> bool:
     """Register the candidate (tagged with why the run started); wait for a person when the
     model's policy or the run's config says manual (the console's review page, or
     `tumorflow approve|reject RUN`). The report links to that page (`console_base_url`, empty:
-    the config's default)."""
+    the config's default). Only a signed decision that verifies against `trust_root` counts;
+    `pipeline_key` signs automatic approvals."""
     from pathlib import Path
 
     from tumorflow.components.release.approval import APPROVAL_REPORT, run_approval
+    from tumorflow.components.release.signing import load_signer
+    from tumorflow.components.release.trust_root import PIPELINE, TrustRoot
     from tumorflow.core.config import ConsoleConfig, GateConfig
 
     console = ConsoleConfig(base_url=console_base_url) if console_base_url else ConsoleConfig()
@@ -340,9 +345,11 @@ def approval(
         model_name=model_name,
         pipeline_run=pipeline_run,
         output_dir=Path(record.path),
-        model_base_path=model_base_path,
+        trust=TrustRoot.load(trust_root),
+        pipeline_signer=load_signer(pipeline_key, PIPELINE) if pipeline_key else None,
         trigger_reason=trigger_reason,
         review_url=review_url,
+        audit_log=audit_log,
     )
     Path(report.path).write_text((Path(record.path) / APPROVAL_REPORT).read_text())
     record.metadata.update(result.summary())
@@ -361,13 +368,17 @@ def deploy(
     rollout: str,
     tracking_uri: str,
     pipeline_run: str,
+    trust_root: str = "",
+    audit_log: str = "",
 ) -> int:
     """Publish the gated SavedModel as a new version, atomically; move the registry aliases.
+    The approving signed record is verified again against `trust_root` and published with it.
 
     Returns the new version, or 0 when the model is identical to the served one (nothing new)."""
     from pathlib import Path
 
     from tumorflow.components.release.deploy import deploy_model
+    from tumorflow.components.release.trust_root import TrustRoot
     from tumorflow.core.artifacts import DECISION_FILE
 
     result = deploy_model(
@@ -381,5 +392,7 @@ def deploy(
         drift_reference=Path(reference.path),
         approval_dir=Path(record.path),
         rollout=rollout,
+        trust=TrustRoot.load(trust_root),
+        audit_log=audit_log,
     )
     return result.version if result.deployed else 0

@@ -24,8 +24,8 @@ Rules for a new test:
   signature included; read it, copy it before changing it). A model of known behaviour without
   training: `make_model_dir` (tests/components/conftest.py).
 - Wait on the event (`helpers.wait_until`, `approval_waiter`, `approval_announcements`), never a
-  fixed sleep. Every test has a 300 s timeout (pyproject); a long e2e test raises its own with
-  `@pytest.mark.timeout(...)`.
+  fixed sleep. A test that hangs fails: 300 s for unit and service tests (pyproject), 900 s for
+  e2e tests (`E2E_TIMEOUT_S`); a longer one says so with `@pytest.mark.timeout(...)`.
 - Under pytest-xdist (`make test`: 2 workers, `--dist loadgroup`) a session fixture runs once per
   worker; work worth sharing between workers goes through `shared_once` (a file lock in the
   session's temp folder). A module's `service` and `e2e` tests stay on one worker, so a
@@ -61,15 +61,22 @@ SERVICE_FIXTURES = frozenset(
 )
 
 
+# pyproject's timeout (300 s) is for unit and service tests; an e2e test gets this unless marked.
+E2E_TIMEOUT_S = 900
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Put each test that uses a service fixture, and is not `e2e`, in the `service` tier; keep
-    the `service` and `e2e` tests of a module on one xdist worker (`--dist loadgroup`), so that
-    the module's server or run is set up once; unit tests go to whichever worker is free."""
+    """Put each test that uses a service fixture, and is not `e2e`, in the `service` tier; give
+    e2e tests their longer timeout; keep the `service` and `e2e` tests of a module on one xdist
+    worker (`--dist loadgroup`), so that the module's server or run is set up once; unit tests go
+    to whichever worker is free."""
     for item in items:
         e2e = item.get_closest_marker("e2e") is not None
         if not e2e and SERVICE_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.service)
+        if e2e and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
         if (e2e or item.get_closest_marker("service")) and not item.get_closest_marker(
             "xdist_group"
         ):
@@ -199,6 +206,51 @@ def repo_root() -> Path:
 
 
 @pytest.fixture()
+def signing(tmp_path: Path):
+    """Keys and a trust root for signed decisions, at `<tmp_path>/runs/trust_root.yaml` (the
+    default of `--run-root <tmp_path>/runs`): alice approves and operates every model, carol
+    operates, bob is a signer with no role; `console` and `pipeline` are the delegate's and the
+    pipeline's keys. `.keys[name]` is a Signer, `.key_path(name)` its private key file."""
+    from types import SimpleNamespace
+
+    from tumorflow.components.release.signing import generate_key
+    from tumorflow.components.release.trust_root import TrustRoot
+
+    run_root = tmp_path / "runs"
+    names = ("alice", "bob", "carol", "console", "pipeline")
+    keys = {n: generate_key(run_root / "keys" / n, n) for n in names}
+    trust = TrustRoot.from_dict(
+        {
+            "signers": {n: keys[n].public_key for n in ("alice", "bob", "carol")},
+            "delegates": {"console": keys["console"].public_key},
+            "pipeline": keys["pipeline"].public_key,
+            "models": {
+                "*": {"approval": "auto", "approvers": ["alice"], "operators": ["alice", "carol"]}
+            },
+        }
+    )
+    path = run_root / "trust_root.yaml"
+    trust.save(path)
+    return SimpleNamespace(
+        run_root=run_root,
+        path=path,
+        trust=TrustRoot.load(path),
+        keys=keys,
+        key_path=lambda name: run_root / "keys" / name,
+    )
+
+
+def _candidate_digests(run: str) -> dict[str, str]:
+    """The digests a test candidate is registered with (what a decision about it must name)."""
+    import hashlib
+
+    return {
+        "candidate.serving_digest": hashlib.sha256(f"{run}/saved_model".encode()).hexdigest(),
+        "candidate.decision_digest": hashlib.sha256(f"{run}/decision".encode()).hexdigest(),
+    }
+
+
+@pytest.fixture()
 def approval_candidate(tmp_path: Path, mlflow_server: str):
     """Register a candidate model version for a fresh pipeline run; returns (model, run)."""
     import json
@@ -214,7 +266,9 @@ def approval_candidate(tmp_path: Path, mlflow_server: str):
             json.dumps({"classes": ["a", "b"], "image_size": [32, 32]})
         )
         name, run = f"m-{uuid.uuid4().hex[:6]}", f"run-{uuid.uuid4().hex[:6]}"
-        register_candidate(mlflow_server, name, folder, {"passed": passed}, run)
+        register_candidate(
+            mlflow_server, name, folder, {"passed": passed}, run, digests=_candidate_digests(run)
+        )
         return name, run
 
     return register
@@ -247,19 +301,25 @@ def approval_announcements() -> Iterator[set[str]]:
 
 @pytest.fixture()
 def approval_waiter(
-    mlflow_server: str, approval_announcements: set[str]
+    mlflow_server: str, approval_announcements: set[str], signing
 ) -> Callable[..., tuple[threading.Thread, list]]:
-    """Start `wait_for_approval` in a thread, as the pipeline's approval step waits; return once
-    it waits (it logs that it does) or has already returned."""
+    """Start `wait_for_approval` in a thread, as the pipeline's approval step waits (manual, the
+    `signing` trust root); return once it waits (it logs that it does) or has already returned."""
     from tumorflow.components.release import approval
 
     waiting = approval_announcements
 
     def start(name: str, run: str, timeout_s: float) -> tuple[threading.Thread, list]:
+        digests = _candidate_digests(run)
+        candidate = approval.Candidate(
+            name, digests["candidate.serving_digest"], digests["candidate.decision_digest"]
+        )
         result: list = []
         thread = threading.Thread(
             target=lambda: result.append(
-                approval.wait_for_approval(mlflow_server, name, run, timeout_s, 0.2)
+                approval.wait_for_approval(
+                    mlflow_server, candidate, run, timeout_s, 0.2, trust=signing.trust
+                )
             )
         )
         thread.start()

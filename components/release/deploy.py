@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import getpass
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tumorflow.components.release.signing import SignatureInvalid, SignedRecord, Signer
+from tumorflow.components.release.trust_root import (
+    DecisionRefused,
+    TrustRoot,
+    VerifiedDecision,
+    sign_decision,
+)
 from tumorflow.core import serving_layout, storage
 from tumorflow.core.artifacts import APPROVAL_FILE, MODEL_INFO_FILE
 from tumorflow.core.errors import TumorflowError
@@ -39,6 +46,125 @@ log = logging.getLogger(__name__)
 
 class DeployRefused(TumorflowError):
     """The model may not be deployed: the gate failed or approval was not given."""
+
+
+RELEASE_SCHEMA = "tumorflow.release/v1"
+# The actions whose signed record releases a version.
+RELEASING_ACTIONS = ("approve", "override", "auto_approve")
+
+
+def verify_release(
+    trust: TrustRoot,
+    records: list[dict[str, Any]],
+    *,
+    model_name: str,
+    model_version: str | None,
+    serving_digest: str,
+    decision_digest: str | None,
+) -> list[VerifiedDecision]:
+    """The signed approvals among `records` that hold for this artifact; DeployRefused (with why
+    each one does not) when none does."""
+    verified, refused = [], []
+    for item in records:
+        try:
+            verified.append(
+                trust.verify(
+                    SignedRecord(item["record"], item["signature"]),
+                    action=RELEASING_ACTIONS,
+                    model_name=model_name,
+                    model_version=model_version,
+                    serving_digest=serving_digest,
+                    decision_digest=decision_digest,
+                )
+            )
+        except (KeyError, TypeError, SignatureInvalid, DecisionRefused) as exc:
+            refused.append(str(exc))
+    if not verified:
+        raise DeployRefused(
+            f"no signed approval of {model_name} (SavedModel {serving_digest[:12]}…) verifies "
+            f"against the trust root {trust.source}"
+            + (f": {'; '.join(refused)}" if refused else "")
+            + "; nothing deployed"
+        )
+    return verified
+
+
+def release_status(version_folder: str | Path, model_name: str, trust: TrustRoot) -> str | None:
+    """None when the served version holds a release record that verifies and whose
+    serving_digest is the SavedModel's own digest; else why not, in a few words."""
+    from tumorflow.components.training.export import saved_model_digest
+
+    folder = Path(version_folder)
+    path = folder / serving_layout.ASSETS_EXTRA / serving_layout.RELEASE_RECORD
+    if not path.is_file():
+        return "unsigned: no release record"
+    try:
+        release = json.loads(path.read_text())
+        digest = saved_model_digest(folder)
+        verify_release(
+            trust,
+            release.get("records") or [],
+            model_name=model_name,
+            model_version=None,
+            serving_digest=digest,
+            decision_digest=None,
+        )
+    except (ValueError, OSError) as exc:
+        return f"unsigned: unreadable release record ({exc})"
+    except DeployRefused as exc:
+        return f"unsigned: {exc}"
+    return None
+
+
+def _write_release_record(
+    assets: Path,
+    verified: list[VerifiedDecision],
+    *,
+    model_name: str,
+    model_version: str | None,
+    serving_digest: str,
+    decision_digest: str,
+) -> None:
+    release = {
+        "schema": RELEASE_SCHEMA,
+        "model_name": model_name,
+        "model_version": model_version,
+        "serving_digest": serving_digest,
+        "decision_digest": decision_digest,
+        "records": [{"record": v.record, "signature": v.signed.signature} for v in verified],
+    }
+    assets.mkdir(parents=True, exist_ok=True)
+    (assets / serving_layout.RELEASE_RECORD).write_text(json.dumps(release, indent=2))
+
+
+# The audit log's word for each decision (the console's audit page lists them).
+AUDIT_WHAT = {
+    "approve": "approval",
+    "reject": "rejection",
+    "override": "override",
+    "auto_approve": "automatic approval",
+    "rollback": "rollback",
+    "promote": "promote",
+    "policy": "policy",
+}
+
+
+def audit_event(
+    audit_log: str,
+    who: str,
+    what: str,
+    why: str = "",
+    *,
+    signer: Signer | None = None,
+    decision: SignedRecord | None = None,
+    **details: Any,
+) -> None:
+    """Append an event (and the signed decision it records) to the chained audit log, if any."""
+    if audit_log:
+        from tumorflow.components.release import audit_log as chained_log
+
+        event = {"who": who, "what": what, "why": why, **details}
+        chained_log.append(audit_log, event, signer, decision=decision)
 
 
 @dataclass(frozen=True)
@@ -170,6 +296,8 @@ def deploy_model(
     drift_reference: Path | None = None,
     approval_dir: Path | None = None,
     rollout: str = STABLE,
+    trust: TrustRoot | None = None,
+    audit_log: str = "",
 ) -> DeployResult:
     """Publish the model's gated serving export as the next served version, move
     `stable`/`champion`, keep `previous`.
@@ -183,7 +311,9 @@ def deploy_model(
     With `rollout="canary"` the new version is loaded under the `canary` label (registry alias
     `canary`) while `stable` and `champion` stay; `promote_canary` makes it stable later. Refuses
     (nothing written) unless the decision passed or the approval record in
-    `approval_dir/approval.json` is an approved override.
+    `approval_dir/approval.json` is an approved override. With a `trust` root, the signed
+    approval in approval.json must verify again for this very artifact (registry version,
+    SavedModel digest, decision digest); it is published as `assets.extra/release.json`.
     """
     if rollout not in (STABLE, CANARY):
         raise DeployRefused(f"rollout must be {STABLE!r} or {CANARY!r}, not {rollout!r}")
@@ -212,6 +342,7 @@ def deploy_model(
         path = serving_layout.version_uri(model_base_path, model_name, same)
         return DeployResult(same, path, None, False, reason, digest)
 
+    decision_digest = hashlib.sha256(Path(decision_path).read_bytes()).hexdigest()
     client = model_version = None
     if tracking_uri:
         client = registry.connect(tracking_uri)
@@ -226,6 +357,16 @@ def deploy_model(
                     registry.TAG_GATE_PASSED: str(bool(decision["passed"])).lower(),
                 },
             )
+    verified: list[VerifiedDecision] = []
+    if trust is not None:
+        verified = verify_release(
+            trust,
+            (approval or {}).get("records") or [],
+            model_name=model_name,
+            model_version=model_version.version if model_version else None,
+            serving_digest=digest,
+            decision_digest=decision_digest,
+        )
     root = storage.join(model_base_path, model_name)
     staging_parent = Path(tempfile.mkdtemp()) if storage.is_remote(root) else Path(model_base_path)
     if not storage.is_remote(root):
@@ -247,6 +388,15 @@ def deploy_model(
         )
         if drift_reference is not None:
             _copy_drift_reference(drift_reference, staging / serving_layout.ASSETS_EXTRA)
+        if verified:
+            _write_release_record(
+                staging / serving_layout.ASSETS_EXTRA,
+                verified,
+                model_name=model_name,
+                model_version=model_version.version if model_version else None,
+                serving_digest=digest,
+                decision_digest=decision_digest,
+            )
         version = _publish(staging, model_base_path, model_name)
 
         def point_labels(config: Any) -> bool:
@@ -289,12 +439,24 @@ def deploy_model(
             client.set_registered_model_alias(model_name, CANARY, model_version.version)
         else:
             registry.move_champion(client, model_name, model_version.version)
+    audit_event(
+        audit_log,
+        "pipeline",
+        "deploy",
+        f"released by {', '.join(v.identity for v in verified) or 'nobody (unsigned)'}",
+        model_name=model_name,
+        model_version=model_version.version if model_version else None,
+        served_version=version,
+        serving_digest=digest,
+        pipeline_run=pipeline_run,
+    )
     log.info(
-        "deployed %s version %d to %s%s",
+        "deployed %s version %d to %s%s%s",
         model_name,
         version,
         path,
         " as canary" if as_canary else "",
+        f" (release signed by {', '.join(v.identity for v in verified)})" if verified else "",
     )
     return DeployResult(
         version, path, model_version.version if model_version else None, serving_digest=digest
@@ -326,13 +488,19 @@ def rollback(
     to_version: int | None = None,
     *,
     keep_versions: int = 2,
-    by: str | None = None,
+    trust: TrustRoot | None = None,
+    signer: Signer | None = None,
+    reason: str = "",
+    identity: str | None = None,
+    authenticated_via: str = "ssh key",
+    audit_log: str = "",
 ) -> RollbackResult:
     """Serve an earlier version again: `stable` label and `champion` alias go back, no retraining.
 
     `to_version` is a served (directory) version; by default the one labelled `previous`, or,
     while a canary is in flight, `stable` itself (the canary is abandoned). Versions above the
-    new `stable` stop being loaded, so requests that name no version move too.
+    new `stable` stop being loaded, so requests that name no version move too. With a `trust`
+    root it moves only with a record signed by `signer` (an operator or approver of the model).
     """
     labels, _ = serving_layout.serving_labels(model_base_path, model_name)
     if to_version is None and CANARY in labels and STABLE in labels:
@@ -344,7 +512,13 @@ def rollback(
             f"(on disk: {served_versions(model_base_path, model_name) or 'none'})"
         )
     return _make_stable(
-        tracking_uri, model_name, model_base_path, target, keep_versions, by, "rollback"
+        tracking_uri,
+        model_name,
+        model_base_path,
+        target,
+        keep_versions,
+        "rollback",
+        _Signing(trust, signer, reason, identity, authenticated_via, audit_log),
     )
 
 
@@ -354,15 +528,63 @@ def promote_canary(
     model_base_path: str,
     *,
     keep_versions: int = 2,
-    by: str | None = None,
+    trust: TrustRoot | None = None,
+    signer: Signer | None = None,
+    reason: str = "",
+    identity: str | None = None,
+    authenticated_via: str = "ssh key",
+    audit_log: str = "",
 ) -> RollbackResult:
-    """Make the `canary` version stable: label and `champion` alias move, the canary label goes."""
+    """Make the `canary` version stable: label and `champion` alias move, the canary label goes;
+    with a `trust` root only on a record signed by an operator or approver of the model."""
     labels, _ = serving_layout.serving_labels(model_base_path, model_name)
     if CANARY not in labels:
         raise DeployRefused(f"{model_name} has no canary version to promote")
     return _make_stable(
-        tracking_uri, model_name, model_base_path, labels[CANARY], keep_versions, by, "promotion"
+        tracking_uri,
+        model_name,
+        model_base_path,
+        labels[CANARY],
+        keep_versions,
+        "promote",
+        _Signing(trust, signer, reason, identity, authenticated_via, audit_log),
     )
+
+
+@dataclass(frozen=True)
+class _Signing:
+    """Who signs a move of `stable`, for whom, and the trust root that must accept it."""
+
+    trust: TrustRoot | None
+    signer: Signer | None
+    reason: str
+    identity: str | None
+    authenticated_via: str
+    audit_log: str
+
+    def sign(self, action: str, model_name: str, current: int | None, target: int) -> SignedRecord:
+        """The signed record of this move, verified; DeployRefused (nothing moves) otherwise."""
+        if self.signer is None:
+            raise DeployRefused(
+                f"a {action} of {model_name} needs a signed record: sign it with your key "
+                "(`tumorflow rollback|promote --key PATH`) or in the console; stable stays at "
+                f"version {current}"
+            )
+        signed = sign_decision(
+            self.signer,
+            action,
+            signer=self.identity or self.signer.identity,
+            authenticated_via=self.authenticated_via,
+            reason=self.reason,
+            model_name=model_name,
+            from_version=current,
+            to_version=target,
+        )
+        try:
+            self.trust.verify(signed, action=action, model_name=model_name)
+        except DecisionRefused as exc:
+            raise DeployRefused(f"{action} refused: {exc}; stable stays at {current}") from None
+        return signed
 
 
 def _make_stable(
@@ -371,8 +593,8 @@ def _make_stable(
     model_base_path: str,
     target: int,
     keep_versions: int,
-    by: str | None,
     action: str,
+    signing: _Signing,
 ) -> RollbackResult:
     """Point `stable` (and the registry's `champion`) at served version `target`; record why.
 
@@ -389,6 +611,10 @@ def _make_stable(
         )
     if target == current and CANARY not in labels:
         raise DeployRefused(f"{model_name} version {target} is already the stable version")
+    signed = None
+    if signing.trust is not None:
+        signed = signing.sign(action, model_name, current, target)
+    by = signed.record["signer"] if signed else None
     champion_version = None
     if tracking_uri:
         client = registry.connect(tracking_uri)
@@ -404,40 +630,84 @@ def _make_stable(
         if CANARY in labels:
             client.delete_registered_model_alias(model_name, CANARY)
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        for key, value in {
-            f"{action}.at": now,
-            f"{action}.by": by or getpass.getuser(),
-            f"{action}.from_serving_version": str(current),
-        }.items():
+        tags = {f"{action}.at": now, f"{action}.from_serving_version": str(current)}
+        if by:
+            tags[f"{action}.by"] = by
+        for key, value in tags.items():
             client.set_model_version_tag(model_name, champion_version, key, value)
+        if signed is not None:
+            registry.store_decision(client, model_name, champion_version, signed)
     serving_layout.edit_serving_config(
         model_base_path,
         lambda config: serving_layout.set_served_versions(
             config, model_base_path, model_name, stable=target, keep_versions=keep_versions
         ),
     )
-    log.info("%s of %s: stable version %s -> %s", action, model_name, current, target)
+    audit_event(
+        signing.audit_log,
+        by or "unsigned",
+        AUDIT_WHAT[action],
+        signing.reason,
+        signer=signing.signer,
+        decision=signed,
+        model_name=model_name,
+        stable=target,
+        replaced=current,
+    )
+    log.info(
+        "%s of %s: stable version %s -> %s%s",
+        action,
+        model_name,
+        current,
+        target,
+        f" (signed by {by})" if by else "",
+    )
     return RollbackResult(target, current, champion_version)
 
 
+def unsigned_versions(
+    model_base_path: str, model_name: str, trust: TrustRoot, versions: list[int]
+) -> dict[int, str]:
+    """Served versions (of a local base path) `tumorflow serve` will not load, and why."""
+    if storage.is_remote(model_base_path):
+        return {}
+    found = {}
+    for version in versions:
+        folder = serving_layout.version_uri(model_base_path, model_name, version)
+        why = release_status(folder, model_name, trust)
+        if why is not None:
+            found[version] = why
+    return found
+
+
 def model_status(
-    tracking_uri: str | None, model_name: str, model_base_path: str, last: int = 10
+    tracking_uri: str | None,
+    model_name: str,
+    model_base_path: str,
+    last: int = 10,
+    trust: TrustRoot | None = None,
 ) -> dict[str, Any]:
-    """What `tumorflow status` shows: served versions and labels, aliases, recent model versions."""
+    """What `tumorflow status` shows: served versions and labels, aliases, recent model versions;
+    with a trust root, the versions that are not loaded because they are unsigned."""
     from tumorflow.components.release import registry
 
     labels, loaded = serving_layout.serving_labels(model_base_path, model_name)
+    on_disk = served_versions(model_base_path, model_name)
     status: dict[str, Any] = {
         "model_name": model_name,
         "model_base_path": model_base_path,
         "serving": {
-            "on_disk": served_versions(model_base_path, model_name),
+            "on_disk": on_disk,
             "loaded": loaded,
             "labels": labels,
         },
         "aliases": {},
         "versions": [],
     }
+    if trust is not None:
+        status["serving"]["unsigned"] = unsigned_versions(
+            model_base_path, model_name, trust, loaded
+        )
     if tracking_uri:
         client = registry.connect(tracking_uri)
         status["aliases"] = registry.aliases(client, model_name)

@@ -44,6 +44,15 @@ TAG_APPROVAL_POLICY = "tumorflow.approval_policy"
 TAG_APPROVERS = "tumorflow.approvers"
 TAG_POLICY_SET_BY = "tumorflow.policy_set_by"
 TAG_POLICY_SET_AT = "tumorflow.policy_set_at"
+# Signed decisions (components/release/signing.py SignedRecord JSON): `decision.<seq>.<action>`.
+TAG_DECISION_PREFIX = "decision."
+# What a candidate was registered as (read by whoever signs a decision about it; the waiting run
+# checks decisions against the artifacts it holds, not against these).
+TAG_CANDIDATE_SERVING_DIGEST = "candidate.serving_digest"
+TAG_CANDIDATE_DECISION_DIGEST = "candidate.decision_digest"
+TAG_CANDIDATE_DATASET_VERSION = "candidate.dataset_version"
+# The last decision on a candidate that was refused, and why (for people; nothing trusts it).
+TAG_APPROVAL_REFUSED = "approval.refused"
 MODEL_ARTIFACT = "tumorflow_model"
 # Where the train step logs the model folder in its MLflow run.
 TRAINING_ARTIFACT = "model"
@@ -227,8 +236,10 @@ def register_candidate(
     pipeline_run: str,
     experiment: str = DEFAULT_EXPERIMENT,
     trigger_reason: str = "",
+    digests: dict[str, str] | None = None,
 ) -> ModelVersion:
-    """Register (once per pipeline run) the model version that waits for approval and deploy."""
+    """Register (once per pipeline run) the model version that waits for approval and deploy;
+    `digests`: the candidate.* tags saying which artifact a decision is about."""
     client = connect(tracking_uri)
     existing = find_version_by_run(client, pipeline_run, model_name)
     if existing is not None:
@@ -240,7 +251,28 @@ def register_candidate(
     }
     if trigger_reason:
         tags[TAG_TRIGGER_REASON] = trigger_reason[:5000]
+    tags.update({key: value for key, value in (digests or {}).items() if value})
     return register_model_version(client, model_name, model_dir, tags, experiment)
+
+
+def decision_tags(tags: dict[str, str]) -> list[tuple[str, str]]:
+    """The `decision.<seq>.<action>` tags of a model version, in order."""
+
+    def seq(key: str) -> int:
+        part = key.split(".")[1]
+        return int(part) if part.isdigit() else 0
+
+    found = [(k, v) for k, v in tags.items() if k.startswith(TAG_DECISION_PREFIX)]
+    return sorted(found, key=lambda item: seq(item[0]))
+
+
+def store_decision(client: Any, model_name: str, version: str, signed: Any) -> str:
+    """Put a signed record (components/release/signing.py SignedRecord) on a model version as tag
+    `decision.<seq>.<action>`; return the tag."""
+    current = client.get_model_version(model_name, version)
+    tag = f"{TAG_DECISION_PREFIX}{len(decision_tags(current.tags)) + 1}.{signed.record['action']}"
+    client.set_model_version_tag(model_name, version, tag, signed.to_json())
+    return tag
 
 
 def move_champion(client: MlflowClient, model_name: str, version: str) -> str | None:

@@ -26,6 +26,7 @@ from tumorflow.components.release.signing import (
     SignatureInvalid,
     SignedRecord,
     Signer,
+    generate_key,
     load_signer,
     public_key_line,
 )
@@ -425,3 +426,37 @@ def sign_decision(signer: Signer, action: str, /, **fields: Any) -> SignedRecord
     for the identity it authenticated), otherwise the record names the signer itself."""
     fields.setdefault("signer", signer.identity)
     return SignedRecord.sign(decision_record(action, **fields), signer)
+
+
+def ensure_local_trust_root(
+    trust_uri: str, pipeline_key: str, console_key: str, user: str
+) -> str | None:
+    """Make a throwaway trust root and keys for a local run that has none; say so in one line.
+
+    The keys land beside the trust file (`keys/`): the pipeline's, the console's and one for
+    `user`, who becomes the approver and operator of every model (policy auto, so the run's
+    `gate.approval` decides). None when the trust root exists or is not a local file.
+    """
+    if storage.is_remote(trust_uri) or Path(trust_uri).exists():
+        return None
+    keys_dir = Path(trust_uri).parent / "keys"
+    user_key = keys_dir / user
+
+    def key(path: Path, name: str) -> str:
+        if path.exists():
+            return load_signer(path, name).public_key
+        return generate_key(path, name).public_key
+
+    trust = TrustRoot.from_dict(
+        {
+            "signers": {user: [{"key": key(user_key, user)}]},
+            "delegates": {"console": [{"key": key(Path(console_key), "console")}]},
+            "pipeline": [{"key": key(Path(pipeline_key), PIPELINE)}],
+            "models": {"*": {"approval": AUTO, "approvers": [user], "operators": [user]}},
+        }
+    )
+    trust.save(trust_uri)
+    return (
+        f"signing: made a throwaway trust root {trust_uri} with keys in {keys_dir} "
+        f"({user} approves; sign with --key {user_key}); see docs/signing.md for real keys"
+    )

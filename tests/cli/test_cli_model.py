@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import getpass
 import json
 import time
 import uuid
@@ -13,8 +12,13 @@ from tumorflow.cli.main import main
 pytestmark = pytest.mark.service
 
 
+def _as(signing, name: str) -> list[str]:
+    """The flags of a command signed with `name`'s key under the test's trust root."""
+    return ["--run-root", str(signing.run_root), "--key", str(signing.key_path(name))]
+
+
 def test_approve_while_a_run_waits(
-    tmp_path, mlflow_server, capsys, approval_candidate, approval_waiter
+    tmp_path, mlflow_server, capsys, approval_candidate, approval_waiter, signing
 ):
     name, run = approval_candidate(passed=True)
     thread, result = approval_waiter(name, run, timeout_s=60)
@@ -26,69 +30,89 @@ def test_approve_while_a_run_waits(
             "checked the tumor cases",
             "--tracking-uri",
             mlflow_server,
+            *_as(signing, "alice"),
         ]
     )
     thread.join(timeout=30)
     assert code == 0
-    assert f"of run {run}: approved by {getpass.getuser()}" in capsys.readouterr().out
+    assert f"of run {run}: approved by alice" in capsys.readouterr().out
     assert result[0].approved and result[0].comment == "checked the tumor cases"
+    assert result[0].records[0]["record"]["signer"] == "alice"
 
 
-def test_reject_while_a_run_waits(tmp_path, mlflow_server, approval_candidate, approval_waiter):
+def test_a_non_approvers_key_or_a_borrowed_name_is_refused(
+    tmp_path, mlflow_server, capsys, approval_candidate, signing
+):
+    _, run = approval_candidate(passed=True)
+    uri = ["--tracking-uri", mlflow_server]
+    assert main(["approve", run, *uri, *_as(signing, "bob")]) == 2
+    assert "bob may not approve" in capsys.readouterr().err
+    assert main(["approve", run, *uri, *_as(signing, "bob"), "--as", "alice"]) == 2
+    assert "belongs to bob in the trust root, not alice" in capsys.readouterr().err
+    assert main(["approve", run, *uri, *_as(signing, "alice"), "--by", "alice"]) == 2
+    assert "--by is gone" in capsys.readouterr().err
+
+
+def test_reject_while_a_run_waits(
+    tmp_path, mlflow_server, approval_candidate, approval_waiter, signing
+):
     name, run = approval_candidate(passed=True)
     thread, result = approval_waiter(name, run, timeout_s=60)
-    assert main(["reject", run, "--reason", "bad on MRI", "--tracking-uri", mlflow_server]) == 0
+    args = ["reject", run, "--reason", "bad on MRI", "--tracking-uri", mlflow_server]
+    assert main([*args, *_as(signing, "alice")]) == 0
     thread.join(timeout=30)
     assert result[0].status == "rejected" and "bad on MRI" in result[0].reason
 
 
 def test_a_run_that_times_out_cannot_be_approved_later(
-    tmp_path, mlflow_server, capsys, approval_candidate, approval_waiter
+    tmp_path, mlflow_server, capsys, approval_candidate, approval_waiter, signing
 ):
     name, run = approval_candidate(passed=True)
     thread, result = approval_waiter(name, run, timeout_s=1)
     thread.join(timeout=30)
     assert result[0].status == "timed_out"
-    assert main(["approve", run, "--tracking-uri", mlflow_server]) == 2
-    assert "already timed_out" in capsys.readouterr().err
+    assert main(["approve", run, "--tracking-uri", mlflow_server, *_as(signing, "alice")]) == 2
+    assert "already timed out" in capsys.readouterr().err
 
 
-def test_override_of_a_failed_gate(tmp_path, mlflow_server, capsys, approval_candidate):
-    name, run = approval_candidate(passed=False)
-    uri = ["--tracking-uri", mlflow_server]
+def test_override_of_a_failed_gate(tmp_path, mlflow_server, capsys, approval_candidate, signing):
+    _, run = approval_candidate(passed=False)
+    uri = ["--tracking-uri", mlflow_server, *_as(signing, "alice")]
     assert main(["approve", run, *uri]) == 2
     assert "--override" in capsys.readouterr().err
     assert main(["approve", run, "--override", *uri]) == 2
     assert "needs a reason" in capsys.readouterr().err
     assert main(["approve", run, "--override", "--reason", "known label noise", *uri]) == 0
     assert "override of a failed gate" in capsys.readouterr().out
-    assert (
-        main(["status", "--model-name", name, "--model-base-path", str(tmp_path / "none"), *uri])
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert (
-        "approved*" in out
-        and getpass.getuser() in out
-        and "known label noise" in out
-        and run in out
-    )
 
 
-def test_unknown_run_and_unreachable_server_are_clear(mlflow_server, capsys):
-    assert main(["approve", "no-such-run", "--tracking-uri", mlflow_server]) == 2
+def test_unknown_run_and_unreachable_server_are_clear(mlflow_server, capsys, signing):
+    assert (
+        main(["approve", "no-such-run", "--tracking-uri", mlflow_server, *_as(signing, "alice")])
+        == 2
+    )
     assert "has no candidate model version" in capsys.readouterr().err
     closed_port = free_port()
     started = time.monotonic()
     assert (
-        main(["reject", "r1", "--reason", "x", "--tracking-uri", f"http://127.0.0.1:{closed_port}"])
+        main(
+            [
+                "reject",
+                "r1",
+                "--reason",
+                "x",
+                "--tracking-uri",
+                f"http://127.0.0.1:{closed_port}",
+                *_as(signing, "alice"),
+            ]
+        )
         == 2
     )
     assert "is not reachable" in capsys.readouterr().err
     assert time.monotonic() - started < 10
 
 
-def test_rollback_and_status(tmp_path, mlflow_server, capsys):
+def test_rollback_and_status(tmp_path, mlflow_server, capsys, signing):
     from mlflow import MlflowClient
 
     from tumorflow.components.release.registry import move_champion, register_model_version
@@ -117,15 +141,24 @@ def test_rollback_and_status(tmp_path, mlflow_server, capsys):
     )
     common = ["--model-name", name, "--model-base-path", str(base), "--tracking-uri", mlflow_server]
 
-    assert main(["rollback", "--by", "oncall", *common]) == 0
+    # Unsigned (no key of one's own anywhere): nothing moves.
+    missing = ["--key", str(tmp_path / "no-key")]
+    assert main(["rollback", *common, "--run-root", str(signing.run_root), *missing]) == 2
+    assert "cannot read the signing key" in capsys.readouterr().err
+    assert main(["rollback", *common, *_as(signing, "bob")]) == 2
+    assert "bob may not rollback" in capsys.readouterr().err
+    assert serving_labels(str(base), name) == ({"stable": 2, "previous": 1}, [1, 2])
+    assert main(["rollback", "--reason", "drift", *common, *_as(signing, "carol")]) == 0
     assert "stable -> served version 1 (was 2)" in capsys.readouterr().out
     assert serving_labels(str(base), name) == ({"stable": 1}, [1])
     assert client.get_registered_model(name).aliases == {"champion": "1", "previous": "2"}
 
-    assert main(["status", "--json", *common]) == 0
+    assert main(["status", "--json", *common, "--run-root", str(signing.run_root)]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["serving"]["labels"] == {"stable": 1}
     assert status["aliases"] == {"champion": "1", "previous": "2"}
-    assert status["versions"][1]["rollback"]["by"] == "oncall"
-    assert main(["rollback", "--to", "7", *common]) == 2
+    assert status["versions"][1]["rollback"]["by"] == "carol"
+    # Hand-made versions carry no release record: `tumorflow serve` would not load them.
+    assert status["serving"]["unsigned"] == {"1": "unsigned: no release record"}
+    assert main(["rollback", "--to", "7", *common, *_as(signing, "carol")]) == 2
     assert "not on disk" in capsys.readouterr().err

@@ -14,9 +14,10 @@ TOKENS = {"alice": "alice-secret-token", "victor": "victor-secret-token"}
 
 
 @pytest.fixture()
-def console_factory(tmp_path: Path, mlflow_server: str):
+def console_factory(tmp_path: Path, mlflow_server: str, signing):
     """`console_factory(model_name, **console_overrides)` → (TestClient factory, settings):
-    alice approves and rolls back `model_name`, victor views every model."""
+    alice approves and rolls back `model_name`, victor views every model; the console signs
+    with the `signing` fixture's delegate key, under its trust root."""
     from fastapi.testclient import TestClient
 
     from tumorflow.console.app import ConsoleSettings, create_app
@@ -27,6 +28,7 @@ def console_factory(tmp_path: Path, mlflow_server: str):
         console = ConsoleConfig.model_validate(
             {
                 "tokens": {user: token_digest(token) for user, token in TOKENS.items()},
+                "signing_key": str(signing.key_path("console")),
                 "roles": {
                     model_name: {"approver": ["alice"], "rollback": ["alice"]},
                     "*": {"viewer": ["victor"]},
@@ -40,6 +42,7 @@ def console_factory(tmp_path: Path, mlflow_server: str):
             tracking_uri=mlflow_server,
             model_base_path=model_base_path or str(tmp_path / "models"),
             model_name=model_name,
+            trust_root=str(signing.path),
         )
         app = create_app(settings)
         return (lambda: TestClient(app, follow_redirects=False)), settings

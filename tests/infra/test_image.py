@@ -5,7 +5,7 @@ mount (how Vertex AI's gcsfuse presents gs:// URIs), as the image's non-root use
 `tumorflow run --runner docker` runs the whole DAG in it through a Docker API (docker's, or
 podman's: infra/podman-docker-api.sh).
 
-The tests that build are marked `image` (and slow); `make test` leaves them out. They are skipped
+The tests that build are marked `image`; `make test` leaves them out. They are skipped
 where no container engine works. `pytest -m image tests/infra/test_image.py` runs them from
 nothing: the base image's stand-in (infra/base-standin.sh) where no registry answers, the build
 (the engine's layer cache reuses the dependency layers while only the code changed), the steps."""

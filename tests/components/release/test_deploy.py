@@ -238,7 +238,7 @@ def test_versions_increase_and_aliases_and_labels_follow(make_model_dir, tmp_pat
     )
     assert version.tags["serving_digest"] == results[2].serving_digest == meta["serving_digest"]
 
-    back = rollback(mlflow_server, name, str(base), by="tester")
+    back = rollback(mlflow_server, name, str(base))
     assert (back.stable, back.replaced) == (2, 3)
     # the version rolled back from stops being loaded: unlabelled requests move to 2 as well
     assert serving_labels(str(base), name) == ({"stable": 2, "previous": 1}, [1, 2])
@@ -395,7 +395,7 @@ def test_a_canary_serves_beside_stable_until_promoted(make_model_dir, tmp_path, 
     assert registry.get_model_version_by_alias(name, "champion").version == first.registered_version
     assert registry.get_model_version_by_alias(name, "canary").version == second.registered_version
 
-    promoted = promote_canary(mlflow_server, name, str(base), by="dr-who")
+    promoted = promote_canary(mlflow_server, name, str(base))
     labels, _ = serving_labels(str(base), name)
     assert labels == {"stable": second.version, "previous": first.version}
     assert promoted.champion_version == second.registered_version
