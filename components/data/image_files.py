@@ -8,6 +8,10 @@ from pathlib import Path
 from tumorflow.components.data import dicom
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+# The largest image decoded, by the size its header declares: a 250 KB PNG can declare 16000 x
+# 16000 and take seconds and gigabytes to decode. The validate step quarantines larger ones; the
+# input pipeline and the serving signature refuse them.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def is_hidden(name: str) -> bool:

@@ -40,8 +40,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from tumorflow.components.data import dicom, download, split, tfrecords
+from tumorflow.components.data.image_files import MAX_IMAGE_PIXELS
 from tumorflow.components.data.near_duplicates import phash64
-from tumorflow.components.training.input_pipeline import MAX_IMAGE_PIXELS
 from tumorflow.core.artifacts import SPLIT_MANIFEST_CSV
 from tumorflow.core.config import SplitConfig
 from tumorflow.core.errors import DatasetError

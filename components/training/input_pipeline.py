@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tumorflow.components.data.image_files import MAX_IMAGE_PIXELS
 from tumorflow.components.data.tfrecords import (
     ENCODED,
     LABEL,
@@ -32,9 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER_MAX = 4096
-# The largest image decoded, by the size its header declares: a 250 KB PNG can declare 16000 x
-# 16000 and take seconds and gigabytes to decode. The validate step quarantines larger ones.
-MAX_IMAGE_PIXELS = 64_000_000
 
 
 def split_size(split_dir: Path, split: str) -> int:
