@@ -17,7 +17,6 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tumorflow.components.release.approval_rules import ApprovalError, ApprovalPolicy
 from tumorflow.core.errors import TumorflowError
 
 if TYPE_CHECKING:
@@ -39,11 +38,6 @@ TAG_TRIGGER_REASON = "tumorflow.trigger_reason"
 # Which approval policy a version's approval obeyed ("manual") and where it came from.
 TAG_APPROVAL_POLICY_APPLIED = "approval.policy"
 TAG_APPROVAL_POLICY_SOURCE = "approval.policy_source"
-# Tags on the registered model (not a version): the approval policy every run of it obeys.
-TAG_APPROVAL_POLICY = "tumorflow.approval_policy"
-TAG_APPROVERS = "tumorflow.approvers"
-TAG_POLICY_SET_BY = "tumorflow.policy_set_by"
-TAG_POLICY_SET_AT = "tumorflow.policy_set_at"
 # Signed decisions (components/release/signing.py SignedRecord JSON): `decision.<seq>.<action>`.
 TAG_DECISION_PREFIX = "decision."
 # What a candidate was registered as (read by whoever signs a decision about it; the waiting run
@@ -100,46 +94,6 @@ def aliases(client: MlflowClient, model_name: str) -> dict[str, str]:
     """Alias -> version of a registered model ({} when the model is not registered yet)."""
     model = _registered_model(client, model_name)
     return dict(model.aliases) if model is not None else {}
-
-
-def get_approval_policy(client: MlflowClient, model_name: str) -> ApprovalPolicy | None:
-    """The approval policy stored with `model_name`; None when it is not registered or has none."""
-    model = _registered_model(client, model_name)
-    tags = dict(model.tags) if model is not None else {}
-    if TAG_APPROVAL_POLICY not in tags:
-        return None
-    try:
-        return ApprovalPolicy(
-            tags[TAG_APPROVAL_POLICY],
-            tags.get(TAG_APPROVERS, "").split(","),
-            set_by=tags.get(TAG_POLICY_SET_BY),
-            set_at=tags.get(TAG_POLICY_SET_AT),
-        )
-    except ApprovalError as exc:
-        raise RegistryError(
-            f"registered model {model_name} has an unusable tag {TAG_APPROVAL_POLICY}: {exc}; "
-            f"fix it with `tumorflow policy set {model_name} --approval manual|auto`"
-        ) from None
-
-
-def set_approval_policy(
-    client: MlflowClient, model_name: str, policy: ApprovalPolicy
-) -> ApprovalPolicy:
-    """Store `policy` with `model_name`, registering the model (without versions) if it is new.
-
-    The policy tag is written last, so a reader that sees it sees its approvers and author.
-    """
-    tags = {
-        TAG_APPROVERS: ",".join(policy.approvers),
-        TAG_POLICY_SET_BY: policy.set_by or "",
-        TAG_POLICY_SET_AT: policy.set_at or "",
-        TAG_APPROVAL_POLICY: policy.approval,
-    }
-    _ensure_registered(client, model_name)
-    for key, value in tags.items():
-        client.set_registered_model_tag(model_name, key, value)
-    log.info("approval policy of %s: %s", model_name, policy.describe())
-    return policy
 
 
 def version_by_alias(client: MlflowClient, model_name: str, alias: str) -> ModelVersion | None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from tumorflow.components.release.approval_rules import APPROVAL_MODES, AUTO, MANUAL
 from tumorflow.components.release.signing import (
     SignatureInvalid,
     SignedRecord,
@@ -34,9 +35,6 @@ from tumorflow.core import storage
 from tumorflow.core.errors import ConfigError, TumorflowError
 
 SCHEMA = "tumorflow.decision/v1"
-AUTO = "auto"
-MANUAL = "manual"
-APPROVAL_MODES = (AUTO, MANUAL)
 PIPELINE = "pipeline"
 
 # What each action means, as the record states it: the meaning of the signature.
