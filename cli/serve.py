@@ -43,6 +43,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="ModelServerConfig text proto: models, policies, labels",
     )
     add(
+        "--trust_root",
+        default="",
+        help="trust root (YAML) a version's signed release record must verify against "
+        "(default: trust_root.yaml beside --model_config_file or up to two folders above; "
+        "'none': load unsigned versions)",
+    )
+    add(
         "--model_config_file_poll_wait_seconds",
         type=float,
         default=0.0,

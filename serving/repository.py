@@ -28,6 +28,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from tumorflow.components.release.deploy import release_status
+from tumorflow.components.release.trust_root import TrustRoot
 from tumorflow.core import serving_layout, storage
 from tumorflow.core.errors import ConfigError, SourceUnavailableError
 from tumorflow.serving.servable import Servable
@@ -129,10 +131,14 @@ class ModelRepository:
         poll_wait_seconds: float = 1.0,
         on_loaded: Callable[[Servable], None] | None = None,
         cache_dir: str | None = None,
+        trust: TrustRoot | None = None,
     ) -> None:
         """`cache_dir` receives local copies of gs:// versions (default: a temporary folder,
-        removed by `stop`)."""
+        removed by `stop`). With a `trust` root a version loads only when its release record
+        (assets.extra/release.json) verifies and names its SavedModel's digest; otherwise it is
+        reported with state END, "not loaded: unsigned ...", and retried once it changes."""
         validate_config(config)
+        self._trust = trust
         self.poll_wait_seconds = poll_wait_seconds
         self._cache_dir = Path(cache_dir) if cache_dir else None
         self._own_cache = cache_dir is None
@@ -264,7 +270,21 @@ class ModelRepository:
         logger.info("loading model %s version %d from %s", name, version, path)
         fingerprint = _fingerprint(path)
         try:
-            servable = Servable(name, version, self._local_copy(name, version, path))
+            local = self._local_copy(name, version, path)
+            unsigned = release_status(local, name, self._trust) if self._trust else None
+        except Exception as exc:
+            unsigned = f"unsigned: cannot check its release record ({exc})"
+        if unsigned is not None:
+            message = f"model {name} version {version} not loaded: {unsigned}"
+            logger.error("%s", message)
+            with self._lock:
+                model.failed[version] = fingerprint
+                model.statuses[version] = VersionStatus(
+                    State.END, grpc.StatusCode.FAILED_PRECONDITION, message
+                )
+            return
+        try:
+            servable = Servable(name, version, local)
             warmed = servable.warm_up()
         except Exception as exc:
             message = f"failed to load model {name} version {version} from {path}: {exc}"

@@ -23,8 +23,11 @@ from pathlib import Path
 import grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from tumorflow.components.release.trust_root import TrustRoot
+from tumorflow.core import storage
 from tumorflow.core.config import DriftConfig
 from tumorflow.core.errors import ConfigError
+from tumorflow.core.serving_layout import TRUST_ROOT_FILE
 from tumorflow.serving.batching import BatchingParameters, BatchScheduler
 from tumorflow.serving.grpc_api import ModelServicer, PredictionServicer
 from tumorflow.serving.inference import InferenceService, RequestLog
@@ -65,6 +68,27 @@ class ServerOptions:
     # Seeds the request log's sampling (not a TF Serving flag: for reproducible runs and tests).
     request_log_seed: int | None = None
     backend: str = "auto"
+    # The trust root release records are checked against (not a TF Serving flag). Empty: the
+    # trust_root.yaml beside --model_config_file or up to two folders above it (a local run's);
+    # "none": no check.
+    trust_root: str = ""
+
+    def trust(self) -> TrustRoot | None:
+        """The trust root versions must be released under, or None (no check)."""
+        if self.trust_root == "none":
+            logger.warning("--trust_root none: versions load without a signed release record")
+            return None
+        if self.trust_root:
+            return TrustRoot.load(self.trust_root)
+        if self.model_config_file and not storage.is_remote(self.model_config_file):
+            folder = Path(self.model_config_file).resolve().parent
+            for candidate in (folder, folder.parent, folder.parent.parent):
+                if (candidate / TRUST_ROOT_FILE).is_file():
+                    return TrustRoot.load(candidate / TRUST_ROOT_FILE)
+        logger.warning(
+            "no trust root: versions load without a signed release record (--trust_root FILE)"
+        )
+        return None
 
     def model_config(self) -> ModelServerConfig:
         """The ModelServerConfig these options describe (config file, or name + base path)."""
@@ -86,6 +110,13 @@ def use_tfserving(options: ServerOptions) -> str | None:
     """Path of `tensorflow_model_server` when it should run instead of the in-process server."""
     binary = shutil.which(TFSERVING_BINARY)
     if options.backend == "inprocess":
+        return None
+    if options.trust_root != "none" and options.trust() is not None:
+        if options.backend == "tfserving":
+            raise ConfigError(
+                f"{TFSERVING_BINARY} cannot check signed release records: use --backend "
+                "inprocess, or --trust_root none to serve unsigned versions"
+            )
         return None
     if options.backend == "tfserving" and binary is None:
         raise ConfigError(f"--backend tfserving needs {TFSERVING_BINARY} on PATH; it was not found")
@@ -154,7 +185,7 @@ class ModelServer:
         self._config_text = str(config)
         self.metrics = ServerMetrics()
         self.repository = ModelRepository(
-            config, poll_wait_seconds=options.file_system_poll_wait_seconds
+            config, poll_wait_seconds=options.file_system_poll_wait_seconds, trust=options.trust()
         )
         scheduler = None
         if options.enable_batching:
