@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorflow.components.data import validate
-from tumorflow.components.data.download import ManifestRow, sha256_file
+from tumorflow.components.data.manifest import ManifestRow, sha256_file
 from tumorflow.components.data.synthetic import SYNTHETIC_CLASSES, draw_synthetic_scan, encode_image
 
 log = logging.getLogger(__name__)

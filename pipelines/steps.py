@@ -53,7 +53,7 @@ def dataset_version(dataset: dict) -> NamedTuple(
     is cached on this fingerprint, so changed data is downloaded again and unchanged data is not."""
     from collections import namedtuple
 
-    from tumorflow.components.data.download import resolve_dataset_version
+    from tumorflow.components.data.dataset_version import resolve_dataset_version
     from tumorflow.core.config import DatasetConfig
 
     version = resolve_dataset_version(DatasetConfig.model_validate(dataset))
@@ -67,7 +67,8 @@ def download(dataset: dict, fingerprint: str, source: str, detail: dict, raw: Ou
     """Fetch the images (phantom, folder, archive, kaggle:, gs://) and write their manifest."""
     from pathlib import Path
 
-    from tumorflow.components.data.download import DatasetVersion, download_dataset
+    from tumorflow.components.data.dataset_version import DatasetVersion
+    from tumorflow.components.data.download import download_dataset
     from tumorflow.core.config import DatasetConfig
 
     result = download_dataset(

@@ -39,10 +39,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from tumorflow.components.data import dicom, download, split, tfrecords
+from tumorflow.components.data import dicom, split, tfrecords
 from tumorflow.components.data.image_files import MAX_IMAGE_PIXELS
+from tumorflow.components.data.manifest import ARCHIVE_QUARANTINE, ManifestRow, read_manifest
 from tumorflow.components.data.near_duplicates import phash64
-from tumorflow.core.artifacts import SPLIT_MANIFEST_CSV
+from tumorflow.core.artifacts import RAW_FILES, SOURCE_JSON, SPLIT_MANIFEST_CSV
 from tumorflow.core.config import SplitConfig
 from tumorflow.core.errors import DatasetError
 
@@ -178,7 +179,7 @@ def _decode(path: Path) -> Image.Image:
         return to_rgb8(image)
 
 
-def check_image(files_dir: Path, row: download.ManifestRow) -> ImageCheck:
+def check_image(files_dir: Path, row: ManifestRow) -> ImageCheck:
     """Validate one manifest row; never raises for a bad file, returns the reason instead."""
     parts = PurePosixPath(row.path).parts
     if PurePosixPath(row.path).is_absolute() or ".." in parts:
@@ -225,7 +226,7 @@ def check_pool(workers: int, images: int) -> str:
 
 
 def check_images(
-    files_dir: Path, rows: list[download.ManifestRow], workers: int | None = None
+    files_dir: Path, rows: list[ManifestRow], workers: int | None = None
 ) -> list[ImageCheck]:
     """`check_image` of every row, in order, on `workers` processes (default: every core this
     process may use); see `check_pool`."""
@@ -323,7 +324,7 @@ def _resolve_classes(labels: list[str], classes: list[str] | None) -> list[str]:
     return classes
 
 
-def _conflicting_labels(rows: list[download.ManifestRow]) -> dict[str, str]:
+def _conflicting_labels(rows: list[ManifestRow]) -> dict[str, str]:
     """sha256 -> reason, for identical files filed under more than one label."""
     labels_of: dict[str, set[str]] = {}
     for row in rows:
@@ -355,14 +356,12 @@ def validate_and_split(
     remain, or the test split holds fewer than `split_config.min_test_per_class` of a class.
     """
     raw_dir, output_dir = Path(raw_dir), Path(output_dir)
-    rows = download.read_manifest(raw_dir)
+    rows = read_manifest(raw_dir)
     source_info = (
-        json.loads((raw_dir / download.SOURCE_JSON).read_text())
-        if (raw_dir / download.SOURCE_JSON).exists()
-        else {}
+        json.loads((raw_dir / SOURCE_JSON).read_text()) if (raw_dir / SOURCE_JSON).exists() else {}
     )
     _prepare_output(output_dir)
-    files_dir = raw_dir / download.FILES
+    files_dir = raw_dir / RAW_FILES
     workers = min(8, available_cores() + 1)
     checks = check_images(files_dir, rows)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -371,9 +370,9 @@ def validate_and_split(
         )
         quarantined: list[tuple[str, str]] = [
             (name, f"archive entry not extracted: {reason}")
-            for name, reason in source_info.get(download.ARCHIVE_QUARANTINE, [])
+            for name, reason in source_info.get(ARCHIVE_QUARANTINE, [])
         ]
-        kept: list[tuple[download.ManifestRow, ImageCheck]] = []
+        kept: list[tuple[ManifestRow, ImageCheck]] = []
         for row, check in zip(rows, checks, strict=True):
             reason = check.reason or conflicts.get(row.sha256)
             if reason:
@@ -418,7 +417,7 @@ def validate_and_split(
 
 
 def _split_and_write(
-    kept: list[tuple[download.ManifestRow, ImageCheck]],
+    kept: list[tuple[ManifestRow, ImageCheck]],
     classes: list[str],
     split_config: SplitConfig,
     files_dir: Path,

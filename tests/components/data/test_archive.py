@@ -14,7 +14,9 @@ import pytest
 from helpers import HOSTILE_NAMES, image_bytes, write_hostile_name_corpus
 
 from tumorflow.components.data.archive import extract_archive
-from tumorflow.components.data.download import download_dataset, original_name, read_manifest
+from tumorflow.components.data.download import download_dataset
+from tumorflow.components.data.manifest import read_manifest
+from tumorflow.components.data.safe_names import original_name
 from tumorflow.components.data.validate import validate_and_split
 from tumorflow.core.config import DatasetConfig, SplitConfig
 from tumorflow.core.errors import SourceUnavailableError, UnsafeArchiveError

@@ -8,12 +8,9 @@ from pathlib import Path
 import kagglehub
 import pytest
 
-from tumorflow.components.data.download import (
-    download_dataset,
-    manifest_fingerprint,
-    read_manifest,
-    resolve_dataset_version,
-)
+from tumorflow.components.data.dataset_version import resolve_dataset_version
+from tumorflow.components.data.download import download_dataset
+from tumorflow.components.data.manifest import manifest_fingerprint, read_manifest
 from tumorflow.core import storage
 from tumorflow.core.config import DatasetConfig, PhantomConfig
 from tumorflow.core.errors import DatasetError, SourceUnavailableError

@@ -15,8 +15,9 @@ from pacs import FlakyProxy, OrthancServer
 from pydicom.uid import generate_uid
 
 from tumorflow.components.data import dicomweb
+from tumorflow.components.data.dataset_version import resolve_dataset_version
 from tumorflow.components.data.dicom import read_slice_table
-from tumorflow.components.data.download import download_dataset, resolve_dataset_version
+from tumorflow.components.data.download import download_dataset
 from tumorflow.components.data.validate import validate_and_split
 from tumorflow.core.config import DatasetConfig, DicomConfig, DicomWebConfig, SplitConfig
 from tumorflow.core.errors import ConfigError, SourceUnavailableError

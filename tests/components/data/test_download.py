@@ -16,13 +16,10 @@ import pytest
 import requests
 from helpers import HOSTILE_NAMES, image_bytes, write_hostile_name_corpus
 
-from tumorflow.components.data.download import (
-    download_dataset,
-    escape_name,
-    original_name,
-    read_manifest,
-    resolve_dataset_version,
-)
+from tumorflow.components.data.dataset_version import resolve_dataset_version
+from tumorflow.components.data.download import download_dataset
+from tumorflow.components.data.manifest import read_manifest
+from tumorflow.components.data.safe_names import escape_name, original_name
 from tumorflow.core import storage
 from tumorflow.core.config import DatasetConfig, PhantomConfig, load_config
 from tumorflow.core.errors import DatasetError, SourceUnavailableError, UnsafeArchiveError

@@ -268,7 +268,8 @@ def test_rerunning_replaces_the_split_but_a_foreign_folder_is_refused(tmp_path: 
 
 def test_checking_on_every_core_gives_what_threads_give(tmp_path: Path, monkeypatch) -> None:
     from tumorflow.components.data import validate
-    from tumorflow.components.data.download import FILES, read_manifest
+    from tumorflow.components.data.manifest import read_manifest
+    from tumorflow.core.artifacts import RAW_FILES as FILES
     from tumorflow.core.config import PhantomConfig, load_config
 
     dataset = load_config(preset="phantom").dataset.model_copy(

@@ -176,7 +176,9 @@ def test_a_dataset_made_only_of_hostile_names_is_validated_split_and_evaluated(t
     predictions and metrics name the safe copies, and each maps back to its original name."""
     from helpers import HOSTILE_NAMES, write_hostile_name_corpus
 
-    from tumorflow.components.data.download import download_dataset, original_name, read_manifest
+    from tumorflow.components.data.download import download_dataset
+    from tumorflow.components.data.manifest import read_manifest
+    from tumorflow.components.data.safe_names import original_name
     from tumorflow.components.data.validate import validate_and_split
     from tumorflow.components.evaluation.metrics import read_predictions
     from tumorflow.core.config import DatasetConfig, SplitConfig
