@@ -63,10 +63,22 @@ def _signing(args: argparse.Namespace):
     if args.key:
         key = Path(args.key).expanduser()
     else:
+        # release.signing_key, else the key a local run made for this user: the first of them
+        # the trust root knows.
         configured = Path(config.release.signing_key).expanduser()
         local = Path(config.resolved_trust_root()).parent / "keys" / getpass.getuser()
-        key = configured if configured.exists() or not local.exists() else local
+        known = [k for k in (configured, local) if k.exists() and _trusted(trust, k)]
+        key = known[0] if known else configured
     return trust, trust.signer_for(key, args.as_name), config.resolved_audit_log()
+
+
+def _trusted(trust, key: Path) -> bool:
+    from tumorflow.components.release.signing import SigningError, load_signer
+
+    try:
+        return trust.identity_of(load_signer(key, "").public_key) is not None
+    except SigningError:
+        return False
 
 
 def _decide(args: argparse.Namespace, status: str) -> int:
