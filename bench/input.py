@@ -14,7 +14,6 @@ the split step keeps 8-bit JPEGs), then measures images/s of:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorflow.components.data.synthetic import SYNTHETIC_CLASSES, draw_synthetic_scan, encode_image
-from tumorflow.components.data.tfrecords import MANIFEST_JSON, Record, write_shards
+from tumorflow.components.data.tfrecords import Record, write_split
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +54,7 @@ def _write_bench_data(
         jpeg = encode_image(pixels, "JPEG")
         (folder / f"{index:05d}.jpg").write_bytes(jpeg)
         records.append(Record(jpeg, label, f"{index:05d}", str(index)))
-    shard_size = max(1, -(-n_images // 8))
-    shards = write_shards(records, split_dir, "train", shard_size)
-    manifest = {
-        "classes": list(SYNTHETIC_CLASSES),
-        "splits": {"train": {"count": n_images, "class_counts": {}, "shards": shards}},
-    }
-    (split_dir / MANIFEST_JSON).write_text(json.dumps(manifest))
+    write_split(split_dir, SYNTHETIC_CLASSES, {"train": records}, max(1, -(-n_images // 8)))
     return jpeg_dir, split_dir
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import tempfile
 from collections.abc import Iterable
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorflow.components.data.phantom import CLASSES, PhantomSlice, phantom_slices
-from tumorflow.components.data.tfrecords import MANIFEST_JSON, Record, write_shards
+from tumorflow.components.data.tfrecords import Record, write_split
 from tumorflow.components.training.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
 from tumorflow.core.artifacts import SERVING_EXPORT
 
@@ -118,21 +117,14 @@ def play_pointing_game(
 
 def write_phantom_split(folder: Path, splits: dict[str, list[PhantomSlice]]) -> Path:
     """A split dataset (docs/artifacts.md) of phantom slices, one patient per duplicate group."""
-    folder = Path(folder)
-    manifest_splits = {}
-    for split, slices in splits.items():
-        records = [
+    records = {
+        split: [
             Record(_png(s.pixels), CLASSES.index(s.kind), f"{split}/{s.kind}/{s.name}", s.name)
             for s in slices
         ]
-        manifest_splits[split] = {
-            "count": len(records),
-            "class_counts": {k: sum(s.kind == k for s in slices) for k in CLASSES},
-            "shards": write_shards(records, folder, split, 1024),
-        }
-    manifest = {"classes": list(CLASSES), "splits": manifest_splits}
-    (folder / MANIFEST_JSON).write_text(json.dumps(manifest, indent=2))
-    return folder
+        for split, slices in splits.items()
+    }
+    return write_split(folder, CLASSES, records)
 
 
 def train_phantom_classifier(workdir: Path, per_class: int, size: int, epochs: int) -> Path:

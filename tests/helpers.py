@@ -16,8 +16,9 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from tumorflow.components.data import tfrecords
 from tumorflow.components.data.synthetic import SYNTHETIC_CLASSES, draw_synthetic_scan
-from tumorflow.components.data.tfrecords import MANIFEST_JSON, Record, write_shards
+from tumorflow.components.data.tfrecords import Record
 
 T = TypeVar("T")
 
@@ -92,20 +93,9 @@ def write_split(
     **manifest_fields: object,
 ) -> Path:
     """A split dataset (docs/artifacts.md) holding `records[split]`: TFRecord shards and
-    `split_manifest.json` (with any further manifest fields given); returns `folder`."""
-    folder = Path(folder)
-    splits = {}
-    for split, rows in records.items():
-        splits[split] = {
-            "count": len(rows),
-            "class_counts": {
-                name: sum(row.label == index for row in rows) for index, name in enumerate(classes)
-            },
-            "shards": write_shards(list(rows), folder, split, shard_size),
-        }
-    manifest = {"classes": list(classes), "splits": splits, **manifest_fields}
-    (folder / MANIFEST_JSON).write_text(json.dumps(manifest, indent=2))
-    return folder
+    `split_manifest.json` (with any further manifest fields given); returns `folder`. The
+    project's own writer (components/data/tfrecords.py), so a test split is the real format."""
+    return tfrecords.write_split(folder, classes, records, shard_size, **manifest_fields)
 
 
 def write_synthetic_split(

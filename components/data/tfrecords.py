@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,45 @@ def feature_spec() -> dict:
         PATH: tf.io.FixedLenFeature([], tf.string, default_value=""),
         GROUP: tf.io.FixedLenFeature([], tf.string, default_value=""),
     }
+
+
+def class_counts(labels: Sequence[int], classes: Sequence[str]) -> dict[str, int]:
+    """Images per class name, every class listed (0 where none), as the split manifest holds them."""
+    labels = [int(label) for label in labels]
+    return {name: labels.count(index) for index, name in enumerate(classes)}
+
+
+def write_split_manifest(
+    folder: Path, classes: Sequence[str], splits: Mapping[str, Mapping], **fields: object
+) -> Path:
+    """`split_manifest.json` (docs/artifacts.md "Split dataset"): the classes, per split its
+    `count`, `class_counts` and `shards`, and any further fields; the one writer of it."""
+    path = Path(folder) / MANIFEST_JSON
+    manifest = {"classes": list(classes), "splits": {k: dict(v) for k, v in splits.items()}}
+    path.write_text(json.dumps(manifest | fields, indent=2) + "\n")
+    return path
+
+
+def write_split(
+    folder: Path,
+    classes: Sequence[str],
+    records: Mapping[str, Sequence[Record]],
+    shard_size: int = 1024,
+    **fields: object,
+) -> Path:
+    """A split dataset holding `records[split]`: TFRecord shards and their manifest (with any
+    further manifest fields given); returns `folder`."""
+    folder = Path(folder)
+    splits = {
+        split: {
+            "count": len(rows),
+            "class_counts": class_counts([row.label for row in rows], classes),
+            "shards": write_shards(list(rows), folder, split, shard_size),
+        }
+        for split, rows in records.items()
+    }
+    write_split_manifest(folder, classes, splits, **fields)
+    return folder
 
 
 def read_split_manifest(split_dir: Path) -> dict:

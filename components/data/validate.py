@@ -402,7 +402,8 @@ def validate_and_split(
             kept, class_names, split_config, files_dir, output_dir, pool, slice_table
         )
     manifest = {**result, "quarantined": len(quarantined), "source": source_info}
-    (output_dir / tfrecords.MANIFEST_JSON).write_text(json.dumps(manifest, indent=2) + "\n")
+    fields = {k: v for k, v in manifest.items() if k not in ("classes", "splits")}
+    tfrecords.write_split_manifest(output_dir, manifest["classes"], manifest["splits"], **fields)
     counts = {name: info["class_counts"] for name, info in manifest["splits"].items()}
     logger.info("split dataset (%s): %s -> %s", manifest["strategy"], counts, output_dir)
     return SplitResult(
@@ -451,10 +452,9 @@ def _split_and_write(
     splits_info = {}
     for name in split.SPLITS:
         members = [i for i, s in enumerate(assigned) if s == name]
-        class_counts = {c: int((label_index[members] == k).sum()) for k, c in enumerate(classes)}
         splits_info[name] = {
             "count": len(members),
-            "class_counts": class_counts,
+            "class_counts": tfrecords.class_counts(label_index[members], classes),
             "members": members,
         }
     short = {
