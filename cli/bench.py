@@ -41,6 +41,12 @@ def _run_explain(args: argparse.Namespace) -> int:
     return pointing_game.run(args)
 
 
+def _run_route(args: argparse.Namespace) -> int:
+    from tumorflow.bench import route as route_bench
+
+    return route_bench.run(args)
+
+
 def _run_recipe(args: argparse.Namespace) -> int:
     from tumorflow.bench import recipe as recipe_bench
 
@@ -114,3 +120,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_signing_arguments(signing_parser)
     signing_parser.set_defaults(handler=_run_signing)
+
+    from tumorflow.bench.route import add_arguments as add_route_arguments
+
+    route_parser = which.add_parser(
+        "route", help="PACS instances/s fetched, classified and stored back vs fetch and predict"
+    )
+    add_route_arguments(route_parser)
+    route_parser.set_defaults(handler=_run_route)

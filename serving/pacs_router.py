@@ -539,20 +539,19 @@ class PacsRouter:
         except ServerUnavailableError as exc:
             self._leave_pending([item.ref.sop for item in fetched], str(exc), result)
             return False
+        built = []
         for item, answer in zip(fetched, answers, strict=True):
             if isinstance(answer, RequestRejectedError):
                 self._skip(item.ref.sop, f"the model server refused the image: {answer}", result)
                 continue
-            self._store_result(item, answer, model, result)
+            built.append((item, *self._build_result(item, answer, model)))
+        self._store_results(built, result)
         return True
 
-    def _store_result(
-        self,
-        item: _Fetched,
-        answer: ImagePrediction | ExplainedPrediction,
-        model: ServedModel,
-        result: PassResult,
-    ) -> None:
+    def _build_result(
+        self, item: _Fetched, answer: ImagePrediction | ExplainedPrediction, model: ServedModel
+    ) -> tuple[str, list]:
+        """The done key and the objects (SR, and the capture with an explained answer)."""
         prediction_answer = answer.prediction if isinstance(answer, ExplainedPrediction) else answer
         version = prediction_answer.model_version or model.version
         prediction = Prediction(
@@ -569,24 +568,38 @@ class PacsRouter:
 
             overlay = overlay_heatmap(item.image, answer.heatmap)
             objects.append(overlay_capture(item.header, prediction, overlay))
-        key = done_key(item.ref.sop, model.name, version)
-        report_uid = objects[0].SOPInstanceUID
-        self.state.pending.pop(item.ref.sop, None)
+        return done_key(item.ref.sop, model.name, version), objects
+
+    def _store_results(self, built: list[tuple[_Fetched, str, list]], result: PassResult) -> None:
+        """Store the results the PACS lacks, in one STOW-RS request; a result the PACS does
+        not take becomes a dead letter."""
+        to_store = []
         try:
-            if self._in_pacs(item.ref.study, [o.SOPInstanceUID for o in objects]):
-                self.state.done[key] = report_uid
-                self.metrics.already_stored.inc()
-                result.already_stored += 1
-            else:
-                self._stow([report_bytes(o) for o in objects])
-                self.state.done[key] = report_uid
-                self.metrics.routed.inc()
-                result.routed += 1
+            for item, key, objects in built:
+                if self._in_pacs(item.ref.study, [o.SOPInstanceUID for o in objects]):
+                    self.state.done[key] = objects[0].SOPInstanceUID
+                    self.state.pending.pop(item.ref.sop, None)
+                    self.metrics.already_stored.inc()
+                    result.already_stored += 1
+                else:
+                    to_store.append((item, key, objects))
+            refused = self._stow([report_bytes(o) for _, _, objects in to_store for o in objects])
         except CredentialsRefusedError:
-            self.state.add_pending(item.ref)
             raise
         except SourceUnavailableError as exc:
-            self._dead_letter(item.ref, key, objects, str(exc), result)
+            # the results not yet found in the PACS, nor about to be stored, are failed too
+            handled = {key for _, key, _ in to_store} | set(self.state.done)
+            to_store += [entry for entry in built if entry[1] not in handled]
+            refused = {o.SOPInstanceUID: str(exc) for _, _, objects in to_store for o in objects}
+        for item, key, objects in to_store:
+            self.state.pending.pop(item.ref.sop, None)
+            reasons = [refused[o.SOPInstanceUID] for o in objects if o.SOPInstanceUID in refused]
+            if reasons:
+                self._dead_letter(item.ref, key, objects, reasons[0], result)
+            else:
+                self.state.done[key] = objects[0].SOPInstanceUID
+                self.metrics.routed.inc()
+                result.routed += 1
         self.state.save()
 
     def _in_pacs(self, study: str, sop_uids: list[str]) -> bool:
@@ -601,16 +614,17 @@ class PacsRouter:
                 return False
         return True
 
-    def _stow(self, objects: list[bytes]) -> None:
+    def _stow(self, objects: list[bytes]) -> dict[str, str]:
+        """STOW-RS the objects in one request; the UIDs the PACS refused, with the reason."""
+        if not objects:
+            return {}
         answer = self.pacs.store(objects)
         failed = (answer.get(_FAILED_SOP_SEQUENCE) or {}).get("Value") or []
-        if failed:
-            reasons = sorted({str(_value(item, _FAILURE_REASON)) for item in failed})
-            raise PacsRefusedError(
-                f"the PACS refused {len(failed)} of {len(objects)} object(s) (STOW-RS failure "
-                f"reason {', '.join(reasons)}); see docs/pacs.md",
-                409,
-            )
+        return {
+            _value(item, "00081155"): f"the PACS refused it (STOW-RS failure reason "
+            f"{_value(item, _FAILURE_REASON) or 'not given'}); see docs/pacs.md"
+            for item in failed
+        }
 
     def _dead_letter(
         self, ref: InstanceRef, key: str, objects: list, reason: str, result: PassResult
@@ -648,7 +662,9 @@ class PacsRouter:
             try:
                 uids = [path.stem for path in files]
                 if not self._in_pacs(entry["study"], uids):
-                    self._stow(objects)
+                    refused = self._stow(objects)
+                    if refused:
+                        raise PacsRefusedError(next(iter(refused.values())), 409)
                     self.metrics.routed.inc()
             except CredentialsRefusedError:
                 raise

@@ -360,12 +360,11 @@ def test_orthanc_stopped_mid_route_then_restarted_loses_and_duplicates_nothing(
         config = route_config(orthanc, model_server, watch="orthanc-changes", batch_size=2)
         state_path = tmp_path / "state.json"
 
-        class StopsAfterFirstStore(DicomWebClient):
+        class StopsBeforeTheFirstStore(DicomWebClient):
             def store(self, instances: list[bytes]) -> dict:
-                answer = super().store(instances)
                 if orthanc.process.poll() is None:
                     orthanc.stop()
-                return answer
+                return super().store(instances)
 
         def router(pacs_class: type[DicomWebClient]) -> PacsRouter:
             pacs = pacs_class(
@@ -381,12 +380,15 @@ def test_orthanc_stopped_mid_route_then_restarted_loses_and_duplicates_nothing(
                 watcher=OrthancChanges(rest, config),
             )
 
-        interrupted = router(StopsAfterFirstStore).run_pass()
-        assert interrupted.discovered == 4 and interrupted.routed == 1
-        assert interrupted.dead_lettered == 1 and interrupted.pending == 2
+        # batch 1 is fetched and classified, then its store fails: two dead letters on disk;
+        # batch 2 cannot be fetched: two pending
+        interrupted = router(StopsBeforeTheFirstStore).run_pass()
+        assert interrupted.discovered == 4 and interrupted.routed == 0
+        assert interrupted.dead_lettered == 2 and interrupted.pending == 2
+        assert len(list((tmp_path / "dead-letter").glob("*.dcm"))) == 2
         orthanc = restart(orthanc)
         resumed = router(DicomWebClient).run_pass()
-        assert resumed.dead_letters_stored == 1 and resumed.routed == 2
+        assert resumed.dead_letters_stored == 2 and resumed.routed == 2
         assert (resumed.pending, resumed.dead_letter) == (0, 0)
         quiet = router(DicomWebClient).run_pass()
         assert (quiet.discovered, quiet.routed, quiet.already_stored) == (0, 0, 0)
