@@ -57,6 +57,9 @@ def list_runs(tracking_uri: str, model_names: list[str], run_root: Path) -> list
         for mv in registry.list_versions(client, model_name):
             pipeline_run = mv.tags.get(registry.TAG_PIPELINE_RUN, "")
             status = mv.tags.get("approval.status", "pending")
+            if status in ("approved", "rejected") and not registry.decision_tags(mv.tags):
+                # a plain tag with no signed record behind it decides nothing: still waiting
+                status = "pending"
             state = _STATES.get(status, status)
             if mv.tags.get(registry.TAG_SERVING_VERSION):
                 state = DEPLOYED

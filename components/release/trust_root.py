@@ -199,6 +199,11 @@ class TrustRoot:
     @classmethod
     def load(cls, uri: str | Path) -> TrustRoot:
         """The trust root at a path or gs:// URI; a missing or unreadable file is a ConfigError."""
+        if not str(uri):
+            raise ConfigError(
+                "no trust root configured: set release.trust_root to the trust file "
+                "(docs/signing.md says how to make one)"
+            )
         data, _ = storage.read_versioned(str(uri))
         if data is None:
             raise ConfigError(

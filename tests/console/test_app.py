@@ -164,3 +164,24 @@ def test_the_review_url_of_a_run_is_the_page_the_console_serves(
     url = settings.console.review_url(run)
     assert url == f"http://testserver/runs/{run}"
     assert client.get(url).status_code == 200
+
+
+def test_forged_approval_tags_leave_the_run_waiting_and_the_page_says_why(
+    console_factory, approval_candidate, approval_waiter, sign_in, mlflow_server
+):
+    from mlflow import MlflowClient
+
+    model, run = approval_candidate(passed=True)
+    client_for, _ = console_factory(model)
+    thread, result = approval_waiter(model, run, 3)
+    registry = MlflowClient(mlflow_server)
+    (version,) = registry.search_model_versions(f"name = '{model}'")
+    registry.set_model_version_tag(model, version.version, "approval.by", "alice")
+    registry.set_model_version_tag(model, version.version, "approval.status", "approved")
+    client = client_for()
+    sign_in(client, "alice")
+    assert 'id="approve"' in client.get(f"/runs/{run}").text  # still waiting for a decision
+    thread.join(30)
+    assert result[0].status == "timed_out"
+    page = client.get(f"/runs/{run}").text
+    assert "Refused: approval.status=approved" in page and "not a signed decision" in page
