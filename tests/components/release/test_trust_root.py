@@ -194,3 +194,25 @@ def test_signer_for_names_the_key_by_the_trust_root_and_refuses_another_name(key
     generate_key(tmp_path / "stranger", "x")
     with pytest.raises(DecisionRefused, match="not a signer in the trust root"):
         trust.signer_for(tmp_path / "stranger")
+
+
+def test_a_local_run_gets_a_throwaway_trust_root_once(tmp_path):
+    from tumorflow.components.release.trust_root import ensure_local_trust_root
+
+    trust_file, keys_dir = tmp_path / "trust_root.yaml", tmp_path / "keys"
+    made = ensure_local_trust_root(
+        str(trust_file), str(keys_dir / "pipeline"), str(keys_dir / "console"), "dana"
+    )
+    assert made and made.count("\n") == 0 and "throwaway trust root" in made
+    trust = TrustRoot.load(trust_file)
+    assert trust.policy("any-model") == ("auto", ("dana",), ("dana",))
+    assert trust.signer_for(keys_dir / "dana").identity == "dana"
+    assert (keys_dir / "pipeline").stat().st_mode & 0o777 == 0o600
+    before = trust_file.read_text()
+    assert (
+        ensure_local_trust_root(
+            str(trust_file), str(keys_dir / "pipeline"), str(keys_dir / "console"), "dana"
+        )
+        is None
+    )
+    assert trust_file.read_text() == before
