@@ -1,12 +1,14 @@
-"""Training progress as one compact line per epoch.
+"""The lines of a task's output the local runner shows: training progress as one compact line
+per epoch, and the approval step's wait for a person.
 
-The train step runs in a kfp.local subprocess whose output goes to the run log; the local runner
-picks the lines marked here out of that stream and shows them, so a run shows an epoch counter
-without Keras' own progress output.
+The steps run in kfp.local subprocesses whose output goes to the run log; the local runner
+(pipelines/run_console.py) picks the lines recognised here out of that stream and shows them, so
+a run shows an epoch counter without Keras' own progress output, and the command that decides it.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +16,8 @@ from typing import Any
 PROGRESS_MARK = "[tumorflow-progress]"
 
 _SHOWN_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+# The approval step logs the command that decides a waiting run (components/release/approval.py).
+_APPROVAL_WAIT = re.compile(r"`tumorflow approve (\S+)`")
 
 
 def epoch_line(
@@ -31,6 +35,13 @@ def progress_text(line: str) -> str | None:
     """The progress text of one line of task output; None for any other line."""
     _, mark, text = line.partition(PROGRESS_MARK)
     return text.strip() if mark else None
+
+
+def waiting_for_approval(line: str) -> str | None:
+    """The run a line of the approval step's output says is waiting for a person (it names
+    `tumorflow approve RUN`); None for any other line."""
+    match = _APPROVAL_WAIT.search(line)
+    return match.group(1) if match else None
 
 
 def epoch_progress(label: str) -> Any:
