@@ -433,3 +433,42 @@ def test_a_new_model_version_adds_a_new_result(
     client = DicomWebClient(orthanc.dicomweb, authorization(orthanc))
     versions = sorted(r.SoftwareVersions for r in results(client, study, "SR"))
     assert versions == ["1", "2"]
+
+
+def test_qido_polling_routes_the_recent_studies_once(
+    orthanc: OrthancServer, model_server: str, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    today = datetime.now(UTC).date()
+    studies = {}
+    for name, when in (("recent", today), ("old", today - timedelta(days=10))):
+        study = pydicom.uid.generate_uid()
+        for index in range(2):
+            dataset = pydicom.dcmread(
+                write_dicom(
+                    tmp_path / f"{name}{index}.dcm",
+                    ct_phantom(90, 64, seed=60 + index),
+                    study_uid=study,
+                )
+            )
+            dataset.StudyDate, dataset.StudyTime = f"{when:%Y%m%d}", "101500"
+            buffer = io.BytesIO()
+            dataset.save_as(buffer, enforce_file_format=True)
+            orthanc.store(buffer.getvalue())
+        studies[name] = study
+    # this test's studies only (the module's Orthanc holds others from today)
+    query = {"StudyInstanceUID": ",".join(studies.values())}
+    config = route_config(orthanc, model_server, watch="qido", lookback_days=2, query=query)
+    state = tmp_path / "state.json"
+
+    def route():
+        return build_router(config, DICOM, MODEL, state, environ=login(orthanc)).run_pass()
+
+    first = route()
+    assert (first.discovered, first.routed) == (2, 2)
+    again = route()
+    assert (again.discovered, again.routed, again.already_stored) == (0, 0, 0)
+    client = DicomWebClient(orthanc.dicomweb, authorization(orthanc))
+    assert len(results(client, studies["recent"], "SR")) == 2
+    assert results(client, studies["old"], "SR") == []
