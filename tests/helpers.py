@@ -16,9 +16,11 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from tumorflow.components.data import tfrecords
 from tumorflow.components.data.synthetic import SYNTHETIC_CLASSES, draw_synthetic_scan
-from tumorflow.components.data.tfrecords import Record
+
+# write_split: a split dataset written by the project's own writer (so a test split is the real
+# format); tests import it from here.
+from tumorflow.components.data.tfrecords import Record, write_split
 
 T = TypeVar("T")
 
@@ -83,19 +85,6 @@ def image_bytes(
 ) -> bytes:
     """`noise_image(...)` encoded as `fmt`: what a client sends or a dataset folder holds."""
     return encode(noise_image(seed, size, mode, level, spread), fmt)
-
-
-def write_split(
-    folder: Path,
-    classes: Sequence[str],
-    records: Mapping[str, Sequence[Record]],
-    shard_size: int = 1024,
-    **manifest_fields: object,
-) -> Path:
-    """A split dataset (docs/artifacts.md) holding `records[split]`: TFRecord shards and
-    `split_manifest.json` (with any further manifest fields given); returns `folder`. The
-    project's own writer (components/data/tfrecords.py), so a test split is the real format."""
-    return tfrecords.write_split(folder, classes, records, shard_size, **manifest_fields)
 
 
 def write_synthetic_split(
