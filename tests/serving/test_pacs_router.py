@@ -472,3 +472,67 @@ def test_qido_polling_routes_the_recent_studies_once(
     client = DicomWebClient(orthanc.dicomweb, authorization(orthanc))
     assert len(results(client, studies["recent"], "SR")) == 2
     assert results(client, studies["old"], "SR") == []
+
+
+@pytest.mark.service  # starts its own Orthanc and the router as a process
+def test_the_service_routes_instances_as_they_arrive_and_stops_on_sigterm(
+    model_server: str, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import sys
+
+    import yaml
+
+    missing = orthanc_missing()
+    if missing:
+        pytest.skip(missing)
+    orthanc = start_orthanc(tmp_path / "own-orthanc")
+    metrics_port = free_port()
+    config = tmp_path / "route.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_root": str(tmp_path / "runs"),
+                "route": {
+                    "dicomweb_url": orthanc.dicomweb,
+                    "watch": "orthanc-changes",
+                    "model_server": model_server,
+                    "model_name": MODEL,
+                    "poll_seconds": 0.3,
+                    "metrics_port": metrics_port,
+                    "pacs": {"auth": "basic", "retries": 1, "backoff_seconds": 0.01},
+                },
+            }
+        )
+    )
+    log = (tmp_path / "route.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tumorflow.cli.main", "route", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **login(orthanc)},
+    )
+    client = DicomWebClient(orthanc.dicomweb, authorization(orthanc))
+    try:
+        for seed in (70, 71):  # one study, then another while the service runs
+            [source] = store_study(orthanc, tmp_path, 1, seed=seed)
+
+            def routed(source=source) -> bool:
+                if process.poll() is not None:
+                    raise AssertionError((tmp_path / "route.log").read_text())
+                return len(results(client, source.StudyInstanceUID, "SR")) == 1
+
+            wait_until(routed, 120, f"the SR of study {seed}", interval=0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            assert "tumorflow_route_routed_total 2.0" in r.read().decode()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        log.close()
+        orthanc.stop()
+    state = RouteState.load(tmp_path / "runs" / "route" / "state.json")
+    assert len(state.done) == 2 and not state.pending
