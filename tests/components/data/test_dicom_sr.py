@@ -124,3 +124,42 @@ def test_stow_rs_stores_the_report_in_the_source_study(
         client.search(f"studies/{source.StudyInstanceUID}/instances", {"Modality": "SR"}, 10)
     )
     assert [item["00080018"]["Value"][0] for item in stored] == [report.SOPInstanceUID]
+
+
+def test_the_overlay_capture_is_a_valid_secondary_capture_with_the_note_burned_in(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    from tumorflow.components.data.dicom import decode_slices, png_bytes
+    from tumorflow.components.data.dicom_sr import overlay_capture
+    from tumorflow.components.evaluation.overlays import overlay_heatmap
+    from tumorflow.core.config import DicomConfig
+
+    source = source_instance(tmp_path)
+    image = png_bytes(decode_slices(source, DicomConfig())[0])
+    overlay = overlay_heatmap(image, np.linspace(0, 1, 64).reshape(8, 8))
+    capture = overlay_capture(source, PREDICTION, overlay)
+    path = tmp_path / "capture.dcm"
+    path.write_bytes(report_bytes(capture))
+    result = subprocess.run(
+        [needs("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60
+    )
+    output = result.stdout + result.stderr
+    assert "SCImage" in output
+    assert not [line for line in output.splitlines() if line.startswith("Error")], output
+
+    parsed = pydicom.dcmread(path)
+    assert parsed.BurnedInAnnotation == "YES" and parsed.Modality == "OT"
+    assert parsed.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert parsed.StudyInstanceUID == source.StudyInstanceUID
+    report = prediction_report(source, PREDICTION)
+    assert parsed.SeriesInstanceUID not in (report.SeriesInstanceUID, source.SeriesInstanceUID)
+    assert overlay_capture(source, PREDICTION, overlay).SOPInstanceUID == parsed.SOPInstanceUID
+    # enlarged to be legible; the bottom band holds white text on black, the rest the overlay
+    pixels = parsed.pixel_array
+    assert min(pixels.shape[:2]) >= 256
+    band = pixels[-16:]
+    assert (band == 0).all(axis=-1).mean() > 0.5
+    assert (band > 200).all(axis=-1).sum() > 50
+    assert not (pixels[: pixels.shape[0] // 2] > 200).all(axis=-1).any()
