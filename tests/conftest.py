@@ -19,17 +19,17 @@ Rules for a new test:
   a port it chose itself (`port=0`, a socket handed over) or `helpers.free_port()`; never a fixed
   port, never the cwd (`monkeypatch.chdir(tmp_path)` if a command writes there).
 - A tiny pipeline run: `load_config(helpers.TINY_CONFIG, preset="phantom", overrides=[...])` or
-  `tumorflow run --config tests/tiny.yaml`; do not copy its settings.
+  `tumorflow run --preset phantom --config tests/tiny.yaml`; do not copy its settings.
 - A trained model: the `tiny_model` fixture (trained and exported once per session, explain
   signature included; read it, copy it before changing it). A model of known behaviour without
   training: `make_model_dir` (tests/components/conftest.py).
 - Wait on the event (`helpers.wait_until`, `approval_waiter`, `approval_announcements`), never a
   fixed sleep. A test that hangs fails: 300 s for unit and service tests (pyproject), 900 s for
   e2e tests (`E2E_TIMEOUT_S`); a longer one says so with `@pytest.mark.timeout(...)`.
-- Under pytest-xdist (`make test`: 2 workers, `--dist loadgroup`) a session fixture runs once per
-  worker; work worth sharing between workers goes through `shared_once` (a file lock in the
-  session's temp folder). A module's `service` and `e2e` tests stay on one worker, so a
-  module-scoped fixture runs once; unit tests must not rely on running in the same process.
+- Under pytest-xdist (`make test`: 2 workers, `--dist loadfile`) a module's tests run on one
+  worker, so a module-scoped fixture (a server, a run) is set up once; a session fixture runs
+  once per worker, and work worth sharing between workers goes through `shared_once` (a file lock
+  in the session's temp folder).
 """
 
 from __future__ import annotations
@@ -65,22 +65,15 @@ SERVICE_FIXTURES = frozenset(
 E2E_TIMEOUT_S = 900
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Put each test that uses a service fixture, and is not `e2e`, in the `service` tier; give
-    e2e tests their longer timeout; keep the `service` and `e2e` tests of a module on one xdist
-    worker (`--dist loadgroup`), so that the module's server or run is set up once; unit tests go
-    to whichever worker is free."""
+    e2e tests their longer timeout."""
     for item in items:
         e2e = item.get_closest_marker("e2e") is not None
         if not e2e and SERVICE_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.service)
         if e2e and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
-        if (e2e or item.get_closest_marker("service")) and not item.get_closest_marker(
-            "xdist_group"
-        ):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 def shared_once(

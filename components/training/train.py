@@ -325,6 +325,126 @@ def plot_training_curves(
     plt.close(fig)
 
 
+def _trainable_split(split_dir: Path) -> tuple[dict, list[str]]:
+    """The split manifest and its classes; a split without train or val images is refused."""
+    manifest = read_split_manifest(split_dir)
+    for split in ("train", "val"):
+        if manifest["splits"].get(split, {}).get("count", 0) == 0:
+            raise DatasetError(f"the {split} split of {split_dir} is empty; cannot train")
+    return manifest, list(manifest["classes"])
+
+
+def _batchnorm_recalibration(
+    config: TrainConfig, base: Any, split_dir: Path, image_size: int, batch_size: int, distribution
+) -> Any:
+    """The callback that recomputes a from-scratch custom_cnn's BatchNorm statistics before each
+    validation (`train.batchnorm_recalibration`); None when it does not apply."""
+    import keras
+
+    if not (config.batchnorm_recalibration and config.backbone == CUSTOM_CNN):
+        return None
+    if distribution.strategy.num_replicas_in_sync > 1:
+        log.warning("batchnorm_recalibration is skipped with more than one replica")
+        return None
+    return _batchnorm_recalibration_class()(
+        make_dataset(
+            split_dir, "train", image_size, batch_size, None, False, 0, config.grayscale
+        ).take(config.batchnorm_recalibration_batches),
+        [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)],
+    )
+
+
+def _compile_for_stage(
+    model: Any, base: Any, config: TrainConfig, stage: int, stage_config: Any, distribution
+) -> None:
+    """Set which layers a stage trains (stage 1 the head, stage 2 the top of the backbone too)
+    and compile with the stage's learning rate, scaled for the replicas."""
+    import keras
+
+    _set_stage_trainable(model, base, config.backbone, stage, config.unfreeze_top_layers)
+    model.compile(
+        optimizer=keras.optimizers.Adam(distribution.learning_rate(stage_config.learning_rate)),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+def _stage_callbacks(config: TrainConfig, stage: int, stage_config: Any) -> tuple[list, Any, Any]:
+    """A stage's Keras callbacks: the warm-up cosine schedule when configured; in stage 2 early
+    stopping and, with a constant schedule, learning-rate reduction on plateau. Returns the
+    list, the early stopping and the reduction (None where absent; checkpoints record them)."""
+    import keras
+
+    early = reduce_lr = None
+    callbacks: list = []
+    if config.lr_schedule == "warmup_cosine":
+        callbacks.append(
+            keras.callbacks.LearningRateScheduler(
+                lambda epoch, _, base=stage_config.learning_rate, epochs=stage_config.epochs: (
+                    warmup_cosine_rate(base, epoch, epochs, config.warmup_epochs)
+                )
+            )
+        )
+    if stage == 2:
+        early = keras.callbacks.EarlyStopping(
+            monitor="val_loss",
+            patience=config.early_stopping_patience,
+            restore_best_weights=True,
+            verbose=1,
+        )
+        callbacks.append(early)
+        if config.lr_schedule == "constant":
+            reduce_lr = keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss",
+                factor=config.reduce_lr_factor,
+                patience=config.reduce_lr_patience,
+                verbose=1,
+            )
+            callbacks.append(reduce_lr)
+    return callbacks, early, reduce_lr
+
+
+def _write_model_folder(
+    model: Any,
+    output_dir: Path,
+    config: TrainConfig,
+    *,
+    image_size: int,
+    classes: list[str],
+    epochs_run: dict[str, int],
+    kept_epoch: dict[str, Any],
+    policy: str,
+    history: list[dict[str, Any]],
+    tracker: TrainingRun | None,
+) -> dict[str, Any]:
+    """The model folder (docs/artifacts.md "Model"): the Keras model, its info, the history and
+    the curves; logged to MLflow with `tracker`. Returns the info."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save(output_dir / MODEL_FILE)
+    _write_history(output_dir / HISTORY_FILE, history)
+    plot_training_curves(history, output_dir / CURVES_FILE, kept_epoch)
+    info = {
+        "backbone": config.backbone,
+        "weights": config.weights,
+        "image_size": [image_size, image_size],
+        "grayscale": config.grayscale,
+        "classes": classes,
+        "stage1": config.stage1.model_dump(),
+        "stage2": config.stage2.model_dump(),
+        "epochs_run": epochs_run,
+        "kept_epoch": kept_epoch,
+        "lr_schedule": config.lr_schedule,
+        "dtype_policy": policy,
+        "mlflow_run_id": tracker.run_id if tracker else None,
+    }
+    (output_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
+    if tracker is not None:
+        tracker.finish(
+            output_dir / name for name in (MODEL_FILE, MODEL_INFO_FILE, HISTORY_FILE, CURVES_FILE)
+        )
+    return info
+
+
 def train_model(
     split_dir: Path,
     output_dir: Path,
@@ -343,11 +463,7 @@ def train_model(
     import keras
 
     split_dir, output_dir, checkpoint_dir = Path(split_dir), Path(output_dir), Path(checkpoint_dir)
-    manifest = read_split_manifest(split_dir)
-    classes = list(manifest["classes"])
-    for split in ("train", "val"):
-        if manifest["splits"].get(split, {}).get("count", 0) == 0:
-            raise DatasetError(f"the {split} split of {split_dir} is empty; cannot train")
+    manifest, classes = _trainable_split(split_dir)
     image_size = config.image_size or default_image_size(config.backbone)
     policy = _resolve_mixed_precision(config.mixed_precision)
     distribution = training_distribution()
@@ -409,21 +525,9 @@ def train_model(
         if resume:
             best.restore(resume)
         val_macro_f1 = _macro_f1_scorer(val_ds)
-        recalibration = None
-        if config.batchnorm_recalibration and config.backbone == CUSTOM_CNN:
-            if distribution.strategy.num_replicas_in_sync > 1:
-                log.warning("batchnorm_recalibration is skipped with more than one replica")
-            else:
-                recalibration = _batchnorm_recalibration_class()(
-                    make_dataset(
-                        split_dir, "train", image_size, batch_size, None, False, 0, config.grayscale
-                    ).take(config.batchnorm_recalibration_batches),
-                    [
-                        layer
-                        for layer in base.layers
-                        if isinstance(layer, keras.layers.BatchNormalization)
-                    ],
-                )
+        recalibration = _batchnorm_recalibration(
+            config, base, split_dir, image_size, batch_size, distribution
+        )
         last_dir = resume["dir"] if resume else None
         epochs_run = {"stage1": 0, "stage2": 0}
 
@@ -432,14 +536,7 @@ def train_model(
             done_before = resume is not None and (
                 resume["stage"] > stage or (resume["stage"] == stage and resume["stage_done"])
             )
-            _set_stage_trainable(model, base, config.backbone, stage, config.unfreeze_top_layers)
-            model.compile(
-                optimizer=keras.optimizers.Adam(
-                    distribution.learning_rate(stage_config.learning_rate)
-                ),
-                loss="sparse_categorical_crossentropy",
-                metrics=["accuracy"],
-            )
+            _compile_for_stage(model, base, config, stage, stage_config, distribution)
             stage_resume = resume if resume is not None and resume["stage"] == stage else None
             if stage_resume is not None:
                 restore_checkpoint(model, stage_resume["dir"], stage_resume["learning_rate"])
@@ -449,32 +546,9 @@ def train_model(
             initial_epoch = stage_resume["epoch"] if stage_resume else 0
             if initial_epoch >= stage_config.epochs:
                 continue
-            early = reduce_lr = None
-            callbacks: list[keras.callbacks.Callback] = [recalibration] if recalibration else []
-            if config.lr_schedule == "warmup_cosine":
-                callbacks.append(
-                    keras.callbacks.LearningRateScheduler(
-                        lambda epoch, _, base=stage_config.learning_rate, epochs=stage_config.epochs: (
-                            warmup_cosine_rate(base, epoch, epochs, config.warmup_epochs)
-                        )
-                    )
-                )
-            if stage == 2:
-                early = keras.callbacks.EarlyStopping(
-                    monitor="val_loss",
-                    patience=config.early_stopping_patience,
-                    restore_best_weights=True,
-                    verbose=1,
-                )
-                callbacks.append(early)
-                if config.lr_schedule == "constant":
-                    reduce_lr = keras.callbacks.ReduceLROnPlateau(
-                        monitor="val_loss",
-                        factor=config.reduce_lr_factor,
-                        patience=config.reduce_lr_patience,
-                        verbose=1,
-                    )
-                    callbacks.append(reduce_lr)
+            callbacks, early, reduce_lr = _stage_callbacks(config, stage, stage_config)
+            if recalibration is not None:
+                callbacks.insert(0, recalibration)
             checkpointer = callback_class(
                 store,
                 stage,
@@ -533,30 +607,18 @@ def train_model(
                 best.monitor,
                 best.value,
             )
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model.save(output_dir / MODEL_FILE)
-        _write_history(output_dir / HISTORY_FILE, history)
-        plot_training_curves(history, output_dir / CURVES_FILE, best.state())
-        info = {
-            "backbone": config.backbone,
-            "weights": config.weights,
-            "image_size": [image_size, image_size],
-            "grayscale": config.grayscale,
-            "classes": classes,
-            "stage1": config.stage1.model_dump(),
-            "stage2": config.stage2.model_dump(),
-            "epochs_run": epochs_run,
-            "kept_epoch": best.state(),
-            "lr_schedule": config.lr_schedule,
-            "dtype_policy": policy,
-            "mlflow_run_id": tracker.run_id if tracker else None,
-        }
-        (output_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
-        if tracker is not None:
-            tracker.finish(
-                output_dir / name
-                for name in (MODEL_FILE, MODEL_INFO_FILE, HISTORY_FILE, CURVES_FILE)
-            )
+        info = _write_model_folder(
+            model,
+            output_dir,
+            config,
+            image_size=image_size,
+            classes=classes,
+            epochs_run=epochs_run,
+            kept_epoch=best.state(),
+            policy=policy,
+            history=history,
+            tracker=tracker,
+        )
         log.info("model written to %s (%s epochs)", output_dir, epochs_run)
         return TrainResult(
             model_dir=output_dir,

@@ -15,7 +15,7 @@ from helpers import TINY_CONFIG
 from tumorflow.cli.main import build_parser, main
 
 # the tiny run of tests/tiny.yaml, as a user passes a config file
-TINY_RUN = ["--config", str(TINY_CONFIG)]
+TINY_RUN = ["--preset", "phantom", "--config", str(TINY_CONFIG)]
 TASKS = (
     "dataset-version",
     "download",

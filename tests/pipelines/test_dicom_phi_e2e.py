@@ -14,7 +14,7 @@ from helpers import TINY_CONFIG
 from tumorflow.core.config import load_config
 from tumorflow.pipelines.runner import run_local
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.e2e
 
 NAME_IN_FILES = FAKE_PHI["PatientName"].replace("^", "_")
 NEEDLES = sorted({*FAKE_PHI.values(), NAME_IN_FILES})

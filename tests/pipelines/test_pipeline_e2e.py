@@ -12,8 +12,7 @@ from PIL import ImageFilter
 from tumorflow.core.config import load_config
 from tumorflow.pipelines.runner import run_local
 
-# the first test pays for the module's tiny run
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.e2e
 
 
 def _tiny_config(run_root: Path, tracking_uri: str, *overrides: str):

@@ -212,15 +212,18 @@ def _cached(summary: RunSummary) -> set[str]:
 
 
 def _split_images(summary: RunSummary) -> int:
-    from tumorflow.pipelines.runner import artifact_path
+    from tumorflow.pipelines.run_folder import RunFolder
 
-    manifest = artifact_path(summary.run_dir, "validate-and-split", "split")
+    manifest = RunFolder(Path(summary.run_dir)).artifact("validate-and-split", "split")
     splits = json.loads((manifest / "split_manifest.json").read_text())["splits"]
     return sum(sum(info["class_counts"].values()) for info in splits.values())
 
 
-def _reject_when_waiting(tracking_uri: str, timeout: float = 600) -> threading.Thread:
-    """A reviewer who rejects the candidate that waits for approval, as soon as it waits."""
+def _reject_when_waiting(
+    tracking_uri: str, run_root: Path, timeout: float = 600
+) -> threading.Thread:
+    """A reviewer who rejects the candidate that waits for approval, as soon as it waits (signed
+    with the key the first run made under the run root)."""
     import mlflow
 
     from tumorflow.cli.main import main
@@ -243,6 +246,8 @@ def _reject_when_waiting(tracking_uri: str, timeout: float = 600) -> threading.T
                 "new scanner, not validated",
                 "--tracking-uri",
                 tracking_uri,
+                "--run-root",
+                str(run_root),
             ]
         )
 
@@ -267,6 +272,9 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
     # day 1: the first model
     day1 = run_local(config)
     assert day1.deployed_version == 1
+    # signing is on: the first run made a throwaway trust root, and v1 carries its signed release
+    release = json.loads((base / MODEL / "1" / "assets.extra" / "release.json").read_text())
+    assert release["records"][0]["record"]["action"] == "auto_approve"
     assert day1.dataset_version and day1.dataset_version.startswith("sha256:")
     timeline.append(f"day 1: trained on {_split_images(day1)} images, deployed v1")
 
@@ -303,8 +311,7 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
         # day 4: the model's policy is manual; drifted requests start a retraining that waits
         # for a person, who rejects it
         assert (
-            main(["policy", "set", MODEL, "--approval", "manual", "--tracking-uri", mlflow_server])
-            == 0
+            main(["policy", "set", MODEL, "--approval", "manual", "--run-root", str(run_root)]) == 0
         )
         drift_started, logged = time.time(), _logged_requests(requests)
         client.drifted.set()
@@ -316,7 +323,7 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
             interval=0.5,
         )
         window_hours = (time.time() - drift_started - 1) / 3600
-        reviewer = _reject_when_waiting(mlflow_server)
+        reviewer = _reject_when_waiting(mlflow_server, run_root)
         auto_run = config.model_copy(deep=True)
         auto_run.gate.approval = "auto"  # a run's own config cannot lower the model's policy
         auto_run.drift.window_hours = window_hours
@@ -332,6 +339,7 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
         assert len(rejected) == 1
         assert rejected[0].tags["tumorflow.trigger_reason"] == day4.trigger_reason
         assert rejected[0].tags["approval.policy"] == "manual"
+        assert "decision.1.reject" in rejected[0].tags
         assert day4.deployed_version is None
         labels = registry.get_registered_model(MODEL).aliases
         assert (
@@ -357,6 +365,8 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
                     str(base),
                     "--tracking-uri",
                     mlflow_server,
+                    "--run-root",
+                    str(run_root),
                 ]
             )
             == 0
