@@ -178,9 +178,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         try:
             wait_for_http(f"{url}/health", timeout=90, process=process)
             break
-        except RuntimeError:
+        except (RuntimeError, AssertionError) as exc:  # it exited, or never answered
+            process.kill()
             log.close()
-            if attempt == 2:
+            # an exit (the port taken) is retried on another port; a server that hangs is not
+            if attempt == 2 or isinstance(exc, AssertionError):
                 raise
     try:
         yield url
