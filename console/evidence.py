@@ -17,7 +17,7 @@ from typing import Any
 from tumorflow.components.gate.review import CHANGED
 from tumorflow.components.release import registry
 from tumorflow.core import artifacts
-from tumorflow.pipelines.run_folder import EVALUATION, GATE_DECISION, RunFolder
+from tumorflow.pipelines.run_folder import EVALUATION, GATE_DECISION, SPLIT, RunFolder
 
 WAITING = "waiting"
 DEPLOYED = "deployed"
@@ -94,6 +94,8 @@ class RunEvidence:
     drift_report: str | None
     # test images whose prediction changed between champion and challenger (gate's review file)
     changed_predictions: list[dict[str, Any]] = field(default_factory=list)
+    # validate's leak report (split_manifest.json `leak_report`): what a random split would leak
+    leak_report: dict[str, Any] | None = None
 
 
 def _own_file(run: RunFolder | None, step: tuple[str, str], name: str) -> Path | None:
@@ -126,6 +128,7 @@ def run_evidence(run_root: Path, pipeline_run: str) -> RunEvidence:
         if path is not None:
             plots[name.removesuffix(".png")] = path.relative_to(run.path).as_posix()
     drift = run.drift_report_html() if run else None
+    split_manifest = (run.json(SPLIT, artifacts.SPLIT_MANIFEST_JSON) if run else None) or {}
     reviewed = _review_images(run)
     overlays = {e["path"]: e["overlay"] for e in reviewed if "overlay" in e}
     wrong = []
@@ -154,4 +157,5 @@ def run_evidence(run_root: Path, pipeline_run: str) -> RunEvidence:
         plots=plots,
         drift_report=drift.relative_to(run.path).as_posix() if drift else None,
         changed_predictions=[e for e in reviewed if CHANGED in e["reasons"]],
+        leak_report=split_manifest.get("leak_report"),
     )

@@ -237,6 +237,49 @@ def split_by_duplicate_groups(
     return result, info
 
 
+LEAK_SEEDS = 10
+
+
+def random_split_leakage(group_of: np.ndarray, split: SplitConfig, seeds: int = LEAK_SEEDS) -> dict:
+    """What a naive random split would leak: the share of test images with a near-duplicate
+    (an image of the same group) in train, when the images themselves, not their groups, are
+    shuffled into train/val/test with `split`'s fractions. Simulated over `seeds` shuffles; the
+    mean is the expected share, `min`/`max` its spread. No training: a count per shuffle."""
+    group_of = np.asarray(group_of, dtype=np.int64)
+    n = len(group_of)
+    n_test = round(n * split.test_fraction)
+    n_val = round(n * split.val_fraction)
+    shares = []
+    for seed in range(seeds):
+        order = np.random.default_rng(split.seed + seed).permutation(n)
+        test, train = order[:n_test], order[n_test + n_val :]
+        in_train = np.bincount(group_of[train], minlength=int(group_of.max(initial=-1)) + 1)
+        shares.append(float((in_train[group_of[test]] > 0).mean()) if n_test else 0.0)
+    return {
+        "test_share": round(float(np.mean(shares)), 4) if shares else 0.0,
+        "min": round(min(shares), 4) if shares else 0.0,
+        "max": round(max(shares), 4) if shares else 0.0,
+        "seeds": seeds,
+        "test_images": n_test,
+    }
+
+
+def source_split_leakage(group_of: np.ndarray, source_splits: list[str]) -> dict | None:
+    """The share of the source's own test images (its test folder) that have a near-duplicate in
+    its own train folder; None when the source has no train and test folders."""
+    group_of = np.asarray(group_of, dtype=np.int64)
+    sources = np.asarray(source_splits, dtype=object)
+    test, train = sources == "test", sources == "train"
+    if not test.any() or not train.any():
+        return None
+    leaked = np.isin(group_of[test], group_of[train])
+    return {
+        "test_share": round(float(leaked.mean()), 4),
+        "test_images": int(test.sum()),
+        "leaked_images": int(leaked.sum()),
+    }
+
+
 def balanced_class_weights(counts: list[int]) -> list[float]:
     """The one class-weight formula: `n_train / (n_classes * count_c)` per class, so that every
     class weighs as much in the loss; a class without training images gets 1.0."""

@@ -55,3 +55,42 @@ def test_a_run_name_with_a_path_in_it_names_no_folder(tmp_path):
 
     assert run_folder(tmp_path, name) == tmp_path / "pipeline_root" / name
     assert run_folder(tmp_path, f"../{name}") is None
+
+
+def render_review(run_root: Path, pipeline_run: str) -> str:
+    """The review page of a run as the console renders it (its template, without a server)."""
+    from jinja2 import Environment, FileSystemLoader
+
+    from tumorflow.console.app import TEMPLATES
+    from tumorflow.console.evidence import CandidateRow
+
+    run = CandidateRow(pipeline_run, "kidney", "1", 0, "waiting", True)
+    template = Environment(loader=FileSystemLoader(TEMPLATES)).get_template("review.html")
+    return template.render(run=run, evidence=run_evidence(run_root, pipeline_run), may_decide=False)
+
+
+def _run_with_split(run_root: Path, **manifest_fields) -> str:
+    """A run folder holding only validate's split manifest."""
+    run = run_root / "pipeline_root" / "tumorflow-retrain-20261203120000"
+    split = run / "validate-and-split" / "split"
+    split.mkdir(parents=True)
+    (split / artifacts.SPLIT_MANIFEST_JSON).write_text(json.dumps(manifest_fields))
+    return run.name
+
+
+def test_the_review_page_shows_what_a_random_split_would_leak(tmp_path):
+    leak_report = {
+        "random_split": {"test_share": 0.8125, "min": 0.75, "max": 0.875, "seeds": 10},
+        "source_split": {"test_share": 0.25, "test_images": 40, "leaked_images": 10},
+    }
+    name = _run_with_split(tmp_path, leak_report=leak_report)
+
+    assert run_evidence(tmp_path, name).leak_report == leak_report
+    page = render_review(tmp_path, name)
+    assert "<b>81.2 %</b>" in page and "from 75.0 to 87.5 % over 10 shuffles" in page
+    assert "10 of 40 test images" in page and "<b>25.0 %</b>" in page
+
+
+def test_a_run_without_a_leak_report_shows_none(tmp_path):
+    page = render_review(tmp_path, _run_with_split(tmp_path, classes=["a", "b"]))
+    assert "leak-report" not in page

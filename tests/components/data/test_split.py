@@ -8,6 +8,8 @@ import pytest
 from tumorflow.components.data.split import (
     class_weights,
     group_duplicates,
+    random_split_leakage,
+    source_split_leakage,
     split_by_duplicate_groups,
 )
 from tumorflow.core.config import SplitConfig
@@ -152,3 +154,33 @@ def test_class_weights_balance_the_classes_and_training_uses_the_same_formula():
     manifest = {"splits": {"train": {"class_counts": {"normal": 30, "tumor": 10}}}}
     assert _class_weights(manifest, ["normal", "tumor"]) == {0: 40 / 60, 1: 2.0}
     assert balanced_class_weights([5, 0]) == [0.5, 1.0]
+
+
+def test_random_split_of_distinct_images_leaks_nothing() -> None:
+    report = random_split_leakage(np.arange(200), SplitConfig())
+    assert report["test_share"] == report["max"] == 0.0
+    assert report["test_images"] == 30
+
+
+def test_random_split_of_groups_of_ten_leaks_nearly_every_test_image() -> None:
+    group_of = np.repeat(np.arange(20), 10)
+    report = random_split_leakage(group_of, SplitConfig(), seeds=8)
+    # a test image escapes only if its 9 group-mates all miss train: about 0.3 ** 9
+    assert report["min"] >= 0.95
+    assert report["seeds"] == 8
+
+
+def test_random_split_of_pairs_leaks_about_the_train_fraction() -> None:
+    group_of = np.repeat(np.arange(500), 2)
+    report = random_split_leakage(group_of, SplitConfig(val_fraction=0.15, test_fraction=0.15))
+    assert report["test_share"] == pytest.approx(0.7, abs=0.05)
+    assert report["min"] <= report["test_share"] <= report["max"]
+
+
+def test_source_folders_leak_the_share_of_test_images_copied_from_train() -> None:
+    # 10 train images; the test folder holds 4 copies of train images and 6 images of its own
+    group_of = np.array([*range(10), 0, 1, 2, 3, *range(10, 16)])
+    sources = ["train"] * 10 + ["test"] * 10
+    report = source_split_leakage(group_of, sources)
+    assert report == {"test_share": 0.4, "test_images": 10, "leaked_images": 4}
+    assert source_split_leakage(group_of, [""] * 20) is None

@@ -109,6 +109,10 @@ def test_near_duplicate_slices_never_straddle_splits(tmp_path: Path, tiny_phanto
     assert by_name["Cyst- (2).jpg"]["group_id"] == by_name["Cyst- (1).jpg"]["group_id"]
     assert result.grouping["exact_duplicate_groups"] == 1
     assert result.grouping["groups"] < len(rows) / 2
+    naive = result.manifest["leak_report"]["random_split"]
+    assert naive["test_share"] > 0.5, "slices of one patient would land on both sides"
+    assert result.manifest["leak_report"]["source_split"] is None
+    assert f"{naive['test_share']:.1%} of test images" in result.report_markdown()
 
 
 @pytest.mark.parametrize(
@@ -223,6 +227,9 @@ def test_predefined_split_folders_are_kept(tmp_path: Path) -> None:
     leaked = {row["path"]: row["split"] for row in rows}
     assert leaked["Training/cyst/cyst-0.png"] == leaked["Testing/cyst/leaked.png"] == "test"
     assert result.manifest["source_split_leaks"] == {"groups": 1, "images": 2}
+    own = json.loads((tmp_path / "split/split_manifest.json").read_text())["leak_report"]
+    assert own["source_split"] == {"test_share": 0.1429, "test_images": 7, "leaked_images": 1}
+    assert "1 of 7 test images (14.3%) have a near-duplicate" in result.report_markdown()
 
 
 def test_a_listed_class_without_images_is_an_error(tmp_path: Path) -> None:
