@@ -23,6 +23,9 @@ HISTORY_FILE = "history.csv"
 CURVES_FILE = "training_curves.png"
 # The serving export inside a model folder: what evaluate scores and deploy publishes.
 SERVING_EXPORT = "saved_model"
+# What the export folds into the SavedModel besides the weights: the calibration temperature and
+# the OOD detector's statistics, fitted after training (components/training/serving_statistics.py).
+SERVING_STATISTICS_FILE = "serving_statistics.npz"
 
 # evaluate.
 METRICS_FILE = "metrics.json"
@@ -30,6 +33,11 @@ PREDICTIONS_FILE = "predictions.csv"
 # Which SavedModel was scored: the gate explains the challenger's review images with it.
 EVALUATED_MODEL_FILE = "evaluated_model.json"
 PLOTS = ("confusion_matrix.png", "roc.png", "reliability.png")
+
+# external-site sets (components/data/external_sets.py): the prepared sets' index beside one split
+# dataset per set; evaluate writes each set's metrics and predictions under EXTERNAL_DIR/<name>/.
+EXTERNAL_SETS_FILE = "external_sets.json"
+EXTERNAL_DIR = "external"
 
 # gate.
 DECISION_FILE = "decision.json"

@@ -157,9 +157,15 @@ class AugmentConfig(_Section):
 class TrainConfig(_Section):
     """Two-stage fine-tuning: frozen backbone warm-up, then the top layers at a lower rate."""
 
-    backbone: Literal["vgg16", "resnet50v2", "mobilenetv2", "efficientnetb0", "custom_cnn"] = (
-        "custom_cnn"
-    )
+    backbone: Literal[
+        "vgg16",
+        "resnet50v2",
+        "mobilenetv2",
+        "efficientnetb0",
+        "xception",
+        "densenet121",
+        "custom_cnn",
+    ] = "custom_cnn"
     # imagenet | none | a path to a weights file
     weights: str = "none"
     # Input side in pixels; 0 means the backbone's default.
@@ -196,6 +202,13 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     seed: int = 1
+    # After training (docs/calibration_ood.md): temperature scaling fitted on the validation split,
+    # folded into the export so every signature answers calibrated probabilities.
+    calibration: Literal["temperature", "none"] = "temperature"
+    # The export's out-of-distribution score (Mahalanobis distance of the embedding to the nearest
+    # training class); its threshold rejects this share of the validation images.
+    ood: Literal["mahalanobis", "none"] = "mahalanobis"
+    ood_false_rejection_rate: float = Field(0.01, ge=0, lt=1)
 
 
 class GateRule(_Section):
@@ -224,6 +237,40 @@ class ChampionRule(_Section):
     # When set, the challenger must beat the champion by at least this much on this metric.
     min_gain: float | None = None
     higher_is_better: bool = True
+    # point: the challenger's point value against the champion's. lower: the lower bound of the
+    # paired bootstrap CI of challenger - champion must stay above -margin (a non-inferiority test).
+    bound: Literal["point", "lower"] = "point"
+
+
+class ExternalSetConfig(_Section):
+    """An external-site dataset (docs/external_sets.md): downloaded and validated like the
+    training data, never trained on, all of it scored by challenger and champion. It takes the
+    run's dataset section with its own `source` (any the download step takes), folder and label
+    mapping; `rules` (floors) and `champion_rules` (non-inferiority) gate on it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    source: str
+    # The folder holding the class folders and the folder-to-label map; unset: the run's.
+    subdir: str | None = None
+    class_map: dict[str, str] | None = None
+    # For `source: phantom`: the generator settings (another seed or noise: another "site").
+    phantom: PhantomConfig | None = None
+    rules: list[GateRule] = Field(default_factory=list)
+    champion_rules: list[ChampionRule] = Field(default_factory=list)
+
+    def dataset(self, run_dataset: DatasetConfig) -> DatasetConfig:
+        """The dataset section this set is downloaded and validated with: the run's, with this
+        set's source, folder and labels (no predefined split folders: all of it is held out)."""
+        return run_dataset.model_copy(
+            update={
+                "name": f"{run_dataset.name}-external-{self.name}",
+                "source": self.source,
+                "subdir": run_dataset.subdir if self.subdir is None else self.subdir,
+                "class_map": run_dataset.class_map if self.class_map is None else self.class_map,
+                "split_dirs": {},
+                "phantom": self.phantom or run_dataset.phantom,
+            }
+        )
 
 
 class GateConfig(_Section):
@@ -246,6 +293,19 @@ class GateConfig(_Section):
     approval: Literal["auto", "manual"] = "auto"
     approval_timeout_s: float = Field(3600.0, gt=0)
     approval_poll_s: float = Field(5.0, gt=0)
+    # External-site sets (ExternalSetConfig), and the drop of `external_drop_metric` from the
+    # internal test split to an external set above which the review and report warn.
+    external_sets: list[ExternalSetConfig] = Field(default_factory=list)
+    external_drop_metric: str = "macro_f1"
+    external_max_drop: float = Field(0.10, ge=0)
+
+    @field_validator("external_sets")
+    @classmethod
+    def _unique_external_names(cls, value: list[ExternalSetConfig]) -> list[ExternalSetConfig]:
+        names = [external.name for external in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"gate.external_sets names must be unique: {names}")
+        return value
 
 
 class DeployConfig(_Section):

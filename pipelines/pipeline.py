@@ -3,6 +3,7 @@
     dataset version ─► download ─► validate & split ─► train (GPU) ─► evaluate ─► gate ─► approval ─► deploy
                                         │                   └────► drift reference ───────────────────┘
                                         └─► drift report (new data vs the served model's reference)
+    external sets: versions ─► download & validate (held out) ───────► evaluate, gate
 
 The dataset version step is never cached: it fingerprints what the source holds now, and every
 step after it is cached on that fingerprint (docs/caching.md), so new data is always trained on and
@@ -186,6 +187,23 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     ).set_display_name("validate & split")
     split = splitting.outputs["split"]
 
+    # External-site sets (gate.external_sets): versioned like the dataset, prepared once per
+    # version, never trained on; evaluate and the gate score them.
+    external_versions = _in_image(steps.external_versions)(
+        dataset=p["dataset"], gate_config=p["gate_config"]
+    ).set_display_name("external sets: versions")
+    external_versions.set_caching_options(False)
+    external = (
+        _in_image(steps.external_sets)(
+            dataset=p["dataset"],
+            split_config=p["split_config"],
+            sets=external_versions.outputs["sets"],
+            versions=external_versions.outputs["versions"],
+        )
+        .set_display_name("external sets: download & validate")
+        .outputs["external"]
+    )
+
     drift = _in_image(steps.drift_report)(
         split=split,
         model_base_path=p["model_base_path"],
@@ -208,7 +226,11 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
     model = training.outputs["model"]
 
     evaluation = _in_image(steps.evaluate)(
-        model=model, split=split, tracking_uri=p["tracking_uri"], dataset=p["dataset"]
+        model=model,
+        split=split,
+        tracking_uri=p["tracking_uri"],
+        dataset=p["dataset"],
+        external=external,
     )
     evaluation.set_display_name("evaluate")
 
@@ -223,6 +245,7 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
         tracking_uri=p["tracking_uri"],
         model_name=p["model_name"],
         model_base_path=p["model_base_path"],
+        external=external,
     ).set_display_name("gate: thresholds + champion/challenger")
     gating.set_caching_options(False)
 

@@ -105,6 +105,49 @@ def validate_and_split(
 
 
 @component
+def external_versions(dataset: dict, gate_config: dict) -> NamedTuple(
+    "ExternalVersions", sets=list, versions=dict
+):
+    """The external-site sets of `gate.external_sets` and what each source holds now (a content
+    fingerprint each). Never cached, like the dataset version: the preparing step is cached on it."""
+    from collections import namedtuple
+
+    from tumorflow.components.data.external_sets import resolve_external_versions
+    from tumorflow.core.config import DatasetConfig, GateConfig
+
+    sets = GateConfig.model_validate(gate_config).external_sets
+    versions = resolve_external_versions(sets, DatasetConfig.model_validate(dataset))
+    return namedtuple("ExternalVersions", "sets versions")(
+        [external.model_dump(exclude_none=True) for external in sets], versions
+    )
+
+
+@component
+def external_sets(
+    dataset: dict,
+    split_config: dict,
+    sets: list,
+    versions: dict,
+    external: Output[Dataset],
+):
+    """Download and validate each external set like the training data, all of it held out
+    (never trained on); cached on the sets' dataset versions."""
+    from pathlib import Path
+
+    from tumorflow.components.data.external_sets import prepare_external_sets
+    from tumorflow.core.config import DatasetConfig, ExternalSetConfig, SplitConfig
+
+    index = prepare_external_sets(
+        [ExternalSetConfig.model_validate(entry) for entry in sets],
+        DatasetConfig.model_validate(dataset),
+        SplitConfig.model_validate(split_config),
+        versions,
+        Path(external.path),
+    )
+    external.metadata.update({entry["name"]: entry["dataset_version"] for entry in index})
+
+
+@component
 def train(
     split: Input[Dataset],
     train_config: dict,
@@ -144,15 +187,18 @@ def evaluate(
     split: Input[Dataset],
     tracking_uri: str,
     dataset: dict,
+    external: Input[Dataset],
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     classification: Output[ClassificationMetrics],
 ):
-    """Score the held-out test split through the model's serving SavedModel; log to MLflow and
-    to the pipeline UI (the ROC curve of the dataset's `positive_class`)."""
+    """Score the held-out test split and the external sets through the model's serving
+    SavedModel; log to MLflow and to the pipeline UI (the ROC curve of the dataset's
+    `positive_class`)."""
     import json
     from pathlib import Path
 
+    from tumorflow.components.data.external_sets import external_splits
     from tumorflow.components.evaluation.evaluate import evaluate_model, log_kfp_metrics
     from tumorflow.core.artifacts import MODEL_INFO_FILE
 
@@ -165,6 +211,7 @@ def evaluate(
         tracking_uri=tracking_uri or None,
         mlflow_run_id=info.get("mlflow_run_id"),
         positive_class=positive_class,
+        external_splits=external_splits(Path(external.path)),
     )
     log_kfp_metrics(result, Path(evaluation.path), metrics, classification, positive_class)
     # The UI reads these two from their metadata; a file at each path lets kfp.local's cache,
@@ -281,11 +328,13 @@ def gate(
     tracking_uri: str,
     model_name: str,
     model_base_path: str,
+    external: Input[Dataset],
     decision: Output[Artifact],
     report: Output[Markdown],
     champion_classification: Output[ClassificationMetrics],
 ) -> bool:
-    """Absolute thresholds plus champion/challenger on the same test images: the blessing.
+    """Absolute thresholds plus champion/challenger on the same test images and on each external
+    set: the blessing.
 
     Fails when a version is served under `model_base_path` but the registry cannot be read."""
     from pathlib import Path
@@ -301,6 +350,7 @@ def gate(
         model_name=model_name,
         output_dir=Path(decision.path),
         model_base_path=model_base_path or None,
+        external_dir=Path(external.path),
     )
     Path(report.path).write_text(result.markdown)
     result.log_champion_classification(champion_classification)

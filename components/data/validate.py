@@ -374,12 +374,16 @@ def validate_and_split(
     output_dir: Path,
     split_config: SplitConfig,
     classes: list[str] | None = None,
+    *,
+    held_out: bool = False,
 ) -> SplitResult:
     """Validate a raw dataset and write the leakage-aware split dataset to `output_dir`.
 
     `classes` fixes the label order (and drops other labels); by default the sorted labels found.
     Raises `DatasetError` when nothing is valid, a listed class is empty, fewer than two classes
     remain, or the test split holds fewer than `split_config.min_test_per_class` of a class.
+    `held_out` (an external-site set, never trained on): every valid image goes to the test
+    split, and a listed class may be absent.
     """
     raw_dir, output_dir = Path(raw_dir), Path(output_dir)
     rows = read_manifest(raw_dir)
@@ -422,10 +426,14 @@ def validate_and_split(
             raise DatasetError(
                 f"no valid images in {raw_dir}: all {len(rows)} files were quarantined (see {output_dir / QUARANTINE_CSV})"
             )
-        class_names = _resolve_classes([row.label for row, _ in kept], classes)
+        class_names = (
+            list(classes)
+            if held_out and classes
+            else _resolve_classes([row.label for row, _ in kept], classes)
+        )
         slice_table = dicom.read_slice_table(raw_dir)
         result = _split_and_write(
-            kept, class_names, split_config, files_dir, output_dir, pool, slice_table
+            kept, class_names, split_config, files_dir, output_dir, pool, slice_table, held_out
         )
     manifest = {**result, "quarantined": len(quarantined), "source": source_info}
     fields = {k: v for k, v in manifest.items() if k not in ("classes", "splits")}
@@ -451,9 +459,10 @@ def _split_and_write(
     output_dir: Path,
     pool: ThreadPoolExecutor,
     slice_table: dict[str, dict[str, str]],
+    held_out: bool = False,
 ) -> dict:
     """Group, split, check the split is usable, write shards, split_manifest.csv and (for
-    DICOM) slices.csv. Images of one patient (slices.csv) are one group."""
+    DICOM) slices.csv. Images of one patient (slices.csv) are one group; `held_out`: all in test."""
     paths = [row.path for row, _ in kept]
     labels = [row.label for row, _ in kept]
     label_index = np.array([classes.index(label) for label in labels], dtype=np.int64)
@@ -468,17 +477,17 @@ def _split_and_write(
         grouping, [slice_table.get(path, {}).get("patient", "") for path in paths]
     )
     source_splits = [row.source_split for row, _ in kept]
-    assigned, split_info = split.split_by_duplicate_groups(
-        grouping.group_of,
-        label_index,
-        len(classes),
-        split_config,
-        source_splits,
-    )
-    leak_report = {
-        "random_split": split.random_split_leakage(grouping.group_of, split_config),
-        "source_split": split.source_split_leakage(grouping.group_of, source_splits),
-    }
+    if held_out:
+        assigned, split_info = ["test"] * len(kept), {"strategy": "held-out"}
+        leak_report = None
+    else:
+        assigned, split_info = split.split_by_duplicate_groups(
+            grouping.group_of, label_index, len(classes), split_config, source_splits
+        )
+        leak_report = {
+            "random_split": split.random_split_leakage(grouping.group_of, split_config),
+            "source_split": split.source_split_leakage(grouping.group_of, source_splits),
+        }
     group_names = [f"g{int(g):06d}" for g in grouping.group_of]
     splits_info = {}
     for name in split.SPLITS:
@@ -493,13 +502,17 @@ def _split_and_write(
         for c, n in splits_info["test"]["class_counts"].items()
         if n < split_config.min_test_per_class
     }
-    if short:
+    if short and not held_out:
         raise DatasetError(
             f"the test split is too small to evaluate: {short} (need at least "
             f"{split_config.min_test_per_class} per class); add images, raise split.test_fraction, "
             "or lower split.min_test_per_class"
         )
-    weights = split.class_weights(label_index[splits_info["train"]["members"]], classes)
+    weights = (
+        {}
+        if held_out
+        else split.class_weights(label_index[splits_info["train"]["members"]], classes)
+    )
     manifest_rows = []
     for name in split.SPLITS:
         members = splits_info[name].pop("members")

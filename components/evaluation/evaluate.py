@@ -28,7 +28,13 @@ from tumorflow.components.evaluation.metrics import (
     metrics_per_slice,
     read_predictions,
 )
-from tumorflow.core.artifacts import EVALUATED_MODEL_FILE, METRICS_FILE, PLOTS, PREDICTIONS_FILE
+from tumorflow.core.artifacts import (
+    EVALUATED_MODEL_FILE,
+    EXTERNAL_DIR,
+    METRICS_FILE,
+    PLOTS,
+    PREDICTIONS_FILE,
+)
 from tumorflow.core.errors import DatasetError, ModelError
 
 log = logging.getLogger(__name__)
@@ -205,6 +211,50 @@ def score_saved_model(saved_model_dir: Path, split_dir: Path, split: str = "test
     return Predictions(paths, np.array(labels, dtype=int), np.concatenate(scores), classes)
 
 
+def score_held_out_set(saved_model_dir: Path, split_dir: Path, classes: list[str]) -> Predictions:
+    """The test split of a held-out set (an external site's) scored like the internal one, with
+    labels and scores in `classes`' order (the evaluated model's): a set may lack a class."""
+    from tumorflow.components.data.tfrecords import read_split_manifest
+
+    labels_of = list(read_split_manifest(split_dir)["classes"])
+    unknown = sorted(set(labels_of) - set(classes))
+    if unknown:
+        raise DatasetError(
+            f"{split_dir} has classes {unknown} the model does not know ({classes}); map them "
+            "with the external set's class_map"
+        )
+    scored = score_saved_model(saved_model_dir, split_dir)
+    if sorted(scored.classes) != sorted(classes):
+        raise ModelError(f"{saved_model_dir} outputs classes {scored.classes}, not {classes}")
+    order = [scored.classes.index(c) for c in classes]
+    y_true = np.array([classes.index(labels_of[i]) for i in scored.y_true], dtype=int)
+    return Predictions(scored.paths, y_true, scored.probs[:, order], list(classes))
+
+
+def evaluate_external_sets(
+    saved_model_dir: Path, external_splits: dict[str, Path], classes: list[str], output_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """Score every external set; write `<output_dir>/external/<name>/` metrics.json and
+    predictions.csv; return the metrics per set."""
+    results = {}
+    for name, split_dir in external_splits.items():
+        scored = score_held_out_set(saved_model_dir, split_dir, classes)
+        metrics = compute_metrics(scored.y_true, scored.probs, scored.classes)
+        folder = Path(output_dir) / EXTERNAL_DIR / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False))
+        scored.write(folder / PREDICTIONS_FILE)
+        log.info(
+            "external set %s: n=%d accuracy %.4f macro F1 %.4f",
+            name,
+            metrics["n"],
+            metrics["accuracy"],
+            metrics["macro_f1"],
+        )
+        results[name] = metrics
+    return results
+
+
 def attach_slices(scored: Predictions, split_dir: Path) -> Predictions:
     """The predictions with the slice columns of the split's slices.csv (site, manufacturer,
     model, modality, source_folder, metadata-table columns: those with any known value);
@@ -260,6 +310,7 @@ def evaluate_model(
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     positive_class: str = "tumor",
+    external_splits: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Score one split through the model's serving SavedModel; write metrics.json,
     predictions.csv, the plots and evaluated_model.json (where the SavedModel scored is).
@@ -269,7 +320,8 @@ def evaluate_model(
     source folder; predictions.csv then carries those columns for the gate.
     Metrics (as `test_accuracy`, `test_recall_tumor`, ...) and the files also go to the MLflow
     run `mlflow_run_id` when both it and `tracking_uri` are given. The log line reports the
-    sensitivity and specificity of `positive_class`. Returns the metrics.
+    sensitivity and specificity of `positive_class`. `external_splits` (name -> split dataset)
+    are scored too, into `external/<name>/` (`evaluate_external_sets`). Returns the metrics.
     """
     import matplotlib
 
@@ -316,6 +368,8 @@ def evaluate_model(
         roc_points(scored.y_true, scored.probs, scored.classes), metrics, output_dir / PLOTS[1]
     )
     plot_reliability({"model": (scored.y_true, scored.probs)}, output_dir / PLOTS[2])
+    if external_splits:
+        evaluate_external_sets(saved_model, external_splits, scored.classes, output_dir)
     if tracking_uri and mlflow_run_id:
         _log_to_mlflow(tracking_uri, mlflow_run_id, split, metrics, output_dir)
     elif tracking_uri:

@@ -31,10 +31,12 @@ def evaluate_champion(
     *,
     version: str | None = None,
     serving_version: str | None = None,
+    external_splits: dict[str, Path] | None = None,
 ) -> ChampionEvaluation:
-    """Score the test split with a served SavedModel's `serving_default` (the encoded bytes)."""
+    """Score the test split with a served SavedModel's `serving_default` (the encoded bytes),
+    and each external set's (`external_splits`: name -> split dataset) the way evaluate does."""
     from tumorflow.components.data.tfrecords import read_split_manifest
-    from tumorflow.components.evaluation.evaluate import score_saved_model
+    from tumorflow.components.evaluation.evaluate import score_held_out_set, score_saved_model
     from tumorflow.components.evaluation.metrics import Predictions, compute_metrics
 
     classes = list(read_split_manifest(split_dir)["classes"])
@@ -45,7 +47,16 @@ def evaluate_champion(
     order = [scored.classes.index(c) for c in classes]
     scored = Predictions(scored.paths, scored.y_true, scored.probs[:, order], classes)
     metrics = compute_metrics(scored.y_true, scored.probs, classes)
-    return ChampionEvaluation(version, serving_version, scored, metrics)
+    external = {}
+    for name, external_split in (external_splits or {}).items():
+        theirs = score_held_out_set(saved_model_dir, external_split, classes)
+        external[name] = ChampionEvaluation(
+            version,
+            serving_version,
+            theirs,
+            compute_metrics(theirs.y_true, theirs.probs, classes),
+        )
+    return ChampionEvaluation(version, serving_version, scored, metrics, external)
 
 
 def _local_copy(uri: str, work_dir: Path) -> Path:
@@ -116,9 +127,13 @@ class ChampionLookup:
 
 
 def score_champion(
-    tracking_uri: str | None, model_name: str, model_base_path: str | None, split_dir: Path
+    tracking_uri: str | None,
+    model_name: str,
+    model_base_path: str | None,
+    split_dir: Path,
+    external_splits: dict[str, Path] | None = None,
 ) -> ChampionLookup:
-    """Find the champion and re-score it on `split_dir`'s test split.
+    """Find the champion and re-score it on `split_dir`'s test split and the external sets.
 
     The registry's `champion` is used when there is one; a version served under
     `model_base_path` that the registry does not know (deployed without tracking) is scored as
@@ -138,12 +153,14 @@ def score_champion(
                 split_dir,
                 version=model_version.version,
                 serving_version=model_version.tags.get(TAG_SERVING_VERSION),
+                external_splits=external_splits,
             )
             return ChampionLookup(evaluation, [])
         evaluation = evaluate_champion(
             _local_copy(served.version_uri, work_dir),
             split_dir,
             serving_version=str(served.version),
+            external_splits=external_splits,
         )
         note = (
             f"The registry has no champion of {model_name}: the served version {served.version} "

@@ -70,13 +70,17 @@ def run_gate(
     model_name: str,
     output_dir: Path,
     model_base_path: str | None = None,
+    external_dir: Path | None = None,
 ) -> GateRunResult:
     """The gate step: find and re-score the champion, apply the rules, write the decision and
     the review images (changed between champion and challenger, or wrong; Grad-CAM overlays).
 
     With `model_base_path`, a version served there makes an unreadable registry (no tracking
     URI, or unreachable) a GateError instead of a gate with absolute rules only.
+    `external_dir` holds the prepared external sets (components/data/external_sets.py) that
+    `gate.external_sets` names: the champion is re-scored on them, evaluate scored the challenger.
     """
+    from tumorflow.components.data.external_sets import external_splits
     from tumorflow.components.evaluation.evaluate import (
         METRICS_FILE,
         PREDICTIONS_FILE,
@@ -86,6 +90,8 @@ def run_gate(
     from tumorflow.components.evaluation.metrics import read_predictions
     from tumorflow.components.gate.champion import score_champion
     from tumorflow.components.gate.review import write_review_images
+    from tumorflow.components.gate.rules import ExternalScores
+    from tumorflow.core.artifacts import EXTERNAL_DIR
 
     evaluation_dir = Path(evaluation_dir)
     metrics_path = evaluation_dir / METRICS_FILE
@@ -93,9 +99,28 @@ def run_gate(
         raise GateError(f"{evaluation_dir} has no {METRICS_FILE}; run the evaluate step first")
     metrics = json.loads(metrics_path.read_text())
     predictions = read_predictions(evaluation_dir / PREDICTIONS_FILE, list(metrics["classes"]))
-    found = score_champion(tracking_uri, model_name, model_base_path, split_dir)
+    prepared = external_splits(external_dir)
+    missing = [s.name for s in gate.external_sets if s.name not in prepared]
+    if missing:
+        raise GateError(
+            f"gate.external_sets {missing} were not prepared (found: {sorted(prepared) or 'none'}); "
+            "re-run the pipeline, whose external-sets step downloads and validates them"
+        )
+    prepared = {s.name: prepared[s.name] for s in gate.external_sets}
+    external = {}
+    for name in prepared:
+        folder = evaluation_dir / EXTERNAL_DIR / name
+        if not (folder / METRICS_FILE).exists():
+            raise GateError(f"evaluate did not score external set {name!r}; re-run evaluate")
+        external[name] = ExternalScores(
+            json.loads((folder / METRICS_FILE).read_text()),
+            read_predictions(folder / PREDICTIONS_FILE, list(metrics["classes"])),
+        )
+    found = score_champion(tracking_uri, model_name, model_base_path, split_dir, prepared)
     champion = found.evaluation
-    decision = evaluate_gate(metrics, predictions, gate, champion, notes=found.notes)
+    decision = evaluate_gate(
+        metrics, predictions, gate, champion, notes=found.notes, external=external
+    )
     decision_path = write_decision(decision, output_dir)
     curves = {"challenger": (predictions.y_true, predictions.probs)}
     if champion is not None and champion.metrics:
@@ -109,5 +134,7 @@ def run_gate(
         champion.predictions if champion is not None else None,
         output_dir,
     )
+    for warning in decision.warnings:
+        log.warning("%s", warning)
     log.info("gate %s (%d rules)", "passed" if decision.passed else "failed", len(decision.rules))
     return GateRunResult(decision, markdown_report(decision), decision_path)

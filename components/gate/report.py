@@ -36,6 +36,31 @@ def _slice_sections(decision: GateDecision) -> list[str]:
     return lines
 
 
+def _external_sections(decision: GateDecision) -> list[str]:
+    """Each external set beside the internal test split: images, values with CIs, the
+    champion's, and the measured drop (a warning above the configured one)."""
+    if not decision.external_sets:
+        return []
+    lines = [
+        "",
+        "## External sets (never trained on), beside the internal test split",
+        "",
+        "| set | images | metric | internal test | external (CI) | champion | drop |",
+        "|---|---:|---|---|---|---|---|",
+    ]
+    for name, entry in decision.external_sets.items():
+        for metric, value in entry["values"].items():
+            ci = entry["intervals"].get(metric)
+            interval = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+            theirs = (entry["champion"] or {}).get(metric)
+            drop = _fmt(entry["drop"]) if metric == entry["drop_metric"] else ""
+            lines.append(
+                f"| {name} | {entry['n']} | {metric} | {_fmt(entry['internal'].get(metric))} | "
+                f"{_fmt(value)}{interval} | {_fmt(theirs)} | {drop} |"
+            )
+    return lines
+
+
 def markdown_report(decision: GateDecision) -> str:
     """The gate report for the pipeline UI: every rule, both models' values, CI, PASS/FAIL."""
     verdict = "PASSED" if decision.passed else "FAILED"
@@ -46,6 +71,7 @@ def markdown_report(decision: GateDecision) -> str:
             f"{decision.champion_serving_version}), re-evaluated on the challenger's test images."
         )
     lines += [f"> {note}" for note in decision.notes]
+    lines += [f"> **Warning:** {warning}" for warning in decision.warnings]
     confidence = decision.bootstrap["confidence"]
     lines += [
         "",
@@ -76,6 +102,7 @@ def markdown_report(decision: GateDecision) -> str:
                 f"| {name} | {_fmt(decision.challenger[name])} | [{_fmt(low)}, {_fmt(high)}] | {_fmt(theirs)} |"
             )
     lines += _slice_sections(decision)
+    lines += _external_sections(decision)
     lines += ["", "## Calibration", ""]
     lines.append(
         f"Expected calibration error ({ECE_BINS} bins): challenger {_fmt(decision.challenger.get('ece'))}"

@@ -24,7 +24,7 @@ from tumorflow.components.evaluation.metrics import (
     defined_metric_values,
     metric_value,
 )
-from tumorflow.core.config import ChampionRule, GateConfig, GateRule
+from tumorflow.core.config import ChampionRule, ExternalSetConfig, GateConfig, GateRule
 from tumorflow.core.errors import GateError
 
 LOWER_IS_BETTER = frozenset({"ece"})
@@ -39,12 +39,22 @@ class ChampionEvaluation:
     serving_version: str | None
     predictions: Predictions
     metrics: dict[str, Any]
+    # the champion on each external set, by name (components/data/external_sets.py)
+    external: dict[str, ChampionEvaluation] = field(default_factory=dict)
+
+
+@dataclass
+class ExternalScores:
+    """The challenger on one external set: evaluate's metrics and predictions of it."""
+
+    metrics: dict[str, Any]
+    predictions: Predictions
 
 
 @dataclass
 class RuleResult:
     name: str
-    kind: str  # absolute | slice | champion
+    kind: str  # absolute | slice | champion | external
     metric: str
     op: str
     threshold: float
@@ -71,6 +81,10 @@ class GateDecision:
     challenger_saved_model_sha256: str | None = None
     # {column: {value: {"n", "values": {metric: point}, "intervals": {metric: [low, high]}}}}
     slices: dict[str, Any] = field(default_factory=dict)
+    # {name: {"n", "values", "intervals", "champion", "internal", "drop", "warning"}}
+    external_sets: dict[str, Any] = field(default_factory=dict)
+    # measured reasons for a reviewer's attention that fail no rule (an external set's drop)
+    warnings: list[str] = field(default_factory=list)
     decided_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
@@ -193,7 +207,9 @@ def champion_rule(
     champion_metrics: dict[str, Any],
     diff_ci: tuple[float, float] | None,
 ) -> RuleResult:
-    """Challenger against champion: within `margin` of it, or better by `min_gain`."""
+    """Challenger against champion: within `margin` of it, or better by `min_gain`. With
+    `bound: lower` the paired CI of challenger − champion decides: its bound on the worse side
+    must stay within the margin (a non-inferiority test), not only the point values."""
     value = metric_value(metrics, rule.metric)
     base = metric_value(champion_metrics, rule.metric)
     higher = rule.higher_is_better and rule.metric not in LOWER_IS_BETTER
@@ -205,6 +221,15 @@ def champion_rule(
         threshold = base - sign * rule.margin
         kind = f"non-inferior to champion (margin {rule.margin:g})"
     op = ">=" if higher else "<="
+    if rule.bound == "lower":
+        if diff_ci is None:
+            raise GateError(
+                f"champion rule on the CI bound of {rule.metric} needs bootstrap resamples; "
+                "set gate.bootstrap_resamples above 0"
+            )
+        # the worse end of challenger − champion, moved onto the challenger's scale
+        value = base + (diff_ci[0] if higher else diff_ci[1])
+        kind += ", CI bound"
     passed = bool(value >= threshold if higher else value <= threshold)
     return RuleResult(
         name=f"{rule.metric}: {kind}",
@@ -212,7 +237,7 @@ def champion_rule(
         metric=rule.metric,
         op=op,
         threshold=threshold,
-        bound="point",
+        bound=rule.bound,
         value=value,
         champion_value=base,
         ci=diff_ci,
@@ -256,16 +281,96 @@ def _not_comparable(champion: ChampionEvaluation, classes: list[str]) -> RuleRes
     )
 
 
+def _renamed(result: RuleResult, set_name: str) -> RuleResult:
+    result.name = f"external {set_name}: {result.name}"
+    result.kind = "external"
+    return result
+
+
+def external_set_rules(
+    external: ExternalSetConfig,
+    scores: ExternalScores,
+    champion: ChampionEvaluation | None,
+    internal: dict[str, Any],
+    gate: GateConfig,
+) -> tuple[list[RuleResult], dict[str, Any]]:
+    """One external set: its floors and champion rules (kind `external`), and its figures beside
+    the internal test split's, with a warning when `gate.external_drop_metric` drops by more than
+    `gate.external_max_drop` from internal to external (point values, measured on both)."""
+    metrics, predictions = scores.metrics, scores.predictions
+    classes = list(metrics["classes"])
+    drop_metric = gate.external_drop_metric
+    for rule in [*external.rules, *external.champion_rules]:
+        check_metric(rule.metric, classes)
+    check_metric(drop_metric, classes)
+    names = sorted(
+        {r.metric for r in [*external.rules, *external.champion_rules]}
+        | {"accuracy", "macro_f1", "ece", drop_metric}
+    )
+    y_true, probs = predictions.y_true, predictions.probs
+    indices = bootstrap_indices(len(y_true), gate.bootstrap_resamples, gate.seed)
+    samples: dict[str, np.ndarray] = {}
+    if gate.bootstrap_resamples > 0 and len(y_true) > 0:
+        samples = bootstrap_metrics(y_true, probs, classes, names, indices)
+    cis = {name: confidence_interval(values, gate.confidence) for name, values in samples.items()}
+    results = [
+        _renamed(absolute_rule(rule, metrics, cis, gate.confidence), external.name)
+        for rule in external.rules
+    ]
+    theirs = champion.external.get(external.name) if champion is not None else None
+    champion_values = None
+    if theirs is not None and (their_probs := aligned_champion(theirs, predictions)) is not None:
+        champion_values = {name: metric_value(theirs.metrics, name) for name in names}
+        diffs: dict[str, tuple[float, float]] = {}
+        if samples:
+            their_samples = bootstrap_metrics(y_true, their_probs, classes, names, indices)
+            diffs = {
+                name: confidence_interval(samples[name] - their_samples[name], gate.confidence)
+                for name in names
+            }
+        results += [
+            _renamed(
+                champion_rule(rule, metrics, theirs.metrics, diffs.get(rule.metric)),
+                external.name,
+            )
+            for rule in external.champion_rules
+        ]
+    elif theirs is not None and external.champion_rules:
+        results.append(_renamed(_not_comparable(theirs, classes), external.name))
+    inside, outside = metric_value(internal, drop_metric), metric_value(metrics, drop_metric)
+    drop = outside - inside if drop_metric in LOWER_IS_BETTER else inside - outside
+    warning = None
+    if np.isfinite(drop) and drop > gate.external_max_drop:
+        warning = (
+            f"external set {external.name}: {drop_metric} {outside:.3f} on {len(y_true)} images, "
+            f"{drop:.3f} worse than the internal test split's {inside:.3f} (warning above "
+            f"{gate.external_max_drop:g})"
+        )
+    summary = {
+        "n": len(y_true),
+        "values": {name: metric_value(metrics, name) for name in names},
+        "intervals": {name: list(ci) for name, ci in cis.items()},
+        "champion": champion_values,
+        "internal": {name: metric_value(internal, name) for name in names},
+        "drop_metric": drop_metric,
+        "drop": drop,
+        "warning": warning,
+    }
+    return results, summary
+
+
 def evaluate_gate(
     metrics: dict[str, Any],
     predictions: Predictions,
     gate: GateConfig,
     champion: ChampionEvaluation | None,
     notes: list[str] | None = None,
+    external: dict[str, ExternalScores] | None = None,
 ) -> GateDecision:
     """Apply the absolute and champion/challenger rules; the decision passes only if all pass.
 
-    `notes` (e.g. why there is no champion) are added to the decision's own.
+    `notes` (e.g. why there is no champion) are added to the decision's own. `external` holds the
+    challenger's scores of each of `gate.external_sets` (`external_set_rules`).
     """
     classes = list(metrics["classes"])
     for rule in [*gate.rules, *gate.champion_rules]:
@@ -310,6 +415,19 @@ def evaluate_gate(
             champion_rule(rule, metrics, champion.metrics, diffs.get(rule.metric))
             for rule in gate.champion_rules
         ]
+    external_summaries: dict[str, Any] = {}
+    for external_set in gate.external_sets:
+        scores = (external or {}).get(external_set.name)
+        if scores is None:
+            raise GateError(
+                f"external set {external_set.name!r} was not scored; re-run the evaluate step "
+                "with the prepared external sets"
+            )
+        set_results, external_summaries[external_set.name] = external_set_rules(
+            external_set, scores, champion, metrics, gate
+        )
+        results += set_results
+    warnings = [s["warning"] for s in external_summaries.values() if s["warning"]]
     return GateDecision(
         passed=all(r.passed for r in results),
         rules=results,
@@ -331,4 +449,6 @@ def evaluate_gate(
         notes=notes,
         challenger_saved_model_sha256=metrics.get("saved_model_sha256"),
         slices=slices,
+        external_sets=external_summaries,
+        warnings=warnings,
     )

@@ -52,9 +52,26 @@ def test_every_step_is_a_task_wired_in_data_order(spec):
     assert set(tasks["download"].dependent_tasks) == {"dataset-version"}
     assert set(tasks["validate-and-split"].dependent_tasks) == {"download"}
     assert set(tasks["train"].dependent_tasks) == {"validate-and-split"}
-    assert set(tasks["evaluate"].dependent_tasks) == {"train", "validate-and-split"}
+    assert set(tasks["evaluate"].dependent_tasks) == {
+        "train",
+        "validate-and-split",
+        "external-sets",
+    }
     assert "evaluate" in tasks["gate"].dependent_tasks
     assert "gate" in tasks["approval"].dependent_tasks
+
+
+def test_external_sets_are_prepared_on_their_own_versions_and_never_trained_on(spec):
+    tasks = _tasks(spec)
+    assert set(tasks["external-sets"].dependent_tasks) == {"external-versions"}
+    # the version step looks at the sources now; the preparing step is cached on what it found
+    assert not tasks["external-versions"].caching_options.enable_cache
+    assert tasks["external-sets"].caching_options.enable_cache
+    inputs = tasks["external-sets"].inputs.parameters
+    assert inputs["versions"].task_output_parameter.producer_task == "external-versions"
+    assert inputs["sets"].task_output_parameter.producer_task == "external-versions"
+    assert "external-sets" not in tasks["train"].dependent_tasks
+    assert {"external-sets", "evaluate"} <= set(tasks["gate"].dependent_tasks)
 
 
 def test_deploy_runs_only_inside_the_approval_condition(spec):
