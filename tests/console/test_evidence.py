@@ -94,3 +94,35 @@ def test_the_review_page_shows_what_a_random_split_would_leak(tmp_path):
 def test_a_run_without_a_leak_report_shows_none(tmp_path):
     page = render_review(tmp_path, _run_with_split(tmp_path, classes=["a", "b"]))
     assert "leak-report" not in page
+
+
+def test_the_review_page_shows_each_external_set_beside_the_internal_split(tmp_path):
+    name = _run_with_split(tmp_path, classes=["normal", "tumor"])
+    decision_dir = tmp_path / "pipeline_root" / name / "gate" / "decision"
+    decision_dir.mkdir(parents=True)
+    warning = "external set site-b: macro_f1 0.610 on 40 images, 0.350 worse than ..."
+    decision = {
+        "passed": True,
+        "rules": [],
+        "warnings": [warning],
+        "external_sets": {
+            "site-b": {
+                "n": 40,
+                "values": {"accuracy": 0.625, "macro_f1": 0.61},
+                "intervals": {"accuracy": [0.5, 0.75], "macro_f1": [0.45, 0.74]},
+                "champion": {"accuracy": 0.7, "macro_f1": 0.69},
+                "internal": {"accuracy": 0.95, "macro_f1": 0.96},
+                "drop_metric": "macro_f1",
+                "drop": 0.35,
+                "warning": warning,
+            }
+        },
+    }
+    (decision_dir / artifacts.DECISION_FILE).write_text(json.dumps(decision))
+
+    page = render_review(tmp_path, name)
+
+    assert f"<b>Warning:</b> {warning}" in page
+    row = page[page.index('<tr class="warning"><td>site-b</td>') :].split("</tr>")[0]
+    assert "<td>macro_f1</td>" in row and "<td>0.960</td>" in row and "<td>0.610</td>" in row
+    assert "[0.450, 0.740]" in row and "<td>0.690</td>" in row and "<td>0.350</td>" in row
