@@ -124,6 +124,30 @@ def _gate(decision: dict[str, Any], decision_path: Path | None) -> dict[str, Any
             }
             for rule in decision.get("rules") or []
         ],
+        "external_sets": _external_sets(decision),
+        "warnings": list(decision.get("warnings") or []),
+    }
+
+
+def _external_sets(decision: dict[str, Any]) -> dict[str, Any]:
+    """Each external set's figures beside the internal test split's (the gate's decision)."""
+    return {
+        name: {
+            "n": entry.get("n"),
+            "metrics": {
+                metric: {
+                    "value": value,
+                    "ci": (entry.get("intervals") or {}).get(metric),
+                    "internal": (entry.get("internal") or {}).get(metric),
+                    "champion": (entry.get("champion") or {}).get(metric),
+                }
+                for metric, value in sorted((entry.get("values") or {}).items())
+            },
+            "drop_metric": entry.get("drop_metric"),
+            "drop": entry.get("drop"),
+            "warning": entry.get("warning"),
+        }
+        for name, entry in (decision.get("external_sets") or {}).items()
     }
 
 
@@ -391,6 +415,16 @@ def render_text(record: dict[str, Any]) -> str:
             f"{r['threshold']} (measured {_num(r['value'])}, CI {_ci(r['ci'])})"
             for r in gate["rules"]
         ),
+        *(f"  WARNING {warning}" for warning in gate.get("warnings", [])),
+        "external sets (never trained on; internal test split beside)",
+        *(
+            f"  {name} (n={entry['n']}) {metric:<14} {_num(m['value']):>8}  {_ci(m['ci'])}  "
+            f"internal {_num(m['internal'])}"
+            + (f", drop {_num(entry['drop'])}" if metric == entry["drop_metric"] else "")
+            for name, entry in gate.get("external_sets", {}).items()
+            for metric, m in entry["metrics"].items()
+        ),
+        *(() if gate.get("external_sets") else ("  none",)),
         "serving",
         f"  version      {serving.get('serving_version') or '-'}",
         f"  digest       {serving.get('serving_digest') or '-'}",

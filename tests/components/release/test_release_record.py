@@ -114,3 +114,42 @@ def test_the_diff_names_changed_data_config_metrics_and_approver(
     assert change["approved_by"] == {"from": ["alice (approve)"], "to": ["bob (approve)"]}
     text = release_record.render_diff_text(change)
     assert "data-1 -> data-3" in text and "alice (approve) -> bob (approve)" in text
+
+
+def test_the_record_shows_each_external_set_beside_the_internal_split(
+    tmp_path: Path, keys, trust
+) -> None:
+    import json
+
+    tags, _ = _version(tmp_path, keys, "3", "run-a", 1, "alice")
+    files = _files(tmp_path, "run-a")
+    decision = json.loads(files.decision.read_text())
+    warning = "external set site-b: macro_f1 0.610 on 40 images, 0.350 worse than ..."
+    decision["warnings"] = [warning]
+    decision["external_sets"] = {
+        "site-b": {
+            "n": 40,
+            "values": {"macro_f1": 0.61},
+            "intervals": {"macro_f1": [0.45, 0.74]},
+            "champion": None,
+            "internal": {"macro_f1": 0.96},
+            "drop_metric": "macro_f1",
+            "drop": 0.35,
+            "warning": warning,
+        }
+    }
+    files.decision.write_text(json.dumps(decision))
+
+    record = release_record.build(MODEL, "3", tags=tags, files=files, trust=trust)
+
+    site = record["gate"]["external_sets"]["site-b"]
+    assert site["n"] == 40 and site["drop"] == 0.35
+    assert site["metrics"]["macro_f1"] == {
+        "value": 0.61,
+        "ci": [0.45, 0.74],
+        "internal": 0.96,
+        "champion": None,
+    }
+    text = release_record.render_text(record)
+    assert "site-b (n=40) macro_f1" in text and "internal 0.960, drop 0.350" in text
+    assert f"WARNING {warning}" in text
