@@ -14,6 +14,12 @@ Gaussian-smoothed magnitude of the class score's gradient with respect to the in
 the pixel gradient says which pixels inside it, so lesions smaller than a cell, such as kidney
 stones, get the peak. On the phantom's pointing game (`tumorflow bench explain`) this raised the
 hits from 72.6% (Grad-CAM alone) to 84.1% at 128 px, and from 59.1% to 90.9% at 64 px.
+
+Where the train step fitted them (serving_statistics.py), the export folds in the calibration
+temperature, so every signature's `scores` are softmax(logits / T) (the heat map still follows the
+uncalibrated score, whose argmax is the same), and the OOD detector, so `serving_default` and
+the `explain` signatures also answer `ood_score` (Mahalanobis distance of the embedding to the nearest training class) and
+`in_distribution` (the score at or below the threshold chosen on the validation split).
 """
 
 from __future__ import annotations
@@ -28,7 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from tumorflow.components.training.backbones import OUTPUT_LAYER
 from tumorflow.components.training.input_pipeline import decode_to_size
+from tumorflow.components.training.serving_statistics import (
+    ServingStatistics,
+    read_serving_statistics,
+)
 from tumorflow.core import serving_layout
 from tumorflow.core.artifacts import MODEL_FILE, MODEL_INFO_FILE, SERVING_EXPORT
 from tumorflow.core.errors import ModelError
@@ -42,6 +53,8 @@ EXPLAIN_CLASS_SIGNATURE = "explain_class"
 INPUT = "image_bytes"
 CLASS_INPUT = "class_index"
 HEATMAP = "heatmap"
+OOD_SCORE = "ood_score"
+IN_DISTRIBUTION = "in_distribution"
 EMBEDDING_LAYER = "embedding"
 # The Gaussian smoothing of the pixel evidence in explanations, as a fraction of the image side.
 PIXEL_EVIDENCE_SIGMA = 1 / 32
@@ -129,9 +142,17 @@ def _write_warmup(path: Path, png: bytes, model_name: str) -> None:
         writer.write(record.SerializeToString())
 
 
-def _serving_module(model: Any, classes: list[str], image_size: int, grayscale: bool) -> Any:
+def _serving_module(
+    model: Any,
+    classes: list[str],
+    image_size: int,
+    grayscale: bool,
+    statistics: ServingStatistics | None = None,
+) -> Any:
     import keras
     import tensorflow as tf
+
+    statistics = statistics or ServingStatistics()
 
     try:
         embedding = model.get_layer(EMBEDDING_LAYER).output
@@ -148,6 +169,27 @@ def _serving_module(model: Any, classes: list[str], image_size: int, grayscale: 
     module.model = dual
     module.features_model = features_model
     module.head_model = head_model
+    head = model.get_layer(OUTPUT_LAYER)
+    temperature = tf.constant(statistics.temperature, tf.float32)
+
+    def calibrated(embedding: tf.Tensor) -> tf.Tensor:
+        """softmax(logits / T): the head's Dense on the pooled features (its dropout is off)."""
+        logits = tf.matmul(tf.cast(embedding, tf.float32), head.kernel) + head.bias
+        return tf.nn.softmax(logits / temperature, axis=-1)
+
+    def out_of_distribution(embedding: tf.Tensor) -> dict[str, tf.Tensor]:
+        detector = statistics.detector
+        if detector is None:
+            return {}
+        means = tf.constant(detector.class_means, tf.float64)
+        precision = tf.constant(detector.precision, tf.float64)
+        diff = tf.cast(embedding, tf.float64)[:, tf.newaxis, :] - means[tf.newaxis]
+        distances = tf.einsum("ncd,de,nce->nc", diff, precision, diff)
+        score = tf.reduce_min(distances, axis=1)
+        return {
+            OOD_SCORE: tf.cast(score, tf.float32),
+            IN_DISTRIBUTION: score <= tf.constant(detector.threshold, tf.float64),
+        }
 
     def decode(image_bytes: tf.Tensor) -> tf.Tensor:
         return tf.map_fn(
@@ -168,19 +210,21 @@ def _serving_module(model: Any, classes: list[str], image_size: int, grayscale: 
         map_gradients, pixel_gradients = tape.gradient(chosen, [feature_map, images])
         heatmap = explanation_heatmap(feature_map, map_gradients, pixel_gradients)
         batch = tf.shape(image_bytes)[0]
+        pooled = tf.reduce_mean(feature_map, axis=[1, 2])
         return {
-            "scores": scores,
+            "scores": calibrated(pooled),
             "classes": tf.tile(class_names[tf.newaxis, :], [batch, 1]),
             "predicted_class": tf.gather(class_names, predicted),
             "predicted_index": predicted,
             "explained_class": tf.gather(class_names, target),
             HEATMAP: heatmap,
+            **out_of_distribution(pooled),
         }
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)])
     def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-        scores, features = dual(decode(image_bytes), training=False)
-        scores = tf.cast(scores, tf.float32)
+        _, features = dual(decode(image_bytes), training=False)
+        scores = calibrated(features)
         batch = tf.shape(image_bytes)[0]
         index = tf.argmax(scores, axis=1, output_type=tf.int64)
         return {
@@ -189,6 +233,7 @@ def _serving_module(model: Any, classes: list[str], image_size: int, grayscale: 
             "predicted_class": tf.gather(class_names, index),
             "predicted_index": index,
             "embedding": tf.cast(features, tf.float32),
+            **out_of_distribution(features),
         }
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)])
@@ -317,7 +362,8 @@ def export_serving_model(
     export_dir = Path(export_dir)
     if export_dir.exists():
         shutil.rmtree(export_dir)
-    module = _serving_module(model, classes, image_size, grayscale)
+    statistics = read_serving_statistics(model_dir)
+    module = _serving_module(model, classes, image_size, grayscale, statistics)
     tf.saved_model.save(
         module,
         str(export_dir),
@@ -335,9 +381,13 @@ def export_serving_model(
         "backbone": info.get("backbone"),
         "mlflow_run_id": info.get("mlflow_run_id"),
         WEIGHTS_DIGEST: weights_digest(model),
+        "temperature": statistics.temperature,
+        "ood_threshold": statistics.detector.threshold if statistics.detector else None,
     }
     write_version_assets(export_dir, model_name, {**meta, **(extra_info or {})})
-    _check_export(export_dir, model, _warmup_png(image_size), image_size, grayscale)
+    _check_export(
+        export_dir, model, _warmup_png(image_size), image_size, grayscale, statistics.temperature
+    )
     log.info(
         "exported %s to %s (%d classes, input %s)", model_dir, export_dir, len(classes), image_size
     )
@@ -378,15 +428,18 @@ def export_model_artifact(model_dir: Path) -> dict[str, str]:
 
 
 def _check_export(
-    export_dir: Path, model: Any, png: bytes, image_size: int, grayscale: bool
+    export_dir: Path, model: Any, png: bytes, image_size: int, grayscale: bool, temperature: float
 ) -> None:
-    """Reload the SavedModel and compare its scores with `model.predict` on the same pixels."""
+    """Reload the SavedModel and compare its scores with `model.predict` on the same pixels,
+    tempered by the calibration temperature."""
     import tensorflow as tf
+
+    from tumorflow.components.training.calibration import log_probabilities, tempered_softmax
 
     served = tf.saved_model.load(str(export_dir)).signatures[SIGNATURE]
     scores = served(image_bytes=tf.constant([png]))["scores"].numpy()
     pixels = decode_for_model(tf.constant(png), image_size, grayscale).numpy()[np.newaxis]
-    expected = np.asarray(model.predict(pixels, verbose=0), dtype=np.float32)
+    expected = tempered_softmax(log_probabilities(model.predict(pixels, verbose=0)), temperature)
     if not np.allclose(scores, expected, atol=1e-4):
         raise ModelError(
             f"the exported SavedModel in {export_dir} disagrees with the Keras model "

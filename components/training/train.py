@@ -45,9 +45,16 @@ from tumorflow.components.training.checkpoints import (
     restore_checkpoint,
 )
 from tumorflow.components.training.input_pipeline import make_dataset
+from tumorflow.components.training.serving_statistics import fit_serving_statistics
 from tumorflow.components.training.strategy import training_distribution
 from tumorflow.components.training.tracking import TrainingRun, training_params
-from tumorflow.core.artifacts import CURVES_FILE, HISTORY_FILE, MODEL_FILE, MODEL_INFO_FILE
+from tumorflow.core.artifacts import (
+    CURVES_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
+    MODEL_INFO_FILE,
+    SERVING_STATISTICS_FILE,
+)
 from tumorflow.core.config import TrainConfig
 from tumorflow.core.errors import DatasetError
 
@@ -416,9 +423,11 @@ def _write_model_folder(
     policy: str,
     history: list[dict[str, Any]],
     tracker: TrainingRun | None,
+    split_dir: Path,
 ) -> dict[str, Any]:
-    """The model folder (docs/artifacts.md "Model"): the Keras model, its info, the history and
-    the curves; logged to MLflow with `tracker`. Returns the info."""
+    """The model folder (docs/artifacts.md "Model"): the Keras model, its info, the history, the
+    curves and the serving statistics (calibration temperature, OOD detector) fitted on
+    `split_dir`; logged to MLflow with `tracker`. Returns the info."""
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save(output_dir / MODEL_FILE)
     _write_history(output_dir / HISTORY_FILE, history)
@@ -438,10 +447,17 @@ def _write_model_folder(
         "mlflow_run_id": tracker.run_id if tracker else None,
     }
     (output_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
+    info |= fit_serving_statistics(
+        output_dir,
+        split_dir,
+        calibration=config.calibration,
+        ood=config.ood,
+        ood_false_rejection_rate=config.ood_false_rejection_rate,
+        model=model,
+    )
     if tracker is not None:
-        tracker.finish(
-            output_dir / name for name in (MODEL_FILE, MODEL_INFO_FILE, HISTORY_FILE, CURVES_FILE)
-        )
+        files = (MODEL_FILE, MODEL_INFO_FILE, HISTORY_FILE, CURVES_FILE, SERVING_STATISTICS_FILE)
+        tracker.finish(output_dir / name for name in files)
     return info
 
 
@@ -618,6 +634,7 @@ def train_model(
             policy=policy,
             history=history,
             tracker=tracker,
+            split_dir=split_dir,
         )
         log.info("model written to %s (%s epochs)", output_dir, epochs_run)
         return TrainResult(
