@@ -33,6 +33,7 @@ from tumorflow.cli import (
     schedule,
     serve,
     ui,
+    weights,
 )
 from tumorflow.core.errors import TumorflowError
 
@@ -65,7 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="show TensorFlow's and kfp.local's own output and debug logs",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (data, pipeline, schedule, model, policy, release, serve, route, drift, bench, ui):
+    for group in (
+        data,
+        pipeline,
+        schedule,
+        model,
+        policy,
+        release,
+        serve,
+        route,
+        drift,
+        bench,
+        ui,
+        weights,
+    ):
         group.register(subparsers)
     return parser
 

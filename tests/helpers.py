@@ -248,3 +248,27 @@ def write_release_run(
     )
     decision = (root / "gate" / "decision" / "decision.json").read_bytes()
     return {"serving_digest": digest, "decision_digest": hashlib.sha256(decision).hexdigest()}
+
+
+def isolated_keras_cache(monkeypatch, folder: Path) -> Path:
+    """Point Keras' cache at `folder` (as `KERAS_HOME=folder` would when Keras is imported) and
+    make any download attempt fail the test; returns the folder Keras loads weights files from."""
+    import keras.src.backend.config as keras_config
+    import keras.src.utils.file_utils as keras_files
+
+    def no_download(origin, *args, **kwargs):
+        raise AssertionError(f"Keras tried to download {origin}")
+
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(folder))
+    monkeypatch.setattr(keras_files, "urlretrieve", no_download)
+    return folder / "models"
+
+
+def write_notop_weights(backbone: str, image_size: int, path: Path) -> list[np.ndarray]:
+    """A randomly initialised backbone's weights at `path` (an .h5 name), in the legacy HDF5
+    layout of Keras' published notop files; returns the weights written."""
+    from tumorflow.components.training.backbones import build_backbone
+
+    model = build_backbone(backbone, image_size, "none")
+    model.save(path)
+    return model.get_weights()

@@ -8,7 +8,6 @@ loads without custom objects). The pooled features before the head are the layer
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,40 +23,87 @@ log = logging.getLogger(__name__)
 EMBEDDING_LAYER = "embedding"
 OUTPUT_LAYER = "scores"
 CUSTOM_CNN = "custom_cnn"
+# The input sides Keras publishes MobileNetV2 ImageNet weights for.
+MOBILENET_V2_SIZES = (96, 128, 160, 192, 224)
+
+
+@dataclass(frozen=True)
+class KerasWeightsFile:
+    """An ImageNet "notop" weights file as `keras.applications` downloads it: the file name in
+    the Keras cache and the hash Keras checks it against (`None`: Keras publishes none)."""
+
+    name: str
+    keras_hash: str | None
 
 
 @dataclass(frozen=True)
 class _Application:
-    """How to build one `keras.applications` backbone and where its ImageNet weights live."""
+    """How to build one `keras.applications` backbone and which ImageNet weights file it loads.
+
+    The file names and hashes are those of the `get_file` call in each application's Keras
+    source (keras 3.15); tests/components/training/test_weights.py checks them against it."""
 
     constructor: str
     preprocess_module: str
-    imagenet_notop_file: Callable[[int], str]
+    imagenet_notop_file: Callable[[int], KerasWeightsFile]
+    min_image_size: int = 32
+
+
+def _mobilenet_v2_file(image_size: int) -> KerasWeightsFile:
+    # Keras picks the weights trained at the input side when it is one of these, else 224's.
+    rows = image_size if image_size in MOBILENET_V2_SIZES else 224
+    name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
+    return KerasWeightsFile(name, None)
+
+
+def _fixed_file(name: str, keras_hash: str) -> Callable[[int], KerasWeightsFile]:
+    return lambda image_size: KerasWeightsFile(name, keras_hash)
 
 
 _APPLICATIONS: dict[str, _Application] = {
     "vgg16": _Application(
-        "VGG16", "vgg16", lambda size: "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        "VGG16",
+        "vgg16",
+        _fixed_file(
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "6d6bbae143d832006294945121d1f1fc"
+        ),
     ),
     "resnet50v2": _Application(
         "ResNet50V2",
         "resnet_v2",
-        lambda size: "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    ),
-    "mobilenetv2": _Application(
-        "MobileNetV2",
-        "mobilenet_v2",
-        lambda size: (
-            "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_"
-            f"{size if size in (96, 128, 160, 192, 224) else 224}_no_top.h5"
+        _fixed_file(
+            "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "fac2f116257151a9d068a22e544a4917",
         ),
     ),
+    "mobilenetv2": _Application("MobileNetV2", "mobilenet_v2", _mobilenet_v2_file),
     "efficientnetb0": _Application(
-        "EfficientNetB0", "efficientnet", lambda size: "efficientnetb0_notop.h5"
+        "EfficientNetB0",
+        "efficientnet",
+        _fixed_file("efficientnetb0_notop.h5", "50bc09e76180e00e4465e1a485ddc09d"),
+    ),
+    "xception": _Application(
+        "Xception",
+        "xception",
+        _fixed_file(
+            "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "b0042744bf5b25fce3cb969f33bebb97",
+        ),
+        # Keras refuses a smaller input: its entry flow shrinks the image 32-fold without padding.
+        min_image_size=71,
+    ),
+    "densenet121": _Application(
+        "DenseNet121",
+        "densenet",
+        _fixed_file(
+            "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "30ee3e1110167f948a6b9946edeeb738",
+        ),
     ),
 }
 
 BACKBONES: tuple[str, ...] = (*_APPLICATIONS, CUSTOM_CNN)
+PRETRAINED_BACKBONES: tuple[str, ...] = tuple(_APPLICATIONS)
 
 
 def default_image_size(backbone: str) -> int:
@@ -66,15 +112,31 @@ def default_image_size(backbone: str) -> int:
     return 96 if backbone == CUSTOM_CNN else 224
 
 
+def min_image_size(backbone: str) -> int:
+    """The smallest input side the backbone builds at."""
+    _check_backbone(backbone)
+    return _APPLICATIONS[backbone].min_image_size if backbone in _APPLICATIONS else 32
+
+
+def imagenet_weights_file(backbone: str, image_size: int) -> KerasWeightsFile:
+    """The ImageNet "notop" file Keras loads for `backbone` at `image_size` (name and hash)."""
+    _check_backbone(backbone)
+    if backbone == CUSTOM_CNN:
+        raise ConfigError("custom_cnn has no ImageNet weights: it is trained from scratch")
+    return _APPLICATIONS[backbone].imagenet_notop_file(image_size)
+
+
 def _check_backbone(backbone: str) -> None:
     if backbone not in BACKBONES:
         raise ConfigError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
 
 
 def keras_weights_cache() -> Path:
-    """Where Keras looks for downloaded application weights (`$KERAS_HOME/models`)."""
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models"
+    """Where Keras looks for downloaded application weights: `models/` in its home folder
+    (`$KERAS_HOME` as Keras read it when it was imported, default `~/.keras`)."""
+    from keras.src.backend.config import keras_home
+
+    return Path(keras_home()).expanduser() / "models"
 
 
 def _preprocess_model(backbone: str, image_size: int) -> keras.Model:
@@ -122,13 +184,14 @@ def _application(backbone: str, image_size: int, weights: str) -> keras.Model:
         )
     except Exception as exc:
         if keras_weights == "imagenet" and "URL fetch failure" in str(exc):
-            file_name = spec.imagenet_notop_file(image_size)
+            file_name = spec.imagenet_notop_file(image_size).name
             raise WeightsUnavailableError(
-                f"cannot download the ImageNet weights of {backbone} (offline?). Either set "
-                f"`train.weights` to a local weights file (the Keras no-top file "
-                f"{file_name}, or a .weights.h5 saved from this backbone), or put {file_name} "
-                f"into the Keras cache {keras_weights_cache()} (set KERAS_HOME to use another "
-                f"folder) on a machine where this backbone was built once with network access."
+                f"cannot download the ImageNet weights of {backbone} (offline?). Copy the Keras "
+                f"no-top file {file_name} from a machine with network access and run "
+                f"`tumorflow weights import {file_name} --backbone {backbone} --image-size "
+                f"{image_size}`, which checks it and puts it into the Keras cache "
+                f"{keras_weights_cache()} (set KERAS_HOME to use another folder); or set "
+                f"`train.weights` to a local weights file (a .weights.h5 saved from this backbone)."
             ) from exc
         if keras_weights not in (None, "imagenet"):
             raise WeightsUnavailableError(
@@ -156,9 +219,11 @@ def build_backbone(
     `weights` is `none` (random init), `imagenet` (Keras download / cache) or a weights file path.
     `batchnorm_momentum` applies to the from-scratch custom_cnn only.
     """
-    _check_backbone(backbone)
-    if image_size < 32:
-        raise ConfigError(f"image_size must be at least 32 pixels, got {image_size}")
+    if image_size < min_image_size(backbone):
+        raise ConfigError(
+            f"{backbone} needs an image_size of at least {min_image_size(backbone)} pixels, "
+            f"got {image_size}"
+        )
     if weights not in ("none", "imagenet") and not Path(weights).is_file():
         raise WeightsUnavailableError(
             f"weights file {weights} does not exist; give the path of a weights file "

@@ -12,19 +12,21 @@ from tumorflow.components.training.backbones import (
     build_classifier,
     default_image_size,
     keras_weights_cache,
+    min_image_size,
 )
 from tumorflow.core.errors import ConfigError, WeightsUnavailableError
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_backbone_builds_a_softmax_classifier_with_an_embedding(backbone):
-    model, base = build_classifier(backbone, 3, 32, "none", 0.2)
+    size = min_image_size(backbone)
+    model, base = build_classifier(backbone, 3, size, "none", 0.2)
 
-    assert model.input_shape == (None, 32, 32, 3)
+    assert model.input_shape == (None, size, size, 3)
     assert model.output_shape == (None, 3)
     assert model.get_layer(EMBEDDING_LAYER).output.shape[-1] > 0
     assert base.name in [layer.name for layer in model.layers]
-    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
     probs = model(pixels, training=False).numpy()
     assert probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
@@ -37,10 +39,15 @@ def test_default_sizes_and_unknown_backbone():
         default_image_size("alexnet")
 
 
-def test_saved_classifier_loads_without_custom_objects(tmp_path):
+# vgg16's preprocessing is "caffe" mode (BGR, mean subtracted), densenet121's "torch" mode (scaled
+# to 0..1, normalised per channel; half a minute on 2 cores, so `pytest -m exhaustive`).
+@pytest.mark.parametrize(
+    "backbone", ["vgg16", pytest.param("densenet121", marks=pytest.mark.exhaustive)]
+)
+def test_saved_classifier_loads_without_custom_objects(backbone, tmp_path):
     import keras
 
-    model, _ = build_classifier("vgg16", 2, 32, "none", 0.0)
+    model, _ = build_classifier(backbone, 2, 32, "none", 0.0)
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
 
@@ -80,3 +87,9 @@ def test_weights_file_round_trips(tmp_path):
     loaded = build_backbone("custom_cnn", 48, str(path))
     for a, b in zip(source.get_weights(), loaded.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_backbone_below_its_smallest_input_is_a_clear_error():
+    assert min_image_size("xception") == 71
+    with pytest.raises(ConfigError, match="xception needs an image_size of at least 71"):
+        build_backbone("xception", 64, "none")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tumorflow.components.training.backbones import BACKBONES, build_classifier
+from tumorflow.components.training.backbones import BACKBONES, build_classifier, min_image_size
 from tumorflow.components.training.export import explanation_heatmap, export_serving_model, grad_cam
 from tumorflow.core.errors import ModelError
 
@@ -302,12 +302,13 @@ IN_MAKE_TEST = {"custom_cnn", "mobilenetv2"}
 def test_every_backbone_exports_explain_signatures(backbone, tmp_path):
     import tensorflow as tf
 
-    model, _ = build_classifier(backbone, 4, 32, "none", 0.0)
+    size = min_image_size(backbone)
+    model, _ = build_classifier(backbone, 4, size, "none", 0.0)
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     model.save(model_dir / "model.keras")
     classes = ["cyst", "normal", "stone", "tumor"]
-    info = {"backbone": backbone, "weights": "none", "image_size": [32, 32], "classes": classes}
+    info = {"backbone": backbone, "weights": "none", "image_size": [size, size], "classes": classes}
     (model_dir / "model_info.json").write_text(json.dumps(info))
     export_serving_model(model_dir, tmp_path / "export")
 
@@ -319,10 +320,10 @@ def test_every_backbone_exports_explain_signatures(backbone, tmp_path):
     explained = loaded.signatures["explain"](image_bytes=images)
     np.testing.assert_allclose(explained["scores"].numpy(), served["scores"].numpy(), atol=1e-5)
     heatmap = explained["heatmap"].numpy()
-    assert heatmap.shape == (2, 32, 32) and np.isfinite(heatmap).all()
+    assert heatmap.shape == (2, size, size) and np.isfinite(heatmap).all()
     assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 + 1e-6
     requested = loaded.signatures["explain_class"](
         image_bytes=images, class_index=tf.constant([0, 2], tf.int64)
     )
     assert requested["explained_class"].numpy().tolist() == [b"cyst", b"stone"]
-    assert requested["heatmap"].shape == (2, 32, 32)
+    assert requested["heatmap"].shape == (2, size, size)
