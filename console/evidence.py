@@ -49,6 +49,11 @@ def _dataset_version(run_root: Path, pipeline_run: str) -> str:
     return (found.dataset_version() or "") if found else ""
 
 
+# The signed decisions (registry tag `decision.<seq>.<action>`) behind each shown status; the
+# approval step verifies them against the trust root before the run goes on.
+_SIGNED_ACTIONS = {"approved": {"approve", "override", "auto_approve"}, "rejected": {"reject"}}
+
+
 def list_runs(tracking_uri: str, model_names: list[str], run_root: Path) -> list[CandidateRow]:
     """Every registered candidate of `model_names`, runs waiting for a person first, then newest."""
     client = registry.connect(tracking_uri)
@@ -57,7 +62,8 @@ def list_runs(tracking_uri: str, model_names: list[str], run_root: Path) -> list
         for mv in registry.list_versions(client, model_name):
             pipeline_run = mv.tags.get(registry.TAG_PIPELINE_RUN, "")
             status = mv.tags.get("approval.status", "pending")
-            if status in ("approved", "rejected") and not registry.decision_tags(mv.tags):
+            signed = {tag.rsplit(".", 1)[1] for tag, _ in registry.decision_tags(mv.tags)}
+            if status in ("approved", "rejected") and not signed & _SIGNED_ACTIONS[status]:
                 # a plain tag with no signed record behind it decides nothing: still waiting
                 status = "pending"
             state = _STATES.get(status, status)

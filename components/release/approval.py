@@ -290,7 +290,7 @@ def record_decision(
         tag=tag,
     )
     log.info("run %s %s by %s (version %s, signed)", pipeline_run, status, identity, version)
-    return ApprovalDecision(
+    decision = ApprovalDecision(
         status=status,
         pipeline_run=pipeline_run,
         model_name=name,
@@ -303,6 +303,8 @@ def record_decision(
         reason=f"{status} by {identity}" + (f": {comment}" if comment else ""),
         records=[{"record": signed.record, "signature": signed.signature}],
     )
+    _set_display_tags(client, decision)
+    return decision
 
 
 def _outcome(
@@ -398,7 +400,10 @@ def wait_for_approval(
                     pipeline_run=pipeline_run,
                 )
                 client.set_model_version_tag(
-                    model_name, model_version.version, registry.TAG_APPROVAL_REFUSED, why[:5000]
+                    model_name,
+                    model_version.version,
+                    registry.TAG_APPROVAL_REFUSED,
+                    "; ".join(refused_seen)[:5000],
                 )
         result: ApprovalDecision | None = None
         if verified:

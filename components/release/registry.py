@@ -45,7 +45,7 @@ TAG_DECISION_PREFIX = "decision."
 TAG_CANDIDATE_SERVING_DIGEST = "candidate.serving_digest"
 TAG_CANDIDATE_DECISION_DIGEST = "candidate.decision_digest"
 TAG_CANDIDATE_DATASET_VERSION = "candidate.dataset_version"
-# The last decision on a candidate that was refused, and why (for people; nothing trusts it).
+# Every decision on a candidate that was refused, and why (for people; nothing trusts it).
 TAG_APPROVAL_REFUSED = "approval.refused"
 MODEL_ARTIFACT = "tumorflow_model"
 # Where the train step logs the model folder in its MLflow run.
