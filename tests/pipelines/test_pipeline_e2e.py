@@ -153,7 +153,7 @@ def _blurred_dark_scans(folder: Path, count: int = 40) -> Path:
 
 
 def test_the_monitoring_pipeline_retrains_only_when_requests_drift(passing_run, tmp_path):
-    from tumorflow.pipelines.runner import artifact_path
+    from tumorflow.pipelines.run_folder import SOURCE, RunFolder
 
     config, first = passing_run
     drifted = run_local(config, monitor_source=str(_blurred_dark_scans(tmp_path / "new-scanner")))
@@ -164,7 +164,7 @@ def test_the_monitoring_pipeline_retrains_only_when_requests_drift(passing_run, 
     assert trigger["current_rows"] == 40
     assert drifted.gate is not None, "the retraining DAG did not run"
 
-    same = artifact_path(first.run_dir, "download", "raw") / "files"
+    same = RunFolder(first.run_dir).artifact(*SOURCE) / "files"
     calm = run_local(config, monitor_source=str(same))
     verdict = json.loads((calm.run_dir / "drift-check" / "verdict" / "verdict.json").read_text())
     assert verdict["drift_detected"] is False
