@@ -2,10 +2,12 @@
 
 Concurrent requests for the same model version, signature and per-example input shapes are
 queued; a batch thread runs a queue's oldest batch when it is full, when its timeout expires, or
-at once when a thread is idle and the timeout is zero. The merged call's outputs are split back
-along dim 0. Each queue holds at most `max_enqueued_batches` batches: beyond that a request is
-refused with RESOURCE_EXHAUSTED. When a merged call fails (one client's undecodable image, say),
-each request is rerun alone so that only the bad one fails.
+at once when a thread is idle and the timeout is zero. Nothing polls: a batch thread sleeps until
+the earliest deadline, and is woken early only by a batch that becomes ready or a new deadline.
+The merged call's outputs are split back along dim 0. Each queue holds at most
+`max_enqueued_batches` batches: beyond that a request is refused with RESOURCE_EXHAUSTED. When a
+merged call fails (one client's undecodable image, say), each request is rerun alone so that only
+the bad one fails.
 """
 
 from __future__ import annotations
@@ -143,12 +145,30 @@ class BatchingParameters:
 
 
 class _Task:
+    """One caller's request; `finish` wakes the caller, which waits in `result`."""
+
     def __init__(self, inputs: Arrays, size: int) -> None:
         self.inputs = inputs
         self.size = size
-        self.done = threading.Event()
+        # A held lock is the cheapest one-shot wake-up: releasing it wakes exactly the caller,
+        # without the condition variable and waiter list of a threading.Event.
+        self._done = threading.Lock()
+        self._done.acquire()
         self.outputs: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
+
+    def finish(
+        self, outputs: dict[str, np.ndarray] | None = None, error: BaseException | None = None
+    ) -> None:
+        self.outputs, self.error = outputs, error
+        self._done.release()
+
+    def result(self) -> dict[str, np.ndarray]:
+        self._done.acquire()
+        if self.error is not None:
+            raise self.error
+        assert self.outputs is not None
+        return self.outputs
 
 
 @dataclass
@@ -203,11 +223,7 @@ class BatchScheduler:
             )
         task = _Task(inputs, size)
         self._enqueue(key, runner, task)
-        task.done.wait()
-        if task.error is not None:
-            raise task.error
-        assert task.outputs is not None
-        return task.outputs
+        return task.result()
 
     def _enqueue(self, key: Hashable, runner: Runner, task: _Task) -> None:
         timeout = self.parameters.batch_timeout_micros / 1e6
@@ -230,11 +246,18 @@ class BatchScheduler:
                 self._open[key] = batch
                 self._batches.append(batch)
                 self._queued[key] = self._queued.get(key, 0) + 1
+                opened = True
+            else:
+                opened = False
             batch.tasks.append(task)
             batch.size += task.size
             if batch.size >= self.parameters.max_batch_size:
                 batch.closed = True
-            self._condition.notify()
+            # Wake a batch thread only when there is something new to do: a batch that is ready
+            # now, or a new batch whose deadline a sleeping thread does not know yet. A task that
+            # joins an open batch that is not full changes nothing for the threads.
+            if batch.closed or opened:
+                self._condition.notify()
 
     def _next_batch(self) -> _Batch | None:
         """The oldest ready batch (full, closed, or past its deadline), waiting as needed."""
@@ -247,9 +270,14 @@ class BatchScheduler:
                     self._queued[ready.key] -= 1
                     if self._open.get(ready.key) is ready:
                         del self._open[ready.key]
+                    if self._batches:
+                        # This thread is busy now: another one watches the batches left.
+                        self._condition.notify()
                     return ready
-                wait = min((b.deadline for b in self._batches), default=now + 1.0) - now
-                self._condition.wait(timeout=max(wait, 0.0005))
+                if self._batches:
+                    self._condition.wait(min(b.deadline for b in self._batches) - now)
+                else:
+                    self._condition.wait()
             return None
 
     def _work(self) -> None:
@@ -259,7 +287,11 @@ class BatchScheduler:
     def _execute(self, batch: _Batch) -> None:
         tasks = batch.tasks
         if self._on_batch is not None:
-            self._on_batch(batch.key, batch.size)
+            try:
+                self._on_batch(batch.key, batch.size)
+            except Exception:
+                # Metrics must not cost the batch thread (its death would hang every caller).
+                logger.exception("recording a batch of %d failed", batch.size)
         if len(tasks) == 1:
             self._run_alone(batch.runner, tasks[0])
             return
@@ -282,11 +314,12 @@ class BatchScheduler:
                         "this signature cannot be batched"
                     )
             for index, task in enumerate(tasks):
-                task.outputs = {
-                    name: array[offsets[index] : offsets[index + 1]]
-                    for name, array in outputs.items()
-                }
-                task.done.set()
+                task.finish(
+                    {
+                        name: array[offsets[index] : offsets[index + 1]]
+                        for name, array in outputs.items()
+                    }
+                )
         except ServingError as exc:
             logger.debug(
                 "merged batch of %d requests failed (%s); running them one by one", len(tasks), exc
@@ -295,16 +328,16 @@ class BatchScheduler:
                 self._run_alone(batch.runner, task)
         except Exception as exc:
             for task in tasks:
-                task.error = exc
-                task.done.set()
+                task.finish(error=exc)
 
     @staticmethod
     def _run_alone(runner: Runner, task: _Task) -> None:
         try:
-            task.outputs = runner(task.inputs)
+            outputs = runner(task.inputs)
         except Exception as exc:
-            task.error = exc
-        task.done.set()
+            task.finish(error=exc)
+        else:
+            task.finish(outputs)
 
     def stop(self) -> None:
         """Finish queued batches, then stop the batch threads."""

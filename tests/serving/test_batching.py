@@ -128,3 +128,67 @@ def test_a_request_larger_than_the_max_batch_is_invalid() -> None:
             scheduler.run("key", lambda inputs: inputs, {"x": np.zeros(3)})
     finally:
         scheduler.stop()
+
+
+def test_a_batch_that_fills_runs_without_waiting_for_its_timeout() -> None:
+    sizes: list[int] = []
+
+    def runner(inputs):
+        sizes.append(len(inputs["x"]))
+        return {"y": inputs["x"] + 1}
+
+    # A timeout no test would wait for: only filling the batch can start it.
+    scheduler = BatchScheduler(BatchingParameters(4, 600_000_000, 10, 1))
+    try:
+        results = run_concurrently(scheduler, runner, [np.array([i]) for i in range(4)])
+    finally:
+        scheduler.stop()
+    assert sizes == [4]
+    assert [int(result["y"][0]) for result in results] == [1, 2, 3, 4]
+
+
+def test_a_lone_request_runs_when_its_timeout_expires() -> None:
+    scheduler = BatchScheduler(BatchingParameters(8, 20_000, 10, 1))
+    try:
+        answer = scheduler.run("key", lambda inputs: {"y": inputs["x"] * 3}, {"x": np.array([2])})
+    finally:
+        scheduler.stop()
+    np.testing.assert_array_equal(answer["y"], [6])
+
+
+def test_a_waiting_batch_runs_at_its_deadline_while_another_batch_is_running() -> None:
+    release = threading.Event()
+
+    def runner(inputs):
+        if inputs["x"][0] == 0:
+            release.wait(30)
+        return {"y": inputs["x"]}
+
+    scheduler = BatchScheduler(BatchingParameters(8, 20_000, 10, 2))
+    blocked = threading.Thread(target=scheduler.run, args=("a", runner, {"x": np.array([0])}))
+    try:
+        blocked.start()
+        wait_until(lambda: not scheduler._batches, 10, "the first batch taken by a thread")
+        # The second thread must wake for this batch's deadline although the first is busy.
+        answer = scheduler.run("b", runner, {"x": np.array([7])})
+        np.testing.assert_array_equal(answer["y"], [7])
+        assert blocked.is_alive(), "the first batch was still running"
+    finally:
+        release.set()
+        blocked.join(timeout=10)
+        scheduler.stop()
+
+
+def test_a_failing_batch_metric_does_not_stop_the_batch_thread() -> None:
+    def broken_metric(key, size):
+        raise KeyError(key)
+
+    scheduler = BatchScheduler(BatchingParameters(4, 0, 10, 1), on_batch=broken_metric)
+    try:
+        for value in (1, 2):
+            answer = scheduler.run(
+                "key", lambda inputs: {"y": inputs["x"]}, {"x": np.array([value])}
+            )
+            np.testing.assert_array_equal(answer["y"], [value])
+    finally:
+        scheduler.stop()

@@ -22,6 +22,27 @@ from tensorflow_serving.apis import (
 pytestmark = pytest.mark.service
 
 
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(6).reshape(2, 3).T,
+        np.array([3, 1], dtype=np.int32),
+        np.array([b"tumor", b"cyst"], dtype=object),
+        np.array([[b"a", b"b"], [b"c", b""]], dtype=object),
+        np.zeros((0, 4), dtype=np.float32),
+        np.array([True, False]),
+        np.array([1.5], dtype=np.float16),
+    ],
+)
+def test_response_tensors_decode_as_tf_make_tensor_proto_ones(array) -> None:
+    from tumorflow.serving.grpc_api import tensor_proto
+
+    ours, theirs = tensor_proto(array), tf.make_tensor_proto(array)
+    assert ours.dtype == theirs.dtype and ours.tensor_shape == theirs.tensor_shape
+    np.testing.assert_array_equal(tf.make_ndarray(ours), tf.make_ndarray(theirs))
+
+
 @pytest.fixture(scope="module")
 def channel(server) -> grpc.Channel:
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
