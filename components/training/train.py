@@ -48,6 +48,7 @@ from tumorflow.components.training.input_pipeline import make_dataset
 from tumorflow.components.training.serving_statistics import fit_serving_statistics
 from tumorflow.components.training.strategy import training_distribution
 from tumorflow.components.training.tracking import TrainingRun, training_params
+from tumorflow.components.training.weights import starting_weights
 from tumorflow.core.artifacts import (
     CURVES_FILE,
     HISTORY_FILE,
@@ -424,6 +425,7 @@ def _write_model_folder(
     history: list[dict[str, Any]],
     tracker: TrainingRun | None,
     split_dir: Path,
+    starting: dict[str, str],
 ) -> dict[str, Any]:
     """The model folder (docs/artifacts.md "Model"): the Keras model, its info, the history, the
     curves and the serving statistics (calibration temperature, OOD detector) fitted on
@@ -435,6 +437,7 @@ def _write_model_folder(
     info = {
         "backbone": config.backbone,
         "weights": config.weights,
+        **starting,
         "image_size": [image_size, image_size],
         "grayscale": config.grayscale,
         "classes": classes,
@@ -525,11 +528,14 @@ def train_model(
             config.dropout,
             config.batchnorm_momentum,
         )
+        starting = starting_weights(config.backbone, image_size, config.weights)
         tracker = None
         if tracking_uri:
             resumed_run = resume.get("mlflow_run_id") if resume else None
             tracker = TrainingRun(tracking_uri, experiment, resumed_run, run_tags)
-            tracker.log_params(training_params(config, manifest, image_size, policy))
+            tracker.log_params(
+                {**training_params(config, manifest, image_size, policy), **starting}
+            )
         run_state = {"mlflow_run_id": tracker.run_id if tracker else None}
         class_weight = _class_weights(manifest, classes) if config.use_class_weights else None
         verbose = 1 if sys.stdout.isatty() else 2
@@ -635,6 +641,7 @@ def train_model(
             history=history,
             tracker=tracker,
             split_dir=split_dir,
+            starting=starting,
         )
         log.info("model written to %s (%s epochs)", output_dir, epochs_run)
         return TrainResult(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import SLOW_TRAINING_CHILD, wait_until, write_synthetic_split
 
-from tumorflow.components.training.backbones import build_classifier
+from tumorflow.components.training.backbones import build_backbone, build_classifier
 from tumorflow.components.training.checkpoints import LATEST
 from tumorflow.components.training.train import (
     _set_stage_trainable,
@@ -157,10 +158,13 @@ def test_killed_training_resumes_from_the_next_epoch(split_dir, tmp_path):
 def test_mlflow_run_has_both_stages_per_epoch_and_the_curves(split_dir, tmp_path, mlflow_server):
     import mlflow
 
+    # Started from a weights file: the run and the model info name it by its digest.
+    starting = tmp_path / "start.weights.h5"
+    build_backbone("custom_cnn", 32, "none").save_weights(starting)
     result = train_model(
         split_dir,
         tmp_path / "model",
-        _config(backbone="custom_cnn"),
+        _config(backbone="custom_cnn", weights=str(starting)),
         tmp_path / "ckpt",
         tracking_uri=mlflow_server,
         experiment="test-train",
@@ -181,6 +185,10 @@ def test_mlflow_run_has_both_stages_per_epoch_and_the_curves(split_dir, tmp_path
     assert {"model/training_curves.png", "model/model.keras"} <= artifacts
     info = json.loads((tmp_path / "model" / "model_info.json").read_text())
     assert info["mlflow_run_id"] == run.info.run_id
+    digest = hashlib.sha256(starting.read_bytes()).hexdigest()
+    assert run.data.params["starting_weights_sha256"] == digest
+    assert info["starting_weights_sha256"] == digest
+    assert info["starting_weights_file"] == "start.weights.h5"
 
 
 def test_warmup_cosine_rises_to_the_stage_rate_then_decays_to_the_floor():
