@@ -1,5 +1,6 @@
 """`tumorflow bench serving` runs end to end on loopback and prints figures that add up: the calls
-it was asked for, percentiles in order, throughputs the latencies allow, ratios of its own rows."""
+it was asked for, percentiles in order, throughputs the latencies allow, ratios of its own rows,
+and PASS or MISS against the server's targets."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ REQUESTS = 40
 # measurement: (calls asked for, concurrent clients, images per call)
 PLANNED = {
     "in-process call, batch 1": (REQUESTS, 1, 1),
-    "in-process call, batch 32 (ceiling)": (4, 1, 32),
+    # Measured before and after the gRPC runs, 4 calls each.
+    "in-process call, batch 32 (ceiling)": (8, 1, 32),
     "gRPC Predict, 1 client(s)": (REQUESTS, 1, 1),
     "gRPC Predict, 8 client(s)": (REQUESTS, 8, 1),
     "gRPC Predict, 32 client(s)": (REQUESTS, 32, 1),
@@ -39,10 +41,12 @@ def _table(out: str) -> dict[str, dict[str, float]]:
     return rows
 
 
-def _figure(out: str, pattern: str) -> tuple[float, str]:
-    """The number a summary line prints, and its verdict (met / missed) when it has one."""
-    match = re.search(pattern + r"(?:.*: (met|missed))?", out)
-    assert match, f"no line matching {pattern!r}"
+def _figure(out: str, label: str) -> tuple[float, str]:
+    """The number a summary line prints, and its verdict (PASS / MISS)."""
+    match = re.search(
+        re.escape(label) + r"\s+([+-]?[\d.]+)[^(\n]*\(target [^)]*\): (PASS|MISS)", out
+    )
+    assert match, f"no summary line {label!r}"
     return float(match[1]), match[2]
 
 
@@ -72,19 +76,24 @@ def test_bench_serving_prints_consistent_latencies_and_ratios(capsys):
         rows["Flask baseline, 8 clients"],
     )
 
-    gap, verdict = _figure(out, r"gRPC batch-1 p50 - in-process p50: ([+-][\d.]+) ms")
+    share, verdict = _figure(out, "gRPC 32 clients / batch-32 ceiling throughput:")
+    assert share == pytest.approx(many["throughput"] / ceiling["throughput"], **RATIO)
+    assert verdict == ("PASS" if share >= 0.85 else "MISS")
+    gap, verdict = _figure(out, "gRPC batch-1 p50 - in-process p50:")
     assert gap == pytest.approx(single["p50"] - inprocess["p50"], abs=MS)
-    assert verdict == ("met" if gap <= 2 else "missed")
-    ratio, verdict = _figure(out, r"gRPC 32 clients / sequential in-process throughput: ([\d.]+)x")
-    assert ratio == pytest.approx(many["throughput"] / inprocess["throughput"], **RATIO)
-    assert verdict == ("met" if ratio >= 3 else "missed")
-    reach, _ = _figure(out, r"batching can reach at most ([\d.]+)x here")
-    assert reach == pytest.approx(ceiling["throughput"] / inprocess["throughput"], **RATIO)
-    share, _ = _figure(out, r"the server delivers (\d+)% of it")
-    assert share == pytest.approx(100 * many["throughput"] / ceiling["throughput"], abs=1)
-    cost, verdict = _figure(out, r"request logging for drift adds ([+-][\d.]+) ms p50")
+    assert verdict == ("PASS" if gap <= 1.5 else "MISS")
+    tail, verdict = _figure(out, "gRPC 32 clients p99 / batch-32 call p99:")
+    assert tail == pytest.approx(many["p99"] / ceiling["p99"], **RATIO)
+    assert verdict == ("PASS" if tail <= 2 else "MISS")
+    cost, verdict = _figure(out, "request logging for drift adds (p50):")
     assert cost == pytest.approx(logged["p50"] - single["p50"], abs=MS)
-    assert verdict == ("met" if cost < 1 else "missed")
-    ratio, verdict = _figure(out, r"gRPC 32 clients / Flask baseline throughput: ([\d.]+)x")
-    assert ratio == pytest.approx(many["throughput"] / flask["throughput"], **RATIO)
-    assert verdict == ("met" if ratio >= 5 else "missed")
+    assert verdict == ("PASS" if cost < 1 else "MISS")
+    ratio, verdict = _figure(out, "gRPC 32 clients / Flask baseline throughput:")
+    # The table rounds the (slow) Flask throughput to 0.1 images/s: allow for that rounding.
+    rounding = 0.05 / flask["throughput"] + 0.05 / many["throughput"]
+    assert ratio == pytest.approx(
+        many["throughput"] / flask["throughput"], rel=RATIO["rel"] + rounding, abs=RATIO["abs"]
+    )
+    assert verdict == ("PASS" if ratio >= 5 else "MISS")
+    # The stale target (32 clients against the sequential in-process call) is gone.
+    assert "sequential" not in out
