@@ -57,6 +57,8 @@ SERVICE_FIXTURES = frozenset(
         "server",
         # tests/components/data: Orthanc with DICOMweb (tests/pacs.py)
         "orthanc",
+        # a served model with an OOD detector (tests/serving, tests/console)
+        "ood_model_server",
     }
 )
 
@@ -176,7 +178,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_for_http(f"{url}/health", timeout=90, process=process)
+            wait_for_http(f"{url}/health", timeout=180, process=process)
             break
         except (RuntimeError, AssertionError) as exc:  # it exited, or never answered
             process.kill()
@@ -453,3 +455,48 @@ def predict_outputs():
 @pytest.fixture()
 def read_store():
     return _read_store
+
+
+@pytest.fixture(scope="module")
+def ood_model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A model of known behaviour served in-process as `kidney-ct` (gRPC and REST), exported with
+    a temperature (2.0) and an OOD detector: the embedding is the mean colour (0..255), dark
+    (about 20) and bright (about 250) grey are its classes, and any image far from grey is out of
+    distribution (pure red (255, 0, 0) scores 560.25 against a threshold of 30)."""
+    import json
+
+    import keras
+    import numpy as np
+
+    from tumorflow.components.training.export import export_serving_model
+    from tumorflow.components.training.ood import MahalanobisDetector
+    from tumorflow.components.training.serving_statistics import ServingStatistics
+    from tumorflow.serving.server import ModelServer, ServerOptions
+
+    root = tmp_path_factory.mktemp("ood-model")
+    inputs = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D(name="embedding")(inputs)
+    outputs = keras.layers.Dense(2, activation="softmax", name="scores")(pooled)
+    model = keras.Model(inputs, outputs)
+    model.get_layer("scores").set_weights(
+        [np.array([[-0.01, 0.01]] * 3, np.float32), np.array([3.0, -3.0], np.float32)]
+    )
+    folder = root / "model"
+    folder.mkdir()
+    model.save(folder / "model.keras")
+    info = {"backbone": "custom_cnn", "image_size": [32, 32], "classes": ["dark", "bright"]}
+    (folder / "model_info.json").write_text(json.dumps(info))
+    detector = MahalanobisDetector(np.array([[20.0] * 3, [250.0] * 3]), np.eye(3) / 100, 30.0)
+    ServingStatistics(temperature=2.0, detector=detector).write(folder / "serving_statistics.npz")
+    export_serving_model(folder, root / "models" / "kidney-ct" / "1", model_name="kidney-ct")
+    server = ModelServer(
+        ServerOptions(
+            port=0,
+            rest_api_port=free_port(),
+            model_name="kidney-ct",
+            model_base_path=str(root / "models" / "kidney-ct"),
+        )
+    )
+    server.start()
+    yield server
+    server.stop()

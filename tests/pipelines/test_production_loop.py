@@ -36,7 +36,8 @@ from PIL import Image
 from tumorflow.core.config import PipelineConfig, load_config
 from tumorflow.pipelines.runner import RunSummary, run_local
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+# four runs and a server: 20 min on a busy 2-core machine
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 MODEL = "loop-model"
 CLASSES = ("Cyst", "Normal", "Stone", "Tumor")
