@@ -156,9 +156,12 @@ def _predict(args: argparse.Namespace) -> int:
             target_file = Path(args.explain) / f"{Path(path).stem}.gradcam.png"
             target_file.write_bytes(overlay_heatmap(data, answer.heatmap))
             overlay, answer = f"  overlay={target_file}", answer.prediction
-        probabilities = "  ".join(f"{name}={p:.4f}" for name, p in answer.probabilities.items())
         version = f" (v{answer.model_version})" if answer.model_version else ""
-        print(f"{path}: {answer.predicted_class}{version}  {probabilities}{overlay}")
+        if not answer.in_distribution:
+            print(f"{path}: {answer.label}{version}")
+            continue
+        probabilities = "  ".join(f"{name}={p:.4f}" for name, p in answer.probabilities.items())
+        print(f"{path}: {answer.label}{version}  {probabilities}{overlay}")
     return 2 if failed else 0
 
 

@@ -18,10 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from tumorflow.components.data.dicom import encoded_images as encoded_images
-from tumorflow.components.training.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
+from tumorflow.components.training.export import (
+    EXPLAIN_SIGNATURE,
+    HEATMAP,
+    IN_DISTRIBUTION,
+    INPUT,
+    OOD_SCORE,
+)
 from tumorflow.core.errors import TumorflowError
 
 IMAGE_INPUT = INPUT
+# What predict, the console and the PACS router say instead of a class for an image the model's
+# OOD detector flags.
+NOT_A_SCAN = "not a scan like the training data"
 
 
 class ServerUnavailableError(TumorflowError):
@@ -35,11 +44,22 @@ class RequestRejectedError(ServerUnavailableError):
 
 @dataclass(frozen=True)
 class ImagePrediction:
-    """One image's answer: the arg-max class and the probability of every class."""
+    """One image's answer: the arg-max class and the probability of every class, and, from a
+    model exported with an OOD detector, its `ood_score` and whether the image is in distribution
+    (a model without one answers every image as in distribution)."""
 
     predicted_class: str
     probabilities: dict[str, float]
     model_version: int | None
+    ood_score: float | None = None
+    in_distribution: bool = True
+
+    @property
+    def label(self) -> str:
+        """What to say about the image: its class, or that it is no scan like the training data."""
+        if self.in_distribution:
+            return self.predicted_class
+        return f"{NOT_A_SCAN} (score {self.ood_score:.1f})"
 
 
 @dataclass(frozen=True)
@@ -64,13 +84,42 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _rows(scores: Sequence, classes: Sequence, version: int | None) -> list[ImagePrediction]:
+def _rows(
+    scores: Sequence,
+    classes: Sequence,
+    version: int | None,
+    ood_scores: Sequence | None = None,
+    in_distribution: Sequence | None = None,
+) -> list[ImagePrediction]:
     results = []
-    for row_scores, row_classes in zip(scores, classes, strict=True):
+    for index, (row_scores, row_classes) in enumerate(zip(scores, classes, strict=True)):
         probabilities = {_text(c): float(s) for c, s in zip(row_classes, row_scores, strict=True)}
         best = max(probabilities, key=probabilities.__getitem__)
-        results.append(ImagePrediction(best, probabilities, version))
+        ood = {}
+        if ood_scores is not None and in_distribution is not None:
+            ood = {
+                "ood_score": float(ood_scores[index]),
+                "in_distribution": bool(in_distribution[index]),
+            }
+        results.append(ImagePrediction(best, probabilities, version, **ood))
     return results
+
+
+def _grpc_rows(response: Any) -> list[ImagePrediction]:
+    """The rows of a Predict response, with the OOD outputs where the model has them."""
+    import tensorflow as tf
+
+    outputs = response.outputs
+    ood = [
+        tf.make_ndarray(outputs[name]) if name in outputs else None
+        for name in (OOD_SCORE, IN_DISTRIBUTION)
+    ]
+    return _rows(
+        tf.make_ndarray(outputs["scores"]),
+        tf.make_ndarray(outputs["classes"]),
+        response.model_spec.version.value,
+        *ood,
+    )
 
 
 def _grpc_predict_response(
@@ -122,13 +171,11 @@ def _grpc_predict_response(
 def predict_grpc(
     server: str, images: Sequence[bytes], target: ModelTarget, timeout: float = 10.0
 ) -> list[ImagePrediction]:
-    """Predict over gRPC with PredictionService.Predict; ServerUnavailableError on failure."""
-    import tensorflow as tf
+    """Predict over gRPC with PredictionService.Predict; ServerUnavailableError on failure.
 
-    response = _grpc_predict_response(server, images, target, ["scores", "classes"], timeout)
-    scores = tf.make_ndarray(response.outputs["scores"])
-    classes = tf.make_ndarray(response.outputs["classes"])
-    return _rows(scores, classes, response.model_spec.version.value)
+    No output filter: a model with an OOD detector answers its outputs too, and one without it
+    is not asked for outputs it lacks."""
+    return _grpc_rows(_grpc_predict_response(server, images, target, [], timeout))
 
 
 def explain_grpc(
@@ -141,14 +188,8 @@ def explain_grpc(
     import tensorflow as tf
 
     target = dataclasses.replace(target, signature_name=EXPLAIN_SIGNATURE)
-    response = _grpc_predict_response(
-        server, images, target, ["scores", "classes", HEATMAP], timeout
-    )
-    rows = _rows(
-        tf.make_ndarray(response.outputs["scores"]),
-        tf.make_ndarray(response.outputs["classes"]),
-        response.model_spec.version.value,
-    )
+    response = _grpc_predict_response(server, images, target, [], timeout)
+    rows = _grpc_rows(response)
     heatmaps = tf.make_ndarray(response.outputs[HEATMAP])
     return [ExplainedPrediction(row, heatmap) for row, heatmap in zip(rows, heatmaps, strict=True)]
 
@@ -195,7 +236,13 @@ def predict_rest(
         ) from None
     try:
         rows = answer["predictions"]
-        return _rows([r["scores"] for r in rows], [r["classes"] for r in rows], target.version)
+        ood = [
+            [r[name] for r in rows] if all(name in r for r in rows) else None
+            for name in (OOD_SCORE, IN_DISTRIBUTION)
+        ]
+        return _rows(
+            [r["scores"] for r in rows], [r["classes"] for r in rows], target.version, *ood
+        )
     except (KeyError, TypeError):
         raise not_rest from None
 

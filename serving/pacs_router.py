@@ -15,7 +15,8 @@ file remembers what was stored per (instance, model, version), and the PACS is a
 storing. A model server that does not answer leaves instances pending (the next pass retries); a
 PACS that fails after the client's retries turns the result into a dead letter (the objects are
 kept on disk and stored by a later pass or `--retry-dead-letters`); an instance that is no image
-or cannot be decoded is skipped with its reason. Wrong credentials stop the router with one
+or cannot be decoded is skipped with its reason, and so is an image the model's OOD detector flags
+("not a scan like the training data (score S)": no clinical result is stored). Wrong credentials stop the router with one
 message. The model server's request log records routed requests as it records any other, so
 the drift monitor sees them.
 """
@@ -543,6 +544,11 @@ class PacsRouter:
         for item, answer in zip(fetched, answers, strict=True):
             if isinstance(answer, RequestRejectedError):
                 self._skip(item.ref.sop, f"the model server refused the image: {answer}", result)
+                continue
+            prediction = answer.prediction if isinstance(answer, ExplainedPrediction) else answer
+            if not prediction.in_distribution:
+                # no clinical result for an image the model's OOD detector flags
+                self._skip(item.ref.sop, prediction.label, result)
                 continue
             built.append((item, *self._build_result(item, answer, model)))
         self._store_results(built, result)

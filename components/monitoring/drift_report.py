@@ -43,6 +43,7 @@ from tumorflow.components.monitoring.store import (
     partition_in_window,
     read_request_log,
 )
+from tumorflow.components.training.export import IN_DISTRIBUTION
 from tumorflow.core import serving_layout, storage
 from tumorflow.core.artifacts import DRIFT_REPORT_HTML, DRIFT_REPORT_JSON, VERDICT_FILE
 from tumorflow.core.config import DicomConfig
@@ -86,6 +87,10 @@ class DriftVerdict:
     verdict_path: str
     message: str = ""
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    # Its own signal, beside the drift: current requests the model's OOD detector flagged, of
+    # those logged with a flag (None: the request log has no flags, e.g. an older model).
+    ood_flagged_rows: int | None = None
+    ood_checked_rows: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +110,13 @@ class DriftVerdict:
             lines.append(
                 f"  prediction drift on {column.column}: {'yes' if column.drifted else 'no'} "
                 f"({column.method} {column.score:.3g}, threshold {column.threshold:.3g})"
+            )
+        if self.ood_checked_rows:
+            lines.append(
+                f"  flagged out of distribution: {self.ood_flagged_rows} of "
+                f"{self.ood_checked_rows} requests "
+                f"({self.ood_flagged_rows / self.ood_checked_rows:.1%}: not scans like the "
+                "training data)"
             )
         if self.sampled_to:
             lines.append(f"  tables sampled to {self.sampled_to} rows each")
@@ -340,9 +352,21 @@ def drift_report(
         html_path=str(html_path),
         json_path=str(json_path),
         verdict_path=str(output_dir / VERDICT_FILE),
+        **ood_flag_counts(current),
     )
     _write_verdict(verdict)
     return verdict
+
+
+def ood_flag_counts(table: pd.DataFrame) -> dict[str, int]:
+    """`ood_flagged_rows` and `ood_checked_rows` of a request-log table with OOD flags (rows
+    logged without one, by a model without a detector, are not counted); {} without any."""
+    if IN_DISTRIBUTION not in table.columns:
+        return {}
+    flags = table[IN_DISTRIBUTION].dropna().astype(bool)
+    if flags.empty:
+        return {}
+    return {"ood_flagged_rows": int((~flags).sum()), "ood_checked_rows": len(flags)}
 
 
 def _write_verdict(verdict: DriftVerdict) -> None:

@@ -3,7 +3,8 @@
 Layout (docs/artifacts.md, "Request log"): `<root>/<model_name>/date=YYYY-MM-DD/part-*.parquet`,
 a local folder or a gs:// prefix. One row per request image: `timestamp, model_name,
 model_version, request_id`, the image drift features, the projected embedding when the served
-version has a projection, and `predicted_class, confidence` when a model ran.
+version has a projection, `predicted_class, confidence` when a model ran, and `ood_score,
+in_distribution` when the model has an OOD detector.
 
 `PartWriter` is the one writer of rows (the server's request logger and the ingest of TF Serving
 logs and image folders all use it); `read_request_log` reads the rows of a time window back.
@@ -32,6 +33,7 @@ from tumorflow.components.monitoring.features import (
     find_projection,
     image_features,
 )
+from tumorflow.components.training.export import IN_DISTRIBUTION, OOD_SCORE
 from tumorflow.components.training.export import INPUT as IMAGE_INPUT
 from tumorflow.core import storage
 from tumorflow.core.errors import ModelError
@@ -85,6 +87,17 @@ def _images_of(inputs: Mapping[str, np.ndarray]) -> list[bytes | np.ndarray] | N
 
 def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _out_of_distribution(
+    outputs: Mapping[str, np.ndarray] | None, n: int, index: int
+) -> dict[str, float | bool]:
+    """The OOD score and flag of image `index`, when the signature answered them."""
+    if outputs is None or any(name not in outputs for name in (OOD_SCORE, IN_DISTRIBUTION)):
+        return {}
+    scores = np.asarray(outputs[OOD_SCORE], dtype=np.float64).reshape(n)
+    flags = np.asarray(outputs[IN_DISTRIBUTION], dtype=bool).reshape(n)
+    return {OOD_SCORE: float(scores[index]), IN_DISTRIBUTION: bool(flags[index])}
 
 
 def _predictions(outputs: Mapping[str, np.ndarray], n: int) -> tuple[list[str | None], list[float]]:
@@ -192,6 +205,7 @@ class PartWriter:
             if classes is not None:
                 row["predicted_class"] = classes[index]
                 row["confidence"] = confidence[index]
+            row.update(_out_of_distribution(outputs, n, index))
             rows.append(row)
 
     def flush(self) -> None:

@@ -106,3 +106,30 @@ def test_an_uploaded_dicom_is_decoded_as_training_decodes_it_and_sent_as_png(
         files={"image": ("slice.dcm", dicom[:200], "application/dicom")},
     )
     assert broken.status_code == 400 and 'class="message"' in broken.text
+
+
+def test_a_photo_gets_no_label_but_the_ood_verdict_and_no_grad_cam(
+    console_factory, ood_model_server, sign_in, csrf_of
+):
+    client_for, _ = console_factory(
+        "kidney-ct", model_server=f"127.0.0.1:{ood_model_server.grpc_port}"
+    )
+    client = client_for()
+    sign_in(client, "victor")
+    csrf = csrf_of(client, "/scan")
+    for colour, flagged in (((255, 0, 0), True), ((20, 20, 20), False)):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((48, 48, 3), colour, np.uint8)).save(buffer, format="PNG")
+        page = client.post(
+            "/scan",
+            data={"csrf": csrf},
+            files={"image": ("photo.png", buffer.getvalue(), "image/png")},
+        )
+        assert page.status_code == 200, page.text
+        predicted = re.search(r'id="predicted">([^<]+)<', page.text).group(1)
+        if flagged:
+            assert predicted == "not a scan like the training data (score 560.2)"
+            assert 'id="ood"' in page.text and 'id="overlay"' not in page.text
+            assert 'id="probabilities"' not in page.text
+        else:
+            assert predicted == "dark" and 'id="overlay"' in page.text

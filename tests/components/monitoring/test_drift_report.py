@@ -418,3 +418,18 @@ def test_drift_command_with_a_model_compares_embeddings_and_predictions(
     assert {"embedding_pc1", "embedding_pc2", "embedding_pc3"} <= columns
     assert {c["column"] for c in verdict["prediction_drift"]} == {"predicted_class", "confidence"}
     assert "prediction drift on predicted_class" in capsys.readouterr().out
+
+
+def test_requests_flagged_out_of_distribution_are_counted_as_their_own_signal(tmp_path: Path):
+    reference, current = tables(4)
+    current["in_distribution"] = [index % 4 != 0 for index in range(len(current))]
+    current.loc[current.index[:2], "in_distribution"] = None
+    verdict = drift_report(reference, current, tmp_path, DRIFT_SHARE)
+    flagged = sum(1 for index in range(2, len(current)) if index % 4 == 0)
+    assert (verdict.ood_flagged_rows, verdict.ood_checked_rows) == (flagged, len(current) - 2)
+    assert "in_distribution" not in [c.column for c in verdict.columns]
+    assert f"flagged out of distribution: {flagged} of {len(current) - 2}" in verdict.summary()
+    saved = json.loads((tmp_path / "verdict.json").read_text())
+    assert saved["ood_flagged_rows"] == flagged
+    no_flags = drift_report(reference, tables(4)[1], tmp_path / "plain", DRIFT_SHARE)
+    assert no_flags.ood_checked_rows is None and "out of distribution" not in no_flags.summary()

@@ -120,3 +120,23 @@ def test_the_reader_opens_only_the_partitions_of_its_window(tmp_path: Path):
     assert read_request_log(tmp_path / "kidney-ct", window)["intensity_mean"].tolist() == [1.0, 2.0]
     nothing = read_request_log(tmp_path, (NOW - timedelta(days=9), NOW - timedelta(days=8)))
     assert nothing.empty and "intensity_p50" in nothing.columns
+
+
+def test_the_ood_score_and_flag_are_stored_when_the_model_answers_them(
+    tmp_path: Path, level_png, predict_outputs, read_store
+):
+    parts, _ = _writer(tmp_path)
+    images = np.array([level_png(40), level_png(200)], dtype=object)
+    flagged = {
+        **predict_outputs(2),
+        "ood_score": np.array([3.5, 812.0], dtype=np.float32),
+        "in_distribution": np.array([True, False]),
+    }
+    parts.add(_request({"image_bytes": images}, flagged))
+    parts.add(_request({"image_bytes": images[:1]}, predict_outputs(1)))
+    parts.flush()
+    table = read_store(tmp_path).sort_values("ood_score", na_position="last")
+    assert table["ood_score"].tolist()[:2] == pytest.approx([3.5, 812.0])
+    assert table["in_distribution"].tolist()[:2] == [True, False]
+    # a model without a detector logs no flag: not counted as in distribution
+    assert pd.isna(table["in_distribution"].tolist()[2])
