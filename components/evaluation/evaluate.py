@@ -293,6 +293,39 @@ def _log_to_mlflow(
         client.log_artifact(run_id, str(output_dir / name), artifact_path="evaluation")
 
 
+def uncalibrated_probabilities(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The probabilities a temperature-scaled model gave before scaling: softmax(T * log p)
+    undoes softmax(logits / T) exactly (the argmax is the same)."""
+    from tumorflow.components.training.calibration import log_probabilities, tempered_softmax
+
+    return tempered_softmax(log_probabilities(probs), 1.0 / temperature)
+
+
+def calibration_figures(scored: Predictions, temperature: float) -> dict[str, float]:
+    """metrics.json's `calibration`: the temperature the served model folds in and the ECE of
+    the split before it (`ece_before`) and after (`ece`, the figure the gate reads)."""
+    before = uncalibrated_probabilities(scored.probs, temperature)
+    return {
+        "temperature": float(temperature),
+        "ece_before": expected_calibration_error(scored.y_true, before),
+        "ece": expected_calibration_error(scored.y_true, scored.probs),
+    }
+
+
+def reliability_curves(
+    scored: Predictions, metrics: dict[str, Any]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The reliability plot's curves: the served model, and before temperature scaling if any."""
+    if "calibration" not in metrics:
+        return {"model": (scored.y_true, scored.probs)}
+    temperature = metrics["calibration"]["temperature"]
+    before = uncalibrated_probabilities(scored.probs, temperature)
+    return {
+        "before temperature scaling": (scored.y_true, before),
+        f"served (T = {temperature:.2f})": (scored.y_true, scored.probs),
+    }
+
+
 def evaluated_saved_model(evaluation_dir: Path) -> Path | None:
     """The SavedModel an evaluation scored, when its folder is still reachable from here."""
     record = Path(evaluation_dir) / EVALUATED_MODEL_FILE
@@ -354,6 +387,8 @@ def evaluate_model(
         )
     scored = attach_slices(scored, split_dir)
     metrics = compute_metrics(scored.y_true, scored.probs, scored.classes)
+    if info.get("calibration"):
+        metrics["calibration"] = calibration_figures(scored, info["calibration"]["temperature"])
     if scored.slices:
         metrics["slices"] = metrics_per_slice(scored)
     metrics["saved_model_sha256"] = saved_model_digest(saved_model)
@@ -367,7 +402,7 @@ def evaluate_model(
     _plot_roc(
         roc_points(scored.y_true, scored.probs, scored.classes), metrics, output_dir / PLOTS[1]
     )
-    plot_reliability({"model": (scored.y_true, scored.probs)}, output_dir / PLOTS[2])
+    plot_reliability(reliability_curves(scored, metrics), output_dir / PLOTS[2])
     if external_splits:
         evaluate_external_sets(saved_model, external_splits, scored.classes, output_dir)
     if tracking_uri and mlflow_run_id:

@@ -110,3 +110,28 @@ def test_the_ood_flag_on_unseen_kinds_of_image_and_on_unseen_phantom_scans(tiny_
     assert flagged["noise"] >= 0.95 and flagged["text"] >= 0.95
     assert np.mean(list(flagged.values())) >= 0.95
     assert rejected <= 0.25
+
+
+def test_evaluate_reports_the_ece_before_and_after_and_the_gate_reads_the_calibrated_one(
+    tiny_model, tmp_path
+):
+    import keras
+    import tensorflow as tf
+
+    from tumorflow.components.evaluation.evaluate import evaluate_model
+    from tumorflow.components.evaluation.metrics import expected_calibration_error
+    from tumorflow.components.training.export import decode_for_model
+
+    metrics = evaluate_model(tiny_model, tiny_model.parent / "split", tmp_path, split="val")
+    images, labels = _val_images(tiny_model)
+    model = keras.saving.load_model(tiny_model / "model.keras", compile=False)
+    grayscale = json.loads((tiny_model / "model_info.json").read_text())["grayscale"]
+    raw = model.predict(
+        tf.stack([decode_for_model(image, 48, grayscale) for image in images]), verbose=0
+    )
+    calibration = metrics["calibration"]
+    assert calibration["ece_before"] == pytest.approx(
+        expected_calibration_error(labels, raw), abs=1e-4
+    )
+    assert calibration["ece"] == metrics["ece"] != pytest.approx(calibration["ece_before"])
+    assert (tmp_path / "reliability.png").stat().st_size > 0
