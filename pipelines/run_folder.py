@@ -31,6 +31,8 @@ APPROVAL_RECORD = ("approval", "record")
 DRIFT_REPORT_VERDICT = ("drift-report", "verdict")
 DRIFT_CHECK_VERDICT = ("drift-check", "verdict")
 DEPLOY_TASK = "deploy"
+# The tasks the cache may skip (docs/caching.md); the others run in every run that reaches them.
+CACHED_TASKS = frozenset({"download", "validate-and-split", "train", "evaluate", "drift-reference"})
 
 
 def pipeline_root(run_root: Path | str) -> Path:
@@ -64,11 +66,14 @@ class RunFolder:
         )
 
     def artifact(self, task: str, output: str) -> Path | None:
-        """Where the run's `task` wrote `output`; for a task the cache skipped, the newest earlier
-        run's."""
+        """Where the run's `task` wrote `output`; for a cacheable task the cache skipped in a run
+        that went through the retraining DAG, the newest earlier run's. A step that is never
+        cached, or one a run never reached (a monitoring run without drift), has none."""
         own = self.path / task / output
         if own.exists():
             return own
+        if task not in CACHED_TASKS or self.parameter(DATASET_VERSION_TASK, "fingerprint") is None:
+            return None
         return next(
             (p / task / output for p in self._earlier_runs() if (p / task / output).exists()),
             None,

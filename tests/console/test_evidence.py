@@ -29,6 +29,10 @@ def _cached_run(run_root: Path) -> str:
     (first / "download" / "raw" / artifacts.SOURCE_JSON).write_text(
         json.dumps({"dataset_version": "sha256:abc"})
     )
+    (second / "dataset-version").mkdir(parents=True)
+    (second / "dataset-version" / "executor_output.json").write_text(
+        json.dumps({"parameterValues": {"fingerprint": "sha256:abc"}})
+    )
     (second / "gate" / "decision").mkdir(parents=True)
     (second / "gate" / "decision" / artifacts.DECISION_FILE).write_text('{"passed": true}')
     return second.name

@@ -62,11 +62,22 @@ def test_a_step_that_ran_is_read_from_its_own_run(tmp_path):
     assert run.file(GATE_DECISION, artifacts.DECISION_FILE).is_relative_to(second)
 
 
-def test_without_the_version_step_the_dataset_version_comes_from_a_cached_download(tmp_path):
-    _, second = _two_runs(tmp_path)
-    (second / "dataset-version" / "executor_output.json").unlink()
+def test_a_run_that_never_reached_the_retraining_dag_reads_nothing_of_earlier_runs(tmp_path):
+    _two_runs(tmp_path)
+    calm = pipeline_root(tmp_path) / "tumorflow-retrain-20261203120000"
+    _write(calm / "drift-check" / "verdict", artifacts.VERDICT_FILE, {"drift_detected": False})
+    run = RunFolder.find(tmp_path, calm.name)
 
-    assert RunFolder.find(tmp_path, second.name).dataset_version() == "sha256:first"
+    assert run.drift_check_verdict() == {"drift_detected": False}
+    assert run.metrics() is None and run.gate_decision() is None and run.approval() is None
+    assert run.dataset_version() is None
+
+
+def test_a_never_cached_step_is_not_read_from_an_earlier_run(tmp_path):
+    _, second = _two_runs(tmp_path)
+    (second / "gate" / "decision" / artifacts.DECISION_FILE).unlink()
+
+    assert RunFolder.find(tmp_path, second.name).gate_decision() is None
 
 
 def test_a_later_run_is_never_read_for_an_earlier_one(tmp_path):
