@@ -169,3 +169,55 @@ def test_the_monitoring_pipeline_retrains_only_when_requests_drift(passing_run, 
     verdict = json.loads((calm.run_dir / "drift-check" / "verdict" / "verdict.json").read_text())
     assert verdict["drift_detected"] is False
     assert calm.trigger_reason is None and calm.gate is None and calm.deployed_version is None
+
+
+def test_an_external_set_is_scored_and_gated_but_never_trained_on(passing_run, caplog):
+    """A second "site": the phantom with another seed and twice the noise, prepared and scored
+    by challenger and champion; its floor fails the gate; training comes from the cache."""
+    from jinja2 import Environment, FileSystemLoader
+
+    from tumorflow.console.app import TEMPLATES
+    from tumorflow.console.evidence import CandidateRow, run_evidence
+    from tumorflow.core.config import ExternalSetConfig
+
+    config, _ = passing_run
+    with_site = config.model_copy(deep=True)
+    with_site.gate.external_max_drop = 0.0
+    with_site.gate.external_sets = [
+        ExternalSetConfig(
+            name="site-b",
+            source="phantom",
+            phantom={"per_class": 6, "size": 48, "seed": 7, "noise_scale": 2.0},
+            rules=[{"metric": "macro_f1", "threshold": 1.01}],
+            champion_rules=[{"metric": "macro_f1", "margin": 0.05, "bound": "lower"}],
+        )
+    ]
+    caplog.set_level(logging.INFO)  # as the CLI logs: the runner reads kfp.local's cache hits
+    summary = run_local(with_site)
+
+    assert summary.task_seconds.get("train") == "cached", "an external set is never trained on"
+    assert isinstance(summary.task_seconds.get("external-sets"), float)
+    decision = summary.gate
+    site = decision["external_sets"]["site-b"]
+    assert site["n"] == 24
+    assert set(site["values"]) >= {"accuracy", "macro_f1"}
+    assert site["internal"]["macro_f1"] == pytest.approx(decision["challenger"]["macro_f1"])
+    assert site["champion"] is not None, "the served champion is re-scored on the site too"
+    failed = [r["name"] for r in decision["rules"] if not r["passed"]]
+    assert "external site-b: macro_f1 >= 1.01 (point)" in failed
+    assert decision["passed"] is False and summary.deployed_version is None
+    # the warning is the measured drop against the configured one (0 here)
+    assert bool(decision["warnings"]) == (site["drop"] > 0)
+
+    run = CandidateRow(summary.run_name, "e2e-model", "2", 0, "waiting", False)
+    page = (
+        Environment(loader=FileSystemLoader(TEMPLATES))
+        .get_template("review.html")
+        .render(
+            run=run,
+            evidence=run_evidence(Path(config.run_root), summary.run_name),
+            may_decide=False,
+        )
+    )
+    assert 'id="external-sets"' in page and "<td>site-b</td><td>24</td>" in page
+    assert 'id="leak-report"' in page
