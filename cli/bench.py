@@ -1,4 +1,4 @@
-"""`tumorflow bench input|serving|split|validate|explain|train|recipe`: benchmarks that print ratios against a baseline of the same run."""
+"""`tumorflow bench input|serving|split|validate|explain|train|recipe|calibration|ood`: benchmarks that print ratios against a baseline of the same run."""
 
 from __future__ import annotations
 
@@ -57,6 +57,18 @@ def _run_signing(args: argparse.Namespace) -> int:
     from tumorflow.bench import signing as signing_bench
 
     return signing_bench.run(args)
+
+
+def _run_calibration(args: argparse.Namespace) -> int:
+    from tumorflow.bench import calibration as calibration_bench
+
+    return calibration_bench.run(args)
+
+
+def _run_ood(args: argparse.Namespace) -> int:
+    from tumorflow.bench import ood as ood_bench
+
+    return ood_bench.run(args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -128,3 +140,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_route_arguments(route_parser)
     route_parser.set_defaults(handler=_run_route)
+
+    from tumorflow.bench.calibration import add_arguments as add_calibration_arguments
+
+    calibration_parser = which.add_parser(
+        "calibration", help="test ECE before and after temperature scaling on both phantoms"
+    )
+    add_calibration_arguments(calibration_parser)
+    calibration_parser.set_defaults(handler=_run_calibration)
+
+    from tumorflow.bench.ood import add_arguments as add_ood_arguments
+
+    ood_parser = which.add_parser(
+        "ood", help="share of unseen kinds of image flagged OOD, and of phantom scans rejected"
+    )
+    add_ood_arguments(ood_parser)
+    ood_parser.set_defaults(handler=_run_ood)
