@@ -2,13 +2,14 @@
 per epoch, and the approval step's wait for a person.
 
 The steps run in kfp.local subprocesses whose output goes to the run log; the local runner
-(pipelines/run_console.py) picks the lines recognised here out of that stream and shows them, so
-a run shows an epoch counter without Keras' own progress output, and the command that decides it.
+(pipelines/run_console.py) picks the lines marked here (`[tumorflow-progress] ...`) out of that
+stream and shows them, so a run shows an epoch counter without Keras' own progress output, and the
+command that decides a waiting run. The writers and the reader share this module: no line is
+recognised by its wording.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -16,8 +17,8 @@ from typing import Any
 PROGRESS_MARK = "[tumorflow-progress]"
 
 _SHOWN_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-# The approval step logs the command that decides a waiting run (components/release/approval.py).
-_APPROVAL_WAIT = re.compile(r"`tumorflow approve (\S+)`")
+# The event the approval step prints when its run starts waiting for a person.
+APPROVAL_WAIT_EVENT = "waiting-for-approval"
 
 
 def epoch_line(
@@ -37,11 +38,19 @@ def progress_text(line: str) -> str | None:
     return text.strip() if mark else None
 
 
+def approval_wait_line(pipeline_run: str) -> str:
+    """`[tumorflow-progress] waiting-for-approval RUN`: what the approval step prints (flushed)
+    when `pipeline_run` starts waiting for a person's signed decision."""
+    return f"{PROGRESS_MARK} {APPROVAL_WAIT_EVENT} {pipeline_run}"
+
+
 def waiting_for_approval(line: str) -> str | None:
-    """The run a line of the approval step's output says is waiting for a person (it names
-    `tumorflow approve RUN`); None for any other line."""
-    match = _APPROVAL_WAIT.search(line)
-    return match.group(1) if match else None
+    """The run an `approval_wait_line` names; None for any other line."""
+    text = progress_text(line)
+    if text is None:
+        return None
+    event, _, run = text.partition(" ")
+    return run.strip() or None if event == APPROVAL_WAIT_EVENT else None
 
 
 def epoch_progress(label: str) -> Any:

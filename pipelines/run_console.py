@@ -6,8 +6,8 @@ The contract (what this module reads, and from whom):
   give one line per task with its wall time, `cached`, or `FAILED`.
 - the tasks' streamed output (kfp.local prints it to `sys.stdout`): every line goes to the run
   log; a training epoch line (`components.progress.epoch_line`) is shown, rewritten in place on a
-  TTY; a line of the approval step naming `tumorflow approve RUN`
-  (`components.progress.waiting_for_approval`) becomes the prompt with this run's decision flags;
+  TTY; the approval step's event line (`components.progress.approval_wait_line`, read with
+  `waiting_for_approval`) becomes the prompt with this run's decision flags;
   the last exception line of a failed task's output becomes the cause in its one-line error.
 With `verbose`, kfp.local's own output also reaches the terminal as before.
 """
@@ -112,14 +112,14 @@ class RunConsole(io.TextIOBase):
         task = getattr(self._local, "task", None) or ""
         if task and line.strip():
             self._tails.setdefault(task, deque(maxlen=50)).append(line.strip())
-        if (text := progress_text(line)) is not None and not self._verbose:
-            self._show(f"{task:<{_TASK_COLUMN}}{text}", transient=True)
-        elif (run := waiting_for_approval(line)) is not None:
+        if (run := waiting_for_approval(line)) is not None:
             flags = self._decision_flags
             self._show(
                 f"{task:<{_TASK_COLUMN}}waiting for: tumorflow approve {run}{flags}   "
                 f"(or: tumorflow reject {run}{flags} --reason ...)"
             )
+        elif (text := progress_text(line)) is not None and not self._verbose:
+            self._show(f"{task:<{_TASK_COLUMN}}{text}", transient=True)
 
     def _write_log(self, line: str) -> None:
         with self._lock:

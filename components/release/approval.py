@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tumorflow.components.progress import approval_wait_line
 from tumorflow.components.release import registry
 from tumorflow.components.release.approval_rules import (
     APPROVAL_MODES,
@@ -482,6 +483,8 @@ def wait_for_approval(
                 policy_source or "manual approval",
                 f"; review it at {review_url}" if review_url else "",
             )
+            # the local runner shows this event as the command that decides the run
+            print(approval_wait_line(pipeline_run), flush=True)
             announced = True
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 

@@ -39,3 +39,16 @@ def test_other_task_output_is_not_progress() -> None:
     assert progress_text("    [KFP Executor 11:18:47 INFO]: built classifier") is None
     indented = "    " + epoch_line("stage 1", 4, 12, {"loss": 0.5}, 2.04)
     assert progress_text(indented) == "stage 1  epoch 4/12  loss 0.5000  2.0 s"
+
+
+def test_the_approval_event_names_its_run_and_nothing_else_does():
+    from tumorflow.components.progress import (
+        approval_wait_line,
+        epoch_line,
+        waiting_for_approval,
+    )
+
+    assert waiting_for_approval(approval_wait_line("run-42")) == "run-42"
+    assert waiting_for_approval("  " + approval_wait_line("r") + "\n") == "r"
+    assert waiting_for_approval("waiting up to 9s for `tumorflow approve run-42`") is None
+    assert waiting_for_approval(epoch_line("stage 1", 1, 2, {}, 1.0)) is None

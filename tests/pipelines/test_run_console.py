@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 
-from tumorflow.components.progress import epoch_line
+from tumorflow.components.progress import approval_wait_line, epoch_line
 from tumorflow.pipelines.run_console import RunConsole
 
 
@@ -34,7 +34,9 @@ def test_a_run_shows_each_task_once_with_its_time_and_keeps_the_rest_in_its_log(
     assert console.filter(_record("Executing task 'train'", 100.0)) is False
     console.write(epoch_line("stage 1", 1, 2, {"loss": 0.5}, 1.0) + "\n")
     console.write("Keras chatter\n")
-    console.write("INFO waiting up to 900s for `tumorflow approve run-7` or `tumorflow reject`\n")
+    # a person's words name the command too, but only the approval step's event is the prompt
+    console.write("INFO waiting up to 900s for `tumorflow approve run-6` or `tumorflow reject`\n")
+    console.write(approval_wait_line("run-7") + "\n")
     console.filter(_record("Task 'train' finished with status SUCCESS", 112.5))
     console.filter(_record("Task 'download' cache hit", 113.0))
     console.close()
@@ -43,6 +45,7 @@ def test_a_run_shows_each_task_once_with_its_time_and_keeps_the_rest_in_its_log(
     assert "stage 1  epoch 1/2  loss 0.5000" in shown
     assert "waiting for: tumorflow approve run-7 --run-root runs" in shown
     assert "(or: tumorflow reject run-7 --run-root runs --reason ...)" in shown
+    assert "run-6" not in shown and "waiting-for-approval" not in shown
     assert "train                    12.5 s" in shown
     assert "cached" in shown and "Keras chatter" not in shown
     assert console.seconds == {"train": 12.5, "download": "cached"}
