@@ -50,9 +50,22 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
 
 @pytest.fixture(scope="module")
 def model_base(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`<base>/tumor/1`: the tiny model's serving export (serving_default and explain)."""
+    """`<base>/tumor/1`: the tiny model's serving export (serving_default and explain), exported
+    without its OOD detector: these tests route CT discs, not the phantom scans it was trained
+    on, which the detector flags (the test of that uses the tiny model's own export)."""
+    from tumorflow.components.training.export import export_serving_model
+    from tumorflow.components.training.serving_statistics import (
+        ServingStatistics,
+        read_serving_statistics,
+    )
+    from tumorflow.core.artifacts import SERVING_EXPORT, SERVING_STATISTICS_FILE
+
     base = tmp_path_factory.mktemp("route-models")
-    shutil.copytree(tiny_model / "saved_model", base / MODEL / "1")
+    model = base / "tiny-without-ood"
+    shutil.copytree(tiny_model, model, ignore=shutil.ignore_patterns(SERVING_EXPORT))
+    temperature = read_serving_statistics(tiny_model).temperature
+    ServingStatistics(temperature).write(model / SERVING_STATISTICS_FILE)
+    export_serving_model(model, base / MODEL / "1", model_name=MODEL)
     return base
 
 
@@ -193,6 +206,30 @@ def test_each_new_instance_gets_one_report_and_one_overlay_referencing_it(
     lost = route()
     assert (lost.routed, lost.already_stored) == (0, 3)
     assert len(results(client, study, "SR")) == 3 and len(results(client, study, "OT")) == 3
+
+
+def test_an_image_unlike_the_training_scans_gets_no_result_but_the_ood_reason(
+    orthanc: OrthancServer, tiny_model: Path, tmp_path: Path
+) -> None:
+    from tumorflow.serving.client import NOT_A_SCAN
+
+    shutil.copytree(tiny_model / "saved_model", tmp_path / "models" / MODEL / "1")
+    server = start_model_server(tmp_path / "models")
+    sources = store_study(orthanc, tmp_path, 2)
+    study = sources[0].StudyInstanceUID
+    config = route_config(orthanc, f"127.0.0.1:{server.grpc_port}", secondary_capture=True)
+    state = tmp_path / "state.json"
+    try:
+        router = build_router(config, DICOM, MODEL, state, studies=[study], environ=login(orthanc))
+        result = router.run_pass()
+    finally:
+        server.stop()
+    assert (result.routed, result.skipped, result.pending) == (0, 2, 0)
+    reasons = json.loads(state.read_text())["skipped"]
+    assert sorted(reasons) == sorted(s.SOPInstanceUID for s in sources)
+    assert all(reason.startswith(f"{NOT_A_SCAN} (score ") for reason in reasons.values())
+    client = DicomWebClient(orthanc.dicomweb, authorization(orthanc))
+    assert results(client, study, "SR") == [] and results(client, study, "OT") == []
 
 
 def test_a_model_server_that_is_down_leaves_instances_pending(
