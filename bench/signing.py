@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tumorflow.core.artifacts import DECISION_FILE
+
 
 def _median_s(action: Callable[[], object], repeats: int) -> float:
     times = []
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         fields = dict(model_name="kidney-ct", model_version="3", serving_digest=digest)
         signed = sign_decision(alice, "approve", reason="bench", **fields)
         record = signed.record
-        target = work / "decision.json"
+        target = work / DECISION_FILE
 
         def plain_write() -> None:
             target.write_text(json.dumps(record))

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tumorflow.core.artifacts import MODEL_INFO_FILE
 from tumorflow.core.errors import TumorflowError
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def _model_source(client: MlflowClient, model_dir: Path, experiment: str) -> tup
     """
     from mlflow.exceptions import MlflowException
 
-    info = json.loads((Path(model_dir) / "model_info.json").read_text())
+    info = json.loads((Path(model_dir) / MODEL_INFO_FILE).read_text())
     run_id = info.get("mlflow_run_id")
     if run_id:
         try:
@@ -246,7 +247,7 @@ def download_model_folder(client: MlflowClient, model_version: ModelVersion) -> 
     mlflow.artifacts.download_artifacts(
         artifact_uri=model_version.source, dst_path=str(target), tracking_uri=client.tracking_uri
     )
-    found = next(target.rglob("model_info.json"), None)
+    found = next(target.rglob(MODEL_INFO_FILE), None)
     if found is None:
         raise RegistryError(
             f"{model_version.name} version {model_version.version} ({model_version.source}) "
