@@ -9,6 +9,8 @@ minutes of HTTP retries.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import tempfile
@@ -36,6 +38,8 @@ TAG_SERVING_PATH = "serving_path"
 TAG_SERVING_DIGEST = "serving_digest"
 # Why the run that made this version started (a drift alarm, a schedule); empty: by hand.
 TAG_TRIGGER_REASON = "tumorflow.trigger_reason"
+# The code that made a candidate (`code_version()`), for its release record.
+TAG_CODE_VERSION = "tumorflow.code_version"
 # Which approval policy a version's approval obeyed ("manual") and where it came from.
 TAG_APPROVAL_POLICY_APPLIED = "approval.policy"
 TAG_APPROVAL_POLICY_SOURCE = "approval.policy_source"
@@ -206,8 +210,32 @@ def register_candidate(
     }
     if trigger_reason:
         tags[TAG_TRIGGER_REASON] = trigger_reason[:5000]
+    tags[TAG_CODE_VERSION] = code_version()
     tags.update({key: value for key, value in (digests or {}).items() if value})
     return register_model_version(client, model_name, model_dir, tags, experiment)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """`tumorflow 0.1.0 sha256:...`: the package version and a digest of every source file of the
+    code that runs this pipeline (its relative paths and bytes, tests left out), so a release
+    record names the code that made a version, in a checkout and in the image alike."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tumorflow
+
+    root = Path(tumorflow.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith(("tests/", ".venv", "notebooks/")) or "/." in f"/{relative}":
+            continue
+        digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        number = version("tumorflow")
+    except PackageNotFoundError:
+        number = "unknown"
+    return f"tumorflow {number} sha256:{digest.hexdigest()}"
 
 
 def decision_tags(tags: dict[str, str]) -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tumorflow.components.release.registry import TAG_CODE_VERSION
 from tumorflow.components.release.signing import SignatureInvalid, SignedRecord, canonical
 from tumorflow.core import serving_layout
 
@@ -84,7 +85,7 @@ def _config(info: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
         "settings": settings,
         "digest": hashlib.sha256(canonical(settings)).hexdigest() if settings else None,
         # What the pipeline records of the code and image it ran (not recorded: None).
-        "code_version": tags.get("tumorflow.code_version"),
+        "code_version": tags.get(TAG_CODE_VERSION),
         "image_digest": tags.get("tumorflow.image_digest"),
     }
 

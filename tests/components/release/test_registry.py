@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import pytest
 
 from tumorflow.components.release.registry import (
     RegistryError,
+    code_version,
     connect,
     download_model_folder,
     find_champion,
@@ -45,6 +48,7 @@ def test_candidates_are_registered_once_per_run(tmp_path, mlflow_server):
         "tumorflow.pipeline_run": "run-a",
         "gate.passed": "false",
         "approval.status": "pending",
+        "tumorflow.code_version": code_version(),
     }
     client = connect(mlflow_server)
     assert move_champion(client, name, first.version) is None
@@ -76,3 +80,24 @@ def test_the_training_runs_logged_model_folder_is_reused(tmp_path, mlflow_server
 def test_a_server_that_is_down_is_reported_at_once():
     with pytest.raises(RegistryError, match="not reachable"):
         connect("http://127.0.0.1:9")
+
+
+def test_the_code_version_names_the_package_and_changes_with_its_source(tmp_path, monkeypatch):
+    import tumorflow
+
+    before = code_version()
+    assert re.fullmatch(r"tumorflow \S+ sha256:[0-9a-f]{64}", before)
+    # the same digest over a copy of the sources, and another one once a source file changes
+    copy = tmp_path / "tumorflow"
+    shutil.copytree(
+        Path(tumorflow.__file__).parent,
+        copy,
+        ignore=shutil.ignore_patterns(".venv*", ".git", "tests", "runs", "__pycache__", "*.pyc"),
+    )
+    monkeypatch.setattr(tumorflow, "__file__", str(copy / "__init__.py"))
+    code_version.cache_clear()
+    assert code_version() == before
+    (copy / "core" / "errors.py").write_text((copy / "core" / "errors.py").read_text() + "\n# x\n")
+    code_version.cache_clear()
+    assert code_version() != before
+    code_version.cache_clear()
