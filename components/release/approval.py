@@ -410,22 +410,8 @@ def wait_for_approval(
         if verified:
             result = _outcome(verified[0], pipeline_run, gate_passed)
         elif mode == AUTO and gate_passed:
-            if pipeline_signer is None:
-                raise ApprovalError(
-                    "policy auto needs the pipeline's signing key: set release.pipeline_key"
-                )
-            signed = sign_decision(
-                pipeline_signer,
-                "auto_approve",
-                signer="pipeline",
-                authenticated_via="pipeline key",
-                reason="the gate passed",
-                model_name=model_name,
-                model_version=model_version.version,
-                serving_digest=candidate.serving_digest,
-                decision_digest=candidate.decision_digest,
-                dataset_version=candidate.dataset_version,
-                pipeline_run=pipeline_run,
+            signed = _sign_auto_approval(
+                pipeline_signer, candidate, pipeline_run, model_version.version
             )
             registry.store_decision(client, model_name, model_version.version, signed)
             audit_event(
@@ -573,6 +559,34 @@ def run_approval(
     return result
 
 
+def _sign_auto_approval(
+    pipeline_signer: Signer | None,
+    candidate: Candidate,
+    pipeline_run: str,
+    model_version: str | None = None,
+) -> SignedRecord:
+    """Policy auto and a passing gate: the approval the pipeline's own key signs, bound to the
+    candidate's digests (and its registry version, where there is a registry)."""
+    if pipeline_signer is None:
+        raise ApprovalError(
+            "policy auto needs the pipeline's signing key: set release.pipeline_key"
+        )
+    version = {"model_version": model_version} if model_version is not None else {}
+    return sign_decision(
+        pipeline_signer,
+        "auto_approve",
+        signer="pipeline",
+        authenticated_via="pipeline key",
+        reason="the gate passed",
+        model_name=candidate.model_name,
+        **version,
+        serving_digest=candidate.serving_digest,
+        decision_digest=candidate.decision_digest,
+        dataset_version=candidate.dataset_version,
+        pipeline_run=pipeline_run,
+    )
+
+
 def _approve_without_registry(
     decision: dict[str, Any],
     candidate: Candidate,
@@ -591,22 +605,7 @@ def _approve_without_registry(
             gate_passed=False,
             reason="the gate failed",
         )
-    if pipeline_signer is None:
-        raise ApprovalError(
-            "policy auto needs the pipeline's signing key: set release.pipeline_key"
-        )
-    signed = sign_decision(
-        pipeline_signer,
-        "auto_approve",
-        signer="pipeline",
-        authenticated_via="pipeline key",
-        reason="the gate passed",
-        model_name=candidate.model_name,
-        serving_digest=candidate.serving_digest,
-        decision_digest=candidate.decision_digest,
-        dataset_version=candidate.dataset_version,
-        pipeline_run=pipeline_run,
-    )
+    signed = _sign_auto_approval(pipeline_signer, candidate, pipeline_run)
     verified = trust.verify(
         signed,
         action="auto_approve",
