@@ -103,6 +103,13 @@ def configure_output(verbose: bool) -> None:
     )
     # The project's own INFO lines (a server's "serving version 3", a swap) stay visible.
     logging.getLogger("tumorflow").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        # MLflow reads MLFLOW_LOGGING_LEVEL once, when first imported; where it already was (a
+        # library user's process, a test worker), its loggers get the same level here.
+        level = os.environ["MLFLOW_LOGGING_LEVEL"].upper()
+        logging.getLogger("mlflow").setLevel(
+            level if level in logging.getLevelNamesMapping() else "WARNING"
+        )
 
 
 @contextlib.contextmanager

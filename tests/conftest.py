@@ -69,13 +69,38 @@ E2E_TIMEOUT_S = 900
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Put each test that uses a service fixture, and is not `e2e`, in the `service` tier; give
-    e2e tests their longer timeout."""
+    e2e tests their longer timeout. Then run the longest modules first (the largest timeout, then
+    e2e before service before unit), so that under xdist the last minutes are not one worker
+    finishing the five-day loop alone while the other idles."""
     for item in items:
         e2e = item.get_closest_marker("e2e") is not None
         if not e2e and SERVICE_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.service)
         if e2e and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(E2E_TIMEOUT_S))
+
+    def weight(item: pytest.Item) -> tuple[float, int]:
+        timeout = item.get_closest_marker("timeout")
+        seconds = float(timeout.args[0]) if timeout and timeout.args else 0.0
+        tier = (
+            2 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("service") else 0
+        )
+        return seconds, tier
+
+    modules: dict[str, tuple[float, int]] = {}
+    e2e_tests: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        modules[module] = max(modules.get(module, (0.0, 0)), weight(item))
+        e2e_tests[module] = e2e_tests.get(module, 0) + (weight(item)[1] == 2)
+
+    def order(item: pytest.Item) -> tuple[float, int, int]:
+        module = item.nodeid.split("::")[0]
+        seconds, tier = modules[module]
+        return -seconds, -tier, -e2e_tests[module]
+
+    # a stable sort: the tests of a module keep their order, and modules of equal weight theirs
+    items.sort(key=order)
 
 
 def shared_once(
