@@ -354,6 +354,11 @@ class RuntimeConfig(_Section):
     machine_type: str = "g2-standard-8"
     # Kubeflow on GKE: the training pod gets the GPU node pool's node selector and toleration.
     gke_gpu_pool: bool = False
+    # Kubeflow: Kubernetes Secrets mounted into the approval and deploy pods (docs/signing.md):
+    # the trust root (key `trust_root.yaml`) and the pipeline's signing key (key `pipeline`); an
+    # empty release.trust_root / release.pipeline_key then names the mounted file.
+    trust_root_secret: str = ""
+    pipeline_key_secret: str = ""
     # The bucket a cluster run keeps its models and checkpoints in, unless deploy.model_base_path
     # or checkpoint_root say otherwise.
     bucket: str = "gs://tumorflow-models"

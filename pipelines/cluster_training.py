@@ -31,7 +31,17 @@ GPU_TAINT_VALUE = "present"
 
 # The runtime fields fixed when a pipeline is compiled (traced): the image every step runs in and
 # how training is laid out. They are not run parameters (pipelines/pipeline.py).
-COMPILED_FIELDS = frozenset({"image", "target", "workers", "machine_type", "gke_gpu_pool"})
+COMPILED_FIELDS = frozenset(
+    {
+        "image",
+        "target",
+        "workers",
+        "machine_type",
+        "gke_gpu_pool",
+        "trust_root_secret",
+        "pipeline_key_secret",
+    }
+)
 # The runtime fields a trace depends on: those, and the accelerator type, which a Vertex job's
 # worker pools and the GKE GPU label fix at compile time although one task takes it per run.
 LAYOUT_FIELDS = COMPILED_FIELDS | {"accelerator_type"}

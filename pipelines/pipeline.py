@@ -67,6 +67,31 @@ def _runtime() -> RuntimeConfig:
     return _TRACED_RUNTIME.get() or RuntimeConfig()
 
 
+# Where the approval and deploy pods see the release Secrets (runtime.trust_root_secret,
+# runtime.pipeline_key_secret) on Kubeflow.
+TRUST_ROOT_MOUNT = "/etc/tumorflow/trust-root"
+TRUST_ROOT_MOUNTED = f"{TRUST_ROOT_MOUNT}/trust_root.yaml"
+PIPELINE_KEY_MOUNT = "/etc/tumorflow/pipeline-key"
+PIPELINE_KEY_MOUNTED = f"{PIPELINE_KEY_MOUNT}/pipeline"
+
+
+def _with_release_secrets(task: Any) -> Any:
+    """The Kubernetes Secrets of signed decisions mounted, read-only, into `task`'s pod: the trust
+    root and the pipeline's key (Kubeflow only; kfp.local ignores them)."""
+    runtime = _runtime()
+    if runtime.target != "kubeflow":
+        return task
+    from kfp import kubernetes
+
+    for secret, mount in (
+        (runtime.trust_root_secret, TRUST_ROOT_MOUNT),
+        (runtime.pipeline_key_secret, PIPELINE_KEY_MOUNT),
+    ):
+        if secret:
+            kubernetes.use_secret_as_volume(task, secret_name=secret, mount_path=mount)
+    return task
+
+
 def _in_image(component: Any) -> Any:
     return steps.in_image(component, _runtime().image)
 
@@ -98,9 +123,15 @@ def pipeline_parameters(
     # The approval report links to the run's review page in the console.
     values["console_base_url"] = config.console.base_url
     # Signed decisions (docs/signing.md): the trust root, the pipeline's key, the chained log.
+    runtime = config.runtime
     values.update(
-        trust_root=config.resolved_trust_root() if local else config.release.trust_root,
-        pipeline_key=config.resolved_pipeline_key() if local else config.release.pipeline_key,
+        trust_root=config.resolved_trust_root()
+        if local
+        else config.release.trust_root or (TRUST_ROOT_MOUNTED if runtime.trust_root_secret else ""),
+        pipeline_key=config.resolved_pipeline_key()
+        if local
+        else config.release.pipeline_key
+        or (PIPELINE_KEY_MOUNTED if runtime.pipeline_key_secret else ""),
         audit_log=config.resolved_audit_log() if local else config.console.audit_log,
     )
     return values | RUN_PARAMETERS
@@ -263,9 +294,10 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
         audit_log=p["audit_log"],
     ).set_display_name("approval")
     approving.set_caching_options(False)
+    _with_release_secrets(approving)
 
     with dsl.If(approving.outputs["Output"] == True, name="approved"):  # noqa: E712
-        _in_image(steps.deploy)(
+        deploying = _in_image(steps.deploy)(
             model=model,
             decision=gating.outputs["decision"],
             record=approving.outputs["record"],
@@ -278,7 +310,9 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
             pipeline_run=pipeline_run,
             trust_root=p["trust_root"],
             audit_log=p["audit_log"],
-        ).set_display_name("deploy to TF Serving").set_caching_options(False)
+        ).set_display_name("deploy to TF Serving")
+        deploying.set_caching_options(False)
+        _with_release_secrets(deploying)
 
 
 def _traced_for(runtime: RuntimeConfig, pipeline: Any) -> Any:

@@ -232,3 +232,42 @@ def test_a_preset_becomes_the_parameters_defaults(tmp_path: Path):
     train = parameters["train_config"].default_value.struct_value
     assert train["backbone"] == "resnet50v2" and train["augment"]["flip_vertical"] is False
     assert parameters["accelerator_type"].default_value.string_value == "NVIDIA_A100"
+
+
+def test_kubeflow_mounts_the_release_secrets_into_approval_and_deploy_only(tmp_path: Path):
+    """On Kubeflow the trust root and the pipeline's key come from Kubernetes Secrets, mounted
+    read-only into the two pods that sign and verify, and the run parameters name those files."""
+    path = compile_pipeline(
+        tmp_path / "p.yaml",
+        config=_cluster_config(
+            "runtime.target=kubeflow",
+            "runtime.trust_root_secret=tumorflow-trust-root",
+            "runtime.pipeline_key_secret=tumorflow-pipeline-key",
+        ),
+    )
+    pipeline_doc, platform = list(yaml.safe_load_all(path.read_text()))
+    defaults = pipeline_doc["root"]["inputDefinitions"]["parameters"]
+    assert defaults["trust_root"]["defaultValue"] == "/etc/tumorflow/trust-root/trust_root.yaml"
+    assert defaults["pipeline_key"]["defaultValue"] == "/etc/tumorflow/pipeline-key/pipeline"
+    assert "trust_root_secret" not in defaults and "pipeline_key_secret" not in defaults
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounted = {
+        name: {(s["secretName"], s["mountPath"]) for s in executor.get("secretAsVolume", [])}
+        for name, executor in executors.items()
+    }
+    expected = {
+        ("tumorflow-trust-root", "/etc/tumorflow/trust-root"),
+        ("tumorflow-pipeline-key", "/etc/tumorflow/pipeline-key"),
+    }
+    with_secrets = {name for name, secrets in mounted.items() if secrets}
+    assert with_secrets == {"exec-approval", "exec-deploy"}, mounted
+    assert all(mounted[name] == expected for name in with_secrets)
+
+
+def test_vertex_and_unset_secrets_mount_nothing(tmp_path: Path):
+    for overrides in (
+        ("runtime.trust_root_secret=tumorflow-trust-root",),  # target vertex: no Kubernetes
+        ("runtime.target=kubeflow",),
+    ):
+        path = compile_pipeline(tmp_path / "p.yaml", config=_cluster_config(*overrides))
+        assert "secretAsVolume" not in path.read_text()
