@@ -304,7 +304,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
     def release_page(request: Request, model_name: str, version: str) -> Response:
         """One version's release record: data, metrics with CIs, gate rules, signed decisions."""
         from tumorflow.components.release.release_record import render_text
-        from tumorflow.pipelines.release_sources import release_record_of
+        from tumorflow.pipelines.release_sources import load_trust, release_record_of
 
         user = require(request, "viewer", model_name)
         record = release_record_of(
@@ -313,6 +313,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             model_name,
             version,
             audit_log_uri=str(settings.audit_path),
+            trust=load_trust(settings.trust_root_uri),
         )
         return page(request, "release.html", user=user, record=record, text=render_text(record))
 
