@@ -343,8 +343,8 @@ def _set_display_tags(client: Any, decision: ApprovalDecision) -> None:
         )
         if value
     }
-    for key, value in sorted(tags.items(), key=lambda item: item[0] == "approval.status"):
-        client.set_model_version_tag(decision.model_name, decision.model_version, key, value)
+    ordered = dict(sorted(tags.items(), key=lambda item: item[0] == "approval.status"))
+    registry.set_version_tags(client, decision.model_name, decision.model_version, ordered)
 
 
 def wait_for_approval(
@@ -400,11 +400,11 @@ def wait_for_approval(
                     model_version=model_version.version,
                     pipeline_run=pipeline_run,
                 )
-                client.set_model_version_tag(
+                registry.set_version_tags(
+                    client,
                     model_name,
                     model_version.version,
-                    registry.TAG_APPROVAL_REFUSED,
-                    "; ".join(refused_seen)[:5000],
+                    {registry.TAG_APPROVAL_REFUSED: "; ".join(refused_seen)[:5000]},
                 )
         result: ApprovalDecision | None = None
         if verified:

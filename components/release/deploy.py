@@ -433,8 +433,7 @@ def deploy_model(
         }
         if approval is not None:
             tags.update(approval_tags(approval))
-        for key, value in tags.items():
-            client.set_model_version_tag(model_name, model_version.version, key, value)
+        registry.set_version_tags(client, model_name, model_version.version, tags)
         if as_canary:
             client.set_registered_model_alias(model_name, CANARY, model_version.version)
         else:
@@ -633,8 +632,7 @@ def _make_stable(
         tags = {f"{action}.at": now, f"{action}.from_serving_version": str(current)}
         if by:
             tags[f"{action}.by"] = by
-        for key, value in tags.items():
-            client.set_model_version_tag(model_name, champion_version, key, value)
+        registry.set_version_tags(client, model_name, champion_version, tags)
         if signed is not None:
             registry.store_decision(client, model_name, champion_version, signed)
     serving_layout.edit_serving_config(

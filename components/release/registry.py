@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -249,12 +250,28 @@ def decision_tags(tags: dict[str, str]) -> list[tuple[str, str]]:
     return sorted(found, key=lambda item: seq(item[0]))
 
 
+def set_version_tags(client: Any, model_name: str, version: str, tags: dict[str, str]) -> None:
+    """Set model-version tags in the order given. Two writers setting the same new tag at once
+    (a `tumorflow approve` and the waiting approval step both write the display tags) can make
+    an MLflow server on SQLite answer with a unique-constraint error for the second: the tag is
+    then there, and setting it again updates it, so that one is retried."""
+    for key, value in tags.items():
+        for attempt in range(4):
+            try:
+                client.set_model_version_tag(model_name, version, key, value)
+                break
+            except Exception as exc:  # mlflow's RestException / MlflowException
+                if attempt == 3 or "UNIQUE constraint" not in str(exc):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+
 def store_decision(client: Any, model_name: str, version: str, signed: Any) -> str:
     """Put a signed record (components/release/signing.py SignedRecord) on a model version as tag
     `decision.<seq>.<action>`; return the tag."""
     current = client.get_model_version(model_name, version)
     tag = f"{TAG_DECISION_PREFIX}{len(decision_tags(current.tags)) + 1}.{signed.record['action']}"
-    client.set_model_version_tag(model_name, version, tag, signed.to_json())
+    set_version_tags(client, model_name, version, {tag: signed.to_json()})
     return tag
 
 
