@@ -271,6 +271,11 @@ class ModelRepository:
         fingerprint = _fingerprint(path)
         try:
             local = self._local_copy(name, version, path)
+        except Exception as exc:
+            why = f"failed to copy model {name} version {version} from {path}: {exc}"
+            self._not_loaded(model, version, fingerprint, why)
+            return
+        try:
             unsigned = release_status(local, name, self._trust) if self._trust else None
         except Exception as exc:
             unsigned = f"unsigned: cannot check its release record ({exc})"
@@ -287,11 +292,8 @@ class ModelRepository:
             servable = Servable(name, version, local)
             warmed = servable.warm_up()
         except Exception as exc:
-            message = f"failed to load model {name} version {version} from {path}: {exc}"
-            logger.error("%s; version %d is not served", message, version)
-            with self._lock:
-                model.failed[version] = fingerprint
-                model.statuses[version] = VersionStatus(State.END, grpc.StatusCode.UNKNOWN, message)
+            why = f"failed to load model {name} version {version} from {path}: {exc}"
+            self._not_loaded(model, version, fingerprint, why)
             return
         with self._lock:
             model.servables[version] = servable
@@ -299,6 +301,14 @@ class ModelRepository:
         logger.info("model %s version %d is available (%d warm-up calls)", name, version, warmed)
         if self._on_loaded is not None:
             self._on_loaded(servable)
+
+    def _not_loaded(self, model: _Model, version: int, fingerprint: tuple, message: str) -> None:
+        """A version that could not be copied or loaded: logged, reported with state END, and
+        not tried again until its files change."""
+        logger.error("%s; version %d is not served", message, version)
+        with self._lock:
+            model.failed[version] = fingerprint
+            model.statuses[version] = VersionStatus(State.END, grpc.StatusCode.UNKNOWN, message)
 
     def _local_copy(self, name: str, version: int, path: str) -> str:
         """`path` itself, or for a gs:// version a fresh copy of it in the cache folder."""
