@@ -10,24 +10,17 @@ look-up of the result's UID and a STOW-RS store. Everything listens on loopback.
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from tumorflow.bench.orthanc import orthanc_missing, start_orthanc
 from tumorflow.core.config import DicomConfig, DicomWebConfig, RouteConfig
 from tumorflow.core.errors import ConfigError
 
 MODEL_NAME = "bench"
-ORTHANC = "Orthanc"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 _USER, _PASSWORD = "bench", "bench-route"
 
 
@@ -42,62 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="an Orthanc's DICOMweb root to use (user and password in TUMORFLOW_PACS_USERNAME / "
         "TUMORFLOW_PACS_PASSWORD); default: start one here (needs Orthanc with DICOMweb)",
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_orthanc(folder: Path) -> tuple[subprocess.Popen, str]:
-    """An Orthanc with DICOMweb on loopback, storage under `folder`; (process, REST root)."""
-    if shutil.which(ORTHANC) is None or not DICOMWEB_PLUGIN.exists():
-        raise ConfigError(
-            "bench route needs Orthanc with its DICOMweb plugin (apt-get install orthanc "
-            "orthanc-dicomweb), or --dicomweb-url of a running one"
-        )
-    port = _free_port()
-    config = {
-        "Name": "BENCH",
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "storage"),
-        "HttpPort": port,
-        "DicomPort": _free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {_USER: _PASSWORD},
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = (folder / "orthanc.log").open("w")
-    process = subprocess.Popen(
-        [ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=folder
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            raise ConfigError(f"Orthanc exited with {process.returncode}; see {folder}/orthanc.log")
-        try:
-            _post(url, "/system", None, "")
-            return process, url
-        except (OSError, urllib.error.URLError):
-            if time.monotonic() > deadline:
-                process.terminate()
-                raise ConfigError("Orthanc did not answer within 60 s") from None
-            time.sleep(0.2)
-
-
-def _post(url: str, path: str, data: bytes | None, content_type: str) -> bytes:
-    token = base64.b64encode(f"{_USER}:{_PASSWORD}".encode()).decode()
-    headers = {"Authorization": f"Basic {token}"}
-    if content_type:
-        headers["Content-Type"] = content_type
-    request = urllib.request.Request(f"{url}{path}", data=data, headers=headers)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return response.read()
 
 
 def _instances(count: int, size: int) -> tuple[str, list[bytes]]:
@@ -166,9 +103,11 @@ def run(args: argparse.Namespace) -> int:
         if args.dicomweb_url:
             dicomweb = args.dicomweb_url.rstrip("/")
         else:
-            (work / "orthanc").mkdir()
-            orthanc, url = _start_orthanc(work / "orthanc")
-            dicomweb = f"{url}/dicom-web"
+            missing = orthanc_missing()
+            if missing:
+                raise ConfigError(f"{missing}; or give bench route --dicomweb-url of a running one")
+            orthanc = start_orthanc(work / "orthanc", _USER, _PASSWORD, name="BENCH")
+            dicomweb = orthanc.dicomweb
             environ.update(TUMORFLOW_PACS_USERNAME=_USER, TUMORFLOW_PACS_PASSWORD=_PASSWORD)
         study, files = _instances(args.instances, args.size)
         config = RouteConfig(
@@ -229,8 +168,7 @@ def run(args: argparse.Namespace) -> int:
             )
     finally:
         if orthanc is not None:
-            orthanc.terminate()
-            orthanc.wait(timeout=20)
+            orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     count = len(refs)

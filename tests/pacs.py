@@ -1,125 +1,84 @@
 """A real PACS for the tests: Orthanc with its DICOMweb plugin on loopback, credentials on.
 
-`start_orthanc` writes a config into a fresh folder (storage, index, log), starts `Orthanc` on
-free ports and waits until its REST API answers; `OrthancServer.stop` ends that process by id.
-`FlakyProxy` sits in front of a server and answers 503 to the first N requests. Importable as
-`pacs` (pytest's `pythonpath`).
+The starter is the package's own (`tumorflow.bench.orthanc`, which `tumorflow bench route` uses):
+`start_orthanc` here gives it this suite's login. `FlakyProxy` sits in front of a server and
+answers 503 to the first N requests. Importable as `pacs` (pytest's `pythonpath`).
 """
 
 from __future__ import annotations
 
-import base64
 import http.server
-import json
-import shutil
-import subprocess
+import io
 import threading
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import free_port, wait_until
+from dicom_fixtures import FAKE_PHI, ct_phantom, write_dicom
+from helpers import free_port
 
-ORTHANC = "Orthanc"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+from tumorflow.bench import orthanc
+from tumorflow.bench.orthanc import OrthancServer, orthanc_missing
+
+__all__ = [
+    "PASSWORD",
+    "USERNAME",
+    "FlakyProxy",
+    "OrthancServer",
+    "orthanc_missing",
+    "start_orthanc",
+]
+
 USERNAME, PASSWORD = "tumorflow", "pacs-secret-7f3a"
 
 
-def orthanc_missing() -> str | None:
-    """Why Orthanc with DICOMweb cannot run here, or None when it can."""
-    if shutil.which(ORTHANC) is None:
-        return "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)"
-    if not DICOMWEB_PLUGIN.exists():
-        return f"the Orthanc DICOMweb plugin is missing ({DICOMWEB_PLUGIN}; apt-get install orthanc-dicomweb)"
-    return None
-
-
-@dataclass
-class OrthancServer:
-    """A running Orthanc: its REST root, its DICOMweb root and the process serving them."""
-
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-    username: str = USERNAME
-    password: str = PASSWORD
-
-    @property
-    def dicomweb(self) -> str:
-        return f"{self.url}/dicom-web"
-
-    def _request(self, path: str, data: bytes | None = None, content_type: str = "") -> bytes:
-        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-        headers = {"Authorization": f"Basic {token}"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        request = urllib.request.Request(
-            f"{self.url}{path}", data=data, headers=headers, method="POST" if data else "GET"
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.read()
-
-    def store(self, dicom_bytes: bytes) -> dict:
-        """POST /instances: store one Part 10 file; Orthanc's answer (its ids)."""
-        return json.loads(self._request("/instances", dicom_bytes, "application/dicom"))
-
-    def get_json(self, path: str):
-        return json.loads(self._request(path))
-
-    def post(self, path: str, data: bytes, content_type: str) -> bytes:
-        return self._request(path, data, content_type)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
 def start_orthanc(root: Path, timeout: float = 60) -> OrthancServer:
-    """Start Orthanc with a generated config and storage under `root`; return once it answers."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = {
-        "Name": "TUMORFLOW-TEST",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "storage"),
-        "HttpPort": port,
-        "DicomPort": free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {USERNAME: PASSWORD},
-        "Plugins": [str(DICOMWEB_PLUGIN)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    config_path = root / "orthanc.json"
-    config_path.write_text(json.dumps(config, indent=2))
-    log_path = root / "orthanc.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [ORTHANC, str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=root
+    """Orthanc with a generated config and storage under `root`, this suite's login; returns
+    once it answers."""
+    return orthanc.start_orthanc(root, USERNAME, PASSWORD, name="TUMORFLOW-TEST", timeout=timeout)
+
+
+def store_ct_study(
+    server: OrthancServer,
+    folder: Path,
+    *,
+    patient: int,
+    level_hu: float,
+    study_description: str,
+    series_description: str,
+    slices: int = 3,
+    size: int = 64,
+    institution: str = FAKE_PHI["InstitutionName"],
+    manufacturer: str = "ACME Medical",
+    compress_first: bool = False,
+) -> str:
+    """Store one CT study of a patient with PHI-like tags (one series of `slices` phantom slices
+    with a disc of `level_hu` HU; with `compress_first`, the first one RLE-compressed) in `server`;
+    the files are written under `folder` first. Returns the Study Instance UID."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(), generate_uid()
+    for index in range(slices):
+        path = write_dicom(
+            folder / f"{study}-{index}.dcm",
+            ct_phantom(level_hu, size=size, seed=patient * 100 + index),
+            patient_id=f"{FAKE_PHI['PatientID']}-{patient}",
+            patient_name=f"{FAKE_PHI['PatientName']}{patient}",
+            institution=institution,
+            manufacturer=manufacturer,
+            study_uid=study,
+            compress=compress_first and index == 0,
         )
-    server = OrthancServer(f"http://127.0.0.1:{port}", process, log_path)
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"Orthanc exited with {process.returncode}: {log_path.read_text()[-2000:]}"
-            )
-        try:
-            return bool(server.get_json("/system"))
-        except (OSError, urllib.error.URLError):
-            return False
-
-    try:
-        wait_until(answers, timeout, "Orthanc answering", interval=0.2)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+        dataset = pydicom.dcmread(path)
+        dataset.SeriesInstanceUID = series
+        dataset.StudyDescription = study_description
+        dataset.SeriesDescription = series_description
+        dataset.InstanceNumber = index + 1
+        buffer = io.BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        server.store(buffer.getvalue())
+    return study
 
 
 class FlakyProxy:

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from dicom_fixtures import ct_phantom, write_dicom
 from helpers import free_port, wait_until
-from pacs import ORTHANC, OrthancServer, orthanc_missing, start_orthanc
+from pacs import OrthancServer, orthanc_missing, start_orthanc
 
 from tumorflow.components.data.dicom import decode_slices, png_bytes
 from tumorflow.components.data.dicom_sr import DISCLAIMER
@@ -363,27 +363,6 @@ def test_routed_requests_feed_the_request_log(
     assert (table["model_name"] == MODEL).all() and (table["model_version"] == 1).all()
 
 
-def restart(server: OrthancServer) -> OrthancServer:
-    """Orthanc again on the same config (port, storage) after `server.stop()`."""
-    root = server.log_path.parent
-    with server.log_path.open("a") as log:
-        process = subprocess.Popen(
-            [ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root
-        )
-    again = OrthancServer(server.url, process, server.log_path)
-
-    def answers() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited: {server.log_path.read_text()[-2000:]}")
-        try:
-            return bool(again.get_json("/system"))
-        except OSError:
-            return False
-
-    wait_until(answers, 60, "Orthanc answering again", interval=0.2)
-    return again
-
-
 @pytest.mark.service  # starts its own Orthanc
 def test_orthanc_stopped_mid_route_then_restarted_loses_and_duplicates_nothing(
     model_server: str, tmp_path: Path
@@ -423,7 +402,7 @@ def test_orthanc_stopped_mid_route_then_restarted_loses_and_duplicates_nothing(
         assert interrupted.discovered == 4 and interrupted.routed == 0
         assert interrupted.dead_lettered == 2 and interrupted.pending == 2
         assert len(list((tmp_path / "dead-letter").glob("*.dcm"))) == 2
-        orthanc = restart(orthanc)
+        orthanc = orthanc.restarted()
         resumed = router(DicomWebClient).run_pass()
         assert resumed.dead_letters_stored == 2 and resumed.routed == 2
         assert (resumed.pending, resumed.dead_letter) == (0, 0)

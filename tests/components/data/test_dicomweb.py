@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import uuid
 from pathlib import Path
 
-import pydicom
 import pytest
-from dicom_fixtures import FAKE_PHI, ct_phantom, write_dicom
-from pacs import FlakyProxy, OrthancServer
-from pydicom.uid import generate_uid
+from dicom_fixtures import FAKE_PHI
+from pacs import FlakyProxy, OrthancServer, store_ct_study
 
 from tumorflow.components.data import dicomweb
 from tumorflow.components.data.dataset_version import resolve_dataset_version
@@ -37,24 +34,15 @@ def store_study(
 ) -> str:
     """Store one CT study (one series of `slices` 64x64 slices) of a patient with PHI-like tags;
     `tag` (the StudyDescription) keeps each test's studies apart. Returns the Study UID."""
-    study, series = generate_uid(), generate_uid()
-    for index in range(slices):
-        path = write_dicom(
-            tmp_path / "made" / f"{study}-{index}.dcm",
-            ct_phantom(LEVEL[label], size=64, seed=patient * 100 + index),
-            patient_id=f"{FAKE_PHI['PatientID']}-{patient}",
-            patient_name=f"{FAKE_PHI['PatientName']}{patient}",
-            study_uid=study,
-        )
-        dataset = pydicom.dcmread(path)
-        dataset.SeriesInstanceUID = series
-        dataset.StudyDescription = tag
-        dataset.SeriesDescription = next(k for k, v in CLASS_MAP.items() if v == label).upper()
-        dataset.InstanceNumber = index + 1
-        buffer = io.BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
-        server.store(buffer.getvalue())
-    return study
+    return store_ct_study(
+        server,
+        tmp_path / "made",
+        patient=patient,
+        level_hu=LEVEL[label],
+        study_description=tag,
+        series_description=next(k for k, v in CLASS_MAP.items() if v == label).upper(),
+        slices=slices,
+    )
 
 
 def pacs_dataset(
