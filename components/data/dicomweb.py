@@ -35,6 +35,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 
 from tqdm import tqdm
@@ -192,7 +193,7 @@ class DicomWebClient:
 
     def get(self, path: str, params: Mapping[str, str] | None = None, accept: str = "") -> bytes:
         """The body of GET base_url/path?params; retried on 5xx, resets and timeouts."""
-        return self._request("GET", path, params, {"Accept": accept} if accept else {})
+        return self._request("GET", path, params, {"Accept": accept} if accept else {})[0]
 
     def store(self, instances: list[bytes]) -> dict:
         """STOW-RS: store Part 10 instances (POST studies); the server's dicom+json answer.
@@ -206,7 +207,9 @@ class DicomWebClient:
             "Accept": "application/dicom+json",
             "Content-Type": f'{_DICOM_MULTIPART}; boundary="{boundary}"',
         }
-        answer = self._request("POST", "studies", None, headers, body + f"--{boundary}--".encode())
+        answer, _ = self._request(
+            "POST", "studies", None, headers, body + f"--{boundary}--".encode()
+        )
         return json.loads(answer) if answer.strip() else {}
 
     def _request(
@@ -216,7 +219,8 @@ class DicomWebClient:
         params: Mapping[str, str] | None,
         headers: dict[str, str],
         data: bytes | None = None,
-    ) -> bytes:
+    ) -> tuple[bytes, Message]:
+        """The body and headers of one request, retried on 5xx, resets and timeouts."""
         url = f"{self.base_url}/{path.lstrip('/')}"
         if params:
             url += "?" + urllib.parse.urlencode(params)
@@ -226,7 +230,7 @@ class DicomWebClient:
             try:
                 request = urllib.request.Request(url, data, headers, method=method)
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
+                    return response.read(), response.headers
             except urllib.error.HTTPError as exc:
                 exc.close()
                 if exc.code in (401, 403):
@@ -260,17 +264,21 @@ class DicomWebClient:
         )
 
     def search(self, path: str, filters: Mapping[str, str], page_size: int) -> Iterator[dict]:
-        """QIDO-RS results of `path` (studies, studies/UID/instances, ...), page by page."""
+        """QIDO-RS results of `path` (studies, studies/UID/instances, ...), one page in memory
+        at a time. A page shorter than asked ends the listing, unless the server warns that
+        more results can be requested (PS3.18: a server may cap its pages below `limit`)."""
         offset = 0
         while True:
-            body = self.get(
+            body, headers = self._request(
+                "GET",
                 path,
                 {**filters, "limit": str(page_size), "offset": str(offset)},
-                "application/dicom+json",
+                {"Accept": "application/dicom+json"},
             )
             page = json.loads(body) if body.strip() else []
+            del body
             yield from page
-            if len(page) < page_size:
+            if not page or (len(page) < page_size and not _more_results(headers)):
                 return
             offset += len(page)
 
@@ -278,6 +286,14 @@ class DicomWebClient:
         """WADO-RS: the Part 10 bytes of one instance."""
         path = f"studies/{study}/series/{series}/instances/{sop}"
         return first_multipart_part(self.get(path, accept=_DICOM_MULTIPART))
+
+
+def _more_results(headers: Message) -> bool:
+    """Whether a QIDO-RS answer says it left results out (a `Warning: 299 ...` header: "There
+    are additional results that can be requested")."""
+    return any(
+        "additional results" in warning.lower() for warning in headers.get_all("Warning") or []
+    )
 
 
 def first_multipart_part(body: bytes) -> bytes:
@@ -441,7 +457,9 @@ def sync_instances(
     cache_dir = Path(config.cache_dir or _DEFAULT_CACHE).expanduser()
     paths, fetched = fetch_instances(client, refs, cache_dir, config.concurrency)
     table = _read_label_table(config) if config.label_table else {}
-    files, lines, unlabelled = [], [], 0
+    files, unlabelled = [], 0
+    # the fingerprint is hashed as the lines are made: no second copy of the listing in memory
+    digest, separator = hashlib.sha256(), b""
     for ref in refs:
         path = paths[ref.sop]
         if config.label_table:
@@ -454,13 +472,14 @@ def sync_instances(
             unlabelled += 1
             continue
         files.append((path, label))
-        lines.append(f"{ref.sop}\t{path.stat().st_size}\t{_file_digest(path)}\t{label}")
+        line = f"{ref.sop}\t{path.stat().st_size}\t{_file_digest(path)}\t{label}"
+        digest.update(separator + line.encode("utf-8", "surrogateescape"))
+        separator = b"\n"
     if not files:
         raise DatasetError(
             f"none of the {len(refs)} instances of {source} has a label; check "
             "dataset.dicomweb.label_table or label_tag"
         )
-    digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape"))
     detail = {
         "kind": "dicomweb",
         "instances": len(files),
