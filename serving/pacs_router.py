@@ -11,7 +11,8 @@ A pass of `PacsRouter`:
    its SOP Instance UID and, only when the PACS lacks it, a STOW-RS store.
 
 Idempotent: a result's UIDs derive from the source instance and the served version, the state
-file remembers what was stored per (instance, model, version), and the PACS is asked before
+file remembers what was stored per (instance, model, version) until the watcher has not seen the
+instance for `lookback_days` + a margin (then it is pruned), and the PACS is asked before
 storing. A model server that does not answer leaves instances pending (the next pass retries); a
 PACS that fails after the client's retries turns the result into a dead letter (the objects are
 kept on disk and stored by a later pass or `--retry-dead-letters`); an instance that is no image
@@ -82,13 +83,25 @@ def _ref(entry: Mapping[str, Any]) -> InstanceRef:
     return InstanceRef(entry["study"], entry["series"], entry["sop"])
 
 
+# A routed or skipped instance's record is kept this many days after the watcher last saw it,
+# beyond route.lookback_days. It only saves work: the PACS is asked before anything is stored, so
+# an instance found again after its record is gone gets no second result.
+STATE_RETENTION_MARGIN_DAYS = 7
+
+
+def _utc_today() -> date:
+    return datetime.now(UTC).date()
+
+
 @dataclass
 class RouteState:
     """What the router has done, persisted as JSON after every change (atomic replace).
 
     `changes_since` is the changes-feed cursor; `done` maps "SOP|model|version" to the stored
     result's SOP Instance UID; `pending` and `skipped` are keyed by source SOP Instance UID;
-    `dead_letter` by result UID, each with the files of the objects the PACS did not take.
+    `dead_letter` by result UID, each with the files of the objects the PACS did not take;
+    `seen` dates each source SOP Instance UID the router knows by the day the watcher last found
+    it (or it was routed), which `prune` goes by so the file does not grow forever.
     """
 
     path: Path
@@ -97,12 +110,14 @@ class RouteState:
     pending: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     dead_letter: dict[str, dict] = field(default_factory=dict)
+    seen: dict[str, str] = field(default_factory=dict)
+    today: Callable[[], date] = field(default=_utc_today, repr=False, compare=False)
 
     @classmethod
-    def load(cls, path: Path) -> RouteState:
+    def load(cls, path: Path, today: Callable[[], date] = _utc_today) -> RouteState:
         path = Path(path)
         if not path.exists():
-            return cls(path)
+            return cls(path, today=today)
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -110,14 +125,20 @@ class RouteState:
                 f"the route state file {path} cannot be read ({exc}); move it away to start over "
                 "(results already in the PACS are not stored twice)"
             ) from None
-        return cls(
+        state = cls(
             path,
             int(data.get("changes_since", 0)),
             dict(data.get("done", {})),
             dict(data.get("pending", {})),
             dict(data.get("skipped", {})),
             dict(data.get("dead_letter", {})),
+            dict(data.get("seen", {})),
+            today,
         )
+        # a file written before `seen` existed: its records count from today
+        for sop in state._record_sops():
+            state.seen.setdefault(sop, state.today().isoformat())
+        return state
 
     @property
     def dead_letter_dir(self) -> Path:
@@ -131,21 +152,54 @@ class RouteState:
             "pending": self.pending,
             "skipped": self.skipped,
             "dead_letter": self.dead_letter,
+            "seen": self.seen,
         }
         partial = self.path.with_suffix(f".part{os.getpid()}")
         partial.write_text(json.dumps(body, indent=1, sort_keys=True))
         partial.replace(self.path)
 
+    def _record_sops(self) -> set[str]:
+        return (
+            {key.split("|", 1)[0] for key in self.done}
+            | set(self.pending)
+            | set(self.skipped)
+            | {entry["sop"] for entry in self.dead_letter.values()}
+        )
+
     def known(self, sop: str) -> bool:
         """Seen before in any state (for polling: only instances never seen are new)."""
-        if sop in self.pending or sop in self.skipped:
-            return True
-        if any(entry["sop"] == sop for entry in self.dead_letter.values()):
-            return True
-        return any(key.split("|", 1)[0] == sop for key in self.done)
+        return sop in self.seen or sop in self.pending or sop in self.skipped
+
+    def touch(self, sop: str) -> None:
+        """The watcher found `sop` again today: its records are kept from today on."""
+        self.seen[sop] = self.today().isoformat()
 
     def add_pending(self, ref: InstanceRef) -> None:
         self.pending.setdefault(ref.sop, {**_ref_dict(ref), "attempts": 0, "reason": "new"})
+        self.touch(ref.sop)
+
+    def record_done(self, key: str, result_uid: str) -> None:
+        """The result of key's instance and version is in the PACS (its SOP Instance UID)."""
+        self.done[key] = result_uid
+        self.touch(key.split("|", 1)[0])
+
+    def record_skipped(self, sop: str, reason: str) -> None:
+        self.pending.pop(sop, None)
+        self.skipped[sop] = reason
+        self.touch(sop)
+
+    def prune(self, keep_days: int) -> int:
+        """Forget the done and skipped records of the instances not seen for more than
+        `keep_days` days (pending instances and dead letters are never forgotten); how many."""
+        cutoff = (self.today() - timedelta(days=keep_days)).isoformat()
+        keep = set(self.pending) | {entry["sop"] for entry in self.dead_letter.values()}
+        old = {sop for sop, day in self.seen.items() if day < cutoff and sop not in keep}
+        if not old:
+            return 0
+        self.done = {k: v for k, v in self.done.items() if k.split("|", 1)[0] not in old}
+        self.skipped = {k: v for k, v in self.skipped.items() if k not in old}
+        self.seen = {k: v for k, v in self.seen.items() if k not in old}
+        return len(old)
 
     def backlog(self) -> dict[str, int]:
         return {
@@ -247,7 +301,9 @@ class QidoPolling:
         for study_item in self.pacs.search("studies", filters, page):
             study = _value(study_item, _STUDY_UID)
             for ref in study_instances(self.pacs, study, self.config.modalities, page):
-                if not state.known(ref.sop):
+                if state.known(ref.sop):
+                    state.touch(ref.sop)
+                else:
                     state.add_pending(ref)
                     found += 1
         return found
@@ -446,6 +502,12 @@ class PacsRouter:
                 self.metrics.failed.inc()
                 result.problems.append(f"finding new instances failed: {exc}")
             self.state.save()
+        keep_days = self.config.lookback_days + STATE_RETENTION_MARGIN_DAYS
+        forgotten = self.state.prune(keep_days)
+        if forgotten:
+            logger.info(
+                "route state: forgot %d instances not seen for %d days", forgotten, keep_days
+            )
         self.route_pending(result)
         return self._finish(result)
 
@@ -493,8 +555,7 @@ class PacsRouter:
 
     def _skip(self, sop: str, reason: str, result: PassResult) -> None:
         logger.warning("skipping instance %s: %s", sop, reason)
-        self.state.pending.pop(sop, None)
-        self.state.skipped[sop] = reason
+        self.state.record_skipped(sop, reason)
         self.metrics.skipped.inc()
         result.skipped += 1
         self.state.save()
@@ -583,7 +644,7 @@ class PacsRouter:
         try:
             for item, key, objects in built:
                 if self._in_pacs(item.ref.study, [o.SOPInstanceUID for o in objects]):
-                    self.state.done[key] = objects[0].SOPInstanceUID
+                    self.state.record_done(key, objects[0].SOPInstanceUID)
                     self.state.pending.pop(item.ref.sop, None)
                     self.metrics.already_stored.inc()
                     result.already_stored += 1
@@ -603,7 +664,7 @@ class PacsRouter:
             if reasons:
                 self._dead_letter(item.ref, key, objects, reasons[0], result)
             else:
-                self.state.done[key] = objects[0].SOPInstanceUID
+                self.state.record_done(key, objects[0].SOPInstanceUID)
                 self.metrics.routed.inc()
                 result.routed += 1
         self.state.save()
@@ -680,7 +741,7 @@ class PacsRouter:
                 result.problems.append(f"dead letter {uid} not stored: {exc}")
                 self.state.save()
                 continue
-            self.state.done[entry["key"]] = uid
+            self.state.record_done(entry["key"], uid)
             del self.state.dead_letter[uid]
             for path in files:
                 path.unlink(missing_ok=True)
