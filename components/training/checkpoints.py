@@ -103,8 +103,9 @@ class CheckpointStore:
         best_weights_from: Path | None,
         best_epoch_weights: list[np.ndarray] | None = None,
     ) -> Path:
-        """Write weights with optimizer state, the early-stopping and best-epoch weights (new
-        ones, else carried over from `best_weights_from`) and `state`, atomically."""
+        """Write weights with optimizer state, the early-stopping and best-epoch weights (written
+        when they change, else carried over from `best_weights_from` without a copy) and `state`,
+        atomically."""
         name = f"ckpt-s{state['stage']}-e{state['epoch']:04d}"
         tmp = self.root / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,7 +118,7 @@ class CheckpointStore:
             if arrays is not None:
                 np.savez(tmp / file_name, *arrays)
             elif best_weights_from is not None and (best_weights_from / file_name).exists():
-                shutil.copyfile(best_weights_from / file_name, tmp / file_name)
+                _carry_over(best_weights_from / file_name, tmp / file_name)
         (tmp / STATE_FILE).write_text(
             json.dumps({**state, "fingerprint": self.fingerprint}, indent=2)
         )
@@ -131,6 +132,15 @@ class CheckpointStore:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
         return final
+
+
+def _carry_over(source: Path, target: Path) -> None:
+    """A file of the previous checkpoint into the new one: a hard link where the filesystem has
+    them (no copy; a checkpoint's files are never rewritten), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _load_arrays(path: Path) -> list[np.ndarray]:

@@ -6,13 +6,15 @@ at the lower stage-2 rate with early stopping and learning-rate reduction on `va
 from-scratch `custom_cnn` has nothing pretrained to protect: stage 1 trains all of it and stage 2
 goes on at the lower rate, its BatchNormalization layers training normally.
 
-Every epoch also scores validation macro-F1. The model keeps the weights of the best epoch over
-both stages by `TrainConfig.keep_weights` (validation loss or macro-F1; or the last epoch), a
-resumed run included. `lr_schedule=warmup_cosine` replaces the constant rate of each stage with a
+After every epoch one pass over the validation split gives its loss, accuracy and macro-F1 (from
+the same predictions). The model keeps the weights of the best epoch over both stages by
+`TrainConfig.keep_weights` (validation loss or macro-F1; or the last epoch), a resumed run
+included. `lr_schedule=warmup_cosine` replaces the constant rate of each stage with a
 linear warm-up and a cosine decay (and stage 2's ReduceLROnPlateau with it). For custom_cnn,
-`batchnorm_recalibration` (on by default) recomputes the BatchNormalization statistics over
-training batches before each validation: the moving averages made validation swing from epoch to
-epoch (docs/training.md).
+`batchnorm_recalibration` (on by default) recomputes the BatchNormalization statistics over a
+fixed sample of training batches before each validation: the moving averages made validation
+swing from epoch to epoch (docs/training.md). `TrainResult.epoch_seconds` says what each of these
+costs per epoch (`tumorflow bench train`).
 
 Writes the "Model" folder of docs/artifacts.md: model.keras, model_info.json, history.csv,
 training_curves.png (checkpoints live in `checkpoint_dir`).
@@ -24,7 +26,10 @@ import csv
 import json
 import logging
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +82,8 @@ HISTORY_COLUMNS = (
     "learning_rate",
     "val_macro_f1",
 )
+# The loss of every stage; the validation pass scores its predictions with the same.
+LOSS = "sparse_categorical_crossentropy"
 # The floor of the cosine decay, as a fraction of the stage's learning rate.
 _COSINE_FLOOR = 0.05
 
@@ -90,6 +97,9 @@ class TrainResult:
     history: list[dict[str, Any]]
     mlflow_run_id: str | None
     resumed_from: tuple[int, int] | None = None
+    # Per epoch trained in this call: seconds of the training steps and of each addition
+    # (`EpochClock`); what `tumorflow bench train` compares with a plain `fit`.
+    epoch_seconds: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def model_path(self) -> Path:
@@ -121,7 +131,7 @@ def _resolve_mixed_precision(setting: str) -> str:
     return "mixed_float16" if setting != "off" and has_gpu else "float32"
 
 
-def _class_weights(manifest: dict, classes: list[str]) -> dict[int, float]:
+def class_weights(manifest: dict, classes: list[str]) -> dict[int, float]:
     """Keras' `class_weight`: the split manifest's weights, else the same formula on its counts."""
     weights = manifest.get("class_weights") or {}
     counts = manifest["splits"]["train"].get("class_counts", {})
@@ -140,43 +150,150 @@ def warmup_cosine_rate(base: float, epoch: int, epochs: int, warmup: int) -> flo
     return float(floor + 0.5 * (base - floor) * (1 + np.cos(np.pi * min(progress, 1.0))))
 
 
-def _macro_f1_scorer(val_ds: Any) -> Any:
-    """A function of the model giving its validation macro-F1 (the metric formulas' own)."""
-    labels = np.concatenate([np.asarray(y) for _, y in val_ds]).astype(int)
+class EpochClock:
+    """Where each epoch's time goes: the training steps, then each per-epoch addition of the
+    recipe (`phase`), and the whole epoch. One row per epoch, in `TrainResult.epoch_seconds`."""
 
-    def score(model: keras.Model) -> float:
-        probs = model.predict(val_ds, verbose=0)
-        return float(batch_metrics(labels[None], probs[None], ["macro_f1"])["macro_f1"][0])
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._started = 0.0
+        self._row: dict[str, Any] = {}
 
-    return score
+    def callback(self) -> Any:
+        """The Keras callback that opens each epoch's row and closes its training steps: put it
+        first, so that its `on_epoch_end` runs before every other callback's."""
+        import keras
+
+        clock = self
+
+        class EpochStart(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+                clock._started = time.perf_counter()
+                clock._row = {}
+
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                clock._row["train"] = time.perf_counter() - clock._started
+
+        return EpochStart()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time one addition of the epoch (validation, checkpoint, ...)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._row[name] = self._row.get(name, 0.0) + time.perf_counter() - started
+
+    def finish(self, stage: int, epoch: int) -> dict[str, Any]:
+        """Close the epoch's row (`epoch_total`: the whole epoch so far) and return it."""
+        row = {"stage": stage, "epoch": epoch, **self._row}
+        row["epoch_total"] = time.perf_counter() - self._started
+        self.rows.append(row)
+        return row
 
 
 def _batchnorm_recalibration_class() -> type:
     import keras
+    import tensorflow as tf
 
     class BatchNormRecalibration(keras.callbacks.Callback):
-        """Before each validation, sets every BatchNormalization layer's statistics to the plain
-        mean over `dataset` (un-augmented training batches) with the epoch's final weights.
+        """After each epoch, before the validation pass, sets every BatchNormalization layer's
+        statistics to the plain mean of the batch statistics over `dataset` (a fixed sample of
+        un-augmented training batches) with the epoch's final weights ("precise BN").
 
         The moving averages follow the last few steps: with a from-scratch net whose weights move
         fast, and batches that differ a lot (per-patient intensities), they can leave inference
-        far from what training saw, and validation swings."""
+        far from what training saw, and validation swings. One compiled forward pass in training
+        mode per batch, with momentum 0 so that each layer's moving statistics are the batch's,
+        which the pass adds up."""
 
-        def __init__(self, dataset: Any, layers: list[keras.layers.Layer]) -> None:
+        def __init__(
+            self, dataset: Any, layers: list[keras.layers.Layer], clock: EpochClock
+        ) -> None:
             super().__init__()
             self.dataset = dataset
             self.layers = layers
+            self.clock = clock
+            self.batches_read = 0
+            self._step: Any = None
 
-        def on_test_begin(self, logs: dict | None = None) -> None:
-            momenta = [layer.momentum for layer in self.layers]
-            for step, (images, _) in enumerate(self.dataset):
+        def _accumulate(self, images: Any) -> list[Any]:
+            self.model(images, training=True)
+            return [v for layer in self.layers for v in (layer.moving_mean, layer.moving_variance)]
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            with self.clock.phase("batchnorm_recalibration"):
+                momenta = [layer.momentum for layer in self.layers]
                 for layer in self.layers:
-                    layer.momentum = step / (step + 1)
-                self.model(images, training=True)
-            for layer, momentum in zip(self.layers, momenta, strict=True):
-                layer.momentum = momentum
+                    layer.momentum = 0.0
+                if self._step is None:
+                    self._step = tf.function(self._accumulate, reduce_retracing=True)
+                sums, count = None, 0
+                for images, _ in self.dataset:
+                    stats = self._step(images)
+                    sums = (
+                        stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
+                    )
+                    count += 1
+                self.batches_read += count
+                for layer, momentum in zip(self.layers, momenta, strict=True):
+                    layer.momentum = momentum
+                for index, layer in enumerate(self.layers):
+                    layer.moving_mean.assign(sums[2 * index] / count)
+                    layer.moving_variance.assign(sums[2 * index + 1] / count)
 
     return BatchNormRecalibration
+
+
+def _validation_pass_class() -> type:
+    import keras
+    import tensorflow as tf
+
+    class ValidationPass(keras.callbacks.Callback):
+        """After each epoch, one inference pass over the validation split; `val_loss`,
+        `val_accuracy` and `val_macro_f1` all come from its predictions (the metric formulas'
+        own, and the compiled loss) and go into the epoch's logs for the callbacks after it.
+
+        It replaces Keras' own validation (`fit(validation_data=...)`), which would be a second
+        pass for the macro-F1. The forward pass runs on this worker, outside the strategy: every
+        worker scores the whole split with the same weights, so early stopping and the
+        learning-rate reduction decide alike on each.
+        """
+
+        def __init__(self, dataset: Any, clock: EpochClock) -> None:
+            super().__init__()
+            self.dataset = dataset
+            self.clock = clock
+            self._forward: Any = None
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            with self.clock.phase("validation"):
+                if self._forward is None:
+                    self._forward = tf.function(
+                        lambda images: self.model(images, training=False), reduce_retracing=True
+                    )
+                batches = [(self._forward(images), labels) for images, labels in self.dataset]
+                probs = np.concatenate([np.asarray(p, dtype=np.float32) for p, _ in batches])
+                labels = np.concatenate([np.asarray(y) for _, y in batches]).astype(int)
+                if logs is not None:
+                    logs.update(validation_metrics(labels, probs))
+
+    return ValidationPass
+
+
+def validation_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """`val_loss` (the compiled loss, averaged over the images, as Keras' validation gives it),
+    `val_accuracy` and `val_macro_f1` of one set of predictions."""
+    import keras
+
+    loss = keras.losses.get(LOSS)(labels, probs)
+    scores = batch_metrics(labels[None], probs[None], ["accuracy", "macro_f1"])
+    return {
+        "val_loss": float(np.mean(np.asarray(loss))),
+        "val_accuracy": float(scores["accuracy"][0]),
+        "val_macro_f1": float(scores["macro_f1"][0]),
+    }
 
 
 def _stage_callback_class() -> type:
@@ -200,8 +317,8 @@ def _stage_callback_class() -> type:
             resume: dict[str, Any] | None = None,
             tracker: TrainingRun | None = None,
             best: BestEpoch | None = None,
-            val_macro_f1: Any = None,
             previous_dir: Path | None = None,
+            clock: EpochClock | None = None,
         ) -> None:
             super().__init__()
             self.store = store
@@ -213,7 +330,7 @@ def _stage_callback_class() -> type:
             self.resume = resume
             self.tracker = tracker
             self.best = best or BestEpoch(None)
-            self.val_macro_f1 = val_macro_f1
+            self.clock = clock or EpochClock()
             # The newest checkpoint, of this stage or the one before: what it holds carries over.
             self.last_dir: Path | None = previous_dir
 
@@ -224,17 +341,43 @@ def _stage_callback_class() -> type:
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
             row: dict[str, Any] = {"stage": self.stage, "epoch": epoch + 1}
-            for key in HISTORY_COLUMNS[2:6]:
+            for key in HISTORY_COLUMNS[2:]:
                 row[key] = float(logs[key]) if key in logs else None
             row["learning_rate"] = float(np.asarray(self.model.optimizer.learning_rate))
-            row["val_macro_f1"] = self.val_macro_f1(self.model) if self.val_macro_f1 else None
             self.history.append(row)
-            best_epoch_weights = self.best.offer(self.model, row, self.stage)
-            step = len(self.history) - 1
+            with self.clock.phase("best_epoch"):
+                best_epoch_weights = self.best.offer(self.model, row, self.stage)
             if self.tracker is not None:
-                self.tracker.log_epoch(self.stage, row, step)
+                with self.clock.phase("mlflow"):
+                    self.tracker.log_epoch(self.stage, row, len(self.history) - 1)
             callbacks_state, best_weights = callback_state(self.early, self.reduce_lr, epoch)
-            self.last_dir = self.store.save(
+            with self.clock.phase("checkpoint"):
+                self.last_dir = self._save(
+                    epoch, row, callbacks_state, best_weights, best_epoch_weights
+                )
+            seconds = self.clock.finish(self.stage, epoch + 1)
+            log.info(
+                "stage %d epoch %d: loss %.4f val_loss %s val_accuracy %s val_macro_f1 %s%s "
+                "(checkpoint saved; %.2f s)",
+                self.stage,
+                epoch + 1,
+                row["loss"] or float("nan"),
+                row["val_loss"],
+                row["val_accuracy"],
+                row["val_macro_f1"],
+                " (best so far)" if best_epoch_weights is not None else "",
+                seconds["epoch_total"],
+            )
+
+        def _save(
+            self,
+            epoch: int,
+            row: dict[str, Any],
+            callbacks_state: dict[str, Any],
+            best_weights: list[np.ndarray] | None,
+            best_epoch_weights: list[np.ndarray] | None,
+        ) -> Path:
+            return self.store.save(
                 self.model,
                 {
                     **self.run_state,
@@ -249,17 +392,6 @@ def _stage_callback_class() -> type:
                 best_weights,
                 self.last_dir,
                 best_epoch_weights,
-            )
-            log.info(
-                "stage %d epoch %d: loss %.4f val_loss %s val_accuracy %s val_macro_f1 %s%s "
-                "(checkpoint saved)",
-                self.stage,
-                epoch + 1,
-                row["loss"] or float("nan"),
-                row["val_loss"],
-                row["val_accuracy"],
-                row["val_macro_f1"],
-                " (best so far)" if best_epoch_weights is not None else "",
             )
 
     return StageCheckpoint
@@ -343,10 +475,20 @@ def _trainable_split(split_dir: Path) -> tuple[dict, list[str]]:
 
 
 def _batchnorm_recalibration(
-    config: TrainConfig, base: Any, split_dir: Path, image_size: int, batch_size: int, distribution
+    config: TrainConfig,
+    base: Any,
+    split_dir: Path,
+    image_size: int,
+    batch_size: int,
+    distribution: Any,
+    clock: EpochClock,
 ) -> Any:
     """The callback that recomputes a from-scratch custom_cnn's BatchNorm statistics before each
-    validation (`train.batchnorm_recalibration`); None when it does not apply."""
+    validation (`train.batchnorm_recalibration`); None when it does not apply.
+
+    Its sample: `batchnorm_recalibration_batches` batches of the training split, un-augmented,
+    drawn once in a seeded shuffle (not the first batches of the split's order, which may
+    follow the classes) and kept decoded, the same batches every epoch."""
     import keras
 
     if not (config.batchnorm_recalibration and config.backbone == CUSTOM_CNN):
@@ -354,11 +496,13 @@ def _batchnorm_recalibration(
     if distribution.strategy.num_replicas_in_sync > 1:
         log.warning("batchnorm_recalibration is skipped with more than one replica")
         return None
+    sample = make_dataset(
+        split_dir, "train", image_size, batch_size, None, True, config.seed, config.grayscale
+    )
     return _batchnorm_recalibration_class()(
-        make_dataset(
-            split_dir, "train", image_size, batch_size, None, False, 0, config.grayscale
-        ).take(config.batchnorm_recalibration_batches),
+        sample.take(config.batchnorm_recalibration_batches).cache(),
         [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)],
+        clock,
     )
 
 
@@ -372,7 +516,7 @@ def _compile_for_stage(
     _set_stage_trainable(model, base, config.backbone, stage, config.unfreeze_top_layers)
     model.compile(
         optimizer=keras.optimizers.Adam(distribution.learning_rate(stage_config.learning_rate)),
-        loss="sparse_categorical_crossentropy",
+        loss=LOSS,
         metrics=["accuracy"],
     )
 
@@ -517,8 +661,9 @@ def train_model(
                 config.grayscale,
             )
         )
-        val_ds = distribution.shard(
-            make_dataset(split_dir, "val", image_size, batch_size, None, False, 0, config.grayscale)
+        # Not sharded: every worker scores the whole validation split (ValidationPass).
+        val_ds = make_dataset(
+            split_dir, "val", image_size, batch_size, None, False, 0, config.grayscale
         )
         model, base = build_classifier(
             config.backbone,
@@ -537,7 +682,7 @@ def train_model(
                 {**training_params(config, manifest, image_size, policy), **starting}
             )
         run_state = {"mlflow_run_id": tracker.run_id if tracker else None}
-        class_weight = _class_weights(manifest, classes) if config.use_class_weights else None
+        class_weight = class_weights(manifest, classes) if config.use_class_weights else None
         verbose = 1 if sys.stdout.isatty() else 2
         callback_class = _stage_callback_class()
         monitor = (
@@ -546,10 +691,11 @@ def train_model(
         best = BestEpoch(monitor)
         if resume:
             best.restore(resume)
-        val_macro_f1 = _macro_f1_scorer(val_ds)
+        clock = EpochClock()
         recalibration = _batchnorm_recalibration(
-            config, base, split_dir, image_size, batch_size, distribution
+            config, base, split_dir, image_size, batch_size, distribution, clock
         )
+        validation = _validation_pass_class()(val_ds, clock)
         last_dir = resume["dir"] if resume else None
         epochs_run = {"stage1": 0, "stage2": 0}
 
@@ -569,8 +715,9 @@ def train_model(
             if initial_epoch >= stage_config.epochs:
                 continue
             callbacks, early, reduce_lr = _stage_callbacks(config, stage, stage_config)
-            if recalibration is not None:
-                callbacks.insert(0, recalibration)
+            # The epoch's order: its steps, the BatchNorm statistics, the validation pass, then
+            # the schedule, early stopping and the checkpoint that read its logs.
+            first = [clock.callback(), *([] if recalibration is None else [recalibration])]
             checkpointer = callback_class(
                 store,
                 stage,
@@ -581,8 +728,8 @@ def train_model(
                 stage_resume,
                 tracker,
                 best,
-                val_macro_f1,
                 last_dir,
+                clock,
             )
             log.info(
                 "stage %d: %d trainable weights of %d, learning rate %g, epochs %d..%d",
@@ -595,12 +742,17 @@ def train_model(
             )
             model.fit(
                 train_ds,
-                validation_data=val_ds,
                 epochs=stage_config.epochs,
                 initial_epoch=initial_epoch,
                 class_weight=class_weight,
                 shuffle=False,
-                callbacks=[*callbacks, checkpointer, epoch_progress(f"stage {stage}")],
+                callbacks=[
+                    *first,
+                    validation,
+                    *callbacks,
+                    checkpointer,
+                    epoch_progress(f"stage {stage}"),
+                ],
                 verbose=verbose,
             )
             epochs_run[key] = sum(1 for row in history if row["stage"] == stage)
@@ -650,6 +802,7 @@ def train_model(
             history=history,
             mlflow_run_id=tracker.run_id if tracker else None,
             resumed_from=resumed_from,
+            epoch_seconds=clock.rows,
         )
     finally:
         strategy_scope.__exit__(None, None, None)

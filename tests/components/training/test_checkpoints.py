@@ -12,7 +12,9 @@ import pytest
 
 from tumorflow.components.data.tfrecords import MANIFEST_JSON
 from tumorflow.components.training.checkpoints import (
+    BEST_EPOCH_FILE,
     LATEST,
+    BestEpoch,
     CheckpointStore,
     callback_state,
     checkpoint_key,
@@ -105,3 +107,36 @@ def test_early_stopping_and_lr_counters_survive_a_resume(tmp_path: Path):
     assert (fresh_early.wait, fresh_early.best, fresh_early.best_epoch) == (1, 0.25, 3)
     assert (fresh_reduce.wait, fresh_reduce.best, fresh_reduce.cooldown_counter) == (1, 0.25, 2)
     np.testing.assert_array_equal(fresh_early.best_weights[0], early.best_weights[0])
+
+
+def test_the_best_epoch_is_kept_written_once_and_restored_after_a_resume(tmp_path: Path):
+    model = _model()
+    store = CheckpointStore(tmp_path, "fp")
+    best = BestEpoch("val_loss")
+    rows = [
+        {"epoch": 1, "val_loss": 0.9},
+        {"epoch": 2, "val_loss": 0.4},
+        {"epoch": 3, "val_loss": 0.4},
+    ]
+    folder, kept, best_file = None, None, None
+    for row in rows:
+        model.fit(np.ones((4, 3)), np.zeros((4, 2)), epochs=1, verbose=0)
+        weights = best.offer(model, row, 1)
+        if weights is not None:
+            kept = [w.copy() for w in model.get_weights()]
+        folder = store.save(
+            model, _state(1, row["epoch"], best_epoch=best.state()), None, folder, weights
+        )
+        if row["epoch"] == 2:
+            best_file = (folder / BEST_EPOCH_FILE).stat()
+    # a tie keeps the earlier epoch; its weights file is carried over, not written again
+    assert best.state() == {"monitor": "val_loss", "value": 0.4, "stage": 1, "epoch": 2}
+    assert (folder / BEST_EPOCH_FILE).stat().st_mtime_ns == best_file.st_mtime_ns
+
+    resumed = BestEpoch("val_loss")
+    resumed.restore(store.latest())
+    other = _model(seed=3)
+    assert resumed.apply(other) and (resumed.stage, resumed.epoch) == (1, 2)
+    for mine, theirs in zip(kept, other.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    assert not BestEpoch(None).apply(other)

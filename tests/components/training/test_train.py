@@ -19,8 +19,13 @@ from helpers import SLOW_TRAINING_CHILD, wait_until, write_synthetic_split
 from tumorflow.components.training.backbones import build_backbone, build_classifier
 from tumorflow.components.training.checkpoints import LATEST
 from tumorflow.components.training.train import (
+    LOSS,
+    EpochClock,
+    _batchnorm_recalibration,
     _set_stage_trainable,
+    _validation_pass_class,
     train_model,
+    validation_metrics,
     warmup_cosine_rate,
 )
 from tumorflow.core.config import TrainConfig
@@ -327,3 +332,114 @@ def test_hostile_file_names_go_through_download_validate_and_training(tmp_path):
     result = train_model(tmp_path / "split", tmp_path / "model", config, tmp_path / "ckpt")
     assert result.info["classes"] == ["normal", "tumor"]
     assert (tmp_path / "model" / "model.keras").stat().st_size > 0
+
+
+def test_validation_metrics_are_sklearns_on_the_same_predictions():
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, 50)
+    probs = rng.dirichlet(np.ones(4), 50).astype(np.float32)
+    probs[np.arange(25), labels[:25]] += 1.0  # half of them right, with some confidence
+    probs /= probs.sum(axis=1, keepdims=True)
+    predicted = probs.argmax(axis=1)
+
+    metrics = validation_metrics(labels, probs)
+
+    assert metrics["val_macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert metrics["val_accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert metrics["val_loss"] == pytest.approx(log_loss(labels, probs, labels=range(4)), rel=1e-5)
+
+
+class _CountedPasses:
+    """A dataset stand-in that counts the passes made over it."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.dataset)
+
+
+def test_one_validation_pass_gives_keras_loss_and_accuracy_and_the_macro_f1(split_dir):
+    import keras
+    import numpy as np
+
+    from tumorflow.components.training.input_pipeline import make_dataset
+
+    keras.utils.set_random_seed(2)
+    model, _ = build_classifier("custom_cnn", 4, 32, "none", 0.1)
+    model.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+    val = make_dataset(split_dir, "val", 32, 3, None, False, 0, False)
+    counted = _CountedPasses(val)
+    clock = EpochClock()
+    validation = _validation_pass_class()(counted, clock)
+    validation.set_model(model)
+
+    logs = {"loss": 1.0}
+    validation.on_epoch_end(0, logs)
+
+    assert counted.passes == 1 and clock._row["validation"] > 0
+    loss, accuracy = model.evaluate(val, verbose=0)
+    assert logs["val_loss"] == pytest.approx(loss, rel=1e-5)
+    assert logs["val_accuracy"] == pytest.approx(accuracy)
+    labels = np.concatenate([np.asarray(y) for _, y in val])
+    expected = validation_metrics(labels, model.predict(val, verbose=0))
+    assert logs["val_macro_f1"] == pytest.approx(expected["val_macro_f1"])
+    assert logs["loss"] == 1.0
+
+
+def test_recalibration_reads_a_bounded_sample_and_sets_its_plain_mean_statistics(split_dir):
+    import keras
+    import numpy as np
+
+    from tumorflow.components.training.strategy import training_distribution
+
+    keras.utils.set_random_seed(4)
+    model, base = build_classifier("custom_cnn", 4, 32, "none", 0.1, 0.9)
+    config = _config(backbone="custom_cnn", batch_size=2, batchnorm_recalibration_batches=3)
+    clock = EpochClock()
+    recalibration = _batchnorm_recalibration(
+        config, base, split_dir, 32, 2, training_distribution(), clock
+    )
+    recalibration.set_model(model)
+    conv, norm = base.layers[1], base.layers[2]
+    assert isinstance(norm, keras.layers.BatchNormalization)
+
+    recalibration.on_epoch_end(0, {})
+
+    # 16 training images in batches of 2 are 8 batches: the pass reads 3.
+    assert recalibration.batches_read == 3
+    sample = [np.asarray(images) for images, _ in recalibration.dataset]
+    assert len(sample) == 3
+    features = [np.asarray(conv(model.get_layer("preprocess")(images))) for images in sample]
+    means = np.mean([f.mean(axis=(0, 1, 2)) for f in features], axis=0)
+    variances = np.mean([f.var(axis=(0, 1, 2)) for f in features], axis=0)
+    np.testing.assert_allclose(np.asarray(norm.moving_mean), means, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(norm.moving_variance), variances, rtol=1e-3)
+    layers = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert {layer.momentum for layer in layers} == {0.9}
+
+    # The next epoch reads the same sample again, and only it.
+    norm.moving_mean.assign(np.zeros_like(means))
+    recalibration.on_epoch_end(1, {})
+    assert recalibration.batches_read == 6
+    np.testing.assert_allclose(np.asarray(norm.moving_mean), means, atol=1e-4)
+    assert len(clock._row) == 1 and clock._row["batchnorm_recalibration"] > 0
+
+
+def test_the_epoch_clock_times_each_addition_and_the_whole_epoch():
+    clock = EpochClock()
+    start = clock.callback()
+    start.on_epoch_begin(0)
+    start.on_epoch_end(0)
+    for _ in range(2):
+        with clock.phase("checkpoint"):
+            pass
+    row = clock.finish(1, 1)
+    assert {"stage", "epoch", "train", "checkpoint", "epoch_total"} == set(row)
+    assert row["epoch_total"] >= row["train"] + row["checkpoint"]
+    assert clock.rows == [row]
