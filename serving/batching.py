@@ -1,14 +1,14 @@
 """Server-side dynamic batching, with TF Serving's `BatchingParameters` and semantics.
 
 Concurrent requests for the same model version, signature and per-example input shapes are
-queued; a batch thread runs a queue's oldest batch when it is full, when its timeout expires, or
-at once when a thread is idle and the timeout is zero. Nothing polls: a batch thread sleeps until
-the earliest deadline, and is woken early only by a batch that becomes ready or a new deadline.
+queued; a queue's oldest batch runs when it is full, when its timeout expires, or at once when the
+timeout is zero, as soon as fewer than `num_batch_threads` batches are running. A ready batch runs
+in the thread of its first caller (which is blocked waiting anyway), so a request is not handed to
+a batch thread and back; one timer thread sleeps until the earliest deadline and nothing polls.
 The merged call's outputs are split back along dim 0. Each queue holds at most
 `max_enqueued_batches` batches: beyond that a request is refused with RESOURCE_EXHAUSTED. When a
 merged call fails (one client's undecodable image, say), each request is rerun alone so that only
-the bad one fails.
-"""
+the bad one fails."""
 
 from __future__ import annotations
 
@@ -145,26 +145,38 @@ class BatchingParameters:
 
 
 class _Task:
-    """One caller's request; `finish` wakes the caller, which waits in `result`."""
+    """One caller's request. The caller blocks in `result` until it is woken either with its
+    outputs (`finish`) or as the leader of a ready batch (`lead`), which it then runs itself."""
 
     def __init__(self, inputs: Arrays, size: int) -> None:
         self.inputs = inputs
         self.size = size
         # A held lock is the cheapest one-shot wake-up: releasing it wakes exactly the caller,
         # without the condition variable and waiter list of a threading.Event.
-        self._done = threading.Lock()
-        self._done.acquire()
+        self._wake = threading.Lock()
+        self._wake.acquire()
         self.outputs: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
+        self.done = False
+        self.batch_to_run: _Batch | None = None
 
     def finish(
         self, outputs: dict[str, np.ndarray] | None = None, error: BaseException | None = None
     ) -> None:
-        self.outputs, self.error = outputs, error
-        self._done.release()
+        self.outputs, self.error, self.done = outputs, error, True
+        self._wake.release()
+
+    def lead(self, batch: _Batch) -> None:
+        self.batch_to_run = batch
+        self._wake.release()
+
+    def wait(self) -> _Batch | None:
+        """Block until woken: the batch this caller must run, or None once its answer is in."""
+        self._wake.acquire()
+        batch, self.batch_to_run = self.batch_to_run, None
+        return batch
 
     def result(self) -> dict[str, np.ndarray]:
-        self._done.acquire()
         if self.error is not None:
             raise self.error
         assert self.outputs is not None
@@ -191,7 +203,13 @@ def _pad(inputs: dict[str, np.ndarray], target: int) -> dict[str, np.ndarray]:
 
 
 class BatchScheduler:
-    """Merges concurrent calls of one runner along dim 0; bounded queues; batch threads."""
+    """Merges concurrent calls of one runner along dim 0; bounded queues; at most
+    `num_batch_threads` batches run at once.
+
+    A ready batch runs in the thread of one of its own callers (every queued request has a
+    caller blocked on it), so a request is not handed to a batch thread and back: at one client
+    a request runs in the thread that received it. One timer thread wakes for deadlines only.
+    """
 
     def __init__(
         self,
@@ -204,13 +222,12 @@ class BatchScheduler:
         self._batches: deque[_Batch] = deque()
         self._open: dict[Hashable, _Batch] = {}
         self._queued: dict[Hashable, int] = {}
+        self._idle_slots = parameters.num_batch_threads
         self._stopping = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
-            for i in range(parameters.num_batch_threads)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._timer = threading.Thread(
+            target=self._watch_deadlines, name="batch-timer", daemon=True
+        )
+        self._timer.start()
 
     def run(self, key: Hashable, runner: Runner, inputs: Arrays) -> dict[str, np.ndarray]:
         """Run `runner(inputs)` as part of a merged batch of calls sharing `key`; blocks."""
@@ -223,6 +240,15 @@ class BatchScheduler:
             )
         task = _Task(inputs, size)
         self._enqueue(key, runner, task)
+        while not task.done:
+            batch = task.wait()
+            if batch is not None:
+                try:
+                    self._execute(batch)
+                finally:
+                    with self._condition:
+                        self._idle_slots += 1
+                        self._dispatch()
         return task.result()
 
     def _enqueue(self, key: Hashable, runner: Runner, task: _Task) -> None:
@@ -246,43 +272,42 @@ class BatchScheduler:
                 self._open[key] = batch
                 self._batches.append(batch)
                 self._queued[key] = self._queued.get(key, 0) + 1
-                opened = True
-            else:
-                opened = False
+                if timeout > 0:
+                    # The timer learns of a deadline it may have to wake for.
+                    self._condition.notify()
             batch.tasks.append(task)
             batch.size += task.size
             if batch.size >= self.parameters.max_batch_size:
                 batch.closed = True
-            # Wake a batch thread only when there is something new to do: a batch that is ready
-            # now, or a new batch whose deadline a sleeping thread does not know yet. A task that
-            # joins an open batch that is not full changes nothing for the threads.
-            if batch.closed or opened:
-                self._condition.notify()
+            self._dispatch()
 
-    def _next_batch(self) -> _Batch | None:
-        """The oldest ready batch (full, closed, or past its deadline), waiting as needed."""
+    def _dispatch(self) -> None:
+        """Hand the oldest ready batches (full, closed, or past their deadline) to free slots:
+        each to its first caller, which runs it. Called with the condition held."""
+        now = time.monotonic()
+        while self._idle_slots and self._batches:
+            ready = next((b for b in self._batches if b.closed or b.deadline <= now), None)
+            if ready is None:
+                return
+            self._batches.remove(ready)
+            self._queued[ready.key] -= 1
+            if self._open.get(ready.key) is ready:
+                del self._open[ready.key]
+            self._idle_slots -= 1
+            ready.tasks[0].lead(ready)
+
+    def _watch_deadlines(self) -> None:
+        """Sleep until the earliest deadline of a queued batch, then dispatch what is ready."""
         with self._condition:
-            while not self._stopping or self._batches:
+            while not self._stopping:
+                self._dispatch()
                 now = time.monotonic()
-                ready = next((b for b in self._batches if b.closed or b.deadline <= now), None)
-                if ready is not None:
-                    self._batches.remove(ready)
-                    self._queued[ready.key] -= 1
-                    if self._open.get(ready.key) is ready:
-                        del self._open[ready.key]
-                    if self._batches:
-                        # This thread is busy now: another one watches the batches left.
-                        self._condition.notify()
-                    return ready
-                if self._batches:
-                    self._condition.wait(min(b.deadline for b in self._batches) - now)
+                pending = [b.deadline for b in self._batches if not b.closed and b.deadline > now]
+                if pending:
+                    self._condition.wait(min(pending) - now)
                 else:
+                    # Nothing to time: a new deadline or stop notifies.
                     self._condition.wait()
-            return None
-
-    def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._execute(batch)
 
     def _execute(self, batch: _Batch) -> None:
         tasks = batch.tasks
@@ -340,11 +365,12 @@ class BatchScheduler:
             task.finish(outputs)
 
     def stop(self) -> None:
-        """Finish queued batches, then stop the batch threads."""
+        """Refuse new calls and stop the timer; queued batches still run (in their callers'
+        threads, as slots free)."""
         with self._condition:
             self._stopping = True
             for batch in self._batches:
                 batch.closed = True
+            self._dispatch()
             self._condition.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=30)
+        self._timer.join(timeout=30)
