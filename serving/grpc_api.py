@@ -72,20 +72,27 @@ _CONTENT_DTYPES = {
     np.dtype(name): tf.as_dtype(name).as_datatype_enum
     for name in ("float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16")
 }
+_CONTENT_NUMPY = {number: dtype for dtype, number in _CONTENT_DTYPES.items()}
 
 
 def tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
     """The TensorProto of a response array, as tf.make_tensor_proto encodes it (numbers as
-    tensor_content, strings as string_val) but without its per-call Python overhead, which
-    costs more than the rest of a response; other dtypes go through tf.make_tensor_proto."""
+    tensor_content, booleans as bool_val, strings as string_val) but without its per-call Python
+    overhead, which costs more than the rest of a response; other dtypes go through
+    tf.make_tensor_proto."""
     content_type = _CONTENT_DTYPES.get(array.dtype)
-    if content_type is None and array.dtype != object:
+    if content_type is None and array.dtype not in (object, np.bool_):
         return tf.make_tensor_proto(array)
-    proto = tensor_pb2.TensorProto(dtype=content_type or types_pb2.DT_STRING)
+    if content_type is None:
+        content_type = types_pb2.DT_BOOL if array.dtype == np.bool_ else types_pb2.DT_STRING
+    proto = tensor_pb2.TensorProto(dtype=content_type)
     proto.tensor_shape.dim.extend(
         tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape
     )
-    if content_type is not None:
+    if content_type == types_pb2.DT_BOOL:
+        proto.bool_val.extend(array.ravel().tolist())
+        return proto
+    if content_type != types_pb2.DT_STRING:
         proto.tensor_content = array.tobytes()
         return proto
     values = array.ravel().tolist()
@@ -93,6 +100,19 @@ def tensor_proto(array: np.ndarray) -> tensor_pb2.TensorProto:
         return tf.make_tensor_proto(array)
     proto.string_val.extend(values)
     return proto
+
+
+def request_array(proto: tensor_pb2.TensorProto) -> np.ndarray:
+    """The array of a request TensorProto, as tf.make_ndarray reads it, but numbers in
+    tensor_content are a read-only view of the request's bytes (no copy) and a string tensor is
+    one list conversion; any other encoding goes through tf.make_ndarray."""
+    shape = [dim.size for dim in proto.tensor_shape.dim]
+    if proto.dtype == types_pb2.DT_STRING and len(proto.string_val) == np.prod(shape, dtype=int):
+        return np.array(proto.string_val, dtype=object).reshape(shape)
+    dtype = _CONTENT_NUMPY.get(proto.dtype)
+    if dtype is not None and proto.tensor_content:
+        return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
+    return tf.make_ndarray(proto)
 
 
 def _examples(request_input: input_pb2.Input) -> list[tf.train.Example]:
@@ -158,7 +178,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             inputs = {}
             for key, proto in request.inputs.items():
                 try:
-                    inputs[key] = tf.make_ndarray(proto)
+                    inputs[key] = request_array(proto)
                 except (TypeError, ValueError) as exc:
                     raise invalid_argument(
                         f"input '{key}' is not a valid TensorProto: {exc}"

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -41,6 +42,52 @@ def test_response_tensors_decode_as_tf_make_tensor_proto_ones(array) -> None:
     ours, theirs = tensor_proto(array), tf.make_tensor_proto(array)
     assert ours.dtype == theirs.dtype and ours.tensor_shape == theirs.tensor_shape
     np.testing.assert_array_equal(tf.make_ndarray(ours), tf.make_ndarray(theirs))
+
+
+def _value_fields(proto) -> tensor_pb2.TensorProto:
+    """A request tensor that lists its values (float_val, int_val...) instead of tensor_content."""
+    array = tf.make_ndarray(proto)
+    listed = tensor_pb2.TensorProto(dtype=proto.dtype, tensor_shape=proto.tensor_shape)
+    if array.dtype == np.float32:
+        listed.float_val.extend(array.ravel().tolist())
+    elif array.dtype == np.int32:
+        listed.int_val.extend(array.ravel().tolist())
+    else:
+        return proto
+    return listed
+
+
+@pytest.mark.parametrize("listed", [False, True])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(6).reshape(2, 3).T,
+        np.array([3, 1], dtype=np.int32),
+        np.array([b"tumor", b"cyst"], dtype=object),
+        np.array([[b"a", b"b"], [b"c", b""]], dtype=object),
+        np.zeros((0, 4), dtype=np.float32),
+        np.array([True, False]),
+        np.array([1.5], dtype=np.float16),
+    ],
+)
+def test_request_tensors_read_as_tf_make_ndarray_reads_them(array, listed) -> None:
+    from tumorflow.serving.grpc_api import request_array
+
+    proto = tf.make_tensor_proto(array)
+    if listed:
+        proto = _value_fields(proto)
+    ours, theirs = request_array(proto), tf.make_ndarray(proto)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_string_tensor_with_fewer_values_than_its_shape_is_padded_as_tf_pads_it() -> None:
+    from tumorflow.serving.grpc_api import request_array
+
+    proto = tf.make_tensor_proto([b"scan"], dtype=tf.string)
+    proto.tensor_shape.dim[0].size = 3
+    np.testing.assert_array_equal(request_array(proto), [b"scan"] * 3)
 
 
 @pytest.fixture(scope="module")
