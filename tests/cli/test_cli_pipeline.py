@@ -1,31 +1,17 @@
 """`tumorflow run`, `status`, `approve` as a user meets them: short output, --run-root everywhere,
-one-line errors, nothing written outside the run root."""
+one-line errors, nothing written outside the run root. (What a whole `tumorflow run` prints is
+tested on the run of tests/pipelines/test_pipeline_e2e.py.)"""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_CONFIG
 
 from tumorflow.cli.main import build_parser, main
-
-# the tiny run of tests/tiny.yaml, as a user passes a config file
-TINY_RUN = ["--preset", "phantom", "--config", str(TINY_CONFIG)]
-TASKS = (
-    "dataset-version",
-    "download",
-    "validate-and-split",
-    "train",
-    "evaluate",
-    "gate",
-    "approval",
-    "deploy",
-)
 
 
 def _user_env() -> dict[str, str]:
@@ -137,34 +123,6 @@ def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tmp_path: Path) -> 
     assert not any(marker in quiet.stderr + quiet.stdout for marker in native)
     assert any(marker in verbose.stderr for marker in native)
     assert "Quarantined: 3 files" in quiet.stdout
-
-
-@pytest.mark.e2e
-def test_a_run_shows_one_line_per_task_and_keeps_the_rest_in_its_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    root = tmp_path / "runs"
-    assert main(["run", "--run-root", str(root), *TINY_RUN]) == 0
-    captured = capsys.readouterr()
-    progress = captured.err.splitlines()
-    finished = [line for line in progress if " epoch " not in line]
-    for task in TASKS:
-        assert sum(line.split()[0] == task for line in finished if line.strip()) == 1, task
-    assert re.search(r"^train\s+\d+\.\d s$", captured.err, re.MULTILINE)
-    # and the two drift tasks and the two external-set tasks (which finish at once without sets)
-    assert len(finished) <= len(TASKS) + 4
-    assert len(progress) - len(finished) <= 3  # at most a line per epoch: tiny.yaml trains 2 + 1
-    assert "executor_input" not in captured.out + captured.err
-    assert "have no effect" not in captured.err
-    log_path = Path(re.search(r"^log\s+(\S+)", captured.out, re.MULTILINE).group(1))
-    assert "executor_input" in log_path.read_text()
-    assert "deployed       version 1" in captured.out
-    assert not (tmp_path / "mlruns").exists()
-    assert any((root / "mlartifacts").rglob("model_info.json"))
-
-    assert main(["status", "--run-root", str(root)]) == 0
-    assert "aliases: champion=1" in capsys.readouterr().out
 
 
 @pytest.mark.e2e

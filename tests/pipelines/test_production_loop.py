@@ -331,6 +331,13 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
         day4 = run_local(auto_run, monitor_source=str(requests))
         reviewer.join(timeout=60)
         assert day4.trigger_reason and day4.trigger_reason.startswith("drift detected")
+        assert day4.run_name.startswith("tumorflow-monitor-")
+        trigger = json.loads(
+            (day4.run_dir / "drift-check" / "verdict" / "trigger.json").read_text()
+        )
+        assert trigger["reason"] == day4.trigger_reason
+        assert trigger["current_rows"] >= 100  # the drifted requests of the window
+        assert day4.gate is not None, "the retraining DAG did not run"
         assert day4.approval["status"] == "rejected"
         rejected = [
             v
