@@ -81,6 +81,9 @@ def test_bench_serving_prints_consistent_latencies_and_ratios(capsys):
     assert verdict == ("PASS" if share >= 0.85 else "MISS")
     gap, verdict = _figure(out, "gRPC batch-1 p50 - in-process p50:")
     assert gap == pytest.approx(single["p50"] - inprocess["p50"], abs=MS)
+    # The overhead is also shown as a ratio to the in-process call.
+    (times,) = re.findall(r"= ([\d.]+)x in-process", out)
+    assert float(times) == pytest.approx(single["p50"] / inprocess["p50"], **RATIO)
     assert verdict == ("PASS" if gap <= 1.5 else "MISS")
     tail, verdict = _figure(out, "gRPC 32 clients p99 / batch-32 call p99:")
     assert tail == pytest.approx(many["p99"] / ceiling["p99"], **RATIO)
