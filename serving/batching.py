@@ -265,6 +265,7 @@ class BatchScheduler:
                 if batch is not None:
                     batch.closed = True
                 if self._queued.get(key, 0) >= self.parameters.max_enqueued_batches:
+                    self._dispatch()
                     raise resource_exhausted(
                         "The batch scheduling queue to which this task was submitted is full"
                     )
@@ -279,11 +280,12 @@ class BatchScheduler:
             batch.size += task.size
             if batch.size >= self.parameters.max_batch_size:
                 batch.closed = True
-            self._dispatch()
+            self._dispatch(batch, task)
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, joined: _Batch | None = None, caller: _Task | None = None) -> None:
         """Hand the oldest ready batches (full, closed, or past their deadline) to free slots:
-        each to its first caller, which runs it. Called with the condition held."""
+        each to one of its callers, which runs it: `caller` (this thread) for the batch it has
+        just `joined`, else the batch's first. Called with the condition held."""
         now = time.monotonic()
         while self._idle_slots and self._batches:
             ready = next((b for b in self._batches if b.closed or b.deadline <= now), None)
@@ -294,7 +296,8 @@ class BatchScheduler:
             if self._open.get(ready.key) is ready:
                 del self._open[ready.key]
             self._idle_slots -= 1
-            ready.tasks[0].lead(ready)
+            leader = caller if ready is joined and caller is not None else ready.tasks[0]
+            leader.lead(ready)
 
     def _watch_deadlines(self) -> None:
         """Sleep until the earliest deadline of a queued batch, then dispatch what is ready."""
