@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,17 +28,22 @@ def make_model_dir(tmp_path: Path, model_dir_in: Callable[..., Path]) -> Callabl
 
 
 @pytest.fixture(scope="session")
-def model_dir_in() -> Callable[..., Path]:
+def model_dir_in(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """`make_model_dir` under a folder of the caller's choosing (a module-scoped fixture's):
-    `model_dir_in(root, name="model", ...)`."""
+    `model_dir_in(root, name="model", ...)`.
 
-    def make(
-        tmp_path: Path,
-        name: str = "model",
-        image_size: tuple[int, int] = (32, 32),
-        confusion: int = 0,
-        run_id: str | None = None,
-        exported: bool = False,
+    A folder of the same settings is built (and exported) once per session and copied after
+    that: the export is what costs. `fresh=True` builds it anew, for a test about what a second
+    save or export of the same weights gives."""
+    built: dict[tuple, Path] = {}
+    cache = tmp_path_factory.mktemp("model-dirs")
+
+    def build(
+        folder: Path,
+        image_size: tuple[int, int],
+        confusion: int,
+        run_id: str | None,
+        exported: bool,
     ) -> Path:
         import keras
 
@@ -52,7 +58,6 @@ def model_dir_in() -> Callable[..., Path]:
         kernel = np.array([[2 * c * scale / 3 for c in centres]] * 3, dtype=np.float32)
         bias = np.array([-(c**2) * scale for c in centres], dtype=np.float32)
         model.get_layer("scores").set_weights([kernel, bias])
-        folder = tmp_path / name
         folder.mkdir()
         model.save(folder / "model.keras")
         info = {
@@ -68,6 +73,22 @@ def model_dir_in() -> Callable[..., Path]:
 
             export_model_artifact(folder)
         return folder
+
+    def make(
+        tmp_path: Path,
+        name: str = "model",
+        image_size: tuple[int, int] = (32, 32),
+        confusion: int = 0,
+        run_id: str | None = None,
+        exported: bool = False,
+        fresh: bool = False,
+    ) -> Path:
+        settings = (tuple(image_size), confusion, run_id, exported)
+        if fresh:
+            return build(tmp_path / name, *settings)
+        if settings not in built:
+            built[settings] = build(cache / str(len(built)), *settings)
+        return Path(shutil.copytree(built[settings], tmp_path / name))
 
     return make
 

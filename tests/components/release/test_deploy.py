@@ -133,7 +133,7 @@ def test_the_same_weights_again_publish_nothing(make_model_dir, tmp_path, caplog
     base = tmp_path / "models"
     first_model, same_weights = (
         make_model_dir("first", exported=True),
-        make_model_dir("again", exported=True),
+        make_model_dir("again", exported=True, fresh=True),  # saved and exported again
     )
     different = make_model_dir("different", confusion=1, exported=True)
 
@@ -359,7 +359,7 @@ def test_gate_against_the_registry_champion(make_model_dir, split_dir, tmp_path,
     assert aliases == {"champion": deployed.registered_version, "previous": "1"}
 
     # The same weights trained again: the gate passes (equal to the champion), nothing is new.
-    again = make_model_dir("better-again", confusion=0, exported=True)
+    again = make_model_dir("better-again", confusion=0, exported=True, fresh=True)
     fourth, repeated = gate_and_deploy(again, "run-again")
     assert fourth.passed and fourth.decision.champion_serving_version == "2"
     assert not repeated.deployed and repeated.reason == "identical to served version 2"

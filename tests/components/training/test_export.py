@@ -210,7 +210,8 @@ def test_the_weights_digest_follows_the_weights_not_the_file(make_model_dir, tmp
 
     from tumorflow.components.training.export import weights_digest
 
-    one, same = make_model_dir("one", exported=True), make_model_dir("same", exported=True)
+    one = make_model_dir("one", exported=True)
+    same = make_model_dir("same", exported=True, fresh=True)  # built, saved and exported again
     other = make_model_dir("other", confusion=1, exported=True)
     digests = {
         name: json.loads((folder / "model_info.json").read_text())["weights_sha256"]
