@@ -53,8 +53,9 @@ demo: setup
 WORKERS ?= 2
 XDIST := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
+# The ten slowest tests are printed at the end: where the suite's minutes go.
 test: setup lint
-	$(BIN)/pytest $(XDIST) -m "not image and not exhaustive"
+	$(BIN)/pytest $(XDIST) -m "not image and not exhaustive" --durations=10
 
 test-fast: setup
 	$(BIN)/pytest $(XDIST) -m "not service and not e2e and not image and not exhaustive"
