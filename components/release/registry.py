@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 import urllib.error
@@ -227,16 +228,30 @@ def code_version() -> str:
 
     root = Path(tumorflow.__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(_source_files(root)):
         relative = path.relative_to(root).as_posix()
-        if relative.startswith(("tests/", ".venv", "notebooks/")) or "/." in f"/{relative}":
-            continue
         digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
     try:
         number = version("tumorflow")
     except PackageNotFoundError:
         number = "unknown"
     return f"tumorflow {number} sha256:{digest.hexdigest()}"
+
+
+def _source_files(root: Path) -> list[Path]:
+    """The `*.py` files under `root` that make the code version: not under `tests/` or
+    `notebooks/` at the top, nor under any hidden folder (a checkout's `.venv`, `.git`), which
+    are not walked at all (a virtual environment holds some 100,000 files)."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        top = Path(folder) == root
+        subfolders[:] = [
+            name
+            for name in subfolders
+            if not name.startswith(".") and not (top and name in ("tests", "notebooks"))
+        ]
+        found += [Path(folder, name) for name in files if name.endswith(".py")]
+    return [path for path in found if not path.name.startswith(".")]
 
 
 def decision_tags(tags: dict[str, str]) -> list[tuple[str, str]]:
