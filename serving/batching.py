@@ -2,9 +2,10 @@
 
 Concurrent requests for the same model version, signature and per-example input shapes are
 queued; a queue's oldest batch runs when it is full, when its timeout expires, or at once when the
-timeout is zero, as soon as fewer than `num_batch_threads` batches are running. A ready batch runs
-in the thread of its first caller (which is blocked waiting anyway), so a request is not handed to
-a batch thread and back; one timer thread sleeps until the earliest deadline and nothing polls.
+timeout is zero, as soon as fewer than `num_batch_threads` batches are running. A batch that can
+run at once runs in the thread of the caller that made it ready (no hand-off to a batch thread
+and back); the others are taken by batch threads, which sleep until the earliest deadline and are
+woken early only by a batch that becomes ready, a new deadline or a freed slot: nothing polls.
 The merged call's outputs are split back along dim 0. Each queue holds at most
 `max_enqueued_batches` batches: beyond that a request is refused with RESOURCE_EXHAUSTED. When a
 merged call fails (one client's undecodable image, say), each request is rerun alone so that only
@@ -145,38 +146,26 @@ class BatchingParameters:
 
 
 class _Task:
-    """One caller's request. The caller blocks in `result` until it is woken either with its
-    outputs (`finish`) or as the leader of a ready batch (`lead`), which it then runs itself."""
+    """One caller's request; `finish` wakes the caller, which waits in `result`."""
 
     def __init__(self, inputs: Arrays, size: int) -> None:
         self.inputs = inputs
         self.size = size
         # A held lock is the cheapest one-shot wake-up: releasing it wakes exactly the caller,
         # without the condition variable and waiter list of a threading.Event.
-        self._wake = threading.Lock()
-        self._wake.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
         self.outputs: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
-        self.done = False
-        self.batch_to_run: _Batch | None = None
 
     def finish(
         self, outputs: dict[str, np.ndarray] | None = None, error: BaseException | None = None
     ) -> None:
-        self.outputs, self.error, self.done = outputs, error, True
-        self._wake.release()
-
-    def lead(self, batch: _Batch) -> None:
-        self.batch_to_run = batch
-        self._wake.release()
-
-    def wait(self) -> _Batch | None:
-        """Block until woken: the batch this caller must run, or None once its answer is in."""
-        self._wake.acquire()
-        batch, self.batch_to_run = self.batch_to_run, None
-        return batch
+        self.outputs, self.error = outputs, error
+        self._done.release()
 
     def result(self) -> dict[str, np.ndarray]:
+        self._done.acquire()
         if self.error is not None:
             raise self.error
         assert self.outputs is not None
@@ -206,9 +195,11 @@ class BatchScheduler:
     """Merges concurrent calls of one runner along dim 0; bounded queues; at most
     `num_batch_threads` batches run at once.
 
-    A ready batch runs in the thread of one of its own callers (every queued request has a
-    caller blocked on it), so a request is not handed to a batch thread and back: at one client
-    a request runs in the thread that received it. One timer thread wakes for deadlines only.
+    A request whose batch is ready at once while a slot is free (a quiet server, timeout 0, or
+    the request that fills a batch) runs in the caller's own thread: no hand-off to a batch
+    thread and back. Otherwise batch threads take ready batches as slots free, oldest first, and
+    a batch thread that finishes one goes straight on to the next (under load, the model is never
+    left waiting for a woken thread).
     """
 
     def __init__(
@@ -224,10 +215,12 @@ class BatchScheduler:
         self._queued: dict[Hashable, int] = {}
         self._idle_slots = parameters.num_batch_threads
         self._stopping = False
-        self._timer = threading.Thread(
-            target=self._watch_deadlines, name="batch-timer", daemon=True
-        )
-        self._timer.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+            for i in range(parameters.num_batch_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def run(self, key: Hashable, runner: Runner, inputs: Arrays) -> dict[str, np.ndarray]:
         """Run `runner(inputs)` as part of a merged batch of calls sharing `key`; blocks."""
@@ -239,24 +232,23 @@ class BatchScheduler:
                 f"{self.parameters.max_batch_size}"
             )
         task = _Task(inputs, size)
-        self._enqueue(key, runner, task)
-        while not task.done:
-            batch = task.wait()
-            if batch is not None:
-                try:
-                    self._execute(batch)
-                finally:
-                    with self._condition:
-                        self._idle_slots += 1
-                        self._dispatch()
+        batch = self._enqueue(key, runner, task)
+        if batch is not None:
+            try:
+                self._execute(batch)
+            finally:
+                self._release_slot()
         return task.result()
 
-    def _enqueue(self, key: Hashable, runner: Runner, task: _Task) -> None:
+    def _enqueue(self, key: Hashable, runner: Runner, task: _Task) -> _Batch | None:
+        """Queue `task`; returns its batch when the caller is to run it now (ready, oldest, and
+        a slot free)."""
         timeout = self.parameters.batch_timeout_micros / 1e6
         with self._condition:
             if self._stopping:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
             batch = self._open.get(key)
+            opened = False
             if (
                 batch is None
                 or batch.closed
@@ -265,7 +257,8 @@ class BatchScheduler:
                 if batch is not None:
                     batch.closed = True
                 if self._queued.get(key, 0) >= self.parameters.max_enqueued_batches:
-                    self._dispatch()
+                    if batch is not None and self._idle_slots:
+                        self._condition.notify()
                     raise resource_exhausted(
                         "The batch scheduling queue to which this task was submitted is full"
                     )
@@ -273,44 +266,63 @@ class BatchScheduler:
                 self._open[key] = batch
                 self._batches.append(batch)
                 self._queued[key] = self._queued.get(key, 0) + 1
-                if timeout > 0:
-                    # The timer learns of a deadline it may have to wake for.
-                    self._condition.notify()
+                opened = True
             batch.tasks.append(task)
             batch.size += task.size
             if batch.size >= self.parameters.max_batch_size:
                 batch.closed = True
-            self._dispatch(batch, task)
+            ready = self._oldest_ready()
+            if ready is batch and self._idle_slots:
+                self._take(batch)
+                return batch
+            # Wake a batch thread only when there is something new to do: a batch that is ready
+            # now, or a new batch whose deadline a sleeping thread does not know yet. A task that
+            # joins an open batch that is not full changes nothing for the threads.
+            if (ready is not None and self._idle_slots) or opened:
+                self._condition.notify()
+            return None
 
-    def _dispatch(self, joined: _Batch | None = None, caller: _Task | None = None) -> None:
-        """Hand the oldest ready batches (full, closed, or past their deadline) to free slots:
-        each to one of its callers, which runs it: `caller` (this thread) for the batch it has
-        just `joined`, else the batch's first. Called with the condition held."""
+    def _oldest_ready(self) -> _Batch | None:
         now = time.monotonic()
-        while self._idle_slots and self._batches:
-            ready = next((b for b in self._batches if b.closed or b.deadline <= now), None)
-            if ready is None:
-                return
-            self._batches.remove(ready)
-            self._queued[ready.key] -= 1
-            if self._open.get(ready.key) is ready:
-                del self._open[ready.key]
-            self._idle_slots -= 1
-            leader = caller if ready is joined and caller is not None else ready.tasks[0]
-            leader.lead(ready)
+        return next((b for b in self._batches if b.closed or b.deadline <= now), None)
 
-    def _watch_deadlines(self) -> None:
-        """Sleep until the earliest deadline of a queued batch, then dispatch what is ready."""
+    def _take(self, batch: _Batch) -> None:
+        """Move `batch` from the queue to a running slot. Called with the condition held."""
+        self._batches.remove(batch)
+        self._queued[batch.key] -= 1
+        if self._open.get(batch.key) is batch:
+            del self._open[batch.key]
+        self._idle_slots -= 1
+
+    def _release_slot(self) -> None:
         with self._condition:
-            while not self._stopping:
-                self._dispatch()
-                now = time.monotonic()
-                pending = [b.deadline for b in self._batches if not b.closed and b.deadline > now]
-                if pending:
-                    self._condition.wait(min(pending) - now)
+            self._idle_slots += 1
+            if self._batches:
+                self._condition.notify()
+
+    def _next_batch(self) -> _Batch | None:
+        """The oldest ready batch once a slot is free, waiting as needed; None once stopped."""
+        with self._condition:
+            while not self._stopping or self._batches:
+                ready = self._oldest_ready()
+                if ready is not None and self._idle_slots:
+                    self._take(ready)
+                    if self._batches and self._idle_slots:
+                        # This thread is busy now: another one watches the batches left.
+                        self._condition.notify()
+                    return ready
+                if ready is None and self._batches:
+                    self._condition.wait(min(b.deadline for b in self._batches) - time.monotonic())
                 else:
-                    # Nothing to time: a new deadline or stop notifies.
                     self._condition.wait()
+            return None
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._execute(batch)
+            finally:
+                self._release_slot()
 
     def _execute(self, batch: _Batch) -> None:
         tasks = batch.tasks
@@ -368,12 +380,11 @@ class BatchScheduler:
             task.finish(outputs)
 
     def stop(self) -> None:
-        """Refuse new calls and stop the timer; queued batches still run (in their callers'
-        threads, as slots free)."""
+        """Finish queued batches, then stop the batch threads."""
         with self._condition:
             self._stopping = True
             for batch in self._batches:
                 batch.closed = True
-            self._dispatch()
             self._condition.notify_all()
-        self._timer.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
