@@ -80,6 +80,35 @@ def test_the_scores_are_those_of_the_serving_signature(model_and_split, tmp_path
     assert [row["path"] for row in rows] == [r.path for r in records]
 
 
+def test_the_test_split_and_the_external_sets_are_scored_with_one_load(
+    model_and_split, tmp_path, monkeypatch
+):
+    import os
+
+    import tensorflow as tf
+
+    from tumorflow.components.evaluation import evaluate
+
+    model_dir, split_dir = model_and_split
+    loads = []
+    load = tf.saved_model.load
+    monkeypatch.setattr(
+        tf.saved_model, "load", lambda path, *a, **k: loads.append(path) or load(path, *a, **k)
+    )
+    evaluate._load_saved_model.cache_clear()
+    sets = {"site-b": split_dir, "site-c": split_dir}
+    metrics = evaluate_model(model_dir, split_dir, tmp_path / "one", external_splits=sets)
+    assert len(loads) == 1
+    for name in sets:
+        external = json.loads((tmp_path / "one" / "external" / name / "metrics.json").read_text())
+        assert external["accuracy"] == metrics["accuracy"]
+    # a SavedModel written again at the same place is loaded again
+    pb = model_dir / "saved_model" / "saved_model.pb"
+    os.utime(pb, ns=(pb.stat().st_atime_ns, pb.stat().st_mtime_ns + 1_000_000))
+    evaluate_model(model_dir, split_dir, tmp_path / "two")
+    assert len(loads) == 2
+
+
 def test_a_model_without_its_serving_export_is_refused(model_and_split, tmp_path):
     import shutil
 
