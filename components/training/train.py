@@ -84,6 +84,11 @@ HISTORY_COLUMNS = (
 )
 # The loss of every stage; the validation pass scores its predictions with the same.
 LOSS = "sparse_categorical_crossentropy"
+# The BatchNorm recalibration before each validation reads at most this many training batches
+# (the kept weights get up to `train.batchnorm_recalibration_batches` once, at the end): a forward
+# pass costs about a third of a training step, and 8 batches keep the epoch within 1.25x a plain
+# `fit` epoch on the demo (docs/training.md).
+EPOCH_RECALIBRATION_BATCHES = 8
 # The floor of the cosine decay, as a fraction of the stage's learning rate.
 _COSINE_FLOOR = 0.05
 
@@ -199,8 +204,10 @@ def _batchnorm_recalibration_class() -> type:
 
     class BatchNormRecalibration(keras.callbacks.Callback):
         """After each epoch, before the validation pass, sets every BatchNormalization layer's
-        statistics to the plain mean of the batch statistics over `dataset` (a fixed sample of
-        un-augmented training batches) with the epoch's final weights ("precise BN").
+        statistics to the plain mean of the batch statistics over `sample` (a fixed sample of
+        un-augmented training batches) with the epoch's final weights ("precise BN"); `finish`
+        does the same over `training_set` (more batches, None when `sample` is all of them) for
+        the weights the model keeps.
 
         The moving averages follow the last few steps: with a from-scratch net whose weights move
         fast, and batches that differ a lot (per-patient intensities), they can leave inference
@@ -209,39 +216,52 @@ def _batchnorm_recalibration_class() -> type:
         which the pass adds up."""
 
         def __init__(
-            self, dataset: Any, layers: list[keras.layers.Layer], clock: EpochClock
+            self,
+            sample: Any,
+            training_set: Any,
+            layers: list[keras.layers.Layer],
+            clock: EpochClock,
         ) -> None:
             super().__init__()
-            self.dataset = dataset
+            self.sample = sample
+            self.training_set = training_set
             self.layers = layers
             self.clock = clock
             self.batches_read = 0
             self._step: Any = None
 
-        def _accumulate(self, images: Any) -> list[Any]:
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            with self.clock.phase("batchnorm_recalibration"):
+                self._recalibrate(self.sample)
+
+        def finish(self, model: keras.Model) -> None:
+            """Recalibrate the weights `model` keeps over the whole bounded training set, when
+            the per-epoch sample was only part of it."""
+            if self.training_set is not None:
+                self.set_model(model)
+                self._recalibrate(self.training_set)
+
+        def _batch_statistics(self, images: Any) -> list[Any]:
             self.model(images, training=True)
             return [v for layer in self.layers for v in (layer.moving_mean, layer.moving_variance)]
 
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            with self.clock.phase("batchnorm_recalibration"):
-                momenta = [layer.momentum for layer in self.layers]
-                for layer in self.layers:
-                    layer.momentum = 0.0
-                if self._step is None:
-                    self._step = tf.function(self._accumulate, reduce_retracing=True)
-                sums, count = None, 0
-                for images, _ in self.dataset:
-                    stats = self._step(images)
-                    sums = (
-                        stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
-                    )
-                    count += 1
-                self.batches_read += count
-                for layer, momentum in zip(self.layers, momenta, strict=True):
-                    layer.momentum = momentum
-                for index, layer in enumerate(self.layers):
-                    layer.moving_mean.assign(sums[2 * index] / count)
-                    layer.moving_variance.assign(sums[2 * index + 1] / count)
+        def _recalibrate(self, dataset: Any) -> None:
+            momenta = [layer.momentum for layer in self.layers]
+            for layer in self.layers:
+                layer.momentum = 0.0
+            if self._step is None:
+                self._step = tf.function(self._batch_statistics, reduce_retracing=True)
+            sums, count = None, 0
+            for images, _ in dataset:
+                stats = self._step(images)
+                sums = stats if sums is None else [a + b for a, b in zip(sums, stats, strict=True)]
+                count += 1
+            self.batches_read += count
+            for layer, momentum in zip(self.layers, momenta, strict=True):
+                layer.momentum = momentum
+            for index, layer in enumerate(self.layers):
+                layer.moving_mean.assign(sums[2 * index] / count)
+                layer.moving_variance.assign(sums[2 * index + 1] / count)
 
     return BatchNormRecalibration
 
@@ -486,9 +506,10 @@ def _batchnorm_recalibration(
     """The callback that recomputes a from-scratch custom_cnn's BatchNorm statistics before each
     validation (`train.batchnorm_recalibration`); None when it does not apply.
 
-    Its sample: `batchnorm_recalibration_batches` batches of the training split, un-augmented,
-    drawn once in a seeded shuffle (not the first batches of the split's order, which may
-    follow the classes) and kept decoded, the same batches every epoch."""
+    Each epoch reads a sample of at most `EPOCH_RECALIBRATION_BATCHES` un-augmented training
+    batches, drawn once in a seeded shuffle (the split's own order follows the classes) and kept
+    decoded: the same batches every epoch. The weights the model keeps are recalibrated once
+    more over `batchnorm_recalibration_batches` shuffled batches when that is more."""
     import keras
 
     if not (config.batchnorm_recalibration and config.backbone == CUSTOM_CNN):
@@ -496,11 +517,18 @@ def _batchnorm_recalibration(
     if distribution.strategy.num_replicas_in_sync > 1:
         log.warning("batchnorm_recalibration is skipped with more than one replica")
         return None
-    sample = make_dataset(
-        split_dir, "train", image_size, batch_size, None, True, config.seed, config.grayscale
-    )
+
+    def shuffled() -> Any:
+        return make_dataset(
+            split_dir, "train", image_size, batch_size, None, True, config.seed, config.grayscale
+        )
+
+    sample = shuffled()
+    bound = min(config.batchnorm_recalibration_batches, int(sample.cardinality()))
+    per_epoch = min(bound, EPOCH_RECALIBRATION_BATCHES)
     return _batchnorm_recalibration_class()(
-        sample.take(config.batchnorm_recalibration_batches).cache(),
+        sample.take(per_epoch).cache(),
+        shuffled().take(bound) if bound > per_epoch else None,
         [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)],
         clock,
     )
@@ -781,6 +809,8 @@ def train_model(
                 best.monitor,
                 best.value,
             )
+        if recalibration is not None:
+            recalibration.finish(model)
         info = _write_model_folder(
             model,
             output_dir,

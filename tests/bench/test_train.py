@@ -76,7 +76,8 @@ def test_bench_prints_the_cost_of_each_addition_and_the_verdict(capsys, tmp_path
     assert run(args) == 0
     lines = capsys.readouterr().out.splitlines()
     table = lines[lines.index(next(line for line in lines if line.startswith("per-epoch"))) :]
-    names = [line.rsplit(None, 2)[0] for line in table[2:-1]]
+    names = [line.rsplit(None, 2)[0] for line in table[2:-2]]
+    assert table[-2].startswith("the additions alone: +")
     assert names[0].startswith("plain fit epoch") and names[-1] == "our epoch, every default on"
     assert any(name.startswith("BatchNorm recalibration") for name in names)
     assert any(name.startswith("MLflow logging") for name in names)

@@ -19,6 +19,7 @@ from helpers import SLOW_TRAINING_CHILD, wait_until, write_synthetic_split
 from tumorflow.components.training.backbones import build_backbone, build_classifier
 from tumorflow.components.training.checkpoints import LATEST
 from tumorflow.components.training.train import (
+    EPOCH_RECALIBRATION_BATCHES,
     LOSS,
     EpochClock,
     _batchnorm_recalibration,
@@ -392,7 +393,17 @@ def test_one_validation_pass_gives_keras_loss_and_accuracy_and_the_macro_f1(spli
     assert logs["loss"] == 1.0
 
 
-def test_recalibration_reads_a_bounded_sample_and_sets_its_plain_mean_statistics(split_dir):
+def _first_batchnorm_statistics(model, base, batches):
+    """The plain mean over `batches` of the first BatchNormalization's input moments."""
+    import numpy as np
+
+    conv = base.layers[1]
+    features = [np.asarray(conv(model.get_layer("preprocess")(images))) for images, _ in batches]
+    means = np.mean([f.mean(axis=(0, 1, 2)) for f in features], axis=0)
+    return means, np.mean([f.var(axis=(0, 1, 2)) for f in features], axis=0)
+
+
+def test_recalibration_reads_a_bounded_sample_each_epoch_and_more_for_the_kept_weights(split_dir):
     import keras
     import numpy as np
 
@@ -400,35 +411,53 @@ def test_recalibration_reads_a_bounded_sample_and_sets_its_plain_mean_statistics
 
     keras.utils.set_random_seed(4)
     model, base = build_classifier("custom_cnn", 4, 32, "none", 0.1, 0.9)
-    config = _config(backbone="custom_cnn", batch_size=2, batchnorm_recalibration_batches=3)
+    # 16 training images in batches of 1: 16 batches, more than the per-epoch sample.
+    config = _config(backbone="custom_cnn", batch_size=1, batchnorm_recalibration_batches=12)
     clock = EpochClock()
     recalibration = _batchnorm_recalibration(
-        config, base, split_dir, 32, 2, training_distribution(), clock
+        config, base, split_dir, 32, 1, training_distribution(), clock
     )
     recalibration.set_model(model)
-    conv, norm = base.layers[1], base.layers[2]
+    norm = base.layers[2]
     assert isinstance(norm, keras.layers.BatchNormalization)
 
     recalibration.on_epoch_end(0, {})
 
-    # 16 training images in batches of 2 are 8 batches: the pass reads 3.
-    assert recalibration.batches_read == 3
-    sample = [np.asarray(images) for images, _ in recalibration.dataset]
-    assert len(sample) == 3
-    features = [np.asarray(conv(model.get_layer("preprocess")(images))) for images in sample]
-    means = np.mean([f.mean(axis=(0, 1, 2)) for f in features], axis=0)
-    variances = np.mean([f.var(axis=(0, 1, 2)) for f in features], axis=0)
+    assert recalibration.batches_read == EPOCH_RECALIBRATION_BATCHES
+    sample = list(recalibration.sample)
+    assert len(sample) == EPOCH_RECALIBRATION_BATCHES
+    means, variances = _first_batchnorm_statistics(model, base, sample)
     np.testing.assert_allclose(np.asarray(norm.moving_mean), means, atol=1e-4)
     np.testing.assert_allclose(np.asarray(norm.moving_variance), variances, rtol=1e-3)
     layers = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert {layer.momentum for layer in layers} == {0.9}
+    assert set(clock._row) == {"batchnorm_recalibration"}
 
     # The next epoch reads the same sample again, and only it.
     norm.moving_mean.assign(np.zeros_like(means))
     recalibration.on_epoch_end(1, {})
-    assert recalibration.batches_read == 6
+    assert recalibration.batches_read == 2 * EPOCH_RECALIBRATION_BATCHES
     np.testing.assert_allclose(np.asarray(norm.moving_mean), means, atol=1e-4)
-    assert len(clock._row) == 1 and clock._row["batchnorm_recalibration"] > 0
+
+    # The kept weights: `batchnorm_recalibration_batches` of the training split.
+    recalibration.finish(model)
+    assert recalibration.batches_read == 2 * EPOCH_RECALIBRATION_BATCHES + 12
+    all_means, _ = _first_batchnorm_statistics(model, base, recalibration.training_set)
+    np.testing.assert_allclose(np.asarray(norm.moving_mean), all_means, atol=1e-4)
+
+
+def test_a_sample_that_is_the_whole_bound_is_not_read_again_at_the_end(split_dir):
+    from tumorflow.components.training.strategy import training_distribution
+
+    model, base = build_classifier("custom_cnn", 4, 32, "none", 0.1, 0.9)
+    config = _config(backbone="custom_cnn", batch_size=2, batchnorm_recalibration_batches=3)
+    recalibration = _batchnorm_recalibration(
+        config, base, split_dir, 32, 2, training_distribution(), EpochClock()
+    )
+    recalibration.set_model(model)
+    recalibration.on_epoch_end(0, {})
+    recalibration.finish(model)
+    assert recalibration.batches_read == 3 and recalibration.training_set is None
 
 
 def test_the_epoch_clock_times_each_addition_and_the_whole_epoch():
