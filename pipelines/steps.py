@@ -3,7 +3,9 @@
 Every component runs in the one project image (`infra/Dockerfile`); bodies import the project
 inside the function, so the same component runs under kfp.local's SubprocessRunner (the installed
 package) and on Kubeflow / Vertex AI (the image). Configuration arrives as the JSON of one config
-section and is validated by the same pydantic model the CLI uses.
+section and is validated by the same pydantic model the CLI uses. Bodies that load TensorFlow,
+MLflow or Evidently end their process without the interpreter's final garbage collections
+(pipelines/task_process.py).
 """
 
 import copy
@@ -166,6 +168,9 @@ def train(
     from tumorflow.components.training.export import export_model_artifact
     from tumorflow.components.training.train import checkpoint_key, train_model
     from tumorflow.core.config import TrainConfig
+    from tumorflow.pipelines.task_process import end_without_final_collection
+
+    end_without_final_collection()
 
     config = TrainConfig.model_validate(train_config)
     result = train_model(
@@ -201,6 +206,9 @@ def evaluate(
     from tumorflow.components.data.external_sets import external_splits
     from tumorflow.components.evaluation.evaluate import evaluate_model, log_kfp_metrics
     from tumorflow.core.artifacts import MODEL_INFO_FILE
+    from tumorflow.pipelines.task_process import end_without_final_collection
+
+    end_without_final_collection()
 
     positive_class = dataset.get("positive_class") or "tumor"
     info = json.loads((Path(model.path) / MODEL_INFO_FILE).read_text())
@@ -235,6 +243,9 @@ def drift_reference(
     from pathlib import Path
 
     from tumorflow.components.monitoring.features import build_reference
+    from tumorflow.pipelines.task_process import end_without_final_collection
+
+    end_without_final_collection()
 
     build_reference(
         Path(split.path),
@@ -258,6 +269,9 @@ def drift_report(
     from pathlib import Path
 
     from tumorflow.components.monitoring.drift_report import drift_against_served_model
+    from tumorflow.pipelines.task_process import end_without_final_collection
+
+    end_without_final_collection()
 
     drift_against_served_model(
         Path(split.path),
@@ -294,6 +308,9 @@ def drift_check(
     from tumorflow.components.monitoring.drift_report import resolve_served_reference
     from tumorflow.components.monitoring.monitor import check_recent_drift, write_trigger_record
     from tumorflow.core.config import DatasetConfig
+    from tumorflow.pipelines.task_process import end_without_final_collection
+
+    end_without_final_collection()
 
     reference, model_dir = resolve_served_reference(model_base_path, model_name)
     result, window = check_recent_drift(
@@ -341,6 +358,9 @@ def gate(
 
     from tumorflow.components.gate.decision import run_gate
     from tumorflow.core.config import GateConfig
+    from tumorflow.pipelines.task_process import end_without_final_collection
+
+    end_without_final_collection()
 
     result = run_gate(
         Path(evaluation.path),
@@ -385,6 +405,9 @@ def approval(
     from tumorflow.components.release.signing import load_signer
     from tumorflow.components.release.trust_root import PIPELINE, TrustRoot
     from tumorflow.core.config import ConsoleConfig, GateConfig
+    from tumorflow.pipelines.task_process import end_without_final_collection
+
+    end_without_final_collection()
 
     console = ConsoleConfig(base_url=console_base_url) if console_base_url else ConsoleConfig()
     review_url = console.review_url(pipeline_run)
@@ -431,6 +454,9 @@ def deploy(
     from tumorflow.components.release.deploy import deploy_model
     from tumorflow.components.release.trust_root import TrustRoot
     from tumorflow.core.artifacts import DECISION_FILE
+    from tumorflow.pipelines.task_process import end_without_final_collection
+
+    end_without_final_collection()
 
     result = deploy_model(
         Path(model.path),
