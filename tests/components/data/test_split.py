@@ -145,14 +145,14 @@ def test_class_weights_balance_the_training_split() -> None:
 
 def test_class_weights_balance_the_classes_and_training_uses_the_same_formula():
     from tumorflow.components.data.split import balanced_class_weights, class_weights
-    from tumorflow.components.training.train import _class_weights
+    from tumorflow.components.training import train
 
     labels = np.array([0] * 30 + [1] * 10)
     weights = class_weights(labels, ["normal", "tumor"])
     assert weights == {"normal": round(40 / 60, 6), "tumor": 2.0}
     # a manifest without weights: training computes them from its counts, the same way
     manifest = {"splits": {"train": {"class_counts": {"normal": 30, "tumor": 10}}}}
-    assert _class_weights(manifest, ["normal", "tumor"]) == {0: 40 / 60, 1: 2.0}
+    assert train.class_weights(manifest, ["normal", "tumor"]) == {0: 40 / 60, 1: 2.0}
     assert balanced_class_weights([5, 0]) == [0.5, 1.0]
 
 
