@@ -279,6 +279,11 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
         external=external,
     ).set_display_name("gate: thresholds + champion/challenger")
     gating.set_caching_options(False)
+    # The drift report compares the new data with the model served now (the champion): it must
+    # finish before anything is deployed, or a runner that orders the DAG's free tasks its own
+    # way (kfp.local) compares the new data with the model just made from it. Before the gate,
+    # the reviewer at the approval also has it.
+    gating.after(drift)
 
     approving = _in_image(steps.approval)(
         decision=gating.outputs["decision"],

@@ -59,6 +59,8 @@ def test_every_step_is_a_task_wired_in_data_order(spec):
     }
     assert "evaluate" in tasks["gate"].dependent_tasks
     assert "gate" in tasks["approval"].dependent_tasks
+    # the drift report is against the champion: done before the gate, so before any deploy
+    assert "drift-report" in tasks["gate"].dependent_tasks
 
 
 def test_external_sets_are_prepared_on_their_own_versions_and_never_trained_on(spec):

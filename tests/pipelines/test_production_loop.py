@@ -227,12 +227,23 @@ def _cached(summary: RunSummary) -> set[str]:
     return {step for step in steps if not (summary.run_dir / step).exists()}
 
 
-def _split_images(summary: RunSummary) -> int:
+def _split_images(summary: RunSummary, split: str | None = None) -> int:
+    """Images in the run's splits (in `split` alone when given)."""
     from tumorflow.pipelines.run_folder import RunFolder
 
     manifest = RunFolder(Path(summary.run_dir)).artifact("validate-and-split", "split")
     splits = json.loads((manifest / "split_manifest.json").read_text())["splits"]
-    return sum(sum(info["class_counts"].values()) for info in splits.values())
+    return sum(
+        sum(info["class_counts"].values()) for name, info in splits.items() if split in (None, name)
+    )
+
+
+def _drift_verdict(summary: RunSummary) -> dict:
+    """The verdict of the run's drift report (new training data vs the model served then)."""
+    from tumorflow.pipelines.run_folder import RunFolder
+
+    verdict = RunFolder(Path(summary.run_dir)).artifact("drift-report", "verdict")
+    return json.loads((verdict / "verdict.json").read_text())
 
 
 def _reject_when_waiting(
@@ -292,6 +303,8 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
     release = json.loads((base / MODEL / "1" / "assets.extra" / "release.json").read_text())
     assert release["records"][0]["record"]["action"] == "auto_approve"
     assert day1.dataset_version and day1.dataset_version.startswith("sha256:")
+    # nothing was served when its drift report ran (kfp.local may not run it after deploy)
+    assert _drift_verdict(day1)["reference_rows"] == 0
     timeline.append(f"day 1: trained on {_split_images(day1)} images, deployed v1")
 
     server, port = _start_server(base / "models.config", requests, tmp_path / "serve.log")
@@ -319,6 +332,10 @@ def test_five_days_of_the_production_loop(tmp_path: Path, mlflow_server: str):
         assert _split_images(day3) > _split_images(day1)
         assert day3.gate["champion_version"] == "1"  # gated against v1 on the new test split
         assert day3.deployed_version == 2
+        # the new training split against v1's reference (v1's training split), not against v2
+        drift3 = _drift_verdict(day3)
+        assert drift3["reference_rows"] == _split_images(day1, "train")
+        assert drift3["current_rows"] == _split_images(day3, "train") > drift3["reference_rows"]
         client.wait_for_version(2)
         timeline.append(
             f"day 3: {_split_images(day3)} images (new data), gated against v1, deployed v2"
