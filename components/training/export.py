@@ -126,20 +126,39 @@ def _warmup_png(image_size: int) -> bytes:
     return buffer.getvalue()
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2): key, length, bytes."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def warmup_request_bytes(png: bytes, model_name: str) -> bytes:
+    """A serialized `tensorflow.serving.PredictionLog` holding one Predict request of `png` to
+    `model_name`'s serving signature: the bytes `PredictionLog.SerializeToString()` gives for
+    the message TF Serving's own docs build (tests compare them), written here without
+    importing TensorFlow, so deploy does not load it for one record."""
+    # TensorProto{dtype: DT_STRING (7), tensor_shape: {dim {size: 1}}, string_val: [png]}
+    tensor = b"\x08\x07" + _field(2, _field(2, b"\x08\x01")) + _field(8, png)
+    # ModelSpec{name: 1, signature_name: 3}; PredictRequest{model_spec: 1, inputs (map): 2}
+    spec = _field(1, model_name.encode()) + _field(3, SIGNATURE.encode())
+    request = _field(1, spec) + _field(2, _field(1, INPUT.encode()) + _field(2, tensor))
+    # PredictionLog{predict_log: 6}; PredictLog{request: 1}
+    return _field(6, _field(1, request))
+
+
 def _write_warmup(path: Path, png: bytes, model_name: str) -> None:
     """One `PredictionLog` record in the TFRecord file TF Serving replays before serving."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    from tumorflow.components.data.tfrecords import write_tfrecord
 
-    request = predict_pb2.PredictRequest(
-        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=SIGNATURE)
-    )
-    request.inputs[INPUT].CopyFrom(tf.make_tensor_proto([png], dtype=tf.string))
-    record = prediction_log_pb2.PredictionLog(
-        predict_log=prediction_log_pb2.PredictLog(request=request)
-    )
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        writer.write(record.SerializeToString())
+    write_tfrecord(path, [warmup_request_bytes(png, model_name)])
 
 
 def _serving_module(
