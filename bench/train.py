@@ -292,7 +292,8 @@ def run_recipe(args: argparse.Namespace) -> None:
     print(
         f"per-epoch cost: phantom preset ({config.backbone}, {config.image_size} px, batch "
         f"{config.batch_size}, BatchNorm recalibration over "
-        f"{config.batchnorm_recalibration_batches} batches at most), median of epochs "
+        f"{config.batchnorm_recalibration_epoch_batches} batches each epoch and "
+        f"{config.batchnorm_recalibration_batches} at the end, at most), median of epochs "
         f"2-{args.epochs} of {args.repeats} run(s) each"
     )
     print(f"{'':<64}{'s/epoch':>9}  {'x plain':>8}")

@@ -192,11 +192,14 @@ class TrainConfig(_Section):
     # BatchNormalization momentum of the from-scratch custom_cnn.
     batchnorm_momentum: float = Field(0.9, gt=0, lt=1)
     # custom_cnn: before each validation, recompute the BatchNormalization statistics as the plain
-    # mean over up to `batchnorm_recalibration_batches` un-augmented training batches with the
-    # epoch's final weights ("precise BN"), instead of the moving averages of the last steps.
-    # On by default: it halved the epoch-to-epoch val swing of `tumorflow bench recipe`
-    # (docs/training.md).
+    # mean over a fixed sample of `batchnorm_recalibration_epoch_batches` un-augmented training
+    # batches with the epoch's final weights ("precise BN"), instead of the moving averages of
+    # the last steps; the weights the model keeps get it once more over up to
+    # `batchnorm_recalibration_batches`. On by default: it halved the epoch-to-epoch val swing of
+    # `tumorflow bench recipe`, and the 8-batch sample keeps the demo's epoch within 1.25x a plain
+    # `fit` epoch (`tumorflow bench train --measure recipe`; docs/training.md).
     batchnorm_recalibration: bool = True
+    batchnorm_recalibration_epoch_batches: int = Field(8, ge=1)
     batchnorm_recalibration_batches: int = Field(64, ge=1)
     # auto: mixed_float16 when a GPU is present
     mixed_precision: Literal["auto", "on", "off"] = "auto"

@@ -84,11 +84,6 @@ HISTORY_COLUMNS = (
 )
 # The loss of every stage; the validation pass scores its predictions with the same.
 LOSS = "sparse_categorical_crossentropy"
-# The BatchNorm recalibration before each validation reads at most this many training batches
-# (the kept weights get up to `train.batchnorm_recalibration_batches` once, at the end): a forward
-# pass costs about a third of a training step, and 8 batches keep the epoch within 1.25x a plain
-# `fit` epoch on the demo (docs/training.md).
-EPOCH_RECALIBRATION_BATCHES = 8
 # The floor of the cosine decay, as a fraction of the stage's learning rate.
 _COSINE_FLOOR = 0.05
 
@@ -506,8 +501,8 @@ def _batchnorm_recalibration(
     """The callback that recomputes a from-scratch custom_cnn's BatchNorm statistics before each
     validation (`train.batchnorm_recalibration`); None when it does not apply.
 
-    Each epoch reads a sample of at most `EPOCH_RECALIBRATION_BATCHES` un-augmented training
-    batches, drawn once in a seeded shuffle (the split's own order follows the classes) and kept
+    Each epoch reads a sample of at most `batchnorm_recalibration_epoch_batches` un-augmented
+    training batches, drawn once in a seeded shuffle (the split's own order follows the classes) and kept
     decoded: the same batches every epoch. The weights the model keeps are recalibrated once
     more over `batchnorm_recalibration_batches` shuffled batches when that is more."""
     import keras
@@ -525,7 +520,7 @@ def _batchnorm_recalibration(
 
     sample = shuffled()
     bound = min(config.batchnorm_recalibration_batches, int(sample.cardinality()))
-    per_epoch = min(bound, EPOCH_RECALIBRATION_BATCHES)
+    per_epoch = min(bound, config.batchnorm_recalibration_epoch_batches)
     return _batchnorm_recalibration_class()(
         sample.take(per_epoch).cache(),
         shuffled().take(bound) if bound > per_epoch else None,

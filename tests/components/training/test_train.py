@@ -19,7 +19,6 @@ from helpers import SLOW_TRAINING_CHILD, wait_until, write_synthetic_split
 from tumorflow.components.training.backbones import build_backbone, build_classifier
 from tumorflow.components.training.checkpoints import LATEST
 from tumorflow.components.training.train import (
-    EPOCH_RECALIBRATION_BATCHES,
     LOSS,
     EpochClock,
     _batchnorm_recalibration,
@@ -412,7 +411,13 @@ def test_recalibration_reads_a_bounded_sample_each_epoch_and_more_for_the_kept_w
     keras.utils.set_random_seed(4)
     model, base = build_classifier("custom_cnn", 4, 32, "none", 0.1, 0.9)
     # 16 training images in batches of 1: 16 batches, more than the per-epoch sample.
-    config = _config(backbone="custom_cnn", batch_size=1, batchnorm_recalibration_batches=12)
+    per_epoch = 5
+    config = _config(
+        backbone="custom_cnn",
+        batch_size=1,
+        batchnorm_recalibration_batches=12,
+        batchnorm_recalibration_epoch_batches=per_epoch,
+    )
     clock = EpochClock()
     recalibration = _batchnorm_recalibration(
         config, base, split_dir, 32, 1, training_distribution(), clock
@@ -423,9 +428,9 @@ def test_recalibration_reads_a_bounded_sample_each_epoch_and_more_for_the_kept_w
 
     recalibration.on_epoch_end(0, {})
 
-    assert recalibration.batches_read == EPOCH_RECALIBRATION_BATCHES
+    assert recalibration.batches_read == per_epoch
     sample = list(recalibration.sample)
-    assert len(sample) == EPOCH_RECALIBRATION_BATCHES
+    assert len(sample) == per_epoch
     means, variances = _first_batchnorm_statistics(model, base, sample)
     np.testing.assert_allclose(np.asarray(norm.moving_mean), means, atol=1e-4)
     np.testing.assert_allclose(np.asarray(norm.moving_variance), variances, rtol=1e-3)
@@ -436,12 +441,12 @@ def test_recalibration_reads_a_bounded_sample_each_epoch_and_more_for_the_kept_w
     # The next epoch reads the same sample again, and only it.
     norm.moving_mean.assign(np.zeros_like(means))
     recalibration.on_epoch_end(1, {})
-    assert recalibration.batches_read == 2 * EPOCH_RECALIBRATION_BATCHES
+    assert recalibration.batches_read == 2 * per_epoch
     np.testing.assert_allclose(np.asarray(norm.moving_mean), means, atol=1e-4)
 
     # The kept weights: `batchnorm_recalibration_batches` of the training split.
     recalibration.finish(model)
-    assert recalibration.batches_read == 2 * EPOCH_RECALIBRATION_BATCHES + 12
+    assert recalibration.batches_read == 2 * per_epoch + 12
     all_means, _ = _first_batchnorm_statistics(model, base, recalibration.training_set)
     np.testing.assert_allclose(np.asarray(norm.moving_mean), all_means, atol=1e-4)
 
