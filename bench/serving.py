@@ -86,6 +86,10 @@ class Measurement:
     latencies: list[float]
     wall: float
     images_per_call: int = 1
+    # CPU seconds per wall second (cores busy) of the clients (this process) and of the server
+    # process, during a gRPC measurement; None elsewhere.
+    client_cores: float | None = None
+    server_cores: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -353,7 +357,11 @@ def run(args: argparse.Namespace) -> int:
             for client in range(clients):
                 grpc_call(client, images[client % len(images)])
             try:
-                return _measure(name, grpc_call, images, args.requests, clients, cap)
+                own, served = time.process_time(), _cpu_seconds(server.pid)
+                measured = _measure(name, grpc_call, images, args.requests, clients, cap)
+                measured.client_cores = (time.process_time() - own) / measured.wall
+                measured.server_cores = (_cpu_seconds(server.pid) - served) / measured.wall
+                return measured
             finally:
                 for channel in channels:
                     channel.close()
@@ -425,6 +433,17 @@ def _grpc_ready(port: int) -> bool:
     return True
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of process `pid` so far, all its threads (Linux /proc; NaN
+    where there is none, and the line that uses it says nan)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    # after the command: state is field 3, utime and stime fields 14 and 15 (proc(5))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _report(results: list[Measurement]) -> None:
     print(f"{'measurement':40s} {'calls':>6s} {'p50 ms':>9s} {'p99 ms':>9s} {'images/s':>9s}")
     for m in results:
@@ -455,6 +474,17 @@ def _report(results: list[Measurement]) -> None:
         signed=True,
         detail=f"= {single.percentile(50) / inprocess.percentile(50):.2f}x in-process",
     )
+    if many.client_cores is not None and many.server_cores is not None:
+        # The ceiling is the model alone on every core; here the clients share them. What is
+        # left to the server bounds what it can reach (printed, not a target).
+        cores = os.cpu_count() or 1
+        left = max(cores - many.client_cores, 0.0) / cores
+        print(
+            f"  where the CPU went ({CONCURRENCY[-1]} clients, {cores} cores): the clients "
+            f"{many.client_cores:.2f} cores, the server {many.server_cores:.2f}; with the "
+            f"cores the clients left, the ceiling is {ceiling.throughput * left:.0f} images/s "
+            f"and the server reached {share / left if left else float('nan'):.2f} of it"
+        )
     tail = many.percentile(99) / ceiling.percentile(99)
     _verdict(
         f"gRPC {CONCURRENCY[-1]} clients p99 / batch-32 call p99:",
