@@ -4,6 +4,7 @@ and PASS or MISS against the server's targets."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -85,6 +86,20 @@ def test_bench_serving_prints_consistent_latencies_and_ratios(capsys):
     (times,) = re.findall(r"= ([\d.]+)x in-process", out)
     assert float(times) == pytest.approx(single["p50"] / inprocess["p50"], **RATIO)
     assert verdict == ("PASS" if gap <= 1.5 else "MISS")
+    # Where the CPU went: both processes' cores within the machine's, and the scaled ceiling
+    # follows from the cores the clients left.
+    (cpu,) = re.findall(
+        r"the clients ([\d.]+) cores, the server ([\d.]+); with the cores the clients left, "
+        r"the ceiling is (\d+) images/s and the server reached ([\d.]+) of it",
+        out,
+    )
+    client_cores, server_cores, scaled, reached = map(float, cpu)
+    cores = os.cpu_count()
+    assert client_cores > 0 and server_cores > 0
+    assert client_cores + server_cores <= cores + 0.1
+    left = (cores - client_cores) / cores
+    assert scaled == pytest.approx(ceiling["throughput"] * left, rel=0.02, abs=1)
+    assert reached == pytest.approx(share / left, **RATIO)
     tail, verdict = _figure(out, "gRPC 32 clients p99 / batch-32 call p99:")
     assert tail == pytest.approx(many["p99"] / ceiling["p99"], **RATIO)
     assert verdict == ("PASS" if tail <= 2 else "MISS")
