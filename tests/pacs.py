@@ -12,8 +12,10 @@ import io
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from dicom_fixtures import FAKE_PHI, ct_phantom, write_dicom
 from helpers import free_port
 
@@ -26,6 +28,7 @@ __all__ = [
     "FlakyProxy",
     "OrthancServer",
     "orthanc_missing",
+    "running_orthanc",
     "start_orthanc",
 ]
 
@@ -36,6 +39,19 @@ def start_orthanc(root: Path, timeout: float = 60) -> OrthancServer:
     """Orthanc with a generated config and storage under `root`, this suite's login; returns
     once it answers."""
     return orthanc.start_orthanc(root, USERNAME, PASSWORD, name="TUMORFLOW-TEST", timeout=timeout)
+
+
+def running_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """The body of an `orthanc` fixture: skips where Orthanc or its DICOMweb plugin is missing,
+    else yields a started server (credentials on, temporary storage) and stops it after."""
+    missing = orthanc_missing()
+    if missing:
+        pytest.skip(missing)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def store_ct_study(

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from dicom_fixtures import FAKE_PHI
 from helpers import TINY_CONFIG
-from pacs import OrthancServer, orthanc_missing, start_orthanc, store_ct_study
+from pacs import OrthancServer, running_orthanc, store_ct_study
 
 from tumorflow.core.config import DicomWebConfig, load_config
 from tumorflow.pipelines.runner import RunSummary, run_local
@@ -37,14 +37,7 @@ STUDY_DESCRIPTION = "tumorflow-pipeline"
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
-    missing = orthanc_missing()
-    if missing:
-        pytest.skip(missing)
-    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running_orthanc(tmp_path_factory)
 
 
 def _store_patient(orthanc: OrthancServer, folder: Path, patient: int, label: str) -> str:

@@ -22,20 +22,21 @@ from tensorflow_serving.apis import (
 
 pytestmark = pytest.mark.service
 
+# Tensors of every kind the API carries: float, a non-contiguous int64 view, int32, strings
+# (1-D and 2-D, with an empty one), an empty float tensor, booleans, float16.
+ARRAYS = [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.arange(6).reshape(2, 3).T,
+    np.array([3, 1], dtype=np.int32),
+    np.array([b"tumor", b"cyst"], dtype=object),
+    np.array([[b"a", b"b"], [b"c", b""]], dtype=object),
+    np.zeros((0, 4), dtype=np.float32),
+    np.array([True, False]),
+    np.array([1.5], dtype=np.float16),
+]
 
-@pytest.mark.parametrize(
-    "array",
-    [
-        np.arange(12, dtype=np.float32).reshape(3, 4),
-        np.arange(6).reshape(2, 3).T,
-        np.array([3, 1], dtype=np.int32),
-        np.array([b"tumor", b"cyst"], dtype=object),
-        np.array([[b"a", b"b"], [b"c", b""]], dtype=object),
-        np.zeros((0, 4), dtype=np.float32),
-        np.array([True, False]),
-        np.array([1.5], dtype=np.float16),
-    ],
-)
+
+@pytest.mark.parametrize("array", ARRAYS)
 def test_response_tensors_decode_as_tf_make_tensor_proto_ones(array) -> None:
     from tumorflow.serving.grpc_api import tensor_proto
 
@@ -58,19 +59,7 @@ def _value_fields(proto) -> tensor_pb2.TensorProto:
 
 
 @pytest.mark.parametrize("listed", [False, True])
-@pytest.mark.parametrize(
-    "array",
-    [
-        np.arange(12, dtype=np.float32).reshape(3, 4),
-        np.arange(6).reshape(2, 3).T,
-        np.array([3, 1], dtype=np.int32),
-        np.array([b"tumor", b"cyst"], dtype=object),
-        np.array([[b"a", b"b"], [b"c", b""]], dtype=object),
-        np.zeros((0, 4), dtype=np.float32),
-        np.array([True, False]),
-        np.array([1.5], dtype=np.float16),
-    ],
-)
+@pytest.mark.parametrize("array", ARRAYS)
 def test_request_tensors_read_as_tf_make_ndarray_reads_them(array, listed) -> None:
     from tumorflow.serving.grpc_api import request_array
 

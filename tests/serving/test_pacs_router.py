@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from dicom_fixtures import ct_phantom, write_dicom
 from helpers import free_port, wait_until
-from pacs import OrthancServer, orthanc_missing, start_orthanc
+from pacs import OrthancServer, orthanc_missing, running_orthanc, start_orthanc
 
 from tumorflow.components.data.dicom import decode_slices, png_bytes
 from tumorflow.components.data.dicom_sr import DISCLAIMER
@@ -38,14 +38,7 @@ DICOM = DicomConfig()
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     """This module's Orthanc with DICOMweb (credentials on); tests keep to their own studies."""
-    missing = orthanc_missing()
-    if missing:
-        pytest.skip(missing)
-    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running_orthanc(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

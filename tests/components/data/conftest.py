@@ -5,18 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from pacs import OrthancServer, orthanc_missing, start_orthanc
+from pacs import OrthancServer, running_orthanc
 
 
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     """One Orthanc for the session (credentials on, temporary storage); skips where Orthanc and
     its DICOMweb plugin are not installed. Tests keep apart by querying their own studies."""
-    missing = orthanc_missing()
-    if missing:
-        pytest.skip(missing)
-    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from running_orthanc(tmp_path_factory)
