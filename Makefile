@@ -17,6 +17,9 @@ STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | sha256sum | cut
 
 .PHONY: setup demo test test-fast lint format bench image checkov clean
 
+# Empty is unset for Python: the commands below write bytecode (see UV_INSTALL).
+export PYTHONDONTWRITEBYTECODE :=
+
 setup: $(STAMP)
 
 # The installer: uv (from PyPI, pinned) installs the lock's wheels several times faster than pip
@@ -26,17 +29,15 @@ UV_VERSION := 0.13.8
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --upgrade pip \
 	&& $(BIN)/python -m pip install --quiet -r $(LOCK) \
 	&& $(BIN)/python -m pip install --quiet --no-deps -e .
-# --compile-bytecode: pip compiles the wheels' .pyc files as it installs, uv does not by default.
-# Without them every process compiles what it imports, and where PYTHONDONTWRITEBYTECODE is set
-# it does so again each time: every pipeline task recompiled TensorFlow (the demo's run 225 s
-# instead of 151 s). Compiling at install costs about 40 s on 2 cores.
+# Bytecode: pip compiles every wheel's .pyc files at install (about 45 s of the 2-core install
+# here), uv does not. Instead, make's own commands let Python write each module's .pyc the first
+# time something imports it (its default; where the environment sets PYTHONDONTWRITEBYTECODE,
+# make's commands unset it: the export above): only what the pipeline, the server and the tests import is
+# compiled, once, by the first run. Without any .pyc, every pipeline task (a fresh process)
+# compiled TensorFlow's modules again (the demo's run 225 s instead of 151 s).
 UV_INSTALL := $(BIN)/python -m pip install --quiet uv==$(UV_VERSION) \
-	&& $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r $(LOCK) \
+	&& $(BIN)/uv pip install --quiet --python $(BIN)/python -r $(LOCK) \
 	&& $(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
-# The project's own modules (an editable install: nobody compiles them otherwise).
-COMPILE_PROJECT := $(BIN)/python -m compileall -q -j 0 __init__.py core components serving \
-	bench pipelines cli console
-
 $(STAMP): $(LOCK) pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 11), (3, 12)) else "tumorflow needs Python 3.11 or 3.12 (set PYTHON=...)")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,7 +47,6 @@ $(STAMP): $(LOCK) pyproject.toml
 	else \
 	  echo "installing $(LOCK) with pip"; $(PIP_INSTALL); \
 	fi
-	@$(COMPILE_PROJECT) >/dev/null
 	rm -f $(VENV)/.installed-*
 	touch $@
 
