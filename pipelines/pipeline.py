@@ -1,7 +1,7 @@
 """The retraining DAG: the whole story of one scheduled run, in order.
 
     dataset version ─► download ─► validate & split ─► train (GPU) ─► evaluate ─► gate ─► approval ─► deploy
-                                        │                   └────► drift reference ───────────────────┘
+                                        │                                  └─ drift reference ────────────────┘
                                         └─► drift report (new data vs the served model's reference)
     external sets: versions ─► download & validate (held out) ───────► evaluate, gate
 
@@ -262,12 +262,9 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
         tracking_uri=p["tracking_uri"],
         dataset=p["dataset"],
         external=external,
+        embedding_components=p["embedding_components"],
     )
-    evaluation.set_display_name("evaluate")
-
-    reference = _in_image(steps.drift_reference)(
-        split=split, model=model, embedding_components=p["embedding_components"]
-    ).set_display_name("drift reference")
+    evaluation.set_display_name("evaluate & drift reference")
 
     gating = _in_image(steps.gate)(
         evaluation=evaluation.outputs["evaluation"],
@@ -306,7 +303,7 @@ def retrain_pipeline(p: dict[str, Any]) -> None:
             model=model,
             decision=gating.outputs["decision"],
             record=approving.outputs["record"],
-            reference=reference.outputs["reference"],
+            reference=evaluation.outputs["reference"],
             model_base_path=p["model_base_path"],
             model_name=p["model_name"],
             keep_versions=p["keep_versions"],

@@ -32,7 +32,7 @@ DRIFT_REPORT_VERDICT = ("drift-report", "verdict")
 DRIFT_CHECK_VERDICT = ("drift-check", "verdict")
 DEPLOY_TASK = "deploy"
 # The tasks the cache may skip (docs/caching.md); the others run in every run that reaches them.
-CACHED_TASKS = frozenset({"download", "validate-and-split", "train", "evaluate", "drift-reference"})
+CACHED_TASKS = frozenset({"download", "validate-and-split", "train", "evaluate"})
 
 
 def pipeline_root(run_root: Path | str) -> Path:

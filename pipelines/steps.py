@@ -196,16 +196,25 @@ def evaluate(
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     classification: Output[ClassificationMetrics],
+    reference: Output[Dataset],
+    embedding_components: int = 8,
 ):
     """Score the held-out test split and the external sets through the model's serving
     SavedModel; log to MLflow and to the pipeline UI (the ROC curve of the dataset's
-    `positive_class`)."""
+    `positive_class`). Then, through the same SavedModel, the drift features of the training
+    split (`reference`): deploy stores them with the model version, and the monitor compares the
+    served traffic with them. `embedding_components` is `drift.embedding_components` (the
+    default is DriftConfig's).
+
+    One step for both: each is a pass of the same model over a split, and a step of its own paid
+    TensorFlow's import and the model's load again (about 6 s a run on 2 cores)."""
     import json
     from pathlib import Path
 
     from tumorflow.components.data.external_sets import external_splits
     from tumorflow.components.evaluation.evaluate import evaluate_model, log_kfp_metrics
-    from tumorflow.core.artifacts import MODEL_INFO_FILE
+    from tumorflow.components.monitoring.features import build_reference
+    from tumorflow.core.artifacts import MODEL_INFO_FILE, SERVING_EXPORT
     from tumorflow.pipelines.task_process import end_without_final_collection
 
     end_without_final_collection()
@@ -227,29 +236,9 @@ def evaluate(
     for artifact in (metrics, classification):
         Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
         Path(artifact.path).write_text(json.dumps(artifact.metadata))
-
-
-@component
-def drift_reference(
-    split: Input[Dataset],
-    model: Input[Model],
-    reference: Output[Dataset],
-    embedding_components: int = 8,
-):
-    """Drift features of the training split, stored with the model version when it deploys.
-
-    `embedding_components` is `drift.embedding_components` (the default is DriftConfig's).
-    """
-    from pathlib import Path
-
-    from tumorflow.components.monitoring.features import build_reference
-    from tumorflow.pipelines.task_process import end_without_final_collection
-
-    end_without_final_collection()
-
     build_reference(
         Path(split.path),
-        Path(model.path),
+        Path(model.path) / SERVING_EXPORT,
         Path(reference.path),
         embedding_components=embedding_components,
     )

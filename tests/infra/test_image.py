@@ -222,9 +222,9 @@ def test_compiled_steps_run_in_the_image_as_the_launcher_runs_them(engine, image
 
 # A DAG small enough for a container per task on two cores: the suite's tiny run.
 TINY_RUN = ["--preset", "phantom", "--config", str(TINY_CONFIG)]
-# Every task of the retraining DAG, the drift reference and report beside the deploy included.
+# Every task of the retraining DAG, the drift report beside the deploy included.
 DAG = {"dataset-version", "download", "validate-and-split", "train", "evaluate", "gate"}
-DAG |= {"approval", "deploy", "drift-reference", "drift-report"}
+DAG |= {"approval", "deploy", "drift-report"}
 
 
 def _tumorflow(*argv: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

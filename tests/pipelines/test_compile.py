@@ -45,7 +45,6 @@ def test_every_step_is_a_task_wired_in_data_order(spec):
         "evaluate",
         "gate",
         "approval",
-        "drift-reference",
         "drift-report",
         "condition-1",
     }
@@ -83,6 +82,10 @@ def test_deploy_runs_only_inside_the_approval_condition(spec):
     )
     assert set(_tasks(spec, condition.component_ref.name)) == {"deploy"}
     assert "deploy" not in _tasks(spec)
+    # deploy stores the drift reference evaluate built with the model it deploys
+    reference = condition.inputs.artifacts["pipelinechannel--evaluate-reference"]
+    assert reference.task_output_artifact.producer_task == "evaluate"
+    assert reference.task_output_artifact.output_artifact_key == "reference"
 
 
 def test_training_requests_the_accelerator_from_pipeline_parameters(spec):
@@ -165,7 +168,7 @@ def test_side_effect_steps_are_never_cached(spec):
         assert not tasks[name].caching_options.enable_cache, name
     deploy = _tasks(spec, tasks["condition-1"].component_ref.name)["deploy"]
     assert not deploy.caching_options.enable_cache
-    for name in ("download", "validate-and-split", "train", "evaluate", "drift-reference"):
+    for name in ("download", "validate-and-split", "train", "evaluate"):
         assert tasks[name].caching_options.enable_cache, name
 
 

@@ -135,3 +135,22 @@ def test_evaluate_reports_the_ece_before_and_after_and_the_gate_reads_the_calibr
     )
     assert calibration["ece"] == metrics["ece"] != pytest.approx(calibration["ece_before"])
     assert (tmp_path / "reliability.png").stat().st_size > 0
+
+
+def test_the_drift_reference_holds_what_the_server_answers(tiny_model, served, tmp_path):
+    """The evaluate step builds the drift reference through the serving SavedModel: its
+    confidence is the calibrated probability the server answers (and the monitor compares served
+    traffic with), not the Keras model's uncalibrated softmax."""
+    import pandas as pd
+    import tensorflow as tf
+
+    from tumorflow.components.monitoring.features import build_reference
+
+    path = build_reference(tiny_model.parent / "split", tiny_model / "saved_model", tmp_path, "val")
+    table = pd.read_parquet(path)
+    images, _ = _val_images(tiny_model)
+    scores = served.signatures["serving_default"](image_bytes=tf.constant(images))["scores"]
+    np.testing.assert_allclose(table["confidence"], scores.numpy().max(axis=1), atol=1e-6)
+    info = json.loads((tiny_model / "model_info.json").read_text())
+    predicted = np.asarray(info["classes"])[scores.numpy().argmax(axis=1)]
+    assert table["predicted_class"].tolist() == predicted.tolist()
