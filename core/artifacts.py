@@ -32,6 +32,9 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 # Which SavedModel was scored: the gate explains the challenger's review images with it.
 EVALUATED_MODEL_FILE = "evaluated_model.json"
+# Grad-CAM heat maps of the test images the model gets wrong, most confident first: the review's
+# overlays when there is no champion, so the gate loads no model for them.
+REVIEW_HEATMAPS_FILE = "review_heatmaps.npz"
 PLOTS = ("confusion_matrix.png", "roc.png", "reliability.png")
 
 # external-site sets (components/data/external_sets.py): the prepared sets' index beside one split

@@ -36,12 +36,15 @@ from tumorflow.core.artifacts import (
     METRICS_FILE,
     PLOTS,
     PREDICTIONS_FILE,
+    REVIEW_HEATMAPS_FILE,
 )
 from tumorflow.core.errors import DatasetError, ModelError
 
 log = logging.getLogger(__name__)
 
 PREDICT_BATCH = 64
+# Grad-CAM costs a forward and a backward pass per image: the review shows at most this many.
+MAX_REVIEW_IMAGES = 24
 
 
 def roc_points(
@@ -224,6 +227,74 @@ def score_saved_model(saved_model_dir: Path, split_dir: Path, split: str = "test
     if classes is None:
         raise DatasetError(f"the {split} split of {split_dir} is empty: nothing to score")
     return Predictions(paths, np.array(labels, dtype=int), np.concatenate(scores), classes)
+
+
+def confident_mistakes(scored: Predictions, limit: int = MAX_REVIEW_IMAGES) -> list[int]:
+    """The indices of the images the model gets wrong, most confident first (ties in data
+    order), `limit` at most: what the review shows when there is no champion to compare with."""
+    guesses = scored.probs.argmax(axis=1)
+    confidence = scored.probs.max(axis=1)
+    wrong = [i for i in range(len(guesses)) if guesses[i] != scored.y_true[i]]
+    return sorted(wrong, key=lambda i: -confidence[i])[:limit]
+
+
+def explain_images(saved_model_dir: Path, images: list[bytes], batch: int = 16) -> list[Any]:
+    """The Grad-CAM heat maps (0..1, input resolution) of the predicted class from the
+    SavedModel's `explain` signature: the model that is gated and served explains itself."""
+    import tensorflow as tf
+
+    from tumorflow.components.training.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
+
+    try:
+        folder = Path(saved_model_dir).resolve()
+        stamp = (folder / serving_layout.SAVED_MODEL).stat()
+        loaded = _load_saved_model(str(folder), stamp.st_mtime_ns, stamp.st_size)
+        explain = loaded.signatures[EXPLAIN_SIGNATURE]
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelError(
+            f"{saved_model_dir} has no {EXPLAIN_SIGNATURE!r} signature ({exc}); re-run the train "
+            "step, which exports it"
+        ) from None
+    heatmaps: list[Any] = []
+    for start in range(0, len(images), batch):
+        out = explain(**{INPUT: tf.constant(images[start : start + batch])})
+        heatmaps.extend(out[HEATMAP].numpy())
+    return heatmaps
+
+
+def write_mistake_heatmaps(
+    saved_model_dir: Path,
+    split_dir: Path,
+    scored: Predictions,
+    output_dir: Path,
+    split: str = "test",
+    limit: int = MAX_REVIEW_IMAGES,
+) -> int:
+    """Explain the `limit` most confident mistakes of `scored` into `review_heatmaps.npz`
+    (`paths`, `heatmaps` [n, h, w]) while the model is loaded here; the gate reads them instead
+    of loading the model again. Returns how many."""
+    from tumorflow.components.data.tfrecords import read_records
+
+    wanted = [scored.paths[i] for i in confident_mistakes(scored, limit)]
+    encoded = {r.path: r.encoded for r in read_records(Path(split_dir), split) if r.path in wanted}
+    paths = [path for path in wanted if path in encoded]
+    heatmaps = explain_images(saved_model_dir, [encoded[p] for p in paths]) if paths else []
+    np.savez_compressed(
+        Path(output_dir) / REVIEW_HEATMAPS_FILE,
+        paths=np.array(paths, dtype=str),
+        heatmaps=np.stack(heatmaps).astype(np.float32) if heatmaps else np.zeros((0, 0, 0)),
+    )
+    return len(paths)
+
+
+def read_mistake_heatmaps(evaluation_dir: Path) -> dict[str, np.ndarray]:
+    """The heat maps evaluate wrote, by image path; empty for an evaluation without them (one
+    cached from before they were written)."""
+    path = Path(evaluation_dir) / REVIEW_HEATMAPS_FILE
+    if not path.exists():
+        return {}
+    with np.load(path) as stored:
+        return dict(zip(stored["paths"].tolist(), stored["heatmaps"], strict=True))
 
 
 def score_held_out_set(saved_model_dir: Path, split_dir: Path, classes: list[str]) -> Predictions:
@@ -418,6 +489,7 @@ def evaluate_model(
         roc_points(scored.y_true, scored.probs, scored.classes), metrics, output_dir / PLOTS[1]
     )
     plot_reliability(reliability_curves(scored, metrics), output_dir / PLOTS[2])
+    write_mistake_heatmaps(saved_model, split_dir, scored, output_dir, split)
     if external_splits:
         evaluate_external_sets(saved_model, external_splits, scored.classes, output_dir)
     if tracking_uri and mlflow_run_id:

@@ -86,6 +86,7 @@ def run_gate(
         PREDICTIONS_FILE,
         evaluated_saved_model,
         plot_reliability,
+        read_mistake_heatmaps,
     )
     from tumorflow.components.evaluation.metrics import read_predictions
     from tumorflow.components.gate.champion import score_champion
@@ -133,6 +134,7 @@ def run_gate(
         predictions,
         champion.predictions if champion is not None else None,
         output_dir,
+        heatmaps=read_mistake_heatmaps(evaluation_dir),
     )
     for warning in decision.warnings:
         log.warning("%s", warning)

@@ -3,7 +3,10 @@ champion and challenger and those the challenger gets wrong, each with the chall
 overlay from its own `explain` signature.
 
 The gate step writes them beside decision.json (`review_images.json`, `overlays/*.png`, and the
-champion's `champion_predictions.csv`), so the review console only reads files.
+champion's `champion_predictions.csv`), so the review console only reads files. Evaluate has
+already explained the challenger's most confident mistakes (`review_heatmaps.npz`); the gate
+explains only the other images it shows, those whose answer changed from the champion's, so with
+no champion it loads no model.
 """
 
 from __future__ import annotations
@@ -15,15 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from tumorflow.components.evaluation.evaluate import MAX_REVIEW_IMAGES
 from tumorflow.components.evaluation.metrics import Predictions
 from tumorflow.core.artifacts import CHAMPION_PREDICTIONS_FILE, REVIEW_FILE
-from tumorflow.core.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 OVERLAY_DIR = "overlays"
-# Grad-CAM costs a forward and a backward pass per image: the review shows at most this many.
-MAX_REVIEW_IMAGES = 24
 CHANGED = "changed"
 WRONG = "wrong"
 
@@ -73,27 +74,6 @@ def select_review_images(
     return entries[:limit]
 
 
-def explain_images(saved_model_dir: Path, images: list[bytes], batch: int = 16) -> list[Any]:
-    """The Grad-CAM heat maps (0..1, input resolution) of the predicted class from the
-    SavedModel's `explain` signature: the model that is gated and served explains itself."""
-    import tensorflow as tf
-
-    from tumorflow.components.training.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
-
-    try:
-        explain = tf.saved_model.load(str(saved_model_dir)).signatures[EXPLAIN_SIGNATURE]
-    except (OSError, KeyError, ValueError) as exc:
-        raise ModelError(
-            f"{saved_model_dir} has no {EXPLAIN_SIGNATURE!r} signature ({exc}); re-run the train "
-            "step, which exports it"
-        ) from None
-    heatmaps: list[Any] = []
-    for start in range(0, len(images), batch):
-        out = explain(**{INPUT: tf.constant(images[start : start + batch])})
-        heatmaps.extend(out[HEATMAP].numpy())
-    return heatmaps
-
-
 def write_review_images(
     saved_model_dir: Path | None,
     split_dir: Path,
@@ -101,11 +81,14 @@ def write_review_images(
     champion: Predictions | None,
     output_dir: Path,
     limit: int = MAX_REVIEW_IMAGES,
+    heatmaps: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Select the review images, write the challenger's overlay of each under `overlays/`
     (`overlay`: the path relative to `output_dir`) and `review_images.json`; also the
-    champion's predictions on the same images. Without a SavedModel no overlays are made."""
+    champion's predictions on the same images. `heatmaps` (image path -> heat map) are those
+    evaluate made; the SavedModel explains the rest. Without a SavedModel no overlays are made."""
     from tumorflow.components.data.tfrecords import read_records
+    from tumorflow.components.evaluation.evaluate import explain_images
     from tumorflow.components.evaluation.overlays import overlay_heatmap
 
     output_dir = Path(output_dir)
@@ -119,14 +102,22 @@ def write_review_images(
             r.path: r.encoded for r in read_records(Path(split_dir), "test") if r.path in wanted
         }
         shown = [e for e in entries if e["path"] in encoded]
-        images = [encoded[e["path"]] for e in shown]
+        made = dict(heatmaps or {})
+        missing = [e["path"] for e in shown if e["path"] not in made]
+        if missing:
+            explained = explain_images(saved_model_dir, [encoded[p] for p in missing])
+            made |= dict(zip(missing, explained, strict=True))
         (output_dir / OVERLAY_DIR).mkdir(exist_ok=True)
-        for index, (entry, image, heatmap) in enumerate(
-            zip(shown, images, explain_images(saved_model_dir, images), strict=True)
-        ):
+        for index, entry in enumerate(shown):
             name = f"{OVERLAY_DIR}/{index:03d}.png"
-            (output_dir / name).write_bytes(overlay_heatmap(image, heatmap))
+            heatmap = made[entry["path"]]
+            (output_dir / name).write_bytes(overlay_heatmap(encoded[entry["path"]], heatmap))
             entry["overlay"] = name
+        log.info(
+            "review overlays: %d explained by evaluate, %d here",
+            len(shown) - len(missing),
+            len(missing),
+        )
     (output_dir / REVIEW_FILE).write_text(json.dumps(entries, indent=2))
     counts = {r: sum(r in e["reasons"] for e in entries) for r in (CHANGED, WRONG)}
     log.info(

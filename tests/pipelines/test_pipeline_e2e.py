@@ -85,7 +85,13 @@ def test_the_run_printed_one_line_per_task_and_kept_the_rest_in_its_log(first_ru
     assert "executor_input" not in first_run.out + first_run.err
     assert "have no effect" not in first_run.err
     log_path = Path(re.search(r"^log\s+(\S+)", first_run.out, re.MULTILINE).group(1))
-    assert "executor_input" in log_path.read_text()
+    log = log_path.read_text()
+    assert "executor_input" in log
+    # with no champion the gate loads no model: evaluate explained the mistakes it shows
+    review = next(first_run.summary.run_dir.glob("gate*/decision/review_images.json"))
+    shown = json.loads(review.read_text())
+    assert shown and all(entry["reasons"] == ["wrong"] for entry in shown)
+    assert f"review overlays: {len(shown)} explained by evaluate, 0 here" in log
     assert "deployed       version 1" in first_run.out
     # MLflow's files stay under the run root, not in the working directory
     root = Path(first_run.config.run_root)

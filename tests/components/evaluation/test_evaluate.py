@@ -59,6 +59,24 @@ def test_evaluate_model_writes_every_file(model_and_split, tmp_path):
     assert metrics["saved_model_sha256"] == info["saved_model_sha256"]
     # the gate finds the SavedModel that was scored through the evaluation
     assert evaluated_saved_model(tmp_path) == (model_dir / "saved_model").resolve()
+    # and the Grad-CAM heat maps of the most confident mistakes (the untrained model makes some),
+    # from the SavedModel's own explain signature
+    from tumorflow.components.data.tfrecords import read_records
+    from tumorflow.components.evaluation.evaluate import (
+        confident_mistakes,
+        explain_images,
+        read_mistake_heatmaps,
+    )
+    from tumorflow.components.evaluation.metrics import read_predictions
+
+    scored = read_predictions(tmp_path / "predictions.csv")
+    mistakes = [scored.paths[i] for i in confident_mistakes(scored)]
+    heatmaps = read_mistake_heatmaps(tmp_path)
+    assert mistakes and list(heatmaps) == mistakes
+    encoded = {r.path: r.encoded for r in read_records(split_dir, "test")}
+    first = explain_images(model_dir / "saved_model", [encoded[mistakes[0]]])[0]
+    np.testing.assert_allclose(heatmaps[mistakes[0]], first, atol=1e-6)
+    assert all(h.shape == (32, 32) and 0 <= h.min() <= h.max() <= 1 for h in heatmaps.values())
 
 
 def test_the_scores_are_those_of_the_serving_signature(model_and_split, tmp_path):

@@ -235,3 +235,50 @@ def test_review_images_put_changed_predictions_first_and_are_capped():
         "2.png",
         "4.png",
     ]
+    # with no champion, the review shows the mistakes evaluate has explained already
+    from tumorflow.components.evaluation.evaluate import confident_mistakes
+
+    assert confident_mistakes(challenger) == [1, 2, 4]
+    assert confident_mistakes(challenger, limit=2) == [1, 2]
+
+
+def test_the_gate_explains_only_what_evaluate_did_not(split_dir, tmp_path, monkeypatch):
+    """Evaluate's heat maps are used as they are; the SavedModel explains only the rest, and with
+    all of them at hand it is not loaded at all (a first run's gate needs no TensorFlow)."""
+    from PIL import Image
+
+    from tumorflow.components.evaluation import evaluate
+    from tumorflow.components.gate.review import write_review_images
+
+    records = list(read_records(split_dir, "test"))
+    labels = np.array([r.label for r in records])
+    probs = np.full((len(records), 4), 0.1)
+    probs[np.arange(len(records)), (labels + 1) % 4] = 0.7  # every answer wrong
+    challenger = Predictions([r.path for r in records], labels, probs, ["a", "b", "c", "d"])
+    asked: list[int] = []
+
+    def explain(saved_model_dir, images, batch=16):
+        asked.append(len(images))
+        return [np.ones((8, 8)) for _ in images]
+
+    monkeypatch.setattr(evaluate, "explain_images", explain)
+    given = {r.path: np.zeros((8, 8)) for r in records}
+    shown = write_review_images(
+        tmp_path / "saved_model", split_dir, challenger, None, tmp_path / "all", heatmaps=given
+    )
+    assert len(shown) == 24 and asked == []
+    assert all((tmp_path / "all" / e["overlay"]).exists() for e in shown)
+
+    some = dict(list(given.items())[:10])
+    shown = write_review_images(
+        tmp_path / "saved_model", split_dir, challenger, None, tmp_path / "some", heatmaps=some
+    )
+    assert asked == [14]
+    # an explained image is overlaid with its own heat map: a hot one is redder than a cold one
+    red = {
+        e["path"]: np.asarray(Image.open(tmp_path / "some" / e["overlay"]))[..., 0].mean()
+        for e in shown
+    }
+    cold = [red[p] for p in red if p in some]
+    hot = [red[p] for p in red if p not in some]
+    assert min(hot) > max(cold)
