@@ -26,21 +26,28 @@ setup: $(STAMP)
 # and is tried first; INSTALLER=pip, or uv failing to install or to run, falls back to plain pip.
 INSTALLER ?= uv
 UV_VERSION := 0.13.8
-PIP_INSTALL := $(BIN)/python -m pip install --quiet --upgrade pip \
+# The venv is made without pip (ensurepip alone took 5.5 s of a 2-core install): uv is installed
+# into it by the system's pip (`pip --python`, pip 22.3 or later), and only where that fails, or
+# for the pip installer, the venv gets its own pip.
+ENSUREPIP := { $(BIN)/python -m pip --version >/dev/null 2>&1 \
+	|| $(BIN)/python -m ensurepip --upgrade >/dev/null; }
+PIP_INSTALL := $(ENSUREPIP) && $(BIN)/python -m pip install --quiet --upgrade pip \
 	&& $(BIN)/python -m pip install --quiet -r $(LOCK) \
 	&& $(BIN)/python -m pip install --quiet --no-deps -e .
+UV_BOOTSTRAP := { $(PYTHON) -m pip --python $(BIN)/python install --quiet uv==$(UV_VERSION) \
+	2>/dev/null || { $(ENSUREPIP) && $(BIN)/python -m pip install --quiet uv==$(UV_VERSION); }; }
 # Bytecode: pip compiles every wheel's .pyc files at install (about 45 s of the 2-core install
 # here), uv does not. Instead, make's own commands let Python write each module's .pyc the first
 # time something imports it (its default; where the environment sets PYTHONDONTWRITEBYTECODE,
 # make's commands unset it: the export above): only what the pipeline, the server and the tests import is
 # compiled, once, by the first run. Without any .pyc, every pipeline task (a fresh process)
 # compiled TensorFlow's modules again (the demo's run 225 s instead of 151 s).
-UV_INSTALL := $(BIN)/python -m pip install --quiet uv==$(UV_VERSION) \
+UV_INSTALL := $(UV_BOOTSTRAP) \
 	&& $(BIN)/uv pip install --quiet --python $(BIN)/python -r $(LOCK) \
 	&& $(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 $(STAMP): $(LOCK) pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] in ((3, 11), (3, 12)) else "tumorflow needs Python 3.11 or 3.12 (set PYTHON=...)")'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv --without-pip $(VENV)
 	@if [ "$(INSTALLER)" = uv ]; then \
 	  echo "installing $(LOCK) with uv $(UV_VERSION) (INSTALLER=pip to use pip)"; \
 	  $(UV_INSTALL) || { echo "uv could not install; installing with pip"; $(PIP_INSTALL); }; \
