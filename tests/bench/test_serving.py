@@ -102,7 +102,13 @@ def test_bench_serving_prints_consistent_latencies_and_ratios(capsys):
     assert client_cores + server_cores <= cores + 2 * tick / wall + 0.05
     left = (cores - client_cores) / cores
     assert scaled == pytest.approx(ceiling["throughput"] * left, rel=0.02, abs=1)
-    assert reached == pytest.approx(share / left, **RATIO)
+    # share, the clients' cores and reached are printed to 2 decimals: reached is share / left
+    # within what that rounding allows (a printed share 0.27 with 0.26 client cores came with
+    # 0.30, where 0.27 / 0.87 is 0.31).
+    half = 0.005
+    lowest = (share - half) / ((cores - client_cores + half) / cores)
+    highest = (share + half) / ((cores - client_cores - half) / cores)
+    assert lowest - half <= reached <= highest + half
     tail, verdict = _figure(out, "gRPC 32 clients p99 / batch-32 call p99:")
     assert tail == pytest.approx(many["p99"] / ceiling["p99"], **RATIO)
     assert verdict == ("PASS" if tail <= 2 else "MISS")
