@@ -10,7 +10,6 @@ split's encoded image bytes): the artifact evaluated is the one deploy publishes
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import logging
@@ -29,7 +28,6 @@ from tumorflow.components.evaluation.metrics import (
     metrics_per_slice,
     read_predictions,
 )
-from tumorflow.core import serving_layout
 from tumorflow.core.artifacts import (
     EVALUATED_MODEL_FILE,
     EXTERNAL_DIR,
@@ -185,15 +183,6 @@ def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     plt.close(fig)
 
 
-@functools.lru_cache(maxsize=2)
-def _load_saved_model(folder: str, mtime_ns: int, size: int) -> Any:
-    """A SavedModel loaded once per process and version of its saved_model.pb: evaluate scores
-    the test split and every external set with one load, the gate its champion likewise."""
-    import tensorflow as tf
-
-    return tf.saved_model.load(folder)
-
-
 def score_saved_model(saved_model_dir: Path, split_dir: Path, split: str = "test") -> Predictions:
     """Scores of one split through a SavedModel's `serving_default` on the encoded image bytes.
 
@@ -203,14 +192,10 @@ def score_saved_model(saved_model_dir: Path, split_dir: Path, split: str = "test
     import tensorflow as tf
 
     from tumorflow.components.data.tfrecords import read_records
-    from tumorflow.components.training.export import INPUT, SIGNATURE
+    from tumorflow.components.training.export import INPUT, SIGNATURE, load_serving_model
 
     try:
-        folder = Path(saved_model_dir).resolve()
-        stamp = (folder / serving_layout.SAVED_MODEL).stat()
-        served = _load_saved_model(str(folder), stamp.st_mtime_ns, stamp.st_size).signatures[
-            SIGNATURE
-        ]
+        served = load_serving_model(saved_model_dir).signatures[SIGNATURE]
     except (OSError, KeyError, ValueError) as exc:
         raise ModelError(
             f"{saved_model_dir} is not a serving SavedModel with a {SIGNATURE!r} signature "
@@ -243,13 +228,15 @@ def explain_images(saved_model_dir: Path, images: list[bytes], batch: int = 16) 
     SavedModel's `explain` signature: the model that is gated and served explains itself."""
     import tensorflow as tf
 
-    from tumorflow.components.training.export import EXPLAIN_SIGNATURE, HEATMAP, INPUT
+    from tumorflow.components.training.export import (
+        EXPLAIN_SIGNATURE,
+        HEATMAP,
+        INPUT,
+        load_serving_model,
+    )
 
     try:
-        folder = Path(saved_model_dir).resolve()
-        stamp = (folder / serving_layout.SAVED_MODEL).stat()
-        loaded = _load_saved_model(str(folder), stamp.st_mtime_ns, stamp.st_size)
-        explain = loaded.signatures[EXPLAIN_SIGNATURE]
+        explain = load_serving_model(saved_model_dir).signatures[EXPLAIN_SIGNATURE]
     except (OSError, KeyError, ValueError) as exc:
         raise ModelError(
             f"{saved_model_dir} has no {EXPLAIN_SIGNATURE!r} signature ({exc}); re-run the train "

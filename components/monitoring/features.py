@@ -323,7 +323,7 @@ class ModelProbe:
         self._signature = None
 
     def _load_saved_model(self) -> None:
-        import tensorflow as tf
+        from tumorflow.components.training.export import load_serving_model
 
         info_path = self.model_dir / serving_layout.ASSETS_EXTRA / serving_layout.MODEL_INFO
         if not info_path.exists():
@@ -331,7 +331,7 @@ class ModelProbe:
                 f"{info_path} is missing: the served version does not name its classes"
             )
         self.classes = list(json.loads(info_path.read_text())["classes"])
-        loaded = tf.saved_model.load(str(self.model_dir))
+        loaded = load_serving_model(self.model_dir)
         if "serving_default" not in loaded.signatures:
             raise ModelError(f"{self.model_dir} has no serving_default signature")
         self._loaded = loaded

@@ -24,6 +24,7 @@ the `explain` signatures also answer `ood_score` (Mahalanobis distance of the em
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -107,6 +108,23 @@ def weights_digest(model: Any) -> str:
         digest.update(f"{array.dtype.str}{array.shape}".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _load_saved_model(folder: str, mtime_ns: int, size: int) -> Any:
+    import tensorflow as tf
+
+    return tf.saved_model.load(folder)
+
+
+def load_serving_model(saved_model_dir: Path) -> Any:
+    """The SavedModel of `saved_model_dir`, loaded once per process and version of its
+    saved_model.pb: evaluate scores the test split and every external set, explains its mistakes
+    and builds the drift reference with one load, the gate its champion likewise. A SavedModel
+    written again at the same place is loaded again. OSError when saved_model.pb is missing."""
+    folder = Path(saved_model_dir).resolve()
+    stamp = (folder / serving_layout.SAVED_MODEL).stat()
+    return _load_saved_model(str(folder), stamp.st_mtime_ns, stamp.st_size)
 
 
 def decode_for_model(image_bytes: Any, image_size: int, grayscale: bool = False) -> Any:

@@ -105,7 +105,8 @@ def test_the_test_split_and_the_external_sets_are_scored_with_one_load(
 
     import tensorflow as tf
 
-    from tumorflow.components.evaluation import evaluate
+    from tumorflow.components.monitoring.features import build_reference
+    from tumorflow.components.training import export
 
     model_dir, split_dir = model_and_split
     loads = []
@@ -113,9 +114,11 @@ def test_the_test_split_and_the_external_sets_are_scored_with_one_load(
     monkeypatch.setattr(
         tf.saved_model, "load", lambda path, *a, **k: loads.append(path) or load(path, *a, **k)
     )
-    evaluate._load_saved_model.cache_clear()
+    export._load_saved_model.cache_clear()
     sets = {"site-b": split_dir, "site-c": split_dir}
     metrics = evaluate_model(model_dir, split_dir, tmp_path / "one", external_splits=sets)
+    # and the evaluate step's drift reference, through the same SavedModel
+    build_reference(split_dir, model_dir / "saved_model", tmp_path / "one" / "reference")
     assert len(loads) == 1
     for name in sets:
         external = json.loads((tmp_path / "one" / "external" / name / "metrics.json").read_text())
