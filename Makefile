@@ -39,9 +39,9 @@ UV_BOOTSTRAP := { $(PYTHON) -m pip --python $(BIN)/python install --quiet uv==$(
 # Bytecode: pip compiles every wheel's .pyc files at install (about 45 s of the 2-core install
 # here), uv does not. Instead, make's own commands let Python write each module's .pyc the first
 # time something imports it (its default; where the environment sets PYTHONDONTWRITEBYTECODE,
-# make's commands unset it: the export above): only what the pipeline, the server and the tests import is
-# compiled, once, by the first run. Without any .pyc, every pipeline task (a fresh process)
-# compiled TensorFlow's modules again (the demo's run 225 s instead of 151 s).
+# make's commands unset it: the export above). Only what the pipeline, the server and the tests
+# import is compiled, once, by the first run. Without any .pyc, every pipeline task (a fresh
+# process) compiled TensorFlow's modules again (the demo's run 225 s instead of 151 s).
 UV_INSTALL := $(UV_BOOTSTRAP) \
 	&& $(BIN)/uv pip install --quiet --python $(BIN)/python -r $(LOCK) \
 	&& $(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
