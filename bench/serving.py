@@ -3,15 +3,18 @@
 One process tree, one exported model, the same images: (a) the in-process signature call at
 batch 1 and at batch 32 (the ceiling batching can reach, measured before and after the gRPC runs
 so that both sides see the same machine), (b) gRPC Predict at batch 1 with 1, 8 and 32 concurrent
-clients against `tumorflow serve` with batching on (a subprocess); the single-client rows (the
-in-process call, gRPC, gRPC with the request log on) take turns call by call, so that the
-overheads they give see the same load, (c) a Flask endpoint taking
+clients against `tumorflow serve` with batching on (a subprocess), (c) a Flask endpoint taking
 base64 JSON that decodes with PIL and calls `model.predict` per request (the seeds' design, a
-subprocess). Every server is up before anything is measured; every loop is bounded in requests
-and seconds; everything listens on loopback. The summary compares rows of the same run with the
-server's three targets (throughput at 32 clients as a share of the batch-32 ceiling, batch-1 p50
-over the in-process call, p99 at 32 clients over the batch-32 call's p99), then with the request
-log's and the Flask baseline's, and says PASS or MISS for each.
+subprocess), (d) gRPC's own cost without a model: `tumorflow serve`'s grpcio setup answering
+every Predict at once with a fixed answer (a subprocess; 1 client, and 32). The single-client
+rows (the in-process call, gRPC, gRPC with the request log on, the empty Predict) take turns call
+by call, so that the overheads they give see the same load. Every server is up before anything
+is measured; every loop is bounded in requests and seconds; everything listens on loopback. The
+summary compares rows of the same run with the server's three targets (throughput at 32 clients
+as a share of the batch-32 ceiling, batch-1 p50 over the in-process call, p99 at 32 clients over
+the batch-32 call's p99), then with the request log's and the Flask baseline's, and says PASS or
+MISS for each. From the empty Predict rows it prints what gRPC alone costs, and so the most that
+any server behind Python's gRPC could reach with its clients on the same cores.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ CONCURRENCY = (1, 8, 32)
 INPROCESS = "in-process call, batch 1"
 SINGLE = "gRPC Predict, 1 client(s)"
 LOGGED = "gRPC Predict, 1 client, request log on"
+FLOOR_SINGLE = "gRPC empty Predict, 1 client"
+FLOOR_MANY = f"gRPC empty Predict, {CONCURRENCY[-1]} clients"
 FLASK_CLIENTS = 8
 CEILING = "in-process call, batch 32 (ceiling)"
 # The server's targets: 32 clients get this share of the model's own batch-32 throughput; gRPC
@@ -87,7 +92,8 @@ class Measurement:
     wall: float
     images_per_call: int = 1
     # CPU seconds per wall second (cores busy) of the clients (this process) and of the server
-    # process, during a gRPC measurement; None elsewhere.
+    # process, during a gRPC measurement; for the ceiling, client_cores is this process's while
+    # it calls the model; None elsewhere.
     client_cores: float | None = None
     server_cores: float | None = None
 
@@ -100,12 +106,21 @@ class Measurement:
         return float(np.percentile(self.latencies, q) * 1000) if self.latencies else float("nan")
 
     def __add__(self, other: Measurement) -> Measurement:
-        """Two runs of the same measurement as one (calls, latencies and time added up)."""
+        """Two runs of the same measurement as one (calls, latencies and time added up; cores
+        busy averaged over the time)."""
+
+        def cores(mine: float | None, theirs: float | None) -> float | None:
+            if mine is None or theirs is None:
+                return None
+            return (mine * self.wall + theirs * other.wall) / (self.wall + other.wall)
+
         return Measurement(
             self.name,
             self.latencies + other.latencies,
             self.wall + other.wall,
             self.images_per_call,
+            cores(self.client_cores, other.client_cores),
+            cores(self.server_cores, other.server_cores),
         )
 
 
@@ -250,6 +265,31 @@ def flask_baseline_app(model_dir: str):
     return app
 
 
+def grpc_floor_server(port: int, response_file: str) -> None:
+    """gRPC's own cost, with no model: `tumorflow serve`'s grpcio setup (`grpc_server`) answering
+    every Predict with the real server's answer to one request, which the benchmark writes to
+    `response_file` before its first call (read then, once)."""
+    from functools import cache
+
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from tumorflow.serving.server import ServerOptions, grpc_server
+
+    @cache
+    def response() -> predict_pb2.PredictResponse:
+        return predict_pb2.PredictResponse.FromString(Path(response_file).read_bytes())
+
+    class Floor(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            return response()
+
+    server = grpc_server(ServerOptions())
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Floor(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
 def run(args: argparse.Namespace) -> int:
     import grpc
     import tensorflow as tf
@@ -278,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
     full_batch = tf.constant([images[n % len(images)] for n in range(32)])
 
     def measure_ceiling() -> Measurement:
+        own = time.process_time()
         ceiling = _measure(
             CEILING,
             lambda _, b: signature(image_bytes=full_batch),
@@ -287,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
             cap,
         )
         ceiling.images_per_call = 32
+        ceiling.client_cores = (time.process_time() - own) / ceiling.wall
         return ceiling
 
     port = _free_port()
@@ -320,6 +362,20 @@ def run(args: argparse.Namespace) -> int:
     logged, logged_log = start_server(
         logged_port, "server-logged", f"--request_log_dir={work / 'requests'}"
     )
+    floor_port = _free_port()
+    floor_log = work / "floor.log"
+    floor_response = work / "floor-response.pb"
+    floor = _start(
+        [
+            sys.executable,
+            "-m",
+            "tumorflow.bench.serving",
+            "--grpc-floor",
+            str(floor_port),
+            str(floor_response),
+        ],
+        floor_log,
+    )
     flask_port = _free_port()
     flask_log = work / "flask.log"
     flask = _start(
@@ -337,6 +393,7 @@ def run(args: argparse.Namespace) -> int:
         _wait_ready(lambda: _grpc_ready(port), server, server_log)
         _wait_ready(lambda: _grpc_ready(logged_port), logged, logged_log)
         _wait_ready(flask_ready, flask, flask_log)
+        _wait_ready(lambda: _connects(floor_port), floor, floor_log)
         ceiling = measure_ceiling()
         # Requests are built once, as a client that reuses its protos would: the clients share
         # the two cores with the server, and what is measured is the server.
@@ -346,8 +403,15 @@ def run(args: argparse.Namespace) -> int:
             request.model_spec.name = MODEL_NAME
             request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([data], dtype=tf.string))
             requests[data] = request
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                requests[images[0]], timeout=30
+            )
+        floor_response.write_bytes(answer.SerializeToString())
 
-        def measure_grpc(target_port: int, clients: int, name: str) -> Measurement:
+        def measure_grpc(
+            target_port: int, clients: int, name: str, process: subprocess.Popen = server
+        ) -> Measurement:
             channels = [grpc.insecure_channel(f"127.0.0.1:{target_port}") for _ in range(clients)]
             stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
 
@@ -357,10 +421,10 @@ def run(args: argparse.Namespace) -> int:
             for client in range(clients):
                 grpc_call(client, images[client % len(images)])
             try:
-                own, served = time.process_time(), _cpu_seconds(server.pid)
+                own, served = time.process_time(), _cpu_seconds(process.pid)
                 measured = _measure(name, grpc_call, images, args.requests, clients, cap)
                 measured.client_cores = (time.process_time() - own) / measured.wall
-                measured.server_cores = (_cpu_seconds(server.pid) - served) / measured.wall
+                measured.server_cores = (_cpu_seconds(process.pid) - served) / measured.wall
                 return measured
             finally:
                 for channel in channels:
@@ -369,14 +433,17 @@ def run(args: argparse.Namespace) -> int:
         with (
             grpc.insecure_channel(f"127.0.0.1:{port}") as channel,
             grpc.insecure_channel(f"127.0.0.1:{logged_port}") as logged_channel,
+            grpc.insecure_channel(f"127.0.0.1:{floor_port}") as floor_channel,
         ):
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
             logged_stub = prediction_service_pb2_grpc.PredictionServiceStub(logged_channel)
+            floor_stub = prediction_service_pb2_grpc.PredictionServiceStub(floor_channel)
             single = _alternate(
                 {
                     INPROCESS: lambda b: signature(image_bytes=tf.constant([b])),
                     SINGLE: lambda b: stub.Predict(requests[b], timeout=30),
                     LOGGED: lambda b: logged_stub.Predict(requests[b], timeout=30),
+                    FLOOR_SINGLE: lambda b: floor_stub.Predict(requests[b], timeout=30),
                 },
                 images,
                 args.requests,
@@ -388,6 +455,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         results += [single[INPROCESS], ceiling + measure_ceiling(), single[SINGLE], *grpc_runs]
         results.append(single[LOGGED])
+        results.append(single[FLOOR_SINGLE])
+        results.append(measure_grpc(floor_port, CONCURRENCY[-1], FLOOR_MANY, floor))
 
         def flask_call(_: int, data: bytes) -> None:
             body = json.dumps({"image": base64.b64encode(data).decode()}).encode()
@@ -414,6 +483,7 @@ def run(args: argparse.Namespace) -> int:
         _stop(server)
         _stop(logged)
         _stop(flask)
+        _stop(floor)
     _report(results)
     return 0
 
@@ -429,6 +499,18 @@ def _grpc_ready(port: int) -> bool:
         try:
             model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=2)
         except grpc.RpcError:
+            return False
+    return True
+
+
+def _connects(port: int) -> bool:
+    """Whether a gRPC channel to `port` on loopback connects within 2 s."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=2)
+        except grpc.FutureTimeoutError:
             return False
     return True
 
@@ -474,6 +556,11 @@ def _report(results: list[Measurement]) -> None:
         signed=True,
         detail=f"= {single.percentile(50) / inprocess.percentile(50):.2f}x in-process",
     )
+    if FLOOR_SINGLE in rows:
+        print(
+            f"  of it, gRPC's own round trip (no model, taking turns with the rows above): "
+            f"{rows[FLOOR_SINGLE].percentile(50):.2f} ms p50"
+        )
     if many.client_cores is not None and many.server_cores is not None:
         # The ceiling is the model alone on every core; here the clients share them. What is
         # left to the server bounds what it can reach (printed, not a target).
@@ -484,6 +571,24 @@ def _report(results: list[Measurement]) -> None:
             f"{many.client_cores:.2f} cores, the server {many.server_cores:.2f}; with the "
             f"cores the clients left, the ceiling is {ceiling.throughput * left:.0f} images/s "
             f"and the server reached {share / left if left else float('nan'):.2f} of it"
+        )
+    floor = rows.get(FLOOR_MANY)
+    if floor is not None and floor.client_cores is not None and floor.server_cores is not None:
+        # gRPC alone (clients and server, no model) costs this much CPU per request; the model
+        # costs at least its ceiling row's CPU per image (all cores, or fewer where the ceiling
+        # kept fewer busy). No server behind this gRPC stack, with its clients on these cores,
+        # can pass cores / (both). Printed, not a target: it says whether 0.85 is within reach.
+        cores = os.cpu_count() or 1
+        grpc_cost = (floor.client_cores + floor.server_cores) / floor.throughput
+        model_cores = min(cores, ceiling.client_cores or cores)
+        model_cost = model_cores / ceiling.throughput
+        bound = cores / (model_cost + grpc_cost)
+        print(
+            f"  gRPC's own cost ({FLOOR_MANY}, no model): {grpc_cost * 1000:.2f} core-ms per "
+            f"request, clients and server; with the model's {model_cost * 1000:.2f} core-ms "
+            f"per image in the ceiling row, no server behind Python's gRPC with its clients on "
+            f"these {cores} cores can pass {bound:.0f} images/s = {bound / ceiling.throughput:.2f}"
+            f" of the ceiling; the server reached {many.throughput / bound:.2f} of that"
         )
     tail = many.percentile(99) / ceiling.percentile(99)
     _verdict(
@@ -533,4 +638,7 @@ def _verdict(
 
 
 if __name__ == "__main__":
-    flask_baseline_app(sys.argv[1]).run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)
+    if sys.argv[1] == "--grpc-floor":
+        grpc_floor_server(int(sys.argv[2]), sys.argv[3])
+    else:
+        flask_baseline_app(sys.argv[1]).run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)

@@ -176,6 +176,21 @@ def _request_log(options: ServerOptions, repository: ModelRepository) -> Request
     )
 
 
+def grpc_server(options: ServerOptions) -> grpc.Server:
+    """A grpcio server (no services, no port yet) set up as `tumorflow serve` sets up its own:
+    the handler thread pool, message size limits, the cap on concurrent RPCs."""
+    limit = options.max_receive_message_length
+    return grpc.server(
+        ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="grpc"),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=options.grpc_max_concurrent_rpcs,
+    )
+
+
 class ModelServer:
     """The in-process TF-Serving-compatible server: repository, batching, gRPC and REST."""
 
@@ -205,17 +220,7 @@ class ModelServer:
         """Load the models present now, then open the gRPC (and REST) ports."""
         self.repository.start()
         limit = self.options.max_receive_message_length
-        self._grpc = grpc.server(
-            ThreadPoolExecutor(
-                max_workers=self.options.grpc_max_threads, thread_name_prefix="grpc"
-            ),
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ],
-            maximum_concurrent_rpcs=self.options.grpc_max_concurrent_rpcs,
-        )
+        self._grpc = grpc_server(self.options)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.service), self._grpc
         )

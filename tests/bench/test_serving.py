@@ -21,6 +21,8 @@ PLANNED = {
     "gRPC Predict, 8 client(s)": (REQUESTS, 8, 1),
     "gRPC Predict, 32 client(s)": (REQUESTS, 32, 1),
     "gRPC Predict, 1 client, request log on": (REQUESTS, 1, 1),
+    "gRPC empty Predict, 1 client": (REQUESTS, 1, 1),
+    "gRPC empty Predict, 32 clients": (REQUESTS, 32, 1),
     "Flask baseline, 8 clients": (REQUESTS // 2, 8, 1),
 }
 # The table prints milliseconds to 0.01, throughputs to 0.1 and ratios to 0.01.
@@ -109,6 +111,32 @@ def test_bench_serving_prints_consistent_latencies_and_ratios(capsys):
     lowest = (share - half) / ((cores - client_cores + half) / cores)
     highest = (share + half) / ((cores - client_cores - half) / cores)
     assert lowest - half <= reached <= highest + half
+    # gRPC's own round trip, taking turns with the batch-1 rows, is printed beside the overhead.
+    floor_single, floor_many = (
+        rows["gRPC empty Predict, 1 client"],
+        rows["gRPC empty Predict, 32 clients"],
+    )
+    (round_trip,) = re.findall(r"gRPC's own round trip [^:]*: ([\d.]+) ms p50", out)
+    assert float(round_trip) == pytest.approx(floor_single["p50"], abs=MS)
+    # The bound: gRPC's own CPU per request and the model's per image (at most every core for
+    # the ceiling's time) cap what any server behind Python's gRPC could reach here.
+    (bound_line,) = re.findall(
+        r"gRPC's own cost \(gRPC empty Predict, 32 clients, no model\): ([\d.]+) core-ms per "
+        r"request, clients and server; with the model's ([\d.]+) core-ms per image in the "
+        r"ceiling row, no server behind Python's gRPC with its clients on these (\d+) cores can "
+        r"pass (\d+) images/s = ([\d.]+) of the ceiling; the server reached ([\d.]+) of that",
+        out,
+    )
+    grpc_cost, model_cost, bound_cores, bound, bound_share, bound_reached = map(float, bound_line)
+    assert bound_cores == cores
+    assert grpc_cost > 0 and model_cost > 0
+    assert model_cost <= 1000 * cores / ceiling["throughput"] * 1.01 + 0.01
+    # Printed figures are rounded (costs to 0.01 core-ms): compare within that.
+    assert bound == pytest.approx(1000 * cores / (model_cost + grpc_cost), rel=0.02, abs=1)
+    assert bound_share == pytest.approx(bound / ceiling["throughput"], rel=0.02, abs=0.01)
+    assert bound_reached == pytest.approx(many["throughput"] / bound, rel=0.02, abs=0.01)
+    # gRPC with no model costs the clients and the server CPU, and answers faster than the model.
+    assert floor_many["throughput"] > 0 and floor_single["p50"] < single["p50"]
     tail, verdict = _figure(out, "gRPC 32 clients p99 / batch-32 call p99:")
     assert tail == pytest.approx(many["p99"] / ceiling["p99"], **RATIO)
     assert verdict == ("PASS" if tail <= 2 else "MISS")
