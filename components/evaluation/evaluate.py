@@ -256,10 +256,10 @@ def write_mistake_heatmaps(
     output_dir: Path,
     split: str = "test",
     limit: int = MAX_REVIEW_IMAGES,
-) -> int:
+) -> None:
     """Explain the `limit` most confident mistakes of `scored` into `review_heatmaps.npz`
     (`paths`, `heatmaps` [n, h, w]) while the model is loaded here; the gate reads them instead
-    of loading the model again. Returns how many."""
+    of loading the model again."""
     from tumorflow.components.data.tfrecords import read_records
 
     wanted = [scored.paths[i] for i in confident_mistakes(scored, limit)]
@@ -271,7 +271,6 @@ def write_mistake_heatmaps(
         paths=np.array(paths, dtype=str),
         heatmaps=np.stack(heatmaps).astype(np.float32) if heatmaps else np.zeros((0, 0, 0)),
     )
-    return len(paths)
 
 
 def read_mistake_heatmaps(evaluation_dir: Path) -> dict[str, np.ndarray]:
